@@ -1,0 +1,39 @@
+# -*- test-case-name: tests.test_service -*-
+"""
+dynllm: an OpenAI-compatible proxy that runs local inference servers on
+demand within a memory budget.
+
+Embedding it in a Twisted program::
+
+    from dynllm import loadConfig, makeService
+
+    service = makeService(loadConfig("dynllm.yaml"))
+    service.startService()
+    lease = await service.manager.acquire("my-model")
+    try:
+        ...  # send requests to lease.baseURL
+    finally:
+        lease.release()
+"""
+
+from dynllm._version import __version__
+from dynllm.config import Config, ConfigError, ModelConfig, loadConfig, parseConfig
+from dynllm.errors import APIError
+from dynllm.interfaces import IBackend
+from dynllm.scheduler import Lease, ModelManager
+from dynllm.service import DynLLMService, makeService
+
+__all__ = [
+    "__version__",
+    "APIError",
+    "Config",
+    "ConfigError",
+    "DynLLMService",
+    "IBackend",
+    "Lease",
+    "ModelConfig",
+    "ModelManager",
+    "loadConfig",
+    "makeService",
+    "parseConfig",
+]

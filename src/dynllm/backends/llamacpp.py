@@ -1,0 +1,57 @@
+# -*- test-case-name: tests.test_backends -*-
+"""
+llama.cpp's C{llama-server}: one process per GGUF model, for chat and text
+completion (C{llm}), embeddings and reranking.
+"""
+
+from __future__ import annotations
+
+from attrs import frozen
+from twisted.internet import defer
+from zope.interface import implementer
+
+from dynllm.backends._http import getIsOK
+from dynllm.interfaces import IBackend
+
+
+@implementer(IBackend)
+@frozen
+class LlamaCppBackend:
+    """
+    Runs C{llama-server -m PATH --host 127.0.0.1 --port N}.
+
+    It binds before loading and answers 503 until the model is in memory, so
+    C{GET /health} == 200 means ready; the C{model loaded} log line (or the
+    older C{server is listening}) prompts an immediate probe.
+    """
+
+    kind: str = "llamacpp"
+    modelTypes: tuple[str, ...] = ("llm", "embedding", "rerank")
+
+    def argv(self, model, binary, port):
+        args = [
+            binary,
+            "--model", model.path,
+            "--host", "127.0.0.1",
+            "--port", str(port),
+            "--alias", model.name,
+            "--n-gpu-layers", str(model.n_gpu_layers),
+            "--ctx-size", str(model.context_size),
+        ]
+        if model.model_type == "embedding":
+            args.append("--embedding")
+        elif model.model_type == "rerank":
+            args.append("--rerank")
+        return args + list(model.extra_args)
+
+    def environment(self, model):
+        return {}
+
+    def probe(self, http, baseURL, model):
+        return defer.ensureDeferred(getIsOK(http, baseURL + "/health"))
+
+    def readyHint(self, line):
+        return "model loaded" in line or "listening on" in line
+
+    def upstreamPath(self, route, model):
+        return route

@@ -1,0 +1,472 @@
+# -*- test-case-name: tests.test_config -*-
+"""
+The configuration file: YAML read into frozen attrs classes and validated.
+
+Everything that can be wrong with a file is found here, before the daemon
+binds a port or starts a backend: L{loadConfig} raises L{ConfigError} with one
+message that names the key, the model and what is wrong.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from typing import Any, Callable, Mapping, Sequence
+
+import yaml
+from attrs import Attribute, evolve, field, fields, frozen
+
+#: Backend kinds this version knows how to run.
+BACKEND_KINDS = ("llamacpp", "openvino", "transformers")
+
+#: Every model type of the spec.
+MODEL_TYPES = (
+    "llm",
+    "transcription",
+    "speech",
+    "image_generation",
+    "embedding",
+    "rerank",
+    "classification",
+    "detection",
+    "segmentation",
+    "ocr",
+)
+
+#: The model types each backend kind can serve.
+BACKEND_MODEL_TYPES = {
+    "llamacpp": ("llm", "embedding", "rerank"),
+    "openvino": MODEL_TYPES,
+    "transformers": ("llm", "transcription"),
+}
+
+#: Model fields that only make sense for one backend kind.
+BACKEND_ONLY_FIELDS = {
+    "n_gpu_layers": "llamacpp",
+    "context_size": "llamacpp",
+    "target_device": "openvino",
+    "ovms_shape": "openvino",
+    "device": "transformers",
+    "dtype": "transformers",
+    "quantization": "transformers",
+    "trust_remote_code": "transformers",
+    "compile_model": "transformers",
+    "continuous_batching": "transformers",
+    "attn_implementation": "transformers",
+    "model_timeout": "transformers",
+    "revision": "transformers",
+}
+
+EVICTION_POLICIES = ("lifo", "lru")
+
+
+class ConfigError(Exception):
+    """
+    The configuration is unusable; the message says where and why.
+    """
+
+
+# Value checkers: each takes the raw YAML value and the place it came from,
+# and returns the value to store or raises ConfigError.
+
+
+def _str(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{where} must be a non-empty string, not {value!r}")
+    return value
+
+
+def _optionalStr(value: Any, where: str) -> str | None:
+    return None if value is None else _str(value, where)
+
+
+def _int(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{where} must be an integer, not {value!r}")
+    return value
+
+
+def _nonNegativeInt(value: Any, where: str) -> int:
+    if _int(value, where) < 0:
+        raise ConfigError(f"{where} must be 0 or more, not {value!r}")
+    return value
+
+
+def _port(value: Any, where: str) -> int:
+    if not 0 < _int(value, where) < 65536:
+        raise ConfigError(f"{where} must be a port number between 1 and 65535, not {value!r}")
+    return value
+
+
+def _positiveNumber(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ConfigError(f"{where} must be a number greater than 0, not {value!r}")
+    return float(value)
+
+
+def _bool(value: Any, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where} must be true or false, not {value!r}")
+    return value
+
+
+def _timeout(value: Any, where: str) -> float | None:
+    """
+    An idle timeout in seconds: C{-1}, C{inf} or C{.inf} mean never.
+    """
+    if value is None:
+        return None
+    if isinstance(value, str) and value.strip().lower() in ("inf", "infinity", "never"):
+        return math.inf
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{where} must be a number of seconds, -1 or inf, not {value!r}")
+    if value == -1 or value == math.inf:
+        return math.inf
+    if value < 0:
+        raise ConfigError(f"{where} must be 0 or more seconds (or -1/inf for never), not {value!r}")
+    return float(value)
+
+
+def _strList(value: Any, where: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{where} must be a list of strings, not {value!r}")
+    return tuple(value)
+
+
+def _argList(value: Any, where: str) -> tuple[str, ...]:
+    """
+    Extra command-line arguments: numbers are accepted and turned into text.
+    """
+    if not isinstance(value, list) or not all(
+        isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in value
+    ):
+        raise ConfigError(f"{where} must be a list of strings, not {value!r}")
+    return tuple(str(v) for v in value)
+
+
+def _envMapping(value: Any, where: str) -> Mapping[str, str]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where} must be a mapping of variable names to values, not {value!r}")
+    env = {}
+    for name, v in value.items():
+        if not isinstance(name, str) or not name or "=" in name:
+            raise ConfigError(f"{where} has an invalid variable name {name!r}")
+        if isinstance(v, bool) or not isinstance(v, (str, int, float)):
+            raise ConfigError(f"{where}.{name} must be a string or a number, not {v!r}")
+        env[name] = str(v)
+    return env
+
+
+def _oneOf(*choices: str) -> Callable[[Any, str], str]:
+    def check(value: Any, where: str) -> str:
+        if value not in choices:
+            raise ConfigError(f"{where} must be one of {', '.join(choices)}, not {value!r}")
+        return value
+
+    return check
+
+
+def _optionalOneOf(*choices: str) -> Callable[[Any, str], str | None]:
+    check = _oneOf(*choices)
+    return lambda value, where: None if value is None else check(value, where)
+
+
+def _setting(default: Any, check: Callable[[Any, str], Any], **kw: Any) -> Any:
+    return field(default=default, metadata={"check": check}, **kw)
+
+
+def _build(cls: type, raw: Any, where: str, **extra: Any) -> Any:
+    """
+    Make an instance of attrs class C{cls} from a YAML mapping, checking every
+    key against the class's fields and every value with its field's checker.
+    """
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where or 'the file'} must be a mapping, not {raw!r}")
+    known: dict[str, Attribute[Any]] = {
+        a.name: a for a in fields(cls) if "check" in a.metadata
+    }
+    kwargs = dict(extra)
+    for key, value in raw.items():
+        place = f"{where}.{key}" if where else str(key)
+        if key not in known:
+            choices = ", ".join(sorted(known))
+            raise ConfigError(f"unknown key {place!r} (known keys here: {choices})")
+        kwargs[key] = known[key].metadata["check"](value, place)
+    for name, attribute in known.items():
+        if attribute.default is _REQUIRED and name not in kwargs:
+            raise ConfigError(f"{where + '.' if where else ''}{name} is required")
+    return cls(**kwargs)
+
+
+_REQUIRED = object()
+
+
+@frozen
+class ServerConfig:
+    """
+    Where the daemon listens.
+
+    @ivar host: The address to bind.
+    @ivar port: The TCP port to bind.
+    @ivar api_keys: Bearer keys accepted on the OpenAI routes; empty means open.
+    @ivar admin_api_keys: Bearer keys accepted on C{/admin}; when empty the
+        client keys are accepted there too.
+    """
+
+    host: str = _setting("127.0.0.1", _str)
+    port: int = _setting(8000, _port)
+    api_keys: tuple[str, ...] = _setting((), _strList)
+    admin_api_keys: tuple[str, ...] = _setting((), _strList)
+
+
+@frozen
+class BackendSettings:
+    """
+    How backend programs are found and which ports they may use.
+    """
+
+    llamacpp_binary: str = _setting("llama-server", _str)
+    ovms_binary: str = _setting("ovms", _str)
+    transformers_binary: str = _setting("transformers", _str)
+    port_range_start: int = _setting(9100, _port)
+    port_range_end: int = _setting(9200, _port)
+
+    def binaryFor(self, kind: str) -> str:
+        """
+        @return: the configured program name or path for backend C{kind}.
+        """
+        return getattr(self, f"{kind}_binary")
+
+
+@frozen
+class ModelConfig:
+    """
+    One model as the configuration declares it.
+
+    @ivar name: The public model id that clients send as C{model}.
+    @ivar path: The model file or directory, made absolute.
+    @ivar backend: Which kind of server runs it.
+    @ivar model_type: What it does; decides which endpoints accept it.
+    @ivar vram_mb: The memory it holds while loading and loaded.
+    @ivar unload_time: Idle seconds before it is stopped (C{inf}: never);
+        C{None} defers to the global C{idle_timeout_seconds}.
+    @ivar load_timeout_seconds: How long a load may take; C{None} defers to
+        the global setting.
+    @ivar extra_args: Appended to the backend's command line.
+    @ivar env: Added to the backend's environment.
+    """
+
+    name: str = _setting(_REQUIRED, _str)
+    path: str = _setting(_REQUIRED, _str)
+    backend: str = _setting(_REQUIRED, _oneOf(*BACKEND_KINDS))
+    vram_mb: int = _setting(_REQUIRED, _nonNegativeInt)
+    model_type: str = _setting("llm", _oneOf(*MODEL_TYPES))
+    unload_time: float | None = _setting(None, _timeout)
+    load_timeout_seconds: float | None = _setting(None, _positiveNumber)
+    extra_args: tuple[str, ...] = _setting((), _argList)
+    env: Mapping[str, str] = _setting({}, _envMapping)
+    # llama.cpp
+    n_gpu_layers: int = _setting(-1, _int)
+    context_size: int = _setting(4096, _nonNegativeInt)
+    # OpenVINO Model Server
+    target_device: str = _setting("CPU", _str)
+    ovms_shape: str | None = _setting(None, _optionalStr)
+    # transformers serve
+    device: str = _setting("auto", _str)
+    dtype: str = _setting("auto", _str)
+    quantization: str | None = _setting(None, _optionalOneOf("none", "bnb-4bit", "bnb-8bit"))
+    trust_remote_code: bool = _setting(False, _bool)
+    compile_model: bool = _setting(False, _bool)
+    continuous_batching: bool = _setting(False, _bool)
+    attn_implementation: str | None = _setting(None, _optionalStr)
+    model_timeout: float | None = _setting(None, _timeout)
+    revision: str | None = _setting(None, _optionalStr)
+    #: Keys that the file set explicitly (for backend-specific checks).
+    explicit: frozenset[str] = frozenset()
+
+
+@frozen
+class Config:
+    """
+    The whole configuration of a daemon.
+
+    @ivar models: The declared models, in file order.
+    @ivar source: The file it was read from, if any (for messages).
+    """
+
+    server: ServerConfig = _setting(ServerConfig(), lambda v, w: _build(ServerConfig, v, w))
+    total_vram_mb: int = _setting(8192, _nonNegativeInt)
+    idle_timeout_seconds: float = _setting(300.0, lambda v, w: _timeout(v, w) or 0.0)
+    idle_check_interval_seconds: float = _setting(1.0, _positiveNumber)
+    load_timeout_seconds: float = _setting(300.0, _positiveNumber)
+    queue_timeout_seconds: float = _setting(60.0, _positiveNumber)
+    eviction_policy: str = _setting("lifo", _oneOf(*EVICTION_POLICIES))
+    max_request_body_mb: float = _setting(64.0, _positiveNumber)
+    enabled_backends: tuple[str, ...] = _setting(("llamacpp", "openvino"), _strList)
+    models_dir: str | None = _setting(None, _optionalStr)
+    db_path: str = _setting("dynllm_state.db", _str)
+    log_level: str = _setting("info", _oneOf("debug", "info", "warning", "error"))
+    preload_models: tuple[str, ...] = _setting((), _strList)
+    backend: BackendSettings = _setting(
+        BackendSettings(), lambda v, w: _build(BackendSettings, v, w)
+    )
+    models: tuple[ModelConfig, ...] = _setting((), lambda v, w: v)
+    source: str | None = None
+
+    def model(self, name: str) -> ModelConfig | None:
+        """
+        @return: the model called C{name}, or C{None}.
+        """
+        for m in self.models:
+            if m.name == name:
+                return m
+        return None
+
+    def idleTimeout(self, model: ModelConfig) -> float:
+        """
+        @return: seconds of idleness after which C{model} is stopped.
+        """
+        return self.idle_timeout_seconds if model.unload_time is None else model.unload_time
+
+    def loadTimeout(self, model: ModelConfig) -> float:
+        """
+        @return: seconds that C{model} may take to become ready.
+        """
+        if model.load_timeout_seconds is None:
+            return self.load_timeout_seconds
+        return model.load_timeout_seconds
+
+
+def _modelPlace(index: int, raw: Any) -> str:
+    name = raw.get("name") if isinstance(raw, dict) else None
+    return f"models[{index}] ({name!r})" if isinstance(name, str) else f"models[{index}]"
+
+
+def parseConfig(
+    raw: Any,
+    baseDir: str = ".",
+    source: str | None = None,
+    which: Callable[[str], str | None] = shutil.which,
+) -> Config:
+    """
+    Validate a parsed YAML document and build a L{Config}.
+
+    @param raw: The document, as C{yaml.safe_load} returns it.
+    @param baseDir: The directory relative paths (C{models_dir}, C{db_path})
+        are taken from: the config file's directory.
+    @param source: The file name, used in messages.
+    @param which: Looks a program name up on C{PATH}.
+    @raise ConfigError: naming what is wrong.
+    """
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError("the configuration must be a YAML mapping")
+    rawModels = raw.get("models", [])
+    if not isinstance(rawModels, list):
+        raise ConfigError("models must be a list of model declarations")
+    top = {k: v for k, v in raw.items() if k != "models"}
+    config: Config = _build(Config, top, "", source=source)
+
+    unknownBackends = [b for b in config.enabled_backends if b not in BACKEND_KINDS]
+    if unknownBackends:
+        raise ConfigError(
+            f"enabled_backends names unknown backend {unknownBackends[0]!r}"
+            f" (known: {', '.join(BACKEND_KINDS)})"
+        )
+    settings = config.backend
+    if settings.port_range_end < settings.port_range_start:
+        raise ConfigError(
+            f"backend.port_range_end ({settings.port_range_end}) is below"
+            f" backend.port_range_start ({settings.port_range_start})"
+        )
+
+    modelsDir = config.models_dir
+    if modelsDir is not None:
+        modelsDir = os.path.join(baseDir, os.path.expanduser(modelsDir))
+    models = []
+    seen: set[str] = set()
+    for index, rawModel in enumerate(rawModels):
+        place = _modelPlace(index, rawModel)
+        model: ModelConfig = _build(
+            ModelConfig, rawModel, place, explicit=frozenset(rawModel or {})
+        )
+        models.append(_checkModel(model, place, config, modelsDir or baseDir, seen, which))
+        seen.add(model.name)
+
+    for name in config.preload_models:
+        if name not in seen:
+            raise ConfigError(f"preload_models names {name!r}, which is not a configured model")
+    dbPath = os.path.join(baseDir, os.path.expanduser(config.db_path))
+    return evolve(config, models_dir=modelsDir, db_path=dbPath, models=tuple(models))
+
+
+def _checkModel(
+    model: ModelConfig,
+    place: str,
+    config: Config,
+    modelsDir: str,
+    seen: set[str],
+    which: Callable[[str], str | None],
+) -> ModelConfig:
+    """
+    The checks of one model that need the rest of the configuration.
+
+    @return: the model with its path made absolute.
+    """
+    if model.name in seen:
+        raise ConfigError(f"{place}: duplicate model name {model.name!r}")
+    if model.backend not in config.enabled_backends:
+        raise ConfigError(
+            f"{place}.backend: backend {model.backend!r} is not in enabled_backends"
+            f" ({', '.join(config.enabled_backends)})"
+        )
+    if model.model_type not in BACKEND_MODEL_TYPES[model.backend]:
+        raise ConfigError(
+            f"{place}.model_type: backend {model.backend!r} cannot serve model_type"
+            f" {model.model_type!r} (it serves {', '.join(BACKEND_MODEL_TYPES[model.backend])})"
+        )
+    for key in sorted(model.explicit):
+        kind = BACKEND_ONLY_FIELDS.get(key)
+        if kind is not None and kind != model.backend:
+            raise ConfigError(f"{place}.{key} applies only to backend {kind!r}, not {model.backend!r}")
+    if model.vram_mb > config.total_vram_mb:
+        raise ConfigError(
+            f"{place}.vram_mb: {model.vram_mb} MB is larger than total_vram_mb"
+            f" ({config.total_vram_mb} MB), so it could never be loaded"
+        )
+    path = os.path.join(modelsDir, os.path.expanduser(model.path))
+    if not os.path.exists(path):
+        raise ConfigError(f"{place}.path: {path!r} does not exist")
+    binary = config.backend.binaryFor(model.backend)
+    if which(binary) is None:
+        raise ConfigError(
+            f"{place}.backend: the {model.backend} program {binary!r} was not found"
+            f" (set backend.{model.backend}_binary to its path)"
+        )
+    return evolve(model, path=os.path.abspath(path))
+
+
+def loadConfig(path: str, which: Callable[[str], str | None] = shutil.which) -> Config:
+    """
+    Read and validate a configuration file.
+
+    @param path: The YAML file.
+    @raise ConfigError: if it cannot be read, parsed or validated; the
+        message starts with the file name.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = yaml.safe_load(f)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the configuration: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    try:
+        return parseConfig(raw, os.path.dirname(os.path.abspath(path)), path, which)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+

@@ -1,0 +1,97 @@
+# -*- test-case-name: tests.test_routes -*-
+"""
+Errors that dynllm itself answers, in the OpenAI envelope::
+
+    {"error": {"message": ..., "type": ..., "param": ..., "code": ...}}
+
+Each failure that reaches a client is an L{APIError}; the routes turn it into
+a response with L{APIError.body} and L{APIError.headers}.
+"""
+
+from __future__ import annotations
+
+import json
+
+from attrs import field, frozen
+
+
+@frozen(auto_exc=True)
+class APIError(Exception):
+    """
+    A request failed in a way the client should be told about.
+
+    @ivar status: The HTTP status code.
+    @ivar message: A sentence for people.
+    @ivar type: The OpenAI error type (C{invalid_request_error}, ...).
+    @ivar code: A short machine-readable code.
+    @ivar param: The request field at fault, if any.
+    @ivar retryAfter: Seconds for a C{Retry-After} header, if any.
+    """
+
+    status: int
+    message: str
+    type: str = "invalid_request_error"
+    code: str | None = None
+    param: str | None = None
+    retryAfter: int | None = field(default=None, kw_only=True)
+
+    def body(self) -> bytes:
+        """
+        @return: the JSON envelope.
+        """
+        return json.dumps(
+            {
+                "error": {
+                    "message": self.message,
+                    "type": self.type,
+                    "param": self.param,
+                    "code": self.code,
+                }
+            }
+        ).encode("utf-8")
+
+    def headers(self) -> dict[bytes, bytes]:
+        """
+        @return: the response headers that go with L{body}.
+        """
+        h = {b"Content-Type": b"application/json"}
+        if self.retryAfter is not None:
+            h[b"Retry-After"] = str(self.retryAfter).encode("ascii")
+        return h
+
+
+def badRequest(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    """
+    @return: a 400 for a request that cannot be served as sent.
+    """
+    return APIError(400, message, "invalid_request_error", code, param)
+
+
+def modelNotFound(name: str) -> APIError:
+    """
+    @return: a 404 for a model the configuration does not declare.
+    """
+    return APIError(
+        404, f"The model {name!r} does not exist", "invalid_request_error", "model_not_found", "model"
+    )
+
+
+def backendFailed(message: str) -> APIError:
+    """
+    @return: a 502 for a backend that died or answered nothing usable.
+    """
+    return APIError(502, message, "server_error", "backend_error")
+
+
+def noCapacity(message: str, retryAfter: int) -> APIError:
+    """
+    @return: a 503 for memory that could not be freed in time.
+    """
+    return APIError(503, message, "server_error", "model_capacity", retryAfter=retryAfter)
+
+
+def loadTimedOut(message: str) -> APIError:
+    """
+    @return: a 504 for a backend that did not become ready in time.
+    """
+    return APIError(504, message, "server_error", "load_timeout")

@@ -1,0 +1,59 @@
+# -*- test-case-name: tests.test_backends -*-
+"""
+The interfaces of dynllm's public surface.
+"""
+
+from __future__ import annotations
+
+from zope.interface import Attribute, Interface
+
+
+class IBackend(Interface):
+    """
+    One kind of inference server: how to start it for a model, how to tell
+    that it is ready, and where it serves each public endpoint.
+
+    Implementations hold no per-process state; L{dynllm.runner.BackendRun}
+    runs one process with the help of one of these.
+    """
+
+    kind = Attribute("C{str}: the C{backend} value in the configuration, e.g. C{'llamacpp'}.")
+    modelTypes = Attribute("C{tuple} of the C{model_type} values this backend can serve.")
+
+    def argv(model, binary, port):
+        """
+        The command line that serves C{model} on 127.0.0.1:C{port}.
+
+        @param model: The L{dynllm.config.ModelConfig}.
+        @param binary: The program to run, as configured.
+        @param port: The TCP port it must listen on.
+        @return: a C{list} of C{str}, program first, C{extra_args} last.
+        """
+
+    def environment(model):
+        """
+        @return: a C{dict} of variables the backend needs beyond ours and
+            the model's C{env} (which overrides these).
+        """
+
+    def probe(http, baseURL, model):
+        """
+        Ask a started backend once whether it is ready to serve C{model}.
+
+        @param http: A C{treq.client.HTTPClient}.
+        @param baseURL: C{http://127.0.0.1:PORT}.
+        @return: a Deferred firing with C{True} when ready, else C{False}.
+        """
+
+    def readyHint(line):
+        """
+        @param line: One line the backend printed.
+        @return: C{True} if the line suggests it just became ready, so that
+            a probe should be sent at once rather than at the next tick.
+        """
+
+    def upstreamPath(route, model):
+        """
+        @param route: The public path, e.g. C{'/v1/chat/completions'}.
+        @return: the path on the backend that serves C{route} for C{model}.
+        """

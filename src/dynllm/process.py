@@ -1,0 +1,270 @@
+# -*- test-case-name: tests.test_process -*-
+"""
+Backend processes: spawned in a session of their own, their output drained
+into a bounded log, stopped with TERM then KILL to the whole process group,
+and reported only once they have really exited.
+
+This keeps the policy of L{twisted.runner.procmon} (TERM, then KILL after a
+grace period) without its gaps: a stop fires only on the real exit, and a
+process that is stopped stays stopped.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sys
+from collections import deque
+from typing import Callable
+
+from attrs import define, field
+from twisted.internet import defer, error
+from twisted.internet.interfaces import IReactorProcess, IReactorTime
+from twisted.internet.protocol import ProcessProtocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+log = Logger()
+
+#: Prefix that puts a program in a new session (so in its own process group)
+#: without forking: util-linux setsid execs in place for a non-leader, so the
+#: pid we get is the backend's own.
+_SETSID = shutil.which("setsid")
+_SETSID_ARGV = (
+    [_SETSID]
+    if _SETSID
+    else [sys.executable, "-c", "import os,sys; os.setsid(); os.execvp(sys.argv[1], sys.argv[1:])"]
+)
+
+
+@define
+class LogRing:
+    """
+    The last lines a backend printed.
+
+    @ivar size: How many lines are kept.
+    """
+
+    size: int = 200
+    _lines: deque[str] = field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._lines = deque(maxlen=self.size)
+
+    def append(self, line: str) -> None:
+        """
+        Keep C{line}, dropping the oldest one when full.
+        """
+        self._lines.append(line)
+
+    def tail(self, count: int) -> list[str]:
+        """
+        @return: the last C{count} lines, oldest first.
+        """
+        return list(self._lines)[-count:] if count > 0 else []
+
+
+class BackendProcessProtocol(ProcessProtocol):
+    """
+    Drains a backend's stdout and stderr line by line into a L{LogRing} and
+    the twistd log, and tells waiters when the process has exited.
+
+    @ivar exitReason: C{None} while running, then the C{ProcessDone} or
+        C{ProcessTerminated} exception.
+    """
+
+    maxLineLength = 16384
+
+    def __init__(
+        self, name: str, ring: LogRing, onLine: Callable[[str], object] | None = None
+    ) -> None:
+        self.name = name
+        self.ring = ring
+        self.onLine = onLine
+        self.exitReason: Exception | None = None
+        self._buffers = {1: b"", 2: b""}
+        self._waiters: list[defer.Deferred[Exception]] = []
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        buffered = self._buffers.get(childFD, b"") + data
+        *lines, rest = buffered.split(b"\n")
+        if len(rest) > self.maxLineLength:
+            lines.append(rest)
+            rest = b""
+        self._buffers[childFD] = rest
+        for raw in lines:
+            self._line(raw)
+
+    def _line(self, raw: bytes) -> None:
+        line = raw.rstrip(b"\r").decode("utf-8", "replace")
+        if not line:
+            return
+        self.ring.append(line)
+        log.info("[{model}] {line}", model=self.name, line=line)
+        if self.onLine is not None:
+            self.onLine(line)
+
+    def whenExited(self) -> defer.Deferred[Exception]:
+        """
+        @return: a fresh Deferred that fires with the exit reason once the
+            process has been reaped.
+        """
+        if self.exitReason is not None:
+            return defer.succeed(self.exitReason)
+        d: defer.Deferred[Exception] = defer.Deferred()
+        self._waiters.append(d)
+        return d
+
+    def processExited(self, reason: Failure) -> None:
+        for fd, rest in self._buffers.items():
+            if rest:
+                self._line(rest)
+                self._buffers[fd] = b""
+        self.exitReason = reason.value
+        waiters, self._waiters = self._waiters, []
+        for d in waiters:
+            # Not callback(reason): a Failure would take the errback path.
+            d.callback(reason.value)
+
+
+def processStartTime(pid: int) -> int | None:
+    """
+    Read when a process started, in clock ticks since boot: with the pid, it
+    tells one process from a later one that reuses the pid.
+
+    @return: the start time, or C{None} if there is no such process or it
+        has exited and only its zombie is left.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    # The command name is in parentheses and may hold spaces or ')'.
+    fields = stat[stat.rindex(b")") + 2 :].split()
+    if fields[0] in (b"Z", b"X"):
+        return None
+    return int(fields[19])
+
+
+def signalGroup(pgid: int, signalName: str) -> bool:
+    """
+    Send a signal to a whole process group.
+
+    @return: C{False} if the group no longer exists.
+    """
+    try:
+        os.killpg(pgid, getattr(signal, "SIG" + signalName))
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@define
+class ManagedProcess:
+    """
+    One backend program: started in its own session, stopped for good.
+
+    @ivar name: The model it serves (for logs).
+    @ivar argv: The command line.
+    @ivar reactor: Spawns the process and times the KILL escalation.
+    @ivar env: The complete environment, or C{None} to inherit ours.
+    @ivar killTime: Seconds between TERM and KILL.
+    @ivar newSession: Run in a new session and signal the whole group; turn
+        off only for fake reactors in tests.
+    @ivar onLine: Called with each line the program prints.
+    @ivar ring: The program's last output lines.
+    """
+
+    name: str
+    argv: list[str]
+    reactor: IReactorProcess
+    env: dict[str, str] | None = None
+    killTime: float = 5.0
+    newSession: bool = True
+    onLine: Callable[[str], object] | None = None
+    ring: LogRing = field(factory=LogRing)
+    pid: int | None = field(default=None, init=False)
+    startTime: int | None = field(default=None, init=False)
+    _proto: BackendProcessProtocol | None = field(default=None, init=False)
+    _transport: object = field(default=None, init=False)
+
+    def start(self) -> int:
+        """
+        Spawn the program.
+
+        @return: its pid, which is also its process group id.
+        @raise OSError: if it could not be spawned.
+        """
+        proto = BackendProcessProtocol(self.name, self.ring, self.onLine)
+        argv = [*_SETSID_ARGV, *self.argv] if self.newSession else list(self.argv)
+        self._transport = self.reactor.spawnProcess(
+            proto, argv[0], argv, env=self.env, childFDs={0: "w", 1: "r", 2: "r"}
+        )
+        self._proto = proto
+        self.pid = self._transport.pid  # type: ignore[attr-defined]
+        self.startTime = processStartTime(self.pid) if self.newSession else None
+        proto.whenExited().addCallback(self._reapGroup)
+        return self.pid
+
+    @property
+    def running(self) -> bool:
+        """
+        Whether the program has been started and not yet exited.
+        """
+        return self._proto is not None and self._proto.exitReason is None
+
+    def whenExited(self) -> defer.Deferred[Exception]:
+        """
+        @return: a fresh Deferred firing with the exit reason once the
+            program has exited (at once if it was never started).
+        """
+        if self._proto is None:
+            return defer.succeed(error.ProcessDone(0))
+        return self._proto.whenExited()
+
+    def _reapGroup(self, reason: Exception) -> Exception:
+        # The leader is gone; anything it left in its group goes too.
+        if self.newSession and self.pid is not None:
+            signalGroup(self.pid, "KILL")
+        return reason
+
+    def _signal(self, signalName: str) -> bool:
+        if self.newSession:
+            assert self.pid is not None
+            return signalGroup(self.pid, signalName)
+        try:
+            self._transport.signalProcess(signalName)  # type: ignore[attr-defined]
+        except error.ProcessExitedAlready:
+            return False
+        return True
+
+    def stop(self) -> defer.Deferred[Exception]:
+        """
+        Send TERM to the program's group, and KILL after L{killTime}.
+
+        @return: a Deferred firing with the exit reason after the real exit.
+        """
+        if not self.running:
+            return self.whenExited()
+        exited = self.whenExited()
+        self._signal("TERM")
+        clock = IReactorTime(self.reactor)
+        murder = clock.callLater(self.killTime, self._kill)
+
+        def cancelMurder(reason: Exception) -> Exception:
+            if murder.active():
+                murder.cancel()
+            return reason
+
+        return exited.addCallback(cancelMurder)
+
+    def _kill(self) -> None:
+        if self.running:
+            log.warn(
+                "[{model}] did not exit within {seconds}s of SIGTERM; sending SIGKILL",
+                model=self.name,
+                seconds=self.killTime,
+            )
+            self._signal("KILL")

@@ -1,0 +1,186 @@
+# -*- test-case-name: tests.test_proxy -*-
+"""
+Relaying one request to a backend and its response back, unbuffered.
+
+Bytes reach the client as the backend sends them (SSE frames included), the
+backend is paused while the client is slow (the upstream transport is
+registered as the request's producer), and the upstream request is aborted
+when the client goes away (cancelling L{forward} aborts it).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import FileBodyProducer, ResponseDone, ResponseNeverReceived
+from twisted.web.http import PotentialDataLoss
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IRequest
+
+from dynllm import errors
+
+log = Logger()
+
+#: Headers that describe one connection, not the message (RFC 9110 7.6.1).
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+
+#: Request headers not passed to a backend: the body is re-framed, the
+#: backend needs no credentials of ours, and compression would delay SSE.
+DROP_REQUEST = HOP_BY_HOP | {b"host", b"content-length", b"expect", b"accept-encoding", b"authorization"}
+
+#: Response headers not passed back: twisted.web frames the body and sets
+#: its own C{Date} and C{Server}.
+DROP_RESPONSE = HOP_BY_HOP | {b"content-length", b"date", b"server"}
+
+
+def _connectionTokens(headers: Headers) -> set[bytes]:
+    tokens = set()
+    for value in headers.getRawHeaders(b"connection", []):
+        tokens.update(t.strip().lower() for t in value.split(b","))
+    return tokens
+
+
+def endToEnd(headers: Headers, drop: frozenset[bytes]) -> Headers:
+    """
+    @return: a copy of C{headers} without those in C{drop}, those named by
+        C{Connection}, and empty ones (treq leaves an empty
+        C{Content-Encoding} behind).
+    """
+    skip = drop | _connectionTokens(headers)
+    kept = Headers()
+    for name, values in headers.getAllRawHeaders():
+        if name.lower() in skip:
+            continue
+        values = [v for v in values if v.strip()]
+        if values:
+            kept.setRawHeaders(name, values)
+    return kept
+
+
+class _Relay(Protocol):
+    """
+    Writes a response body to a request as it arrives, with backpressure.
+    """
+
+    def __init__(self, request: IRequest, done: defer.Deferred[None]) -> None:
+        self._request = request
+        self._done = done
+
+    def connectionMade(self) -> None:
+        # The body transport is an IPushProducer: pause it while the client
+        # does not keep up.
+        self._request.registerProducer(self.transport, True)
+
+    def dataReceived(self, data: bytes) -> None:
+        self._request.write(data)
+
+    def connectionLost(self, reason: Failure) -> None:
+        if self._request.channel is not None:
+            self._request.unregisterProducer()
+        if self._done.called:
+            return
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self._done.callback(None)
+        else:
+            self._done.errback(reason)
+
+
+def relayBody(response: Any, request: IRequest) -> defer.Deferred[None]:
+    """
+    Write the body of C{response} (a C{twisted.web.iweb.IResponse}) to
+    C{request} as it arrives.
+
+    @return: a Deferred that fires when the body has been relayed; cancelling
+        it aborts the upstream connection.
+    """
+    relays: list[_Relay] = []
+    done: defer.Deferred[None] = defer.Deferred(lambda d: relays[0].transport.stopProducing())
+    relays.append(_Relay(request, done))
+    response.deliverBody(relays[0])
+    return done
+
+
+def requestBody(request: IRequest) -> Any:
+    """
+    @return: what treq should send as the body of C{request}: the bytes when
+        twisted.web kept them in memory, else a producer that streams the
+        temporary file it spooled them to.
+    """
+    content = request.content
+    content.seek(0)
+    getvalue = getattr(content, "getvalue", None)
+    if getvalue is not None:
+        return getvalue()
+    return FileBodyProducer(content)
+
+
+async def forward(
+    http: Any, request: IRequest, url: str, body: Any, headers: Headers | None = None
+) -> None:
+    """
+    Send C{request} to C{url} and relay the response to the client.
+
+    @param http: A C{treq} client.
+    @param body: The body to send (bytes, or an C{IBodyProducer}).
+    @param headers: The headers to send, by default the client's own
+        less those in L{DROP_REQUEST}.
+    @raise errors.APIError: 502 when the backend could not be reached or
+        sent no response.
+    """
+    if headers is None:
+        headers = endToEnd(request.requestHeaders, DROP_REQUEST)
+    try:
+        response = await http.request(
+            request.method.decode("ascii"),
+            url,
+            headers=headers,
+            data=body,
+            unbuffered=True,
+            allow_redirects=False,
+        )
+    except ResponseNeverReceived as e:
+        if any(f.check(defer.CancelledError) for f in e.reasons):
+            raise defer.CancelledError() from None
+        raise errors.backendFailed(f"the backend sent no response: {e.reasons[0].getErrorMessage()}")
+    except (defer.CancelledError, errors.APIError):
+        raise
+    except Exception as e:
+        raise errors.backendFailed(f"could not reach the backend: {e}") from None
+
+    request.setResponseCode(response.code, response.phrase)
+    out = endToEnd(response.headers, DROP_RESPONSE)
+    for name, values in out.getAllRawHeaders():
+        request.responseHeaders.setRawHeaders(name, values)
+    contentType = out.getRawHeaders(b"content-type", [b""])[0]
+    if contentType.startswith(b"text/event-stream"):
+        # Ask reverse proxies in front of us not to buffer the stream.
+        request.responseHeaders.setRawHeaders(b"x-accel-buffering", [b"no"])
+        request.responseHeaders.setRawHeaders(b"cache-control", [b"no-cache"])
+    try:
+        await relayBody(response.original, request)
+    except defer.CancelledError:
+        raise
+    except Exception:
+        # The backend went away mid-body. The status line is gone already,
+        # so the only honest signal left is an incomplete response.
+        log.warn("the backend closed {url} before the end of its response", url=url)
+        transport = getattr(request.channel, "transport", None)
+        if transport is not None:
+            transport.abortConnection()
+        raise defer.CancelledError() from None

@@ -1,0 +1,209 @@
+# -*- test-case-name: tests.test_routes -*-
+"""
+The HTTP API: OpenAI-compatible routes that lease a model from the
+scheduler and relay the request to it, plus health and admin routes.
+
+Data flows one way: route -> scheduler (L{ModelManager.acquire}) -> backend
+(L{IBackend.upstreamPath}) -> proxy (L{forward}).
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from typing import Any, Sequence
+
+from attrs import define
+from klein import Klein
+from twisted.python.failure import Failure
+from twisted.web.iweb import IRequest
+from werkzeug.exceptions import HTTPException
+
+from dynllm import errors
+from dynllm.config import Config
+from dynllm.proxy import forward, requestBody
+from dynllm.scheduler import ModelManager
+
+#: The JSON endpoints and the model types each one serves.
+JSON_ENDPOINTS = {
+    "/v1/chat/completions": ("llm",),
+    "/v1/completions": ("llm",),
+    "/v1/embeddings": ("embedding",),
+    "/v1/rerank": ("rerank",),
+}
+
+
+def _json(request: IRequest, value: Any, status: int = 200) -> bytes:
+    request.setResponseCode(status)
+    request.setHeader(b"Content-Type", b"application/json")
+    return json.dumps(value).encode("utf-8")
+
+
+def parseJSONBody(request: IRequest) -> dict[str, Any]:
+    """
+    @return: the request's JSON object.
+    @raise errors.APIError: 400 when the body is not a JSON object.
+    """
+    body = requestBody(request)
+    if not isinstance(body, bytes):
+        request.content.seek(0)
+        body = request.content.read()
+    try:
+        value = json.loads(body)
+    except ValueError as e:
+        raise errors.badRequest(f"the request body is not valid JSON: {e}", code="invalid_json") from None
+    if not isinstance(value, dict):
+        raise errors.badRequest("the request body must be a JSON object", code="invalid_json")
+    return value
+
+
+def requestedModel(body: dict[str, Any]) -> str:
+    """
+    @return: the C{model} field of a request body.
+    @raise errors.APIError: 400 when it is missing or not a string.
+    """
+    name = body.get("model")
+    if not isinstance(name, str) or not name:
+        raise errors.badRequest("the request must name a model in its 'model' field", param="model")
+    return name
+
+
+@define
+class DynLLMRoutes:
+    """
+    The Klein application of the daemon.
+
+    @ivar config: The configuration (models, keys).
+    @ivar manager: Hands out leases on models.
+    @ivar http: The C{treq} client that reaches backends.
+    """
+
+    config: Config
+    manager: ModelManager
+    http: Any
+    app = Klein()
+
+    def resource(self) -> Any:
+        """
+        @return: the C{IResource} to serve.
+        """
+        return self.app.resource()
+
+    # Authentication.
+
+    def _checkKey(self, request: IRequest, keys: Sequence[str]) -> None:
+        if not keys:
+            return
+        header = request.getHeader(b"authorization") or b""
+        scheme, _, given = header.decode("latin-1").partition(" ")
+        if scheme.lower() != "bearer":
+            given = (request.getHeader(b"x-api-key") or b"").decode("latin-1")
+        given = given.strip()
+        if not any(hmac.compare_digest(given.encode(), k.encode()) for k in keys):
+            raise errors.APIError(401, "Invalid API key", "authentication_error", "invalid_api_key")
+
+    def _checkClientKey(self, request: IRequest) -> None:
+        self._checkKey(request, self.config.server.api_keys)
+
+    def _checkAdminKey(self, request: IRequest) -> None:
+        self._checkKey(request, self.config.server.admin_api_keys or self.config.server.api_keys)
+
+    # Errors.
+
+    @app.handle_errors(errors.APIError)
+    def apiError(self, request: IRequest, failure: Failure) -> bytes:
+        error: errors.APIError = failure.value
+        request.setResponseCode(error.status)
+        for name, value in error.headers().items():
+            request.setHeader(name, value)
+        return error.body()
+
+    @app.handle_errors(HTTPException)
+    def httpError(self, request: IRequest, failure: Failure) -> bytes:
+        e: HTTPException = failure.value
+        kind = "not_found_error" if e.code == 404 else "invalid_request_error"
+        message = f"{request.method.decode()} {request.path.decode('latin-1')}: {e.name}"
+        return self.apiError(request, Failure(errors.APIError(e.code or 500, message, kind)))
+
+    # OpenAI routes.
+
+    @app.route("/v1/models", methods=["GET"])
+    def listModels(self, request: IRequest) -> bytes:
+        self._checkClientKey(request)
+        return _json(request, {"object": "list", "data": [self._modelObject(m.name) for m in self.config.models]})
+
+    @app.route("/v1/models/<string:name>", methods=["GET"])
+    def retrieveModel(self, request: IRequest, name: str) -> bytes:
+        self._checkClientKey(request)
+        if self.config.model(name) is None:
+            raise errors.modelNotFound(name)
+        return _json(request, self._modelObject(name))
+
+    def _modelObject(self, name: str) -> dict[str, Any]:
+        return {"id": name, "object": "model", "created": 0, "owned_by": "dynllm"}
+
+    @app.route("/v1/chat/completions", methods=["POST"])
+    @app.route("/v1/completions", methods=["POST"])
+    @app.route("/v1/embeddings", methods=["POST"])
+    @app.route("/v1/rerank", methods=["POST"])
+    async def jsonEndpoint(self, request: IRequest) -> None:
+        self._checkClientKey(request)
+        route = request.path.decode("ascii")
+        body = parseJSONBody(request)
+        await self._proxy(request, route, requestedModel(body), JSON_ENDPOINTS[route])
+
+    async def _proxy(self, request: IRequest, route: str, name: str, modelTypes: Sequence[str]) -> None:
+        """
+        Lease model C{name}, relay the request to it, and hold the lease
+        until the response has been written or the client has gone.
+        """
+        model = self.config.model(name)
+        if model is None:
+            raise errors.modelNotFound(name)
+        if model.model_type not in modelTypes:
+            raise errors.badRequest(
+                f"model {name!r} is a {model.model_type} model; {route} serves"
+                f" {' and '.join(modelTypes)} models",
+                param="model",
+                code="model_type_mismatch",
+            )
+        lease = await self.manager.acquire(name)
+        try:
+            url = lease.baseURL + lease.backend.upstreamPath(route, model)
+            await forward(self.http, request, url, requestBody(request))
+        finally:
+            lease.release()
+
+    # Health and administration.
+
+    @app.route("/health", methods=["GET"])
+    def health(self, request: IRequest) -> bytes:
+        if not self.manager.whenStarted().called:
+            return _json(request, {"status": "starting"}, 503)
+        return _json(request, {"status": "ok"})
+
+    @app.route("/admin/models", methods=["GET"])
+    def adminModels(self, request: IRequest) -> bytes:
+        self._checkAdminKey(request)
+        return _json(
+            request,
+            {
+                "total_vram_mb": self.config.total_vram_mb,
+                "used_vram_mb": self.manager.memoryInUse(),
+                "models": self.manager.models(),
+            },
+        )
+
+    @app.route("/admin/models/unload", methods=["POST"])
+    async def adminUnload(self, request: IRequest) -> bytes:
+        self._checkAdminKey(request)
+        name = requestedModel(parseJSONBody(request))
+        await self.manager.unload(name)
+        return _json(request, {"model": name, "status": self.manager.slots[name].state})
+
+    @app.route("/admin/models/load", methods=["POST"])
+    async def adminLoad(self, request: IRequest) -> bytes:
+        self._checkAdminKey(request)
+        name = requestedModel(parseJSONBody(request))
+        await self.manager.load(name)
+        return _json(request, {"model": name, "status": self.manager.slots[name].state})

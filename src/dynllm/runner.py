@@ -1,0 +1,276 @@
+# -*- test-case-name: tests.test_runner -*-
+"""
+One run of one model's backend: pick a free port, spawn the server, probe it
+until it is ready, and stop it. The same for every backend kind; what differs
+between kinds lives behind L{dynllm.interfaces.IBackend}.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+from typing import Any, Container
+
+from attrs import define, field
+from twisted.internet import defer
+from twisted.internet.interfaces import IDelayedCall
+from twisted.logger import Logger
+
+from dynllm.config import ModelConfig
+from dynllm.interfaces import IBackend
+from dynllm.process import ManagedProcess
+
+log = Logger()
+
+#: Probe delays: the first probes come quickly so that a fast load is seen
+#: within milliseconds, then they slow down for long loads.
+FIRST_PROBE_DELAY = 0.005
+MAX_PROBE_DELAY = 0.1
+PROBE_BACKOFF = 1.25
+
+#: Lines of backend output quoted in a failure message.
+FAILURE_LOG_LINES = 5
+
+
+class NoFreePort(Exception):
+    """
+    Every port of the configured range is in use.
+    """
+
+
+def portIsFree(port: int) -> bool:
+    """
+    @return: whether 127.0.0.1:C{port} can be bound now.
+    """
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        s.bind(("127.0.0.1", port))
+    except OSError as e:
+        if e.errno in (errno.EADDRINUSE, errno.EACCES):
+            return False
+        raise
+    finally:
+        s.close()
+    return True
+
+
+def findFreePort(start: int, end: int, taken: Container[int], after: int | None = None) -> int:
+    """
+    Find a port in C{start..end} that no backend of ours holds and that can
+    be bound now, looking round-robin from just past C{after} so that a port
+    that was just released is not reused at once.
+
+    @raise NoFreePort: if there is none.
+    """
+    ports = list(range(start, end + 1))
+    if after is not None and start <= after <= end:
+        cut = after - start + 1
+        ports = ports[cut:] + ports[:cut]
+    for port in ports:
+        if port not in taken and portIsFree(port):
+            return port
+    raise NoFreePort(f"no free port in {start}-{end}")
+
+
+class BackendExited(Exception):
+    """
+    The backend exited before it was ready.
+
+    @ivar logTail: Its last lines of output.
+    """
+
+    def __init__(self, message: str, logTail: list[str]) -> None:
+        super().__init__(message)
+        self.logTail = logTail
+
+
+class LoadTimeout(Exception):
+    """
+    The backend was not ready within its load timeout.
+    """
+
+
+def describeExit(reason: Exception) -> str:
+    """
+    @return: "exited with code N" or "was killed by signal N".
+    """
+    code = getattr(reason, "exitCode", None)
+    sig = getattr(reason, "signal", None)
+    if sig is not None:
+        return f"was killed by signal {sig}"
+    return f"exited with code {code}"
+
+
+@define
+class BackendRun:
+    """
+    One process serving one model.
+
+    @ivar model: What it serves.
+    @ivar backend: How to run it.
+    @ivar port: Where it listens, on 127.0.0.1.
+    @ivar reactor: Runs the process and the timers.
+    @ivar http: Sends the readiness probes.
+    @ivar binary: The program, as configured.
+    @ivar killTime: Seconds from TERM to KILL when stopping.
+    @ivar newSession: See L{ManagedProcess.newSession}.
+    """
+
+    model: ModelConfig
+    backend: IBackend
+    port: int
+    reactor: Any
+    http: Any
+    binary: str
+    killTime: float = 5.0
+    newSession: bool = True
+    process: ManagedProcess = field(init=False)
+    ready: bool = field(default=False, init=False)
+    _probeCall: IDelayedCall | None = field(default=None, init=False)
+    _probing: bool = field(default=False, init=False)
+    _probeAgain: bool = field(default=False, init=False)
+    _loaded: defer.Deferred[None] | None = field(default=None, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        env = dict(os.environ)
+        env.update(self.backend.environment(self.model))
+        env.update(self.model.env)
+        self.process = ManagedProcess(
+            name=self.model.name,
+            argv=self.backend.argv(self.model, self.binary, self.port),
+            reactor=self.reactor,
+            env=env,
+            killTime=self.killTime,
+            newSession=self.newSession,
+            onLine=self._line,
+        )
+
+    @property
+    def baseURL(self) -> str:
+        """
+        The backend's address, C{http://127.0.0.1:PORT}.
+        """
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, loadTimeout: float) -> defer.Deferred[None]:
+        """
+        Spawn the backend and wait until it is ready.
+
+        @return: a Deferred that fires when the backend is ready, or fails
+            with L{BackendExited} (it exited first; it is reaped) or
+            L{LoadTimeout} (it is being stopped; L{whenExited} tells when
+            it is gone). Cancelling it stops the backend.
+        @raise OSError: if the program could not be spawned.
+        """
+        self._loaded = loaded = defer.Deferred(lambda d: self._abandon())
+        self.process.start()
+        log.info(
+            "[{model}] started {argv} as pid {pid}",
+            model=self.model.name,
+            argv=" ".join(self.process.argv),
+            pid=self.process.pid,
+        )
+        self.process.whenExited().addCallback(self._exitedWhileLoading)
+        timeout = self.reactor.callLater(loadTimeout, self._timedOut, loadTimeout)
+        loaded.addBoth(lambda r: (timeout.cancel() if timeout.active() else None, r)[1])
+        self._scheduleProbe(FIRST_PROBE_DELAY)
+        return loaded
+
+    def stop(self) -> defer.Deferred[Exception]:
+        """
+        Stop the backend.
+
+        @return: a Deferred that fires with the exit reason after the real
+            exit of the backend's whole process group.
+        """
+        self._stopProbing()
+        return self.process.stop()
+
+    def whenExited(self) -> defer.Deferred[Exception]:
+        """
+        @return: a fresh Deferred that fires with the exit reason on exit.
+        """
+        return self.process.whenExited()
+
+    def logTail(self, count: int = FAILURE_LOG_LINES) -> list[str]:
+        """
+        @return: the backend's last C{count} lines of output.
+        """
+        return self.process.ring.tail(count)
+
+    # Readiness.
+
+    def _line(self, line: str) -> None:
+        if not self.ready and self._loaded is not None and self.backend.readyHint(line):
+            self._probeNow()
+
+    def _scheduleProbe(self, delay: float) -> None:
+        self._probeCall = self.reactor.callLater(delay, self._probe, delay)
+
+    def _probeNow(self) -> None:
+        if self._probing:
+            self._probeAgain = True
+        elif self._probeCall is not None and self._probeCall.active():
+            self._probeCall.cancel()
+            self._probe(FIRST_PROBE_DELAY)
+
+    def _stopProbing(self) -> None:
+        if self._probeCall is not None and self._probeCall.active():
+            self._probeCall.cancel()
+        self._probeCall = None
+
+    def _probe(self, delay: float) -> None:
+        self._probeCall = None
+        self._probing = True
+        d = self.backend.probe(self.http, self.baseURL, self.model)
+        d.addCallback(self._probed, delay)
+
+    def _probed(self, isReady: bool, delay: float) -> None:
+        self._probing = False
+        loaded = self._loaded
+        if loaded is None or loaded.called or not self.process.running:
+            return
+        if isReady:
+            self.ready = True
+            self._loaded = None
+            loaded.callback(None)
+        elif self._probeAgain:
+            self._probeAgain = False
+            self._probe(FIRST_PROBE_DELAY)
+        else:
+            nextDelay = min(delay * PROBE_BACKOFF, MAX_PROBE_DELAY)
+            self._scheduleProbe(nextDelay)
+
+    # Failures while loading.
+
+    def _fail(self, failure: Exception) -> None:
+        self._stopProbing()
+        loaded, self._loaded = self._loaded, None
+        if loaded is not None and not loaded.called:
+            loaded.errback(failure)
+
+    def _exitedWhileLoading(self, reason: Exception) -> None:
+        if self.ready:
+            return
+        tail = self.logTail()
+        message = f"backend for model {self.model.name!r} {describeExit(reason)} while loading"
+        self._fail(BackendExited(message, tail))
+
+    def _timedOut(self, seconds: float) -> None:
+        loaded = self._loaded
+        if loaded is None or loaded.called:
+            return
+        self._loaded = None
+        log.warn(
+            "[{model}] not ready after {seconds}s; stopping it", model=self.model.name, seconds=seconds
+        )
+        self._stopProbing()
+        message = f"model {self.model.name!r} was not ready within its load timeout of {seconds:g}s"
+        self.stop()
+        loaded.errback(LoadTimeout(message))
+
+    def _abandon(self) -> None:
+        # The load was cancelled: stop the backend (nobody waits for it).
+        self._loaded = None
+        self.stop()

@@ -1,0 +1,565 @@
+# -*- test-case-name: tests.test_scheduler -*-
+"""
+Which models run: loads on demand, the memory budget, eviction, leases.
+
+A request calls L{ModelManager.acquire} and gets a L{Lease} on a ready model;
+it holds the lease until its response is fully written or its client has
+gone. A model with a lease out is never stopped: not by eviction, the idle
+reaper or an admin unload.
+
+Memory: the C{vram_mb} of every model that is loading, loaded or still
+unloading (its process has not exited yet) counts against C{total_vram_mb}.
+A load that does not fit waits in a FIFO queue. The first waiting load evicts
+idle models, in the order of C{eviction_policy}, until it fits; when there
+is nothing it may evict, its requests wait up to C{queue_timeout_seconds}
+for busy models to finish, then get a 503.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+from attrs import define, field
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.internet.interfaces import IDelayedCall
+from twisted.logger import Logger
+
+from dynllm import errors
+from dynllm.backends import backendFor
+from dynllm.config import Config, ModelConfig
+from dynllm.interfaces import IBackend
+from dynllm.runner import BackendExited, BackendRun, LoadTimeout, NoFreePort, describeExit, findFreePort
+from dynllm.store import MemoryStateStore, reconcile
+
+log = Logger()
+
+UNLOADED = "unloaded"
+LOADING = "loading"
+LOADED = "loaded"
+UNLOADING = "unloading"
+FAILED = "failed"
+
+#: States whose model holds memory.
+HOLDS_MEMORY = (LOADING, LOADED, UNLOADING)
+
+#: Seconds suggested to a client in C{Retry-After} when memory is short.
+RETRY_AFTER = 5
+
+
+@define(eq=False)
+class Lease:
+    """
+    The right to send requests to a ready model, until L{release}d.
+
+    @ivar model: The model's configuration.
+    @ivar backend: The kind of server that runs it.
+    @ivar baseURL: The server's address, C{http://127.0.0.1:PORT}.
+    """
+
+    model: ModelConfig
+    backend: IBackend
+    baseURL: str
+    _onRelease: Callable[[Lease], None]
+    released: bool = False
+
+    def release(self) -> None:
+        """
+        Give the model back; calling this again does nothing.
+        """
+        if not self.released:
+            self.released = True
+            self._onRelease(self)
+
+    def __enter__(self) -> Lease:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+@define(eq=False)
+class _Waiter:
+    """
+    A request waiting for a model to be ready.
+    """
+
+    deferred: defer.Deferred[Lease]
+    queueTimer: IDelayedCall | None = None
+
+    def stopTimer(self) -> None:
+        if self.queueTimer is not None and self.queueTimer.active():
+            self.queueTimer.cancel()
+        self.queueTimer = None
+
+
+@define(eq=False)
+class ModelSlot:
+    """
+    The runtime state of one configured model.
+
+    @ivar state: One of C{unloaded}, C{loading}, C{loaded}, C{unloading},
+        C{failed}.
+    @ivar run: The backend process, while there is one.
+    @ivar active: Leases out on the current run.
+    @ivar loadSeq: Increases with each load (the order for LIFO eviction).
+    """
+
+    config: ModelConfig
+    backend: IBackend
+    state: str = UNLOADED
+    run: BackendRun | None = None
+    active: int = 0
+    loadedAt: float | None = None
+    lastUsedAt: float | None = None
+    loadSeq: int = 0
+    lastError: str | None = None
+    waiters: list[_Waiter] = field(factory=list)
+    #: The current run failed to load and is being stopped.
+    failing: bool = False
+    #: C{lastUsedAt} changed since the row was last written.
+    dirty: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def describe(self) -> dict[str, Any]:
+        """
+        @return: this model as C{/admin/models} shows it.
+        """
+        process = self.run.process if self.run is not None else None
+        return {
+            "name": self.name,
+            "status": self.state,
+            "backend": self.config.backend,
+            "model_type": self.config.model_type,
+            "vram_mb": self.config.vram_mb,
+            "pid": process.pid if process is not None else None,
+            "port": self.run.port if self.run is not None else None,
+            "loaded_at": self.loadedAt,
+            "last_used_at": self.lastUsedAt,
+            "active_requests": self.active,
+            "waiting_requests": len(self.waiters),
+            "last_error": self.lastError,
+        }
+
+
+@define(eq=False)
+class ModelManager(Service):
+    """
+    Runs the configured models on demand within the memory budget.
+
+    @ivar config: The configuration.
+    @ivar reactor: Spawns processes and keeps time.
+    @ivar http: A C{treq} client used for readiness probes.
+    @ivar store: Where model state is recorded (see L{dynllm.store}).
+    @ivar killTime: Seconds from TERM to KILL when a backend is stopped.
+    @ivar newSession: See L{dynllm.process.ManagedProcess.newSession}.
+    """
+
+    config: Config
+    reactor: Any
+    http: Any
+    store: Any = field(factory=MemoryStateStore)
+    killTime: float = 5.0
+    newSession: bool = True
+    backendFor: Callable[[str], IBackend] = backendFor
+    slots: dict[str, ModelSlot] = field(init=False)
+    _pending: list[ModelSlot] = field(factory=list, init=False)
+    _loadCounter: int = field(default=0, init=False)
+    _lastPort: int | None = field(default=None, init=False)
+    _ready: defer.Deferred[None] | None = field(default=None, init=False)
+    _readyWaiters: list[defer.Deferred[None]] = field(factory=list, init=False)
+    _started: bool = field(default=False, init=False)
+    _stopping: bool = field(default=False, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.slots = {
+            m.name: ModelSlot(m, self.backendFor(m.backend)) for m in self.config.models
+        }
+
+    # Service.
+
+    def startService(self) -> None:
+        """
+        Open the store, stop what a previous run left behind, then preload.
+        """
+        Service.startService(self)
+        self.store.open()
+        self._ready = defer.ensureDeferred(self._start())
+
+    async def _start(self) -> None:
+        try:
+            await reconcile(self.store, list(self.slots), self.reactor)
+        except Exception:
+            log.failure("could not reconcile the state database; carrying on")
+        for slot in self.slots.values():
+            self._record(slot)
+        self._started = True
+        waiters, self._readyWaiters = self._readyWaiters, []
+        for d in waiters:
+            d.callback(None)
+        for name in self.config.preload_models:
+            log.info("preloading {name}", name=name)
+            self.load(name).addErrback(
+                lambda f, name=name: log.error(
+                    "preloading {name} failed: {why}", name=name, why=f.getErrorMessage()
+                )
+            )
+
+    def whenStarted(self) -> defer.Deferred[None]:
+        """
+        @return: a fresh Deferred that fires once start-up reconciliation
+            is done and requests can be served.
+        """
+        if self._started:
+            return defer.succeed(None)
+        d: defer.Deferred[None] = defer.Deferred()
+        self._readyWaiters.append(d)
+        return d
+
+    def stopService(self) -> defer.Deferred[None]:
+        """
+        Stop every backend.
+
+        @return: a Deferred that fires once all of them have really exited
+            and their state is recorded.
+        """
+        Service.stopService(self)
+        self._stopping = True
+        shutdown = errors.APIError(503, "dynllm is shutting down", "server_error", "shutting_down")
+        for slot in self.slots.values():
+            self._failWaiters(slot, shutdown)
+        self._pending.clear()
+        exits = []
+        for slot in self.slots.values():
+            if slot.run is not None:
+                exits.append(self._unload(slot, "shutting down"))
+        d = defer.DeferredList(exits, consumeErrors=True)
+        d.addCallback(lambda _: self.store.close())
+        return d.addCallback(lambda _: None)
+
+    # Requests.
+
+    def acquire(self, name: str) -> defer.Deferred[Lease]:
+        """
+        Get a lease on model C{name}, loading it first if it is not running.
+
+        Concurrent requests for a model that is not running share one load.
+        Each caller gets its own Deferred; cancelling it withdraws that
+        caller only.
+
+        @return: a Deferred that fires with a L{Lease}, or fails with an
+            L{errors.APIError}: 404 for an unknown model, 502 if the backend
+            died while loading, 503 if memory could not be freed within
+            C{queue_timeout_seconds}, 504 if the load timed out.
+        """
+        slot = self.slots.get(name)
+        if slot is None:
+            return defer.fail(errors.modelNotFound(name))
+        if self._stopping:
+            return defer.fail(errors.APIError(503, "dynllm is shutting down", "server_error"))
+        if slot.state == LOADED:
+            return defer.succeed(self._lease(slot))
+        if not self._started:
+            return self.whenStarted().addCallback(lambda _: self.acquire(name))
+
+        waiter = _Waiter(defer.Deferred(lambda d: self._withdraw(slot, waiter)))
+        slot.waiters.append(waiter)
+        if slot.state != LOADING:
+            if slot not in self._pending:
+                self._pending.append(slot)
+            waiter.queueTimer = self.reactor.callLater(
+                self.config.queue_timeout_seconds, self._queueTimedOut, slot, waiter
+            )
+            self._schedule()
+        return waiter.deferred
+
+    def load(self, name: str) -> defer.Deferred[None]:
+        """
+        Make sure model C{name} is loaded, without holding it.
+
+        @return: a Deferred that fires when it is loaded (see L{acquire}).
+        """
+        return self.acquire(name).addCallback(Lease.release)
+
+    def unload(self, name: str) -> defer.Deferred[None]:
+        """
+        Stop model C{name} now.
+
+        @return: a Deferred that fires once its backend has exited, or
+            fails with an L{errors.APIError}: 404 for an unknown model, 409
+            if it has requests in flight or is loading.
+        """
+        slot = self.slots.get(name)
+        if slot is None:
+            return defer.fail(errors.modelNotFound(name))
+        if slot.active:
+            return defer.fail(
+                errors.APIError(
+                    409,
+                    f"model {name!r} has {slot.active} request(s) in flight",
+                    "invalid_request_error",
+                    "model_busy",
+                )
+            )
+        if slot.state == LOADING:
+            return defer.fail(
+                errors.APIError(409, f"model {name!r} is loading", "invalid_request_error", "model_loading")
+            )
+        if slot.run is None:
+            return defer.succeed(None)
+        return self._unload(slot, "unloaded on request").addCallback(lambda _: None)
+
+    def models(self) -> list[dict[str, Any]]:
+        """
+        @return: every configured model's state, as C{/admin/models} shows.
+        """
+        return [slot.describe() for slot in self.slots.values()]
+
+    def memoryInUse(self) -> int:
+        """
+        @return: the C{vram_mb} held by models loading, loaded or unloading.
+        """
+        return sum(s.config.vram_mb for s in self.slots.values() if s.state in HOLDS_MEMORY)
+
+    def reapIdle(self) -> None:
+        """
+        Stop every loaded model idle for longer than its idle timeout, and
+        record when models were last used.
+        """
+        now = self.reactor.seconds()
+        for slot in self.slots.values():
+            if slot.dirty:
+                self._record(slot)
+            if slot.state != LOADED or slot.active:
+                continue
+            timeout = self.config.idleTimeout(slot.config)
+            if math.isinf(timeout) or slot.lastUsedAt is None:
+                continue
+            if now - slot.lastUsedAt >= timeout:
+                self._unload(slot, f"idle for {now - slot.lastUsedAt:.0f}s")
+
+    # Leases.
+
+    def _lease(self, slot: ModelSlot) -> Lease:
+        assert slot.run is not None
+        slot.active += 1
+        slot.lastUsedAt = self.reactor.seconds()
+        run = slot.run
+        return Lease(slot.config, slot.backend, run.baseURL, lambda lease: self._release(slot, run))
+
+    def _release(self, slot: ModelSlot, run: BackendRun) -> None:
+        if slot.run is not run:
+            return  # that backend is gone already
+        slot.active -= 1
+        slot.lastUsedAt = self.reactor.seconds()
+        slot.dirty = True
+        if slot.active == 0 and self._pending:
+            self._schedule()
+
+    # Waiting.
+
+    def _withdraw(self, slot: ModelSlot, waiter: _Waiter) -> None:
+        waiter.stopTimer()
+        if waiter in slot.waiters:
+            slot.waiters.remove(waiter)
+        if not slot.waiters and slot in self._pending:
+            self._pending.remove(slot)
+            self._schedule()
+
+    def _queueTimedOut(self, slot: ModelSlot, waiter: _Waiter) -> None:
+        waiter.queueTimer = None
+        if waiter not in slot.waiters:
+            return
+        busy = [s.name for s in self.slots.values() if s.active]
+        message = (
+            f"not enough memory to load model {slot.name!r} ({slot.config.vram_mb} MB needed,"
+            f" {self.config.total_vram_mb - self.memoryInUse()} MB free of"
+            f" {self.config.total_vram_mb} MB) within {self.config.queue_timeout_seconds:g}s;"
+            f" busy models: {', '.join(busy) or 'none'}"
+        )
+        self._withdraw(slot, waiter)
+        waiter.deferred.errback(errors.noCapacity(message, RETRY_AFTER))
+
+    def _failWaiters(self, slot: ModelSlot, error: Exception) -> None:
+        waiters, slot.waiters = slot.waiters, []
+        for waiter in waiters:
+            waiter.stopTimer()
+            if not waiter.deferred.called:
+                waiter.deferred.errback(error)
+
+    # Scheduling.
+
+    def _evictable(self, exclude: ModelSlot) -> list[ModelSlot]:
+        idle = [
+            s for s in self.slots.values() if s.state == LOADED and not s.active and s is not exclude
+        ]
+        if self.config.eviction_policy == "lru":
+            return sorted(idle, key=lambda s: s.lastUsedAt or 0.0)
+        return sorted(idle, key=lambda s: s.loadSeq, reverse=True)
+
+    def _schedule(self) -> None:
+        """
+        Start the waiting loads that fit, in order; evict for the first one
+        that does not.
+        """
+        if self._stopping:
+            return
+        total = self.config.total_vram_mb
+        free = total - self.memoryInUse()
+        releasing = sum(s.config.vram_mb for s in self.slots.values() if s.state == UNLOADING)
+        evicted = False
+        for slot in list(self._pending):
+            if slot.state in HOLDS_MEMORY and slot.state != UNLOADING:
+                self._pending.remove(slot)
+                continue
+            need = slot.config.vram_mb
+            if slot.state != UNLOADING and need <= free:
+                self._pending.remove(slot)
+                free -= need
+                self._startLoad(slot)
+                continue
+            if not evicted and need > free + releasing:
+                victims = []
+                freeable = free + releasing
+                for victim in self._evictable(exclude=slot):
+                    if need <= freeable:
+                        break
+                    victims.append(victim)
+                    freeable += victim.config.vram_mb
+                if need <= freeable:
+                    for victim in victims:
+                        self._unload(victim, f"evicted to make room for {slot.name}")
+            evicted = True
+            # Later loads may not take the memory this one is waiting for.
+            free -= need
+
+    def _startLoad(self, slot: ModelSlot) -> None:
+        for waiter in slot.waiters:
+            waiter.stopTimer()
+        model = slot.config
+        try:
+            port = findFreePort(
+                self.config.backend.port_range_start,
+                self.config.backend.port_range_end,
+                {s.run.port for s in self.slots.values() if s.run is not None},
+                self._lastPort,
+            )
+        except NoFreePort as e:
+            self._loadFailed(slot, errors.backendFailed(f"cannot start model {slot.name!r}: {e}"))
+            return
+        self._lastPort = port
+        run = BackendRun(
+            model=model,
+            backend=slot.backend,
+            port=port,
+            reactor=self.reactor,
+            http=self.http,
+            binary=self.config.backend.binaryFor(model.backend),
+            killTime=self.killTime,
+            newSession=self.newSession,
+        )
+        try:
+            loaded = run.start(self.config.loadTimeout(model))
+        except OSError as e:
+            self._loadFailed(slot, errors.backendFailed(f"cannot start model {slot.name!r}: {e}"))
+            return
+        self._loadCounter += 1
+        slot.run = run
+        slot.state = LOADING
+        slot.loadSeq = self._loadCounter
+        slot.lastError = None
+        slot.failing = False
+        self._record(slot)
+        run.whenExited().addCallback(self._exited, slot, run)
+        loaded.addCallbacks(self._loaded, self._loadError, (slot, run), None, (slot, run))
+
+    def _loaded(self, _: None, slot: ModelSlot, run: BackendRun) -> None:
+        if slot.run is not run:
+            return
+        now = self.reactor.seconds()
+        slot.state = LOADED
+        slot.loadedAt = slot.lastUsedAt = now
+        log.info("{name} is ready on port {port}", name=slot.name, port=run.port)
+        self._record(slot)
+        waiters, slot.waiters = slot.waiters, []
+        for waiter in waiters:
+            if not waiter.deferred.called:
+                waiter.deferred.callback(self._lease(slot))
+
+    def _loadError(self, failure: Any, slot: ModelSlot, run: BackendRun) -> None:
+        reason = failure.value
+        if isinstance(reason, BackendExited):
+            tail = "\n".join(reason.logTail)
+            error = errors.backendFailed(f"{reason}; last output:\n{tail}" if tail else str(reason))
+        elif isinstance(reason, LoadTimeout):
+            error = errors.loadTimedOut(str(reason))
+        elif isinstance(reason, defer.CancelledError):
+            return
+        else:
+            error = errors.backendFailed(f"model {slot.name!r} failed to load: {reason}")
+        self._loadFailed(slot, error)
+
+    def _loadFailed(self, slot: ModelSlot, error: errors.APIError) -> None:
+        log.error("{name}: {message}", name=slot.name, message=error.message)
+        slot.lastError = error.message
+        if slot.run is None:
+            slot.state = FAILED
+        elif slot.run.process.running:
+            # Timed out: it holds its memory until it has exited.
+            slot.failing = True
+            slot.state = UNLOADING
+        self._record(slot)
+        self._failWaiters(slot, error)
+
+    def _unload(self, slot: ModelSlot, why: str) -> defer.Deferred[Exception]:
+        assert slot.run is not None
+        if slot.state != UNLOADING:
+            log.info("stopping {name}: {why}", name=slot.name, why=why)
+            slot.state = UNLOADING
+            self._record(slot)
+        return slot.run.stop()
+
+    def _exited(self, reason: Exception, slot: ModelSlot, run: BackendRun) -> None:
+        if slot.run is not run:
+            return
+        if slot.state == UNLOADING and not slot.failing:
+            slot.state = UNLOADED
+        else:
+            if slot.state == LOADED:
+                slot.lastError = f"backend {describeExit(reason)} while loaded"
+                log.error("{name}: {error}", name=slot.name, error=slot.lastError)
+            slot.state = FAILED
+        slot.run = None
+        slot.active = 0
+        slot.loadedAt = None
+        slot.failing = False
+        self._record(slot)
+        if slot.waiters and slot not in self._pending and not self._stopping:
+            # Requests arrived while it was stopping: load it again.
+            self._pending.append(slot)
+        self._schedule()
+
+    def _record(self, slot: ModelSlot) -> None:
+        slot.dirty = False
+        process = slot.run.process if slot.run is not None else None
+        self.store.save(
+            {
+                "name": slot.name,
+                "status": slot.state,
+                "backend": slot.config.backend,
+                "pid": process.pid if process is not None else None,
+                "pgid": process.pid if process is not None and self.newSession else None,
+                "start_time": process.startTime if process is not None else None,
+                "port": slot.run.port if slot.run is not None else None,
+                "vram_mb": slot.config.vram_mb,
+                "loaded_at": slot.loadedAt,
+                "last_used_at": slot.lastUsedAt,
+                "load_seq": slot.loadSeq,
+                "last_error": slot.lastError,
+                "updated_at": self.reactor.seconds(),
+            }
+        )

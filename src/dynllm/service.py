@@ -1,0 +1,102 @@
+# -*- test-case-name: tests.test_service -*-
+"""
+Putting the daemon together: the model manager, the idle reaper, the HTTP
+server and the backend HTTP client, as one C{IService}.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.internet import StreamServerEndpointService, TimerService
+from twisted.application.service import MultiService
+from twisted.internet import defer
+from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
+from twisted.logger import Logger
+from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
+from treq.client import HTTPClient
+
+from dynllm.config import Config
+from dynllm.routes import DynLLMRoutes
+from dynllm.scheduler import ModelManager
+from dynllm.site import makeSite
+from dynllm.store import MemoryStateStore, SQLiteStateStore
+
+log = Logger()
+
+
+class DynLLMService(MultiService):
+    """
+    A running dynllm: serve it under twistd, or start it inside any Twisted
+    program.
+
+    @ivar config: The configuration it runs.
+    @ivar manager: The L{ModelManager}; its C{acquire(name)} gives a lease
+        on a ready model to code in the same process.
+    @ivar routes: The HTTP API (its C{resource()} can be mounted elsewhere).
+    @ivar http: The C{treq} client used to reach backends.
+    """
+
+    def __init__(self, config: Config, reactor: Any, manager: ModelManager, routes: DynLLMRoutes, pool: Any) -> None:
+        super().__init__()
+        self.config = config
+        self.reactor = reactor
+        self.manager = manager
+        self.routes = routes
+        self.http = routes.http
+        self._pool = pool
+
+    def stopService(self) -> defer.Deferred[None]:
+        d = defer.maybeDeferred(super().stopService)
+        d.addBoth(lambda r: self._pool.closeCachedConnections().addCallback(lambda _: r))
+        return d
+
+
+def makeHTTPClient(reactor: Any) -> tuple[HTTPClient, HTTPConnectionPool]:
+    """
+    @return: a C{treq} client with a pool of persistent connections sized for
+        a proxy, and the pool (to close it when stopping).
+    """
+    # One log line per backend connection would drown the useful ones.
+    _HTTP11ClientFactory.noisy = False
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool.maxPersistentPerHost = 32
+    pool.retryAutomatically = False
+    return HTTPClient(Agent(reactor, pool=pool)), pool
+
+
+def makeService(config: Config, reactor: Any = None, listen: bool = True, persist: bool = True) -> DynLLMService:
+    """
+    Build a dynllm daemon from a configuration.
+
+    @param config: A L{Config}, e.g. from L{dynllm.config.loadConfig}.
+    @param reactor: The reactor; the global one by default.
+    @param listen: Serve the HTTP API on C{server.host:server.port}. Turn off
+        to use only L{ModelManager.acquire} or to mount
+        C{service.routes.resource()} in a site of your own.
+    @param persist: Keep state in C{db_path}; off keeps it in memory.
+    @return: a L{DynLLMService}, not yet started.
+    """
+    if reactor is None:
+        from twisted.internet import reactor  # type: ignore[no-redef]
+    http, pool = makeHTTPClient(reactor)
+    store = SQLiteStateStore(config.db_path, reactor) if persist else MemoryStateStore()
+    manager = ModelManager(config=config, reactor=reactor, http=http, store=store)
+    routes = DynLLMRoutes(config=config, manager=manager, http=http)
+    service = DynLLMService(config, reactor, manager, routes, pool)
+    manager.setName("models")
+    manager.setServiceParent(service)
+    reaper = TimerService(config.idle_check_interval_seconds, manager.reapIdle)
+    reaper.clock = reactor
+    reaper.setName("idle-reaper")
+    reaper.setServiceParent(service)
+    if listen:
+        host = config.server.host
+        endpointType = TCP6ServerEndpoint if ":" in host else TCP4ServerEndpoint
+        endpoint = endpointType(reactor, config.server.port, interface=host)
+        site = makeSite(routes.resource(), int(config.max_request_body_mb * 1024 * 1024))
+        http_service = StreamServerEndpointService(endpoint, site)
+        http_service._raiseSynchronously = True
+        http_service.setName("http")
+        http_service.setServiceParent(service)
+    return service
