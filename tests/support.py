@@ -1,0 +1,261 @@
+"""
+Shared helpers of the integration tests: the real llama-server, tiny GGUF
+models made by the project's own generator, and a real dynllm daemon run as
+a subprocess (C{twistd -n dynllm}) with a generated configuration.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+import yaml
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAKE_BACKEND = os.path.join(ROOT, "tests", "fakebackend.py")
+CACHE = os.environ.get("DYNLLM_CACHE") or os.path.join(
+    os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "dynllm"
+)
+
+_llamaServer: str | None = None
+
+
+def llamaServer() -> str:
+    """
+    @return: the path of a llama-server binary: C{$DYNLLM_LLAMA_SERVER} if
+        set, else the project's cached build (built now if missing, which
+        takes several minutes).
+    """
+    global _llamaServer
+    if _llamaServer is None:
+        path = os.environ.get("DYNLLM_LLAMA_SERVER")
+        if not path:
+            result = subprocess.run(
+                ["bash", os.path.join(ROOT, "tools", "build-llama-server.sh")],
+                stdout=subprocess.PIPE,
+                check=True,
+                text=True,
+            )
+            path = result.stdout.strip().splitlines()[-1]
+        if not os.access(path, os.X_OK):
+            raise RuntimeError(f"llama-server {path!r} is not an executable file")
+        _llamaServer = path
+    return _llamaServer
+
+
+#: The tiny models the tests use: file name -> generator arguments.
+TINY_MODELS = {
+    "tiny-llama.gguf": [],
+    "tiny-embed.gguf": ["--pooling", "mean"],
+    "tiny-rerank.gguf": ["--arch", "qwen3", "--rerank"],
+}
+
+
+def tinyModels() -> dict[str, str]:
+    """
+    Generate the tiny random-weight GGUF models once (they are cached,
+    keyed by the generator's contents).
+
+    @return: file name -> absolute path.
+    """
+    generator = os.path.join(ROOT, "tools", "make_tiny_gguf.py")
+    with open(generator, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()[:12]
+    directory = os.path.join(CACHE, f"models-{digest}")
+    os.makedirs(directory, exist_ok=True)
+    paths = {}
+    for name, args in TINY_MODELS.items():
+        path = os.path.join(directory, name)
+        if not os.path.exists(path):
+            subprocess.run(
+                [sys.executable, generator, path + ".tmp", *args], check=True, stdout=subprocess.DEVNULL
+            )
+            os.replace(path + ".tmp", path)
+        paths[name] = path
+    return paths
+
+
+def freePort() -> int:
+    """
+    @return: a TCP port that was free on 127.0.0.1 a moment ago.
+    """
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def freePortRange(size: int = 20) -> tuple[int, int]:
+    """
+    @return: C{(start, end)} of a block of ports that are free now, for
+        backends.
+    """
+    for _ in range(50):
+        start = freePort()
+        if start + size >= 65535:
+            continue
+        ports = range(start, start + size)
+        if all(_bindable(p) for p in ports):
+            return start, start + size - 1
+    raise RuntimeError("no free block of ports")
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def request(
+    method: str, url: str, body: Any = None, headers: dict[str, str] | None = None, timeout: float = 60
+) -> tuple[int, dict[str, str], bytes]:
+    """
+    Send one HTTP request.
+
+    @param body: bytes, or a value sent as JSON.
+    @return: C{(status, headers, body)}, for error statuses too.
+    """
+    data = body
+    headers = dict(headers or {})
+    if body is not None and not isinstance(body, bytes):
+        data = json.dumps(body).encode()
+        headers.setdefault("Content-Type", "application/json")
+    req = urllib.request.Request(url, data=data, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+def pidAlive(pid: int) -> bool:
+    """
+    @return: whether C{pid} is a running (not zombie) process.
+    """
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+def waitFor(predicate: Any, timeout: float = 10.0, interval: float = 0.02) -> bool:
+    """
+    @return: whether C{predicate()} became true within C{timeout} seconds.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return bool(predicate())
+
+
+class Daemon:
+    """
+    A real dynllm daemon, C{twistd -n dynllm -c CONFIG}, in a subprocess.
+
+    @ivar config: The configuration mapping written to the file.
+    @ivar url: C{http://127.0.0.1:PORT}.
+    """
+
+    def __init__(self, config: dict[str, Any], directory: str | None = None) -> None:
+        self.directory = directory or tempfile.mkdtemp(prefix="dynllm-test-")
+        self.port = freePort()
+        start, end = freePortRange()
+        config = dict(config)
+        config.setdefault("server", {"host": "127.0.0.1", "port": self.port})
+        config.setdefault("db_path", os.path.join(self.directory, "state.db"))
+        backend = dict(config.get("backend", {}))
+        backend.setdefault("port_range_start", start)
+        backend.setdefault("port_range_end", end)
+        config["backend"] = backend
+        self.config = config
+        self.configPath = os.path.join(self.directory, "dynllm.yaml")
+        with open(self.configPath, "w") as f:
+            yaml.safe_dump(config, f)
+        self.logPath = os.path.join(self.directory, "dynllm.log")
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, wait: bool = True) -> Daemon:
+        """
+        Start the daemon and wait until C{/health} answers 200.
+        """
+        env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "twisted", "dynllm", "-c", self.configPath],
+            cwd=self.directory,
+            env=env,
+            stdout=open(self.logPath, "ab"),
+            stderr=subprocess.STDOUT,
+        )
+        if wait and not waitFor(self._healthy, timeout=30):
+            self.stop()
+            raise RuntimeError(f"dynllm did not become healthy; log:\n{self.log()}")
+        return self
+
+    def _healthy(self) -> bool:
+        if self.process is not None and self.process.poll() is not None:
+            raise RuntimeError(f"dynllm exited with {self.process.returncode}; log:\n{self.log()}")
+        try:
+            return self.get("/health")[0] == 200
+        except OSError:
+            return False
+
+    def log(self) -> str:
+        """
+        @return: everything the daemon printed so far.
+        """
+        with open(self.logPath, errors="replace") as f:
+            return f.read()
+
+    def get(self, path: str, **kw: Any) -> tuple[int, dict[str, str], bytes]:
+        return request("GET", self.url + path, **kw)
+
+    def post(self, path: str, body: Any = None, **kw: Any) -> tuple[int, dict[str, str], bytes]:
+        return request("POST", self.url + path, body, **kw)
+
+    def models(self) -> dict[str, dict[str, Any]]:
+        """
+        @return: C{/admin/models} as name -> entry.
+        """
+        status, _, body = self.get("/admin/models")
+        assert status == 200, body
+        return {m["name"]: m for m in json.loads(body)["models"]}
+
+    def stop(self, timeout: float = 30) -> int | None:
+        """
+        Send SIGTERM and wait for the daemon to exit.
+
+        @return: its exit status.
+        """
+        if self.process is None or self.process.poll() is not None:
+            return self.process.returncode if self.process else None
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise
+
+    def kill9(self) -> None:
+        """
+        Kill the daemon with SIGKILL, as a crash would, and reap it.
+        """
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait()
