@@ -27,6 +27,9 @@ CACHE = os.environ.get("DYNLLM_CACHE") or os.path.join(
     os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "dynllm"
 )
 
+#: twistd of the Python running the tests.
+TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
+
 _llamaServer: str | None = None
 
 
@@ -165,7 +168,7 @@ def waitFor(predicate: Any, timeout: float = 10.0, interval: float = 0.02) -> bo
 
 class Daemon:
     """
-    A real dynllm daemon, C{twistd -n dynllm -c CONFIG}, in a subprocess.
+    A real dynllm daemon, C{twistd -n dynllm --config CONFIG}, in a subprocess.
 
     @ivar config: The configuration mapping written to the file.
     @ivar url: C{http://127.0.0.1:PORT}.
@@ -176,7 +179,10 @@ class Daemon:
         self.port = freePort()
         start, end = freePortRange()
         config = dict(config)
-        config.setdefault("server", {"host": "127.0.0.1", "port": self.port})
+        server = dict(config.get("server", {}))
+        server.setdefault("host", "127.0.0.1")
+        server.setdefault("port", self.port)
+        config["server"] = server
         config.setdefault("db_path", os.path.join(self.directory, "state.db"))
         backend = dict(config.get("backend", {}))
         backend.setdefault("port_range_start", start)
@@ -196,7 +202,7 @@ class Daemon:
         """
         env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "twisted", "dynllm", "-c", self.configPath],
+            [TWISTD, "--nodaemon", "--pidfile=", "--logfile=-", "dynllm", "--config", self.configPath],
             cwd=self.directory,
             env=env,
             stdout=open(self.logPath, "ab"),
@@ -232,7 +238,10 @@ class Daemon:
         """
         @return: C{/admin/models} as name -> entry.
         """
-        status, _, body = self.get("/admin/models")
+        server = self.config["server"]
+        keys = server.get("admin_api_keys") or server.get("api_keys")
+        headers = {"Authorization": f"Bearer {keys[0]}"} if keys else {}
+        status, _, body = self.get("/admin/models", headers=headers)
         assert status == 200, body
         return {m["name"]: m for m in json.loads(body)["models"]}
 

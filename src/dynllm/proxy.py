@@ -178,9 +178,16 @@ async def forward(
         raise
     except Exception:
         # The backend went away mid-body. The status line is gone already,
-        # so the only honest signal left is an incomplete response.
+        # so the only honest signal left is an incomplete response: close
+        # the connection after what was relayed, without the final chunk.
         log.warn("the backend closed {url} before the end of its response", url=url)
+        # Wait for the close, so that nothing (such as an error page and
+        # the last chunk) is written after it.
         transport = getattr(request.channel, "transport", None)
         if transport is not None:
-            transport.abortConnection()
+            transport.loseConnection()
+            try:
+                await request.notifyFinish()
+            except Exception:
+                pass
         raise defer.CancelledError() from None
