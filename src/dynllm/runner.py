@@ -224,7 +224,12 @@ class BackendRun:
         self._probeCall = None
         self._probing = True
         d = self.backend.probe(self.http, self.baseURL, self.model)
+        d.addErrback(self._probeFailed)
         d.addCallback(self._probed, delay)
+
+    def _probeFailed(self, failure: Any) -> bool:
+        log.failure("[{model}] readiness probe failed", failure, model=self.model.name)
+        return False
 
     def _probed(self, isReady: bool, delay: float) -> None:
         self._probing = False

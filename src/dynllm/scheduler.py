@@ -419,8 +419,8 @@ class ModelManager(Service):
             need = slot.config.vram_mb
             if slot.state != UNLOADING and need <= free:
                 self._pending.remove(slot)
-                free -= need
-                self._startLoad(slot)
+                if self._startLoad(slot):
+                    free -= need
                 continue
             if not evicted and need > free + releasing:
                 victims = []
@@ -437,7 +437,13 @@ class ModelManager(Service):
             # Later loads may not take the memory this one is waiting for.
             free -= need
 
-    def _startLoad(self, slot: ModelSlot) -> None:
+    def _startLoad(self, slot: ModelSlot) -> bool:
+        """
+        Start loading C{slot}'s model.
+
+        @return: whether its backend was started (if not, its waiters have
+            been failed with a 502).
+        """
         for waiter in slot.waiters:
             waiter.stopTimer()
         model = slot.config
@@ -450,7 +456,7 @@ class ModelManager(Service):
             )
         except NoFreePort as e:
             self._loadFailed(slot, errors.backendFailed(f"cannot start model {slot.name!r}: {e}"))
-            return
+            return False
         self._lastPort = port
         run = BackendRun(
             model=model,
@@ -466,7 +472,7 @@ class ModelManager(Service):
             loaded = run.start(self.config.loadTimeout(model))
         except OSError as e:
             self._loadFailed(slot, errors.backendFailed(f"cannot start model {slot.name!r}: {e}"))
-            return
+            return False
         self._loadCounter += 1
         slot.run = run
         slot.state = LOADING
@@ -476,6 +482,7 @@ class ModelManager(Service):
         self._record(slot)
         run.whenExited().addCallback(self._exited, slot, run)
         loaded.addCallbacks(self._loaded, self._loadError, (slot, run), None, (slot, run))
+        return True
 
     def _loaded(self, _: None, slot: ModelSlot, run: BackendRun) -> None:
         if slot.run is not run:
@@ -489,6 +496,10 @@ class ModelManager(Service):
         for waiter in waiters:
             if not waiter.deferred.called:
                 waiter.deferred.callback(self._lease(slot))
+        if slot.active == 0 and self._pending:
+            # Every waiter withdrew: it is idle now, so a load waiting for
+            # memory may evict it.
+            self._schedule()
 
     def _loadError(self, failure: Any, slot: ModelSlot, run: BackendRun) -> None:
         reason = failure.value
@@ -497,7 +508,7 @@ class ModelManager(Service):
             error = errors.backendFailed(f"{reason}; last output:\n{tail}" if tail else str(reason))
         elif isinstance(reason, LoadTimeout):
             error = errors.loadTimedOut(str(reason))
-        elif isinstance(reason, defer.CancelledError):
+        elif isinstance(reason, defer.CancelledError) or self._stopping:
             return
         else:
             error = errors.backendFailed(f"model {slot.name!r} failed to load: {reason}")

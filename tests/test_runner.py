@@ -1,0 +1,612 @@
+"""
+Tests for L{dynllm.runner}: one backend run (spawn, readiness probes, load
+timeout, stop), the port finder and the description of exits.
+
+The fakes defined here (a reactor that spawns fake processes, and a backend
+whose readiness the test decides) are used by L{tests.test_scheduler} too.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
+
+from twisted.internet import defer
+from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated
+from twisted.internet.interfaces import IProcessTransport
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from dynllm.config import ModelConfig
+from dynllm.interfaces import IBackend
+from dynllm.runner import (
+    FAILURE_LOG_LINES,
+    FIRST_PROBE_DELAY,
+    MAX_PROBE_DELAY,
+    PROBE_BACKOFF,
+    BackendExited,
+    BackendRun,
+    LoadTimeout,
+    NoFreePort,
+    describeExit,
+    findFreePort,
+)
+
+
+@implementer(IProcessTransport)
+class FakeProcessTransport:  # type: ignore[misc]
+    """
+    The transport of a process that is not really running: it records the
+    signals it is sent, and exits only when the test calls L{exit}.
+
+    @ivar signals: The names of the signals sent, in order.
+    @ivar exited: Whether L{exit} was called.
+    """
+
+    def __init__(
+        self, proto: Any, executable: str, args: list[str], env: Any, childFDs: Any, pid: int
+    ) -> None:
+        self.proto = proto
+        self.executable = executable
+        self.args = args
+        self.env = env
+        self.childFDs = childFDs
+        self.pid = pid
+        self.signals: list[str] = []
+        self.exited = False
+
+    def signalProcess(self, signalID: str) -> None:
+        """
+        Record C{signalID}; raise like a real transport once exited.
+        """
+        if self.exited:
+            raise ProcessExitedAlready()
+        self.signals.append(signalID)
+
+    def output(self, data: bytes, fd: int = 2) -> None:
+        """
+        Make the process print C{data} on C{fd}.
+        """
+        self.proto.childDataReceived(fd, data)
+
+    def exit(self, reason: Exception | None = None) -> None:
+        """
+        Make the process exit with C{reason} (by default, code 0).
+        """
+        if reason is None:
+            reason = ProcessDone(0)
+        self.exited = True
+        self.pid = None
+        self.proto.processExited(Failure(reason))
+        self.proto.processEnded(Failure(reason))
+
+    def closeStdin(self) -> None:
+        pass
+
+    def closeChildFD(self, descriptor: int) -> None:
+        pass
+
+    def writeToChild(self, childFD: int, data: bytes) -> None:
+        pass
+
+    def loseConnection(self) -> None:
+        pass
+
+
+class FakeProcessReactor(MemoryReactorClock):
+    """
+    A memory reactor and clock that also "spawns" processes.
+
+    @ivar spawned: The L{FakeProcessTransport} of every spawn, in order.
+    @ivar spawnError: If set, raised by the next spawns.
+    @ivar spawnErrorFor: Exceptions to raise instead of spawning, by the
+        second argument of the command line (the model's name for
+        L{FakeBackend}).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.spawned: list[FakeProcessTransport] = []
+        self.spawnError: Exception | None = None
+        self.spawnErrorFor: dict[str, Exception] = {}
+        self._nextPid = 1000
+
+    def spawnProcess(
+        self,
+        processProtocol: Any,
+        executable: Any,
+        args: Any = (),
+        env: Any = None,
+        path: Any = None,
+        uid: Any = None,
+        gid: Any = None,
+        usePTY: bool = False,
+        childFDs: Any = None,
+    ) -> FakeProcessTransport:
+        """
+        Record the spawn and connect C{processProtocol} to a fake transport.
+        """
+        if self.spawnError is not None:
+            raise self.spawnError
+        args = list(args)
+        if len(args) > 1 and args[1] in self.spawnErrorFor:
+            raise self.spawnErrorFor[args[1]]
+        self._nextPid += 1
+        transport = FakeProcessTransport(
+            processProtocol, executable, list(args), env, childFDs, self._nextPid
+        )
+        processProtocol.makeConnection(transport)
+        self.spawned.append(transport)
+        return transport
+
+
+@implementer(IBackend)
+class FakeBackend:
+    """
+    A backend whose readiness the test decides.
+
+    @ivar ready: Names of the models whose probes answer C{True}.
+    @ivar manual: If true, probes return Deferreds kept in L{pendingProbes}
+        for the test to fire.
+    @ivar probes: C{(model name, time)} of every probe, in order.
+    """
+
+    kind = "llamacpp"
+    modelTypes = ("llm",)
+
+    def __init__(self, clock: Any = None, env: dict[str, str] | None = None) -> None:
+        self.clock = clock
+        self.env = env or {}
+        self.ready: set[str] = set()
+        self.manual = False
+        self.pendingProbes: list[defer.Deferred[bool]] = []
+        self.probes: list[tuple[str, float | None]] = []
+
+    def argv(self, model: ModelConfig, binary: str, port: int) -> list[str]:
+        return [binary, model.name, str(port)]
+
+    def environment(self, model: ModelConfig) -> dict[str, str]:
+        return dict(self.env)
+
+    def probe(self, http: Any, baseURL: str, model: ModelConfig) -> defer.Deferred[bool]:
+        self.probes.append((model.name, self.clock.seconds() if self.clock is not None else None))
+        if self.manual:
+            d: defer.Deferred[bool] = defer.Deferred()
+            self.pendingProbes.append(d)
+            return d
+        return defer.succeed(model.name in self.ready)
+
+    def readyHint(self, line: str) -> bool:
+        return "READY" in line
+
+    def upstreamPath(self, route: str, model: ModelConfig) -> str:
+        return route
+
+
+def makeModel(name: str = "m", **kw: Any) -> ModelConfig:
+    """
+    @return: a L{ModelConfig} built directly (no file checks).
+    """
+    return ModelConfig(name=name, path="/models/" + name, backend="llamacpp", vram_mb=100, **kw)
+
+
+class FakesTests(SynchronousTestCase):
+    """
+    Tests for the fakes themselves.
+    """
+
+    def test_fakeBackendProvidesIBackend(self) -> None:
+        """
+        L{FakeBackend} provides L{IBackend}, so the code under test uses it
+        the way it uses a real backend.
+        """
+        self.assertTrue(verifyObject(IBackend, FakeBackend()))
+
+
+class BackendRunTests(SynchronousTestCase):
+    """
+    Tests for L{BackendRun}.
+    """
+
+    def setUp(self) -> None:
+        self.reactor = FakeProcessReactor()
+        self.backend = FakeBackend(self.reactor)
+
+    def makeRun(self, model: ModelConfig | None = None, killTime: float = 5.0) -> BackendRun:
+        return BackendRun(
+            model=model or makeModel(),
+            backend=self.backend,
+            port=40123,
+            reactor=self.reactor,
+            http=None,
+            binary="fake-server",
+            killTime=killTime,
+            newSession=False,
+        )
+
+    def advanceToNextCall(self) -> None:
+        """
+        Move the clock just past the earliest pending call.
+        """
+        nextTime = min(c.getTime() for c in self.reactor.getDelayedCalls())
+        self.reactor.advance(nextTime - self.reactor.seconds() + 1e-9)
+
+    def test_baseURL(self) -> None:
+        """
+        L{BackendRun.baseURL} is the loopback address on the run's port.
+        """
+        self.assertEqual(self.makeRun().baseURL, "http://127.0.0.1:40123")
+
+    def test_startSpawnsBackendArgv(self) -> None:
+        """
+        L{BackendRun.start} spawns the backend's command line (without a
+        C{setsid} prefix when C{newSession} is off), with the backend's
+        environment, overridden by the model's C{env}, on top of ours.
+        """
+        self.backend.env = {"FROM_BACKEND": "b", "SHARED": "backend"}
+        run = self.makeRun(makeModel(env={"SHARED": "model"}))
+        run.start(60)
+        [transport] = self.reactor.spawned
+        self.assertEqual(transport.executable, "fake-server")
+        self.assertEqual(transport.args, ["fake-server", "m", "40123"])
+        self.assertEqual(transport.env["FROM_BACKEND"], "b")
+        self.assertEqual(transport.env["SHARED"], "model")
+        self.assertEqual(transport.env.get("PATH"), os.environ.get("PATH"))
+        self.assertEqual(run.process.pid, transport.pid)
+
+    def test_startSpawnErrorRaises(self) -> None:
+        """
+        If the program cannot be spawned, L{BackendRun.start} raises the
+        L{OSError} and leaves no probe or timeout pending.
+        """
+        self.reactor.spawnError = OSError(2, "No such file or directory")
+        run = self.makeRun()
+        self.assertRaises(OSError, run.start, 60)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_probesBackOff(self) -> None:
+        """
+        The first probe is sent L{FIRST_PROBE_DELAY} after the spawn; each
+        later one waits L{PROBE_BACKOFF} times longer than the previous
+        wait, up to L{MAX_PROBE_DELAY}.
+        """
+        run = self.makeRun()
+        loaded = run.start(1000)
+        count = 30
+        while len(self.backend.probes) < count:
+            self.advanceToNextCall()
+        times = [0.0] + [t for _, t in self.backend.probes]
+        gaps = [b - a for a, b in zip(times, times[1:])]
+        expected = [FIRST_PROBE_DELAY]
+        while len(expected) < count:
+            expected.append(min(expected[-1] * PROBE_BACKOFF, MAX_PROBE_DELAY))
+        self.assertEqual(expected[-1], MAX_PROBE_DELAY)
+        for gap, want in zip(gaps, expected):
+            self.assertAlmostEqual(gap, want, places=7)
+        self.assertNoResult(loaded)
+
+    def test_readyStopsProbing(self) -> None:
+        """
+        Once a probe answers C{True} the load Deferred fires, the load
+        timeout is cancelled and no more probes are sent.
+        """
+        run = self.makeRun()
+        loaded = run.start(60)
+        self.reactor.advance(1)
+        self.assertNoResult(loaded)
+        self.backend.ready.add("m")
+        self.reactor.advance(MAX_PROBE_DELAY)
+        self.assertIsNone(self.successResultOf(loaded))
+        self.assertTrue(run.ready)
+        probes = len(self.backend.probes)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+        self.reactor.advance(100)
+        self.assertEqual(len(self.backend.probes), probes)
+
+    def test_exitWhileLoadingFails(self) -> None:
+        """
+        A backend that exits before it is ready fails the load with
+        L{BackendExited}, which says how it exited and holds its last
+        L{FAILURE_LOG_LINES} lines of output; probing stops.
+        """
+        run = self.makeRun()
+        loaded = run.start(60)
+        self.reactor.advance(0.5)
+        [transport] = self.reactor.spawned
+        transport.output(b"".join(b"line %d\n" % i for i in range(10)))
+        transport.output(b"fatal: no memory")  # no newline: flushed on exit
+        transport.exit(ProcessTerminated(exitCode=1))
+        reason = self.failureResultOf(loaded, BackendExited).value
+        self.assertIn("'m' exited with code 1 while loading", str(reason))
+        self.assertEqual(len(reason.logTail), FAILURE_LOG_LINES)
+        self.assertEqual(reason.logTail[-1], "fatal: no memory")
+        self.assertEqual(reason.logTail[0], "line 6")
+        probes = len(self.backend.probes)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+        self.reactor.advance(100)
+        self.assertEqual(len(self.backend.probes), probes)
+
+    def test_probeAnsweringAfterExitIgnored(self) -> None:
+        """
+        A probe that answers C{True} after the backend has exited does not
+        make the run ready, and no further probe is scheduled.
+        """
+        self.backend.manual = True
+        run = self.makeRun()
+        loaded = run.start(60)
+        self.reactor.advance(FIRST_PROBE_DELAY)
+        [probe] = self.backend.pendingProbes
+        self.reactor.spawned[0].exit(ProcessTerminated(exitCode=1))
+        self.failureResultOf(loaded, BackendExited)
+        probe.callback(True)
+        self.assertFalse(run.ready)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_readyHintProbesAtOnce(self) -> None:
+        """
+        An output line for which L{IBackend.readyHint} is true sends a probe
+        at once, without waiting for the scheduled one.
+        """
+        run = self.makeRun()
+        loaded = run.start(60)
+        self.backend.ready.add("m")
+        self.reactor.spawned[0].output(b"not yet\n")
+        self.assertEqual(self.backend.probes, [])
+        self.reactor.spawned[0].output(b"server READY\n")
+        self.assertEqual(self.backend.probes, [("m", 0.0)])
+        self.assertIsNone(self.successResultOf(loaded))
+
+    def test_readyHintWhileProbingProbesAgain(self) -> None:
+        """
+        A ready hint that arrives while a probe is in flight makes the run
+        probe again as soon as that probe answers C{False}, instead of
+        waiting for the next scheduled probe.
+        """
+        self.backend.manual = True
+        run = self.makeRun()
+        run.start(60)
+        self.reactor.advance(FIRST_PROBE_DELAY)
+        self.assertEqual(len(self.backend.pendingProbes), 1)
+        self.reactor.spawned[0].output(b"READY\n")
+        self.assertEqual(len(self.backend.pendingProbes), 1)
+        self.backend.pendingProbes[0].callback(False)
+        self.assertEqual(len(self.backend.pendingProbes), 2)
+
+    def test_readyHintAfterReadyIgnored(self) -> None:
+        """
+        Ready hints after the run is ready send no probe.
+        """
+        run = self.makeRun()
+        loaded = run.start(60)
+        self.backend.ready.add("m")
+        self.reactor.advance(FIRST_PROBE_DELAY)
+        self.successResultOf(loaded)
+        probes = len(self.backend.probes)
+        self.reactor.spawned[0].output(b"READY\n")
+        self.assertEqual(len(self.backend.probes), probes)
+
+    def test_loadTimeout(self) -> None:
+        """
+        A backend not ready within the load timeout fails the load with
+        L{LoadTimeout} and gets TERM at once, KILL after C{killTime};
+        probing stops and L{BackendRun.whenExited} fires on the real exit.
+        """
+        run = self.makeRun(killTime=5)
+        loaded = run.start(10)
+        [transport] = self.reactor.spawned
+        self.reactor.advance(9)
+        self.assertNoResult(loaded)
+        self.reactor.advance(1)
+        reason = self.failureResultOf(loaded, LoadTimeout).value
+        self.assertIn("load timeout of 10s", str(reason))
+        self.assertEqual(transport.signals, ["TERM"])
+        exited = run.whenExited()
+        probes = len(self.backend.probes)
+        self.reactor.advance(4.9)
+        self.assertEqual(transport.signals, ["TERM"])
+        self.assertEqual(len(self.backend.probes), probes)
+        self.reactor.advance(0.1)
+        self.assertEqual(transport.signals, ["TERM", "KILL"])
+        self.assertNoResult(exited)
+        transport.exit(ProcessTerminated(signal=9))
+        self.assertEqual(self.successResultOf(exited).signal, 9)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_cancelStopsBackend(self) -> None:
+        """
+        Cancelling the load Deferred stops the backend (TERM) and stops
+        probing.
+        """
+        run = self.makeRun()
+        loaded = run.start(60)
+        loaded.cancel()
+        self.failureResultOf(loaded, defer.CancelledError)
+        [transport] = self.reactor.spawned
+        self.assertEqual(transport.signals, ["TERM"])
+        transport.exit()
+        self.reactor.advance(10)
+        self.assertEqual(self.backend.probes, [])
+        self.assertEqual(transport.signals, ["TERM"])
+
+    def test_stopFiresOnRealExit(self) -> None:
+        """
+        L{BackendRun.stop} sends TERM, then KILL after C{killTime} if the
+        backend is still running, and fires with the exit reason only
+        once it has exited.
+        """
+        run = self.makeRun(killTime=3)
+        loaded = run.start(60)
+        self.backend.ready.add("m")
+        self.reactor.advance(FIRST_PROBE_DELAY)
+        self.successResultOf(loaded)
+        [transport] = self.reactor.spawned
+        stopped = run.stop()
+        self.assertEqual(transport.signals, ["TERM"])
+        self.assertNoResult(stopped)
+        self.reactor.advance(3)
+        self.assertEqual(transport.signals, ["TERM", "KILL"])
+        self.assertNoResult(stopped)
+        transport.exit(ProcessTerminated(signal=9))
+        self.assertIsInstance(self.successResultOf(stopped), ProcessTerminated)
+
+    def test_stopNoKillAfterExit(self) -> None:
+        """
+        A backend that exits after TERM gets no KILL later.
+        """
+        run = self.makeRun(killTime=3)
+        run.start(60)
+        self.backend.ready.add("m")
+        self.reactor.advance(FIRST_PROBE_DELAY)
+        [transport] = self.reactor.spawned
+        stopped = run.stop()
+        transport.exit()
+        self.assertIsInstance(self.successResultOf(stopped), ProcessDone)
+        self.reactor.advance(10)
+        self.assertEqual(transport.signals, ["TERM"])
+
+    def test_logTail(self) -> None:
+        """
+        L{BackendRun.logTail} is the last lines the backend printed on
+        stdout and stderr, without empty lines.
+        """
+        run = self.makeRun()
+        run.start(60)
+        transport = self.reactor.spawned[0]
+        transport.output(b"one\n\ntwo\r\n", fd=1)
+        transport.output(b"three\n", fd=2)
+        self.assertEqual(run.logTail(), ["one", "two", "three"])
+        self.assertEqual(run.logTail(2), ["two", "three"])
+
+
+def freePortBlock(size: int) -> int:
+    """
+    @return: the first of C{size} consecutive ports that can all be bound
+        on 127.0.0.1 now.
+    """
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            start = s.getsockname()[1]
+        if start + size >= 65535:
+            continue
+        if all(_bindable(p) for p in range(start, start + size)):
+            return start
+    raise RuntimeError("no free block of ports")
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+class FindFreePortTests(SynchronousTestCase):
+    """
+    Tests for L{findFreePort}.
+    """
+
+    def setUp(self) -> None:
+        self.start = freePortBlock(5)
+        self.end = self.start + 4
+
+    def bind(self, port: int) -> None:
+        """
+        Hold C{port} on 127.0.0.1 until the end of the test.
+        """
+        s = socket.socket()
+        self.addCleanup(s.close)
+        s.bind(("127.0.0.1", port))
+
+    def test_first(self) -> None:
+        """
+        With nothing taken and no C{after}, the first port of the range is
+        chosen.
+        """
+        self.assertEqual(findFreePort(self.start, self.end, ()), self.start)
+
+    def test_skipsTaken(self) -> None:
+        """
+        Ports in C{taken} (held by our own backends) are skipped.
+        """
+        taken = {self.start, self.start + 1}
+        self.assertEqual(findFreePort(self.start, self.end, taken), self.start + 2)
+
+    def test_skipsBound(self) -> None:
+        """
+        Ports that another socket holds are skipped.
+        """
+        self.bind(self.start)
+        self.bind(self.start + 1)
+        self.assertEqual(findFreePort(self.start, self.end, ()), self.start + 2)
+
+    def test_startsAfterLastPort(self) -> None:
+        """
+        With C{after}, the search starts just past it.
+        """
+        self.assertEqual(findFreePort(self.start, self.end, (), after=self.start + 1), self.start + 2)
+
+    def test_wrapsRoundRobin(self) -> None:
+        """
+        The search wraps to the start of the range after its end, and reaches
+        C{after} itself last.
+        """
+        self.assertEqual(findFreePort(self.start, self.end, (), after=self.end), self.start)
+        taken = {self.start + 3, self.end, self.start}
+        self.assertEqual(findFreePort(self.start, self.end, taken, after=self.start + 2), self.start + 1)
+        taken = set(range(self.start, self.end + 1)) - {self.start + 2}
+        self.assertEqual(findFreePort(self.start, self.end, taken, after=self.start + 2), self.start + 2)
+
+    def test_afterOutsideRangeIgnored(self) -> None:
+        """
+        An C{after} outside the range (the range changed) is ignored.
+        """
+        self.assertEqual(findFreePort(self.start, self.end, (), after=self.end + 10), self.start)
+        self.assertEqual(findFreePort(self.start, self.end, (), after=self.start - 1), self.start)
+
+    def test_noFreePortAllTaken(self) -> None:
+        """
+        L{NoFreePort} is raised, naming the range, when every port is taken.
+        """
+        taken = set(range(self.start, self.end + 1))
+        e = self.assertRaises(NoFreePort, findFreePort, self.start, self.end, taken, self.start)
+        self.assertIn(f"{self.start}-{self.end}", str(e))
+
+    def test_noFreePortAllBound(self) -> None:
+        """
+        L{NoFreePort} is raised when every port is bound by someone else.
+        """
+        self.bind(self.start)
+        self.bind(self.start + 1)
+        self.assertRaises(NoFreePort, findFreePort, self.start, self.start + 1, ())
+
+
+class DescribeExitTests(SynchronousTestCase):
+    """
+    Tests for L{describeExit}.
+    """
+
+    def test_cleanExit(self) -> None:
+        """
+        L{ProcessDone} is described as exiting with code 0.
+        """
+        self.assertEqual(describeExit(ProcessDone(0)), "exited with code 0")
+
+    def test_exitCode(self) -> None:
+        """
+        L{ProcessTerminated} with an exit code is described with that code.
+        """
+        self.assertEqual(describeExit(ProcessTerminated(exitCode=3)), "exited with code 3")
+
+    def test_signal(self) -> None:
+        """
+        L{ProcessTerminated} with a signal is described with the signal.
+        """
+        self.assertEqual(describeExit(ProcessTerminated(signal=9)), "was killed by signal 9")

@@ -1,0 +1,1048 @@
+"""
+Tests for L{dynllm.scheduler}: loads on demand, the memory budget, eviction,
+leases, failures while loading, idle reaping, unloads and shutdown.
+
+No process is really started: L{FakeProcessReactor} hands out fake process
+transports whose exit the tests decide, and L{FakeBackend} answers readiness
+probes as the tests say.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.error import ProcessDone, ProcessTerminated
+from twisted.trial.unittest import SynchronousTestCase
+
+from dynllm.config import Config, parseConfig
+from dynllm.errors import APIError
+from dynllm.runner import FIRST_PROBE_DELAY, MAX_PROBE_DELAY
+from dynllm.scheduler import RETRY_AFTER, Lease, ModelManager
+from dynllm.store import MemoryStateStore
+
+from tests.test_runner import FakeBackend, FakeProcessReactor, FakeProcessTransport
+
+
+class ManagerTestsMixin:
+    """
+    Builds a L{ModelManager} on a fake reactor, and drives its backends.
+    """
+
+    def makeManager(
+        self, models: list[dict[str, Any]], start: bool = True, **settings: Any
+    ) -> ModelManager:
+        """
+        Make a manager for C{models} (each a model mapping of the
+        configuration; C{path} and C{backend} are filled in).
+
+        @param settings: Top-level configuration settings; the default
+            budget is 1000 MB.
+        @param start: Whether to start the service.
+        """
+        self.reactor = FakeProcessReactor()
+        self.backend = FakeBackend(self.reactor)
+        self.store = MemoryStateStore()
+        self.config = self.makeConfig(models, **settings)
+        self.manager = ModelManager(
+            config=self.config,
+            reactor=self.reactor,
+            http=None,
+            store=self.store,
+            newSession=False,
+            backendFor=lambda kind: self.backend,
+            killTime=5.0,
+        )
+        if start:
+            self.manager.startService()
+        return self.manager
+
+    def makeConfig(self, models: list[dict[str, Any]], **settings: Any) -> Config:
+        directory = os.path.abspath(self.mktemp())  # type: ignore[attr-defined]
+        os.makedirs(directory)
+        raws = []
+        for model in models:
+            model = dict(model)
+            path = os.path.join(directory, model["name"] + ".gguf")
+            with open(path, "w"):
+                pass
+            model.setdefault("path", path)
+            model.setdefault("backend", "llamacpp")
+            raws.append(model)
+        raw: dict[str, Any] = {
+            "total_vram_mb": 1000,
+            "backend": {"port_range_start": 40100, "port_range_end": 40140},
+        }
+        raw.update(settings)
+        raw["models"] = raws
+        return parseConfig(raw, baseDir=directory, which=lambda name: "/bin/true")
+
+    def spawnedFor(self, name: str) -> list[FakeProcessTransport]:
+        """
+        @return: the processes spawned for model C{name}, in order.
+        """
+        return [t for t in self.reactor.spawned if t.args[1] == name]
+
+    def process(self, name: str) -> FakeProcessTransport:
+        """
+        @return: the latest process spawned for model C{name}.
+        """
+        return self.spawnedFor(name)[-1]
+
+    def makeReady(self, name: str) -> None:
+        """
+        Make model C{name}'s probes answer ready, and let one be sent.
+        """
+        self.backend.ready.add(name)
+        self.reactor.advance(MAX_PROBE_DELAY)
+
+    def status(self, name: str) -> str:
+        return self.describe(name)["status"]
+
+    def describe(self, name: str) -> dict[str, Any]:
+        [entry] = [m for m in self.manager.models() if m["name"] == name]
+        return entry
+
+    def loadedLease(self, name: str) -> Lease:
+        """
+        Acquire model C{name}, making it ready if it is not loaded yet.
+
+        @return: the lease.
+        """
+        d = self.manager.acquire(name)
+        if not d.called:
+            self.makeReady(name)
+        return self.successResultOf(d)  # type: ignore[attr-defined,no-any-return]
+
+    def loadIdle(self, name: str) -> None:
+        """
+        Load model C{name} and leave it idle.
+        """
+        self.loadedLease(name).release()
+
+    def assertWithinBudget(self) -> None:
+        """
+        The models loading, loaded or unloading fit the budget.
+        """
+        self.assertLessEqual(  # type: ignore[attr-defined]
+            self.manager.memoryInUse(), self.config.total_vram_mb
+        )
+
+
+class AcquireTests(ManagerTestsMixin, SynchronousTestCase):
+    """
+    Tests for L{ModelManager.acquire} and L{Lease}.
+    """
+
+    def test_unknownModel(self) -> None:
+        """
+        Acquiring a model the configuration does not declare fails with a
+        404 L{APIError}.
+        """
+        manager = self.makeManager([{"name": "a", "vram_mb": 100}])
+        error = self.failureResultOf(manager.acquire("nope"), APIError).value
+        self.assertEqual(error.status, 404)
+        self.assertEqual(error.code, "model_not_found")
+        self.assertEqual(self.reactor.spawned, [])
+
+    def test_concurrentAcquiresShareOneLoad(self) -> None:
+        """
+        Concurrent acquires of a model that is not running share a single
+        spawn; all of them get a lease once a probe says it is ready, while
+        the state goes unloaded, loading, loaded, and C{active_requests}
+        counts the leases out.
+        """
+        manager = self.makeManager([{"name": "a", "vram_mb": 600}])
+        self.assertEqual(self.status("a"), "unloaded")
+        first = manager.acquire("a")
+        second = manager.acquire("a")
+        self.assertEqual(len(self.reactor.spawned), 1)
+        self.assertEqual(self.status("a"), "loading")
+        self.assertEqual(self.describe("a")["waiting_requests"], 2)
+        self.assertNoResult(first)
+        self.assertNoResult(second)
+        self.reactor.advance(1)
+        self.assertNoResult(first)
+
+        self.makeReady("a")
+        lease1 = self.successResultOf(first)
+        lease2 = self.successResultOf(second)
+        self.assertEqual(len(self.reactor.spawned), 1)
+        self.assertEqual(self.status("a"), "loaded")
+        port = int(self.process("a").args[2])
+        self.assertEqual(lease1.baseURL, f"http://127.0.0.1:{port}")
+        self.assertEqual(lease1.model.name, "a")
+        self.assertIs(lease1.backend, self.backend)
+        self.assertEqual(self.describe("a")["active_requests"], 2)
+        self.assertEqual(self.describe("a")["waiting_requests"], 0)
+        self.assertEqual(self.describe("a")["port"], port)
+
+    def test_releaseDecrementsOnce(self) -> None:
+        """
+        Releasing a lease decrements C{active_requests}; releasing the same
+        lease again changes nothing.
+        """
+        manager = self.makeManager([{"name": "a", "vram_mb": 600}])
+        lease1 = self.loadedLease("a")
+        lease2 = self.successResultOf(manager.acquire("a"))
+        self.assertEqual(self.describe("a")["active_requests"], 2)
+        lease1.release()
+        self.assertEqual(self.describe("a")["active_requests"], 1)
+        lease1.release()
+        self.assertEqual(self.describe("a")["active_requests"], 1)
+        with lease2:
+            pass
+        self.assertEqual(self.describe("a")["active_requests"], 0)
+        lease2.release()
+        self.assertEqual(self.describe("a")["active_requests"], 0)
+        self.assertEqual(self.status("a"), "loaded")
+
+    def test_loadedModelServedWhileAnotherLoads(self) -> None:
+        """
+        A loaded model serves a new acquire at once while another model is
+        loading: there is no global lock.
+        """
+        manager = self.makeManager([{"name": "a", "vram_mb": 400}, {"name": "b", "vram_mb": 400}])
+        self.loadIdle("a")
+        loadingB = manager.acquire("b")
+        self.assertEqual(self.status("b"), "loading")
+        lease = self.successResultOf(manager.acquire("a"))
+        self.assertEqual(lease.model.name, "a")
+        self.assertNoResult(loadingB)
+        self.assertEqual(len(self.reactor.spawned), 2)
+
+    def test_acquireBeforeStartWaits(self) -> None:
+        """
+        An acquire that arrives before the service has started waits for
+        start-up, then loads the model.
+        """
+        manager = self.makeManager([{"name": "a", "vram_mb": 100}], start=False)
+        d = manager.acquire("a")
+        self.assertNoResult(d)
+        self.assertEqual(self.reactor.spawned, [])
+        manager.startService()
+        self.assertEqual(len(self.reactor.spawned), 1)
+        self.makeReady("a")
+        self.assertEqual(self.successResultOf(d).model.name, "a")
+
+    def test_cancelWaitingAcquireWithdraws(self) -> None:
+        """
+        Cancelling an acquire that waits for memory withdraws it: if it was
+        the model's only waiter, the model is not loaded later and nothing
+        is evicted for it.
+        """
+        manager = self.makeManager([{"name": "a", "vram_mb": 600}, {"name": "b", "vram_mb": 600}])
+        lease = self.loadedLease("a")
+        d = manager.acquire("b")
+        self.assertEqual(self.describe("b")["waiting_requests"], 1)
+        d.cancel()
+        self.failureResultOf(d, defer.CancelledError)
+        self.assertEqual(self.describe("b")["waiting_requests"], 0)
+        lease.release()
+        self.reactor.advance(120)
+        self.assertEqual(self.process("a").signals, [])
+        self.assertEqual(self.status("a"), "loaded")
+        self.assertEqual(self.status("b"), "unloaded")
+        self.assertEqual(self.spawnedFor("b"), [])
+
+    def test_cancelOneOfSeveralWaiters(self) -> None:
+        """
+        Cancelling one of the acquires that share a load withdraws only that
+        one: the load goes on and the others get their leases.
+        """
+        manager = self.makeManager([{"name": "a", "vram_mb": 600}])
+        first = manager.acquire("a")
+        second = manager.acquire("a")
+        first.cancel()
+        self.failureResultOf(first, defer.CancelledError)
+        self.makeReady("a")
+        self.successResultOf(second)
+        self.assertEqual(self.describe("a")["active_requests"], 1)
+        self.assertEqual(len(self.reactor.spawned), 1)
+
+
+class BudgetTests(ManagerTestsMixin, SynchronousTestCase):
+    """
+    Tests for the memory budget and eviction.
+    """
+
+    def test_evictionWaitsForExit(self) -> None:
+        """
+        A load that does not fit evicts an idle model (TERM), and its spawn
+        waits until the evicted process has really exited, so the memory of
+        the models loading, loaded or unloading never exceeds the budget.
+        """
+        manager = self.makeManager([{"name": "a", "vram_mb": 600}, {"name": "b", "vram_mb": 600}])
+        self.loadIdle("a")
+        d = manager.acquire("b")
+        self.assertEqual(self.process("a").signals, ["TERM"])
+        self.assertEqual(self.status("a"), "unloading")
+        self.assertEqual(self.spawnedFor("b"), [])
+        self.assertEqual(manager.memoryInUse(), 600)
+        self.assertWithinBudget()
+        self.reactor.advance(4)
+        self.assertEqual(self.spawnedFor("b"), [])
+        self.assertNoResult(d)
+
+        self.process("a").exit()
+        self.assertEqual(self.status("a"), "unloaded")
+        self.assertEqual(len(self.spawnedFor("b")), 1)
+        self.assertEqual(self.status("b"), "loading")
+        self.assertEqual(manager.memoryInUse(), 600)
+        self.makeReady("b")
+        self.assertEqual(self.successResultOf(d).model.name, "b")
+        self.assertEqual(self.status("b"), "loaded")
+        self.assertWithinBudget()
+
+    def test_evictionEscalatesToKill(self) -> None:
+        """
+        An evicted backend that ignores TERM gets KILL after C{killTime};
+        the waiting load starts once it has exited.
+        """
+        manager = self.makeManager([{"name": "a", "vram_mb": 600}, {"name": "b", "vram_mb": 600}])
+        self.loadIdle("a")
+        manager.acquire("b")
+        self.reactor.advance(5)
+        self.assertEqual(self.process("a").signals, ["TERM", "KILL"])
+        self.assertEqual(self.spawnedFor("b"), [])
+        self.process("a").exit(ProcessTerminated(signal=9))
+        self.assertEqual(len(self.spawnedFor("b")), 1)
+
+    def threeModelsThenC(self, policy: str, lastUse: str | None) -> str:
+        """
+        Load C{a} then C{b} (400 MB each of 1000), optionally use
+        C{lastUse} again later, then acquire C{c} (400 MB), which needs
+        exactly one eviction.
+
+        @return: the name of the evicted model.
+        """
+        manager = self.makeManager(
+            [{"name": n, "vram_mb": 400} for n in "abc"], eviction_policy=policy
+        )
+        self.loadIdle("a")
+        self.reactor.advance(10)
+        self.loadIdle("b")
+        self.reactor.advance(10)
+        if lastUse is not None:
+            self.loadIdle(lastUse)
+            self.reactor.advance(10)
+        d = manager.acquire("c")
+        evicted = [n for n in "ab" if self.status(n) == "unloading"]
+        self.assertEqual(len(evicted), 1, evicted)
+        [name] = evicted
+        self.assertEqual(self.process(name).signals, ["TERM"])
+        self.process(name).exit()
+        self.makeReady("c")
+        self.successResultOf(d)
+        return name
+
+    def test_lifoEvictsMostRecentlyLoaded(self) -> None:
+        """
+        With C{eviction_policy: lifo}, the idle model loaded last is evicted
+        first, even if it was also used last.
+        """
+        self.assertEqual(self.threeModelsThenC("lifo", lastUse="b"), "b")
+
+    def test_lifoIsTheDefault(self) -> None:
+        """
+        Without C{eviction_policy}, the idle model loaded last is evicted.
+        """
+        manager = self.makeManager([{"name": n, "vram_mb": 400} for n in "abc"])
+        self.assertEqual(manager.config.eviction_policy, "lifo")
+        self.loadIdle("a")
+        self.reactor.advance(10)
+        self.loadIdle("b")
+        self.reactor.advance(10)
+        self.loadIdle("a")
+        manager.acquire("c")
+        self.assertEqual(self.status("b"), "unloading")
+        self.assertEqual(self.status("a"), "loaded")
+
+    def test_lruEvictsLeastRecentlyUsed(self) -> None:
+        """
+        With C{eviction_policy: lru}, the idle model used least recently is
+        evicted first, even if it was not loaded last.
+        """
+        self.assertEqual(self.threeModelsThenC("lru", lastUse="b"), "a")
+
+    def test_lruFollowsUseNotLoadOrder(self) -> None:
+        """
+        With C{eviction_policy: lru}, using a model again protects it: the
+        other one, although loaded later, is evicted.
+        """
+        self.assertEqual(self.threeModelsThenC("lru", lastUse="a"), "b")
+
+    def test_busyModelNotEvicted(self) -> None:
+        """
+        A model with a lease out is never evicted: the acquire that needs its
+        memory waits; once the lease is released the eviction proceeds and
+        the waiting acquire is served.
+        """
+        manager = self.makeManager([{"name": "a", "vram_mb": 600}, {"name": "b", "vram_mb": 600}])
+        lease = self.loadedLease("a")
+        d = manager.acquire("b")
+        self.reactor.advance(30)
+        self.assertEqual(self.process("a").signals, [])
+        self.assertEqual(self.status("a"), "loaded")
+        self.assertNoResult(d)
+        self.assertEqual(self.spawnedFor("b"), [])
+
+        lease.release()
+        self.assertEqual(self.process("a").signals, ["TERM"])
+        self.assertEqual(self.spawnedFor("b"), [])
+        self.process("a").exit()
+        self.makeReady("b")
+        self.assertEqual(self.successResultOf(d).model.name, "b")
+        self.assertWithinBudget()
+
+    def test_queueTimeout(self) -> None:
+        """
+        When nothing can be evicted for C{queue_timeout_seconds}, the waiting
+        acquire fails with a 503 that has C{retryAfter} set and names the
+        busy models; nothing was spawned for it and nothing is evicted later
+        on its behalf.
+        """
+        manager = self.makeManager(
+            [{"name": "a", "vram_mb": 600}, {"name": "b", "vram_mb": 600}],
+            queue_timeout_seconds=20,
+        )
+        lease = self.loadedLease("a")
+        d = manager.acquire("b")
+        self.reactor.advance(19)
+        self.assertNoResult(d)
+        self.reactor.advance(1)
+        error = self.failureResultOf(d, APIError).value
+        self.assertEqual(error.status, 503)
+        self.assertEqual(error.retryAfter, RETRY_AFTER)
+        self.assertEqual(error.code, "model_capacity")
+        self.assertIn("busy models: a", error.message)
+        self.assertEqual(self.spawnedFor("b"), [])
+        self.assertEqual(self.describe("b")["waiting_requests"], 0)
+        lease.release()
+        self.assertEqual(self.process("a").signals, [])
+        self.assertEqual(self.status("a"), "loaded")
+
+    def test_loadWithoutWaitersLeftIsEvictable(self) -> None:
+        """
+        A model that finishes loading after every acquire waiting for it
+        was cancelled is idle, so a load waiting for memory evicts it at
+        once rather than waiting out C{queue_timeout_seconds}.
+        """
+        manager = self.makeManager(
+            [{"name": "a", "vram_mb": 500}, {"name": "b", "vram_mb": 600}],
+            queue_timeout_seconds=20,
+        )
+        forA = manager.acquire("a")
+        forB = manager.acquire("b")
+        self.assertEqual(self.spawnedFor("b"), [])
+        forA.cancel()
+        self.failureResultOf(forA, defer.CancelledError)
+        self.makeReady("a")
+        self.assertEqual(self.process("a").signals, ["TERM"])
+        self.assertEqual(self.status("a"), "unloading")
+        self.process("a").exit()
+        self.makeReady("b")
+        self.assertEqual(self.successResultOf(forB).model.name, "b")
+
+    def test_failedSpawnReservesNoMemory(self) -> None:
+        """
+        A load whose spawn fails holds no memory, so a load queued behind it
+        starts in the same scheduling pass instead of waiting out
+        C{queue_timeout_seconds}.
+        """
+        manager = self.makeManager(
+            [{"name": n, "vram_mb": 600} for n in "abc"], queue_timeout_seconds=20
+        )
+        lease = self.loadedLease("a")
+        forB = manager.acquire("b")
+        forC = manager.acquire("c")
+        self.reactor.spawnErrorFor["b"] = OSError(2, "No such file or directory")
+        lease.release()
+        self.process("a").exit()
+        self.assertEqual(self.failureResultOf(forB, APIError).value.status, 502)
+        self.assertEqual(self.status("b"), "failed")
+        self.assertEqual(len(self.spawnedFor("c")), 1)
+        self.makeReady("c")
+        self.assertEqual(self.successResultOf(forC).model.name, "c")
+
+    def test_queueTimerStopsWhenLoadStarts(self) -> None:
+        """
+        Once a waiting load has started, its queue timeout no longer
+        applies: a load longer than C{queue_timeout_seconds} still succeeds.
+        """
+        manager = self.makeManager([{"name": "a", "vram_mb": 600}], queue_timeout_seconds=5)
+        d = manager.acquire("a")
+        self.reactor.advance(30)
+        self.assertNoResult(d)
+        self.makeReady("a")
+        self.successResultOf(d)
+
+
+class LoadFailureTests(ManagerTestsMixin, SynchronousTestCase):
+    """
+    Tests for backends that fail while loading or once loaded.
+    """
+
+    def test_exitWhileLoading(self) -> None:
+        """
+        A backend that exits while loading fails every waiter with a 502
+        quoting its last output lines; the model is C{failed}, its memory is
+        released, and the next acquire spawns it again.
+        """
+        manager = self.makeManager([{"name": "a", "vram_mb": 600}])
+        first = manager.acquire("a")
+        second = manager.acquire("a")
+        process = self.process("a")
+        process.output(b"loading model\nerror: out of memory\n")
+        process.exit(ProcessTerminated(exitCode=1))
+        for d in (first, second):
+            error = self.failureResultOf(d, APIError).value
+            self.assertEqual(error.status, 502)
+            self.assertIn("exited with code 1 while loading", error.message)
+            self.assertIn("loading model\nerror: out of memory", error.message)
+        self.assertEqual(self.status("a"), "failed")
+        self.assertIn("error: out of memory", self.describe("a")["last_error"])
+        self.assertIsNone(self.describe("a")["pid"])
+        self.assertEqual(manager.memoryInUse(), 0)
+
+        again = manager.acquire("a")
+        self.assertEqual(len(self.spawnedFor("a")), 2)
+        self.assertEqual(self.status("a"), "loading")
+        self.makeReady("a")
+        self.successResultOf(again)
+        self.assertIsNone(self.describe("a")["last_error"])
+
+    def test_exitWhileLoadingFreesMemoryForOthers(self) -> None:
+        """
+        The memory of a backend that died while loading goes to the load
+        that was waiting for it.
+        """
+        manager = self.makeManager([{"name": "a", "vram_mb": 600}, {"name": "b", "vram_mb": 600}])
+        da = manager.acquire("a")
+        db = manager.acquire("b")
+        self.assertEqual(self.spawnedFor("b"), [])
+        self.process("a").exit(ProcessTerminated(exitCode=1))
+        self.failureResultOf(da, APIError)
+        self.assertEqual(len(self.spawnedFor("b")), 1)
+        self.makeReady("b")
+        self.successResultOf(db)
+
+    def test_spawnFailure(self) -> None:
+        """
+        A backend program that cannot be spawned fails the waiters with a
+        502 and leaves the model C{failed}, holding no memory.
+        """
+        manager = self.makeManager([{"name": "a", "vram_mb": 600}])
+        self.reactor.spawnError = OSError(2, "No such file or directory")
+        error = self.failureResultOf(manager.acquire("a"), APIError).value
+        self.assertEqual(error.status, 502)
+        self.assertIn("No such file or directory", error.message)
+        self.assertEqual(self.status("a"), "failed")
+        self.assertEqual(manager.memoryInUse(), 0)
+
+    def test_noFreePort(self) -> None:
+        """
+        When no port of the range can be used, the acquire fails with a 502
+        and the model is C{failed}.
+        """
+        s = socket.socket()
+        self.addCleanup(s.close)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        manager = self.makeManager(
+            [{"name": "a", "vram_mb": 600}],
+            backend={"port_range_start": port, "port_range_end": port},
+        )
+        error = self.failureResultOf(manager.acquire("a"), APIError).value
+        self.assertEqual(error.status, 502)
+        self.assertIn("no free port", error.message)
+        self.assertEqual(self.status("a"), "failed")
+        self.assertEqual(self.reactor.spawned, [])
+
+    def test_loadTimeout(self) -> None:
+        """
+        A backend not ready within its load timeout gets TERM; its waiters
+        fail with a 504 at once, but its memory stays counted (C{unloading})
+        until it exits; KILL follows after C{killTime}, and once it has
+        exited the model is C{failed}.
+        """
+        manager = self.makeManager(
+            [{"name": "a", "vram_mb": 600, "load_timeout_seconds": 10}, {"name": "b", "vram_mb": 600}]
+        )
+        d = manager.acquire("a")
+        process = self.process("a")
+        self.reactor.advance(9)
+        self.assertNoResult(d)
+        self.reactor.advance(1)
+        error = self.failureResultOf(d, APIError).value
+        self.assertEqual(error.status, 504)
+        self.assertEqual(error.code, "load_timeout")
+        self.assertEqual(process.signals, ["TERM"])
+        self.assertEqual(self.status("a"), "unloading")
+        self.assertEqual(manager.memoryInUse(), 600)
+
+        waitingB = manager.acquire("b")
+        self.assertEqual(self.spawnedFor("b"), [])
+        self.reactor.advance(5)
+        self.assertEqual(process.signals, ["TERM", "KILL"])
+        self.assertEqual(self.status("a"), "unloading")
+        process.exit(ProcessTerminated(signal=9))
+        self.assertEqual(self.status("a"), "failed")
+        self.assertIn("load timeout", self.describe("a")["last_error"])
+        self.assertEqual(len(self.spawnedFor("b")), 1)
+        self.makeReady("b")
+        self.successResultOf(waitingB)
+        self.assertWithinBudget()
+
+    def test_acquireDuringFailedLoadsAgain(self) -> None:
+        """
+        An acquire that arrives while a timed-out backend is still exiting
+        waits, and a new process is spawned for it once the old one is gone.
+        """
+        manager = self.makeManager([{"name": "a", "vram_mb": 600, "load_timeout_seconds": 10}])
+        first = manager.acquire("a")
+        self.reactor.advance(10)
+        self.failureResultOf(first, APIError)
+        second = manager.acquire("a")
+        self.assertEqual(len(self.spawnedFor("a")), 1)
+        self.spawnedFor("a")[0].exit()
+        self.assertEqual(len(self.spawnedFor("a")), 2)
+        self.makeReady("a")
+        self.successResultOf(second)
+
+    def test_loadedBackendDies(self) -> None:
+        """
+        A loaded backend that dies is marked C{failed} with the reason, its
+        memory is released, a lease still out on it is released harmlessly,
+        and the next acquire loads it again.
+        """
+        manager = self.makeManager([{"name": "a", "vram_mb": 600}])
+        lease = self.loadedLease("a")
+        self.process("a").exit(ProcessTerminated(exitCode=139))
+        self.assertEqual(self.status("a"), "failed")
+        self.assertEqual(
+            self.describe("a")["last_error"], "backend exited with code 139 while loaded"
+        )
+        self.assertEqual(manager.memoryInUse(), 0)
+        self.assertEqual(self.describe("a")["active_requests"], 0)
+        lease.release()
+        self.assertEqual(self.describe("a")["active_requests"], 0)
+
+        d = manager.acquire("a")
+        self.assertEqual(len(self.spawnedFor("a")), 2)
+        self.makeReady("a")
+        self.successResultOf(d)
+        self.assertEqual(self.describe("a")["active_requests"], 1)
+
+    def test_loadedBackendDeathFreesMemoryForWaitingLoad(self) -> None:
+        """
+        When a busy loaded backend dies, the load that was waiting for its
+        memory starts at once.
+        """
+        manager = self.makeManager([{"name": "a", "vram_mb": 600}, {"name": "b", "vram_mb": 600}])
+        lease = self.loadedLease("a")
+        d = manager.acquire("b")
+        self.assertEqual(self.spawnedFor("b"), [])
+        self.process("a").exit(ProcessTerminated(exitCode=1))
+        self.assertEqual(len(self.spawnedFor("b")), 1)
+        self.makeReady("b")
+        self.successResultOf(d)
+        lease.release()
+        self.assertWithinBudget()
+
+
+class ReadinessTests(ManagerTestsMixin, SynchronousTestCase):
+    """
+    Tests for how a load becomes ready.
+    """
+
+    def test_readyHintProbesAtOnce(self) -> None:
+        """
+        An output line for which the backend's C{readyHint} is true sends a
+        probe at once, before the scheduled probe delay, and the waiters get
+        their leases without the clock moving.
+        """
+        manager = self.makeManager([{"name": "a", "vram_mb": 600}])
+        d = manager.acquire("a")
+        self.backend.ready.add("a")
+        self.process("a").output(b"still loading\n")
+        self.assertEqual(self.backend.probes, [])
+        self.assertNoResult(d)
+        self.process("a").output(b"server is READY\n")
+        self.assertEqual(self.backend.probes, [("a", 0.0)])
+        self.successResultOf(d)
+        self.assertEqual(self.status("a"), "loaded")
+
+    def test_probeScheduled(self) -> None:
+        """
+        Without a hint, the first probe is sent L{FIRST_PROBE_DELAY} after
+        the spawn.
+        """
+        manager = self.makeManager([{"name": "a", "vram_mb": 600}])
+        d = manager.acquire("a")
+        self.backend.ready.add("a")
+        self.reactor.advance(FIRST_PROBE_DELAY / 2)
+        self.assertNoResult(d)
+        self.reactor.advance(FIRST_PROBE_DELAY / 2)
+        self.successResultOf(d)
+
+
+class ReapIdleTests(ManagerTestsMixin, SynchronousTestCase):
+    """
+    Tests for L{ModelManager.reapIdle}.
+    """
+
+    def setUp(self) -> None:
+        self.makeManager(
+            [
+                {"name": "short", "vram_mb": 100, "unload_time": 10},
+                {"name": "default", "vram_mb": 100},
+                {"name": "never", "vram_mb": 100, "unload_time": -1},
+                {"name": "inf", "vram_mb": 100, "unload_time": "inf"},
+            ],
+            idle_timeout_seconds=100,
+        )
+
+    def test_stopsModelIdleLongerThanUnloadTime(self) -> None:
+        """
+        A loaded model idle for its C{unload_time} is stopped; one idle for
+        less is not.
+        """
+        self.loadIdle("short")
+        self.reactor.advance(9)
+        self.manager.reapIdle()
+        self.assertEqual(self.status("short"), "loaded")
+        self.reactor.advance(1)
+        self.manager.reapIdle()
+        self.assertEqual(self.status("short"), "unloading")
+        self.assertEqual(self.process("short").signals, ["TERM"])
+        self.process("short").exit()
+        self.assertEqual(self.status("short"), "unloaded")
+        self.assertEqual(self.manager.memoryInUse(), 0)
+
+    def test_idleTimeCountsFromRelease(self) -> None:
+        """
+        Idle time counts from when the last lease was released, not from
+        the load.
+        """
+        lease = self.loadedLease("short")
+        self.reactor.advance(50)
+        lease.release()
+        self.reactor.advance(9)
+        self.manager.reapIdle()
+        self.assertEqual(self.status("short"), "loaded")
+
+    def test_usesGlobalIdleTimeout(self) -> None:
+        """
+        A model without C{unload_time} is stopped after the global
+        C{idle_timeout_seconds}.
+        """
+        self.loadIdle("default")
+        self.reactor.advance(99)
+        self.manager.reapIdle()
+        self.assertEqual(self.status("default"), "loaded")
+        self.reactor.advance(1)
+        self.manager.reapIdle()
+        self.assertEqual(self.status("default"), "unloading")
+
+    def test_sparesModelWithLease(self) -> None:
+        """
+        A model with a lease out is never stopped, however long ago it was
+        last acquired.
+        """
+        self.loadedLease("short")
+        self.reactor.advance(1000)
+        self.manager.reapIdle()
+        self.assertEqual(self.status("short"), "loaded")
+        self.assertEqual(self.process("short").signals, [])
+
+    def test_neverStopsInfiniteUnloadTime(self) -> None:
+        """
+        Models with C{unload_time} C{-1} or C{"inf"} are never stopped.
+        """
+        self.loadIdle("never")
+        self.loadIdle("inf")
+        self.reactor.advance(10**9)
+        self.manager.reapIdle()
+        self.assertEqual(self.status("never"), "loaded")
+        self.assertEqual(self.status("inf"), "loaded")
+
+    def test_ignoresModelsNotLoaded(self) -> None:
+        """
+        Models that are loading or not running are left alone.
+        """
+        d = self.manager.acquire("short")
+        self.reactor.advance(50)
+        self.manager.reapIdle()
+        self.assertEqual(self.status("short"), "loading")
+        self.assertEqual(self.status("default"), "unloaded")
+        self.assertEqual(self.process("short").signals, [])
+        self.makeReady("short")
+        self.successResultOf(d)
+
+    def test_recordsLastUse(self) -> None:
+        """
+        L{ModelManager.reapIdle} writes the time of the last release to the
+        store.
+        """
+        lease = self.loadedLease("never")
+        self.reactor.advance(7)
+        lease.release()
+        releasedAt = self.reactor.seconds()
+        self.assertNotEqual(self.store.saved["never"]["last_used_at"], releasedAt)
+        self.manager.reapIdle()
+        self.assertEqual(self.store.saved["never"]["last_used_at"], releasedAt)
+
+
+class UnloadTests(ManagerTestsMixin, SynchronousTestCase):
+    """
+    Tests for L{ModelManager.unload}.
+    """
+
+    def setUp(self) -> None:
+        self.makeManager([{"name": "a", "vram_mb": 600}])
+
+    def test_unknownModel(self) -> None:
+        """
+        Unloading a model that is not configured fails with a 404.
+        """
+        error = self.failureResultOf(self.manager.unload("nope"), APIError).value
+        self.assertEqual(error.status, 404)
+
+    def test_busy(self) -> None:
+        """
+        Unloading a model with a lease out fails with a 409 and leaves it
+        running.
+        """
+        self.loadedLease("a")
+        error = self.failureResultOf(self.manager.unload("a"), APIError).value
+        self.assertEqual(error.status, 409)
+        self.assertEqual(error.code, "model_busy")
+        self.assertEqual(self.process("a").signals, [])
+        self.assertEqual(self.status("a"), "loaded")
+
+    def test_loading(self) -> None:
+        """
+        Unloading a model that is loading fails with a 409 and lets the load
+        go on.
+        """
+        d = self.manager.acquire("a")
+        error = self.failureResultOf(self.manager.unload("a"), APIError).value
+        self.assertEqual(error.status, 409)
+        self.assertEqual(error.code, "model_loading")
+        self.assertEqual(self.process("a").signals, [])
+        self.makeReady("a")
+        self.successResultOf(d)
+
+    def test_idle(self) -> None:
+        """
+        Unloading an idle model sends TERM; the Deferred fires only once the
+        backend has exited, and its memory is then released.
+        """
+        self.loadIdle("a")
+        d = self.manager.unload("a")
+        self.assertEqual(self.process("a").signals, ["TERM"])
+        self.assertEqual(self.status("a"), "unloading")
+        self.assertEqual(self.manager.memoryInUse(), 600)
+        self.assertNoResult(d)
+        self.process("a").exit()
+        self.assertIsNone(self.successResultOf(d))
+        self.assertEqual(self.status("a"), "unloaded")
+        self.assertEqual(self.manager.memoryInUse(), 0)
+
+    def test_notRunning(self) -> None:
+        """
+        Unloading a model that is not running does nothing and succeeds.
+        """
+        self.assertIsNone(self.successResultOf(self.manager.unload("a")))
+        self.assertEqual(self.reactor.spawned, [])
+        self.assertEqual(self.status("a"), "unloaded")
+
+    def test_acquireWhileUnloadingLoadsAgain(self) -> None:
+        """
+        An acquire that arrives while the model is being unloaded waits, and
+        the model is loaded again once the old process has exited.
+        """
+        self.loadIdle("a")
+        self.manager.unload("a")
+        d = self.manager.acquire("a")
+        self.assertNoResult(d)
+        self.assertEqual(len(self.spawnedFor("a")), 1)
+        self.process("a").exit()
+        self.assertEqual(len(self.spawnedFor("a")), 2)
+        self.makeReady("a")
+        self.successResultOf(d)
+
+
+class ServiceTests(ManagerTestsMixin, SynchronousTestCase):
+    """
+    Tests for starting and stopping L{ModelManager} as a service.
+    """
+
+    def test_stopService(self) -> None:
+        """
+        L{ModelManager.stopService} fails the waiting acquires with a 503,
+        sends TERM to every backend (busy, idle and loading ones), and its
+        Deferred fires only after every process has exited.
+        """
+        manager = self.makeManager(
+            [{"name": n, "vram_mb": 300} for n in "abcd"], total_vram_mb=1000
+        )
+        lease = self.loadedLease("a")
+        self.loadIdle("b")
+        loadingC = manager.acquire("c")
+        lease.release()
+        lease = self.successResultOf(manager.acquire("a"))
+        lease2 = self.successResultOf(manager.acquire("b"))
+        waitingD = manager.acquire("d")
+        self.assertEqual(self.spawnedFor("d"), [])
+
+        stopped = manager.stopService()
+        for d in (loadingC, waitingD):
+            error = self.failureResultOf(d, APIError).value
+            self.assertEqual(error.status, 503)
+        for name in "abc":
+            self.assertEqual(self.process(name).signals, ["TERM"])
+            self.assertEqual(self.status(name), "unloading")
+        self.assertNoResult(stopped)
+        self.process("a").exit()
+        self.process("c").exit()
+        self.assertNoResult(stopped)
+        self.reactor.advance(5)
+        self.assertEqual(self.process("b").signals, ["TERM", "KILL"])
+        self.process("b").exit(ProcessTerminated(signal=9))
+        self.assertIsNone(self.successResultOf(stopped))
+        for name in "abcd":
+            self.assertEqual(self.status(name), "unloaded")
+        self.assertEqual(self.spawnedFor("d"), [])
+        lease.release()
+        lease2.release()
+
+    def test_acquireAfterStop(self) -> None:
+        """
+        Acquires after L{ModelManager.stopService} fail with a 503 and start
+        nothing.
+        """
+        manager = self.makeManager([{"name": "a", "vram_mb": 100}])
+        self.successResultOf(manager.stopService())
+        error = self.failureResultOf(manager.acquire("a"), APIError).value
+        self.assertEqual(error.status, 503)
+        self.assertEqual(self.reactor.spawned, [])
+
+    def test_preload(self) -> None:
+        """
+        C{preload_models} are loaded by L{ModelManager.startService}; an
+        acquire that arrives meanwhile joins that same load (one spawn) and
+        holds the only lease once it is ready.
+        """
+        manager = self.makeManager(
+            [{"name": "a", "vram_mb": 600}, {"name": "b", "vram_mb": 100}], preload_models=["a"]
+        )
+        self.assertEqual(len(self.spawnedFor("a")), 1)
+        self.assertEqual(self.status("a"), "loading")
+        self.assertEqual(self.status("b"), "unloaded")
+        d = manager.acquire("a")
+        self.assertEqual(len(self.spawnedFor("a")), 1)
+        self.makeReady("a")
+        self.successResultOf(d)
+        self.assertEqual(self.status("a"), "loaded")
+        self.assertEqual(self.describe("a")["active_requests"], 1)
+        self.assertEqual(len(self.reactor.spawned), 1)
+
+    def test_preloadWithoutRequests(self) -> None:
+        """
+        A preloaded model ends up loaded and idle.
+        """
+        self.makeManager([{"name": "a", "vram_mb": 600}], preload_models=["a"])
+        self.makeReady("a")
+        self.assertEqual(self.status("a"), "loaded")
+        self.assertEqual(self.describe("a")["active_requests"], 0)
+
+    def test_whenStarted(self) -> None:
+        """
+        L{ModelManager.whenStarted} fires once start-up is done, and at once
+        afterwards.
+        """
+        manager = self.makeManager([{"name": "a", "vram_mb": 100}], start=False)
+        d = manager.whenStarted()
+        self.assertNoResult(d)
+        manager.startService()
+        self.successResultOf(d)
+        self.successResultOf(manager.whenStarted())
+
+
+class StoreTests(ManagerTestsMixin, SynchronousTestCase):
+    """
+    Tests for the rows L{ModelManager} writes to its state store.
+    """
+
+    def test_statusTransitions(self) -> None:
+        """
+        Each state transition is written to the store, with the pid and port
+        while a process runs.
+        """
+        manager = self.makeManager([{"name": "a", "vram_mb": 600}, {"name": "b", "vram_mb": 100}])
+        saved = self.store.saved
+        self.assertEqual(saved["a"]["status"], "unloaded")
+        self.assertEqual(saved["b"]["status"], "unloaded")
+        d = manager.acquire("a")
+        process = self.process("a")
+        self.assertEqual(saved["a"]["status"], "loading")
+        self.assertEqual(saved["a"]["pid"], process.pid)
+        self.assertIsNone(saved["a"]["pgid"])
+        self.assertEqual(saved["a"]["port"], int(process.args[2]))
+        self.assertEqual(saved["a"]["vram_mb"], 600)
+        self.assertEqual(saved["a"]["load_seq"], 1)
+        self.makeReady("a")
+        self.successResultOf(d).release()
+        self.assertEqual(saved["a"]["status"], "loaded")
+        self.assertEqual(saved["a"]["loaded_at"], self.reactor.seconds())
+        manager.unload("a")
+        self.assertEqual(saved["a"]["status"], "unloading")
+        process.exit()
+        self.assertEqual(saved["a"]["status"], "unloaded")
+        self.assertIsNone(saved["a"]["pid"])
+        self.assertIsNone(saved["a"]["port"])
+
+    def test_failureRecorded(self) -> None:
+        """
+        A load failure is recorded as C{failed} with the error.
+        """
+        manager = self.makeManager([{"name": "a", "vram_mb": 600}])
+        d = manager.acquire("a")
+        self.process("a").exit(ProcessTerminated(exitCode=2))
+        self.failureResultOf(d, APIError)
+        self.assertEqual(self.store.saved["a"]["status"], "failed")
+        self.assertIn("exited with code 2", self.store.saved["a"]["last_error"])
+
+    def test_startResetsLeftoverRows(self) -> None:
+        """
+        Rows a previous run left (without a live process) are marked
+        unloaded at start-up, and rows of models no longer configured are
+        dropped.
+        """
+        manager = self.makeManager([{"name": "a", "vram_mb": 600}], start=False)
+        self.store.save({"name": "a", "status": "loaded", "port": 40100})
+        self.store.save({"name": "gone", "status": "loaded"})
+        manager.startService()
+        self.assertEqual(self.store.saved["a"]["status"], "unloaded")
+        self.assertIsNone(self.store.saved["a"]["port"])
+        self.assertNotIn("gone", self.store.saved)
+
+
+class ProcessDoneTests(ManagerTestsMixin, SynchronousTestCase):
+    """
+    Tests that a clean exit (code 0) of a loaded backend counts as a failure.
+    """
+
+    def test_cleanExitWhileLoaded(self) -> None:
+        """
+        A loaded backend that exits with code 0 unasked is marked C{failed}.
+        """
+        self.makeManager([{"name": "a", "vram_mb": 600}])
+        self.loadIdle("a")
+        self.process("a").exit(ProcessDone(0))
+        self.assertEqual(self.status("a"), "failed")
+        self.assertEqual(self.describe("a")["last_error"], "backend exited with code 0 while loaded")
