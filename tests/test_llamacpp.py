@@ -7,7 +7,6 @@ project generates. Clients are plain HTTP and the official C{openai} SDK.
 from __future__ import annotations
 
 import json
-import os
 import time
 
 import openai

@@ -168,7 +168,7 @@ class AcquireTests(ManagerTestsMixin, SynchronousTestCase):
 
         self.makeReady("a")
         lease1 = self.successResultOf(first)
-        lease2 = self.successResultOf(second)
+        self.successResultOf(second)
         self.assertEqual(len(self.reactor.spawned), 1)
         self.assertEqual(self.status("a"), "loaded")
         port = int(self.process("a").args[2])

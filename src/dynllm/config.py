@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping
 
 import yaml
 from attrs import Attribute, evolve, field, fields, frozen
@@ -33,6 +33,9 @@ MODEL_TYPES = (
     "segmentation",
     "ocr",
 )
+
+#: Backend kinds this version can run; the others are recognised but refused.
+IMPLEMENTED_BACKENDS = ("llamacpp",)
 
 #: The model types each backend kind can serve.
 BACKEND_MODEL_TYPES = {
@@ -423,6 +426,11 @@ def _checkModel(
         raise ConfigError(
             f"{place}.backend: backend {model.backend!r} is not in enabled_backends"
             f" ({', '.join(config.enabled_backends)})"
+        )
+    if model.backend not in IMPLEMENTED_BACKENDS:
+        raise ConfigError(
+            f"{place}.backend: backend {model.backend!r} is not supported by this version of dynllm"
+            f" yet (supported: {', '.join(IMPLEMENTED_BACKENDS)})"
         )
     if model.model_type not in BACKEND_MODEL_TYPES[model.backend]:
         raise ConfigError(

@@ -22,10 +22,10 @@ from attrs import define, field
 from twisted.internet import defer, error
 from twisted.internet.interfaces import IReactorProcess, IReactorTime
 from twisted.internet.protocol import ProcessProtocol
-from twisted.logger import Logger
+from dynllm.logs import logger
 from twisted.python.failure import Failure
 
-log = Logger()
+log = logger(__name__)
 
 #: Prefix that puts a program in a new session (so in its own process group)
 #: without forking: util-linux setsid execs in place for a non-leader, so the

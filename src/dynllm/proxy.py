@@ -14,7 +14,7 @@ from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.protocol import Protocol
-from twisted.logger import Logger
+from dynllm.logs import logger
 from twisted.python.failure import Failure
 from twisted.web.client import FileBodyProducer, ResponseDone, ResponseNeverReceived
 from twisted.web.http import PotentialDataLoss
@@ -23,7 +23,7 @@ from twisted.web.iweb import IRequest
 
 from dynllm import errors
 
-log = Logger()
+log = logger(__name__)
 
 #: Headers that describe one connection, not the message (RFC 9110 7.6.1).
 HOP_BY_HOP = frozenset(

@@ -15,13 +15,13 @@ from typing import Any, Container
 from attrs import define, field
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall
-from twisted.logger import Logger
+from dynllm.logs import logger
 
 from dynllm.config import ModelConfig
 from dynllm.interfaces import IBackend
 from dynllm.process import ManagedProcess
 
-log = Logger()
+log = logger(__name__)
 
 #: Probe delays: the first probes come quickly so that a fast load is seen
 #: within milliseconds, then they slow down for long loads.

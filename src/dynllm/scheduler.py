@@ -24,7 +24,7 @@ from attrs import define, field
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall
-from twisted.logger import Logger
+from dynllm.logs import logger
 
 from dynllm import errors
 from dynllm.backends import backendFor
@@ -33,7 +33,7 @@ from dynllm.interfaces import IBackend
 from dynllm.runner import BackendExited, BackendRun, LoadTimeout, NoFreePort, describeExit, findFreePort
 from dynllm.store import MemoryStateStore, reconcile
 
-log = Logger()
+log = logger(__name__)
 
 UNLOADED = "unloaded"
 LOADING = "loading"

@@ -12,17 +12,16 @@ from twisted.application.internet import StreamServerEndpointService, TimerServi
 from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
-from twisted.logger import Logger
 from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 from treq.client import HTTPClient
 
+from dynllm import logs
 from dynllm.config import Config
 from dynllm.routes import DynLLMRoutes
 from dynllm.scheduler import ModelManager
 from dynllm.site import makeSite
 from dynllm.store import MemoryStateStore, SQLiteStateStore
 
-log = Logger()
 
 
 class DynLLMService(MultiService):
@@ -79,6 +78,7 @@ def makeService(config: Config, reactor: Any = None, listen: bool = True, persis
     """
     if reactor is None:
         from twisted.internet import reactor  # type: ignore[no-redef]
+    logs.setLevel(config.log_level)
     http, pool = makeHTTPClient(reactor)
     store = SQLiteStateStore(config.db_path, reactor) if persist else MemoryStateStore()
     manager = ModelManager(config=config, reactor=reactor, http=http, store=store)

@@ -12,11 +12,11 @@ from typing import Any, Callable, Mapping
 from attrs import define, field
 from twisted.enterprise import adbapi
 from twisted.internet import defer, task
-from twisted.logger import Logger
+from dynllm.logs import logger
 
 from dynllm.process import processStartTime, signalGroup
 
-log = Logger()
+log = logger(__name__)
 
 #: The columns of a model row, in order.
 COLUMNS = (
