@@ -1,0 +1,169 @@
+"""
+The streaming relay of L{dynllm.proxy}: header filtering, and backpressure
+and cancellation measured on real sockets, in one process.
+"""
+
+from __future__ import annotations
+
+import socket
+
+from twisted.internet import defer, reactor, task
+from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IPushProducer
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web import resource, server
+from twisted.web.http_headers import Headers
+from zope.interface import implementer
+
+from dynllm.proxy import DROP_REQUEST, DROP_RESPONSE, endToEnd, forward, requestBody
+from dynllm.service import makeHTTPClient
+
+CHUNK = b"x" * 65536
+
+
+class EndToEndTests(SynchronousTestCase):
+    """
+    L{endToEnd} keeps end-to-end headers only.
+    """
+
+    def test_dropsHopByHop(self):
+        """
+        Hop-by-hop headers, those named by C{Connection}, and the ones in
+        the drop set are removed; others are kept with all their values.
+        """
+        headers = Headers(
+            {
+                b"Connection": [b"keep-alive, X-Private"],
+                b"X-Private": [b"1"],
+                b"Transfer-Encoding": [b"chunked"],
+                b"Authorization": [b"Bearer k"],
+                b"Content-Length": [b"5"],
+                b"X-Kept": [b"a", b"b"],
+                b"Content-Type": [b"application/json"],
+            }
+        )
+        kept = endToEnd(headers, DROP_REQUEST)
+        self.assertEqual(
+            sorted(kept.getAllRawHeaders()),
+            [(b"Content-Type", [b"application/json"]), (b"X-Kept", [b"a", b"b"])],
+        )
+
+    def test_dropsEmpty(self):
+        """
+        An empty header (treq leaves C{Content-Encoding:} behind) is dropped,
+        as are C{Date} and C{Server}, which twisted.web sets itself.
+        """
+        headers = Headers({b"Content-Encoding": [b""], b"Date": [b"x"], b"Server": [b"y"], b"X-A": [b"1"]})
+        self.assertEqual(list(endToEnd(headers, DROP_RESPONSE).getAllRawHeaders()), [(b"X-A", [b"1"])])
+
+
+@implementer(IPushProducer)
+class FloodingResource(resource.Resource):
+    """
+    An upstream that writes 64 KiB chunks for as long as it is not paused,
+    and records how it was treated.
+    """
+
+    isLeaf = True
+
+    def __init__(self):
+        super().__init__()
+        self.written = 0
+        self.paused = 0
+        self.stopped = defer.Deferred()
+        self._running = False
+
+    def render_POST(self, request):
+        self._request = request
+        request.setHeader(b"Content-Type", b"text/event-stream")
+        request.registerProducer(self, True)
+        # Fire with the reason as a value: a Failure would take the errback path.
+        request.notifyFinish().addBoth(lambda r: self.stopped.callback(getattr(r, "value", r)))
+        self.resumeProducing()
+        return server.NOT_DONE_YET
+
+    def resumeProducing(self):
+        self._running = True
+        while self._running and self.written < 512 * 1024 * 1024:
+            self._request.write(CHUNK)
+            self.written += len(CHUNK)
+
+    def pauseProducing(self):
+        self.paused += 1
+        self._running = False
+
+    def stopProducing(self):
+        self._running = False
+
+
+class ProxyResource(resource.Resource):
+    """
+    Forwards every POST to the upstream with L{forward}.
+    """
+
+    isLeaf = True
+
+    def __init__(self, http, url):
+        super().__init__()
+        self.http = http
+        self.url = url
+
+    def render_POST(self, request):
+        d = defer.ensureDeferred(forward(self.http, request, self.url, requestBody(request)))
+        request.notifyFinish().addErrback(lambda _: d.cancel())
+        d.addCallbacks(lambda _: request.finish(), lambda f: None)
+        return server.NOT_DONE_YET
+
+
+class BackpressureTests(TestCase):
+    """
+    A slow client slows the backend down instead of filling our memory, and
+    a client that leaves stops the backend's response.
+    """
+
+    timeout = 30
+
+    async def setUpServers(self):
+        self.upstream = FloodingResource()
+        upstreamPort = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+            server.Site(self.upstream)
+        )
+        self.addCleanup(upstreamPort.stopListening)
+        http, pool = makeHTTPClient(reactor)
+        self.addCleanup(pool.closeCachedConnections)
+        url = f"http://127.0.0.1:{upstreamPort.getHost().port}/"
+        self.proxy = ProxyResource(http, url)
+        proxyPort = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(server.Site(self.proxy))
+        self.addCleanup(proxyPort.stopListening)
+        return proxyPort.getHost().port
+
+    async def test_slowClientPausesUpstream(self):
+        """
+        A client that reads nothing makes the proxy pause the upstream: the
+        upstream writes only what the socket buffers hold, and the proxy's
+        own transport buffer stays small.
+        """
+        port = await self.setUpServers()
+        client = socket.create_connection(("127.0.0.1", port))
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        self.addCleanup(client.close)
+        client.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+        await task.deferLater(reactor, 1.0, lambda: None)
+        self.assertGreater(self.upstream.paused, 0)
+        self.assertLess(self.upstream.written, 64 * 1024 * 1024)
+
+    async def test_clientGoneStopsUpstream(self):
+        """
+        When the client disconnects mid-body, the upstream response is
+        abandoned: the upstream sees its connection close.
+        """
+        port = await self.setUpServers()
+        client = socket.create_connection(("127.0.0.1", port))
+        client.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+        await task.deferLater(reactor, 0.2, lambda: None)
+        self.assertGreater(len(client.recv(65536)), 0)
+        client.close()
+        reason = await self.upstream.stopped
+        self.assertIsInstance(reason, ConnectionDone)
+        self.assertLess(self.upstream.written, 512 * 1024 * 1024)
