@@ -241,7 +241,11 @@ class BackendSettings:
         """
         @return: the configured program name or path for backend C{kind}.
         """
-        return getattr(self, f"{kind}_binary")
+        return {
+            "llamacpp": self.llamacpp_binary,
+            "openvino": self.ovms_binary,
+            "transformers": self.transformers_binary,
+        }[kind]
 
 
 @frozen
@@ -395,7 +399,10 @@ def parseConfig(
     for index, rawModel in enumerate(rawModels):
         place = _modelPlace(index, rawModel)
         model: ModelConfig = _build(
-            ModelConfig, rawModel, place, explicit=frozenset(rawModel or {})
+            ModelConfig,
+            rawModel,
+            place,
+            explicit=frozenset(rawModel) if isinstance(rawModel, dict) else frozenset(),
         )
         models.append(_checkModel(model, place, config, modelsDir or baseDir, seen, which))
         seen.add(model.name)

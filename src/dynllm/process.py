@@ -233,7 +233,10 @@ class ManagedProcess:
     def _signal(self, signalName: str) -> bool:
         if self.newSession:
             assert self.pid is not None
-            return signalGroup(self.pid, signalName)
+            if signalGroup(self.pid, signalName):
+                return True
+            # No such group yet: the child has not called setsid, so it has
+            # no children either; signal it alone.
         try:
             self._transport.signalProcess(signalName)  # type: ignore[attr-defined]
         except error.ProcessExitedAlready:

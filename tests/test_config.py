@@ -1,0 +1,816 @@
+"""
+Tests for L{dynllm.config}: defaults, every kind of error, and the
+normalisations (timeouts, arguments, environment, paths) done while parsing,
+plus the shipped example configuration.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+
+import yaml
+from attrs import fields
+from twisted.trial.unittest import TestCase
+
+from dynllm.config import (
+    BackendSettings,
+    Config,
+    ConfigError,
+    ModelConfig,
+    ServerConfig,
+    loadConfig,
+    parseConfig,
+)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLE = os.path.join(ROOT, "etc", "dynllm.example.yaml")
+
+
+def found(name: str) -> str:
+    """
+    A C{which} that finds every program.
+    """
+    return "/usr/bin/" + os.path.basename(name)
+
+
+def notFound(name: str) -> None:
+    """
+    A C{which} that finds no program.
+    """
+    return None
+
+
+class ConfigTestMixin:
+    """
+    Helpers: a temporary directory holding model files, a minimal model
+    declaration, and assertions on L{ConfigError} messages.
+    """
+
+    def setUp(self) -> None:
+        self.dir = os.path.abspath(self.mktemp())
+        os.makedirs(os.path.join(self.dir, "ov-model"))
+        for name in ("model.gguf", "other.gguf"):
+            with open(os.path.join(self.dir, name), "wb") as f:
+                f.write(b"GGUF")
+
+    def model(self, **overrides: object) -> dict:
+        """
+        @return: a valid llama.cpp model declaration named C{m1}, with
+            C{overrides} applied (C{None} removes a key).
+        """
+        raw = {"name": "m1", "path": "model.gguf", "backend": "llamacpp", "vram_mb": 100}
+        raw.update(overrides)
+        return {k: v for k, v in raw.items() if v is not None}
+
+    def parse(self, raw: object, which=found) -> Config:
+        """
+        Parse C{raw} with the temporary directory as the base directory.
+        """
+        return parseConfig(raw, self.dir, None, which)
+
+    def assertConfigError(self, raw: object, *fragments: str, which=found) -> str:
+        """
+        Assert that parsing C{raw} raises L{ConfigError} whose message
+        contains every one of C{fragments}.
+
+        @return: the message.
+        """
+        e = self.assertRaises(ConfigError, self.parse, raw, which)
+        message = str(e)
+        for fragment in fragments:
+            self.assertIn(fragment, message)
+        return message
+
+    def writeConfig(self, raw: object, name: str = "dynllm.yaml") -> str:
+        """
+        Write C{raw} as YAML into the temporary directory.
+
+        @return: the file's path.
+        """
+        path = os.path.join(self.dir, name)
+        with open(path, "w") as f:
+            if isinstance(raw, str):
+                f.write(raw)
+            else:
+                yaml.safe_dump(raw, f)
+        return path
+
+
+class DefaultsTests(ConfigTestMixin, TestCase):
+    """
+    Settings left out take the defaults of the reference design.
+    """
+
+    def test_topLevelDefaults(self) -> None:
+        """
+        An empty mapping gives the documented top-level defaults.
+        """
+        config = self.parse({})
+        self.assertEqual(config.server.port, 8000)
+        self.assertEqual(config.server.api_keys, ())
+        self.assertEqual(config.server.admin_api_keys, ())
+        self.assertEqual(config.total_vram_mb, 8192)
+        self.assertEqual(config.idle_timeout_seconds, 300)
+        self.assertEqual(config.idle_check_interval_seconds, 1)
+        self.assertEqual(config.load_timeout_seconds, 300)
+        self.assertEqual(config.queue_timeout_seconds, 60)
+        self.assertEqual(config.eviction_policy, "lifo")
+        self.assertEqual(config.max_request_body_mb, 64)
+        self.assertEqual(config.enabled_backends, ("llamacpp", "openvino"))
+        self.assertEqual(config.log_level, "info")
+        self.assertEqual(config.preload_models, ())
+        self.assertEqual(config.models, ())
+        self.assertIsNone(config.models_dir)
+
+    def test_backendDefaults(self) -> None:
+        """
+        The backend programs default to C{llama-server}, C{ovms} and
+        C{transformers}, and the backend port range to 9100-9200.
+        """
+        backend = self.parse({}).backend
+        self.assertEqual(backend.llamacpp_binary, "llama-server")
+        self.assertEqual(backend.ovms_binary, "ovms")
+        self.assertEqual(backend.transformers_binary, "transformers")
+        self.assertEqual(backend.port_range_start, 9100)
+        self.assertEqual(backend.port_range_end, 9200)
+
+    def test_binaryFor(self) -> None:
+        """
+        L{BackendSettings.binaryFor} gives the configured program of each
+        backend kind, including C{ovms_binary} for C{openvino}.
+        """
+        backend = BackendSettings(
+            llamacpp_binary="/l", ovms_binary="/o", transformers_binary="/t"
+        )
+        self.assertEqual(backend.binaryFor("llamacpp"), "/l")
+        self.assertEqual(backend.binaryFor("openvino"), "/o")
+        self.assertEqual(backend.binaryFor("transformers"), "/t")
+
+    def test_emptyDocument(self) -> None:
+        """
+        An empty file (C{None} from YAML) is the default configuration.
+        """
+        self.assertEqual(self.parse(None).server.port, 8000)
+
+    def test_defaultDatabaseBesideConfig(self) -> None:
+        """
+        C{db_path} defaults to C{dynllm_state.db} in the base directory.
+        """
+        config = self.parse({})
+        self.assertEqual(config.db_path, os.path.join(self.dir, "dynllm_state.db"))
+
+    def test_modelDefaults(self) -> None:
+        """
+        A model declaring only the required fields gets the documented
+        defaults for the others.
+        """
+        [model] = self.parse({"models": [self.model()]}).models
+        self.assertEqual(model.model_type, "llm")
+        self.assertEqual(model.n_gpu_layers, -1)
+        self.assertEqual(model.context_size, 4096)
+        self.assertEqual(model.target_device, "CPU")
+        self.assertIsNone(model.ovms_shape)
+        self.assertEqual(model.device, "auto")
+        self.assertEqual(model.dtype, "auto")
+        self.assertIsNone(model.quantization)
+        self.assertFalse(model.trust_remote_code)
+        self.assertIsNone(model.unload_time)
+        self.assertIsNone(model.load_timeout_seconds)
+        self.assertEqual(model.extra_args, ())
+        self.assertEqual(dict(model.env), {})
+
+    def test_modelsInFileOrder(self) -> None:
+        """
+        Models are kept in the order of the file and found by name.
+        """
+        config = self.parse(
+            {"models": [self.model(name="b"), self.model(name="a", path="other.gguf")]}
+        )
+        self.assertEqual([m.name for m in config.models], ["b", "a"])
+        self.assertEqual(config.model("a").path, os.path.join(self.dir, "other.gguf"))
+        self.assertIsNone(config.model("c"))
+
+
+class ErrorTests(ConfigTestMixin, TestCase):
+    """
+    Every kind of mistake raises L{ConfigError} naming the key, and the
+    model where there is one.
+    """
+
+    def test_notAMapping(self) -> None:
+        """
+        A document that is not a mapping is refused.
+        """
+        self.assertConfigError(["a", "b"], "mapping")
+
+    def test_unknownTopLevelKeyNamesIt(self) -> None:
+        """
+        An unknown top-level key is refused by name.
+        """
+        self.assertConfigError({"totl_vram_mb": 10}, "totl_vram_mb", "unknown key")
+
+    def test_unknownServerKeyNamesIt(self) -> None:
+        """
+        An unknown key under C{server} is named with its section.
+        """
+        self.assertConfigError({"server": {"prot": 1}}, "server.prot")
+
+    def test_unknownBackendSettingNamesIt(self) -> None:
+        """
+        An unknown key under C{backend} is named with its section.
+        """
+        self.assertConfigError({"backend": {"llama_binary": "x"}}, "backend.llama_binary")
+
+    def test_sectionNotAMapping(self) -> None:
+        """
+        A section that is not a mapping is refused by name.
+        """
+        self.assertConfigError({"server": "localhost"}, "server", "mapping")
+
+    def test_modelsNotAList(self) -> None:
+        """
+        C{models} must be a list.
+        """
+        self.assertConfigError({"models": {"m1": self.model()}}, "models", "list")
+
+    def test_modelNotAMapping(self) -> None:
+        """
+        A model entry that is not a mapping is refused with its index, for
+        any YAML scalar (not only strings).
+        """
+        for entry in ["m1", 5, True]:
+            self.assertConfigError({"models": [entry]}, "models[0]", "mapping")
+
+    def test_unknownModelKeyNamesIt(self) -> None:
+        """
+        An unknown key in a model is refused naming the key and the model.
+        """
+        self.assertConfigError(
+            {"models": [self.model(gpu_layers=3)]}, "gpu_layers", "'m1'", "unknown key"
+        )
+
+    def test_unknownBackendNamesIt(self) -> None:
+        """
+        A model's unknown C{backend} is refused naming the model and value.
+        """
+        self.assertConfigError(
+            {"models": [self.model(backend="vllm")]}, "'m1'", "backend", "vllm"
+        )
+
+    def test_unknownEnabledBackend(self) -> None:
+        """
+        An unknown name in C{enabled_backends} is refused.
+        """
+        self.assertConfigError(
+            {"enabled_backends": ["llamacpp", "vllm"]}, "enabled_backends", "vllm"
+        )
+
+    def test_backendNotEnabled(self) -> None:
+        """
+        A model whose backend is not in C{enabled_backends} is refused naming
+        the model, the backend and C{enabled_backends}.
+        """
+        self.assertConfigError(
+            {
+                "enabled_backends": ["llamacpp"],
+                "models": [self.model(backend="openvino", path="ov-model")],
+            },
+            "'m1'",
+            "openvino",
+            "enabled_backends",
+        )
+
+    def test_missingPath(self) -> None:
+        """
+        A model path that does not exist is refused naming the model, the key
+        and the path.
+        """
+        self.assertConfigError(
+            {"models": [self.model(path="missing.gguf")]}, "'m1'", ".path", "missing.gguf"
+        )
+
+    def test_missingName(self) -> None:
+        """
+        A model without a name is refused naming its index and C{name}.
+        """
+        self.assertConfigError(
+            {"models": [self.model(name=None)]}, "models[0]", "name is required"
+        )
+
+    def test_missingRequiredFields(self) -> None:
+        """
+        A model without C{path}, C{backend} or C{vram_mb} is refused naming
+        the model and the field.
+        """
+        for key in ("path", "backend", "vram_mb"):
+            self.assertConfigError(
+                {"models": [self.model(**{key: None})]}, "'m1'", f"{key} is required"
+            )
+
+    def test_vramLargerThanTotal(self) -> None:
+        """
+        A model that needs more than C{total_vram_mb} is refused, with both
+        numbers in the message.
+        """
+        self.assertConfigError(
+            {"total_vram_mb": 1000, "models": [self.model(vram_mb=2000)]},
+            "'m1'",
+            "vram_mb",
+            "2000",
+            "1000",
+        )
+
+    def test_vramEqualToTotal(self) -> None:
+        """
+        A model needing exactly C{total_vram_mb} is accepted.
+        """
+        config = self.parse({"total_vram_mb": 1000, "models": [self.model(vram_mb=1000)]})
+        self.assertEqual(config.models[0].vram_mb, 1000)
+
+    def test_duplicateName(self) -> None:
+        """
+        Two models with one name are refused naming the name and the second.
+        """
+        self.assertConfigError(
+            {"models": [self.model(), self.model(path="other.gguf")]},
+            "duplicate",
+            "'m1'",
+            "models[1]",
+        )
+
+    def test_preloadUnknownModel(self) -> None:
+        """
+        C{preload_models} naming a model that is not declared is refused.
+        """
+        self.assertConfigError(
+            {"preload_models": ["ghost"], "models": [self.model()]}, "preload_models", "ghost"
+        )
+
+    def test_modelTypeBackendCannotServe(self) -> None:
+        """
+        A model_type the backend cannot serve is refused naming the model,
+        the type and the backend.
+        """
+        self.assertConfigError(
+            {"models": [self.model(model_type="transcription")]},
+            "'m1'",
+            "model_type",
+            "transcription",
+            "llamacpp",
+        )
+
+    def test_unknownModelType(self) -> None:
+        """
+        A model_type that does not exist is refused.
+        """
+        self.assertConfigError({"models": [self.model(model_type="chat")]}, "'m1'", "model_type")
+
+    def test_backendSpecificFieldOnWrongBackend(self) -> None:
+        """
+        A field of one backend set on a model of another is refused naming
+        the field, the model and the backend it belongs to.
+        """
+        self.assertConfigError(
+            {"models": [self.model(target_device="GPU")]}, "'m1'", "target_device", "openvino"
+        )
+        self.assertConfigError(
+            {"models": [self.model(dtype="float16")]}, "'m1'", "dtype", "transformers"
+        )
+        self.assertConfigError(
+            {"models": [self.model(revision="main")]}, "'m1'", "revision", "transformers"
+        )
+
+    def test_badEvictionPolicy(self) -> None:
+        """
+        An eviction policy other than lifo or lru is refused.
+        """
+        self.assertConfigError({"eviction_policy": "fifo"}, "eviction_policy", "fifo")
+
+    def test_badLogLevel(self) -> None:
+        """
+        An unknown log level is refused.
+        """
+        self.assertConfigError({"log_level": "verbose"}, "log_level", "verbose")
+
+    def test_stringForInt(self) -> None:
+        """
+        A string where an integer belongs is refused, at the top level and
+        in a model.
+        """
+        self.assertConfigError({"total_vram_mb": "8192"}, "total_vram_mb", "integer")
+        self.assertConfigError({"server": {"port": "8000"}}, "server.port")
+        self.assertConfigError({"models": [self.model(vram_mb="big")]}, "'m1'", "vram_mb", "integer")
+
+    def test_boolForInt(self) -> None:
+        """
+        C{true}/C{false} are not integers, though Python's bool is an int.
+        """
+        self.assertConfigError({"server": {"port": True}}, "server.port")
+        self.assertConfigError({"total_vram_mb": False}, "total_vram_mb", "integer")
+        self.assertConfigError({"models": [self.model(vram_mb=True)]}, "'m1'", "vram_mb")
+        self.assertConfigError({"models": [self.model(n_gpu_layers=True)]}, "'m1'", "n_gpu_layers")
+
+    def test_otherWrongTypes(self) -> None:
+        """
+        Other wrongly-typed values are refused by key: a bool setting given
+        as a string, a list given as a string, a number given as a string.
+        """
+        self.assertConfigError(
+            {
+                "enabled_backends": ["transformers"],
+                "models": [
+                    self.model(backend="transformers", path="ov-model", trust_remote_code="yes")
+                ],
+            },
+            "'m1'",
+            "trust_remote_code",
+        )
+        self.assertConfigError({"server": {"api_keys": "secret"}}, "server.api_keys")
+        self.assertConfigError({"queue_timeout_seconds": "soon"}, "queue_timeout_seconds")
+
+    def test_negativeOrZeroValues(self) -> None:
+        """
+        Negative memory and non-positive durations are refused.
+        """
+        self.assertConfigError({"models": [self.model(vram_mb=-1)]}, "'m1'", "vram_mb")
+        self.assertConfigError({"total_vram_mb": -5}, "total_vram_mb")
+        self.assertConfigError({"load_timeout_seconds": 0}, "load_timeout_seconds")
+        self.assertConfigError({"idle_check_interval_seconds": -1}, "idle_check_interval_seconds")
+
+    def test_portOutOfRange(self) -> None:
+        """
+        Port numbers must be between 1 and 65535.
+        """
+        self.assertConfigError({"server": {"port": 70000}}, "server.port", "70000")
+        self.assertConfigError({"backend": {"port_range_start": 0}}, "backend.port_range_start")
+
+    def test_portRangeReversed(self) -> None:
+        """
+        A backend port range whose end is below its start is refused naming
+        both keys and values.
+        """
+        self.assertConfigError(
+            {"backend": {"port_range_start": 9200, "port_range_end": 9100}},
+            "port_range_start",
+            "port_range_end",
+            "9100",
+            "9200",
+        )
+
+    def test_binaryNotFound(self) -> None:
+        """
+        A backend program that C{which} cannot find is refused naming the
+        model, the program and the setting to fix.
+        """
+        self.assertConfigError(
+            {"models": [self.model()]},
+            "'m1'",
+            "llama-server",
+            "llamacpp_binary",
+            which=notFound,
+        )
+
+    def test_binaryLookedUpAsConfigured(self) -> None:
+        """
+        The program looked up is the configured one, once per model.
+        """
+        asked = []
+
+        def which(name: str) -> str:
+            asked.append(name)
+            return name
+
+        self.parse(
+            {"backend": {"llamacpp_binary": "/opt/llama/llama-server"}, "models": [self.model()]},
+            which,
+        )
+        self.assertEqual(asked, ["/opt/llama/llama-server"])
+
+    def test_binaryNotNeededWithoutModels(self) -> None:
+        """
+        Backends without models need no program installed.
+        """
+        self.parse({"enabled_backends": ["llamacpp", "openvino", "transformers"]}, notFound)
+
+    def test_unimplementedBackendRefused(self) -> None:
+        """
+        A model of a backend kind this version cannot run yet (OpenVINO,
+        transformers) is refused naming the model and the backend, even when
+        the backend is enabled and its program exists.
+        """
+        for backend in ("openvino", "transformers"):
+            self.assertConfigError(
+                {
+                    "enabled_backends": ["llamacpp", backend],
+                    "models": [self.model(backend=backend, path="ov-model")],
+                },
+                "'m1'",
+                backend,
+                "not supported",
+            )
+
+    def test_invalidYAML(self) -> None:
+        """
+        A file that is not valid YAML is refused naming the file.
+        """
+        path = self.writeConfig("models: [\n  - name: x\n")
+        e = self.assertRaises(ConfigError, loadConfig, path, found)
+        self.assertIn(path, str(e))
+        self.assertIn("YAML", str(e))
+
+    def test_unreadableFile(self) -> None:
+        """
+        A file that cannot be read is refused naming the file.
+        """
+        path = os.path.join(self.dir, "absent.yaml")
+        e = self.assertRaises(ConfigError, loadConfig, path, found)
+        self.assertIn(path, str(e))
+        e = self.assertRaises(ConfigError, loadConfig, self.dir, found)
+        self.assertIn(self.dir, str(e))
+
+    def test_loadConfigMessageNamesFileAndKey(self) -> None:
+        """
+        L{loadConfig}'s messages start with the file name and keep the key.
+        """
+        path = self.writeConfig({"models": [self.model(contxt_size=5)]})
+        e = self.assertRaises(ConfigError, loadConfig, path, found)
+        self.assertTrue(str(e).startswith(path + ": "), str(e))
+        self.assertIn("contxt_size", str(e))
+        self.assertIn("'m1'", str(e))
+
+
+class TimeoutTests(ConfigTestMixin, TestCase):
+    """
+    Idle and load timeouts: spellings of "never", and per-model overrides.
+    """
+
+    def test_unloadTimeNever(self) -> None:
+        """
+        C{unload_time} of -1, C{"inf"} or YAML's C{.inf} means never.
+        """
+        for value in (-1, -1.0, "inf", "Infinity", "never", math.inf):
+            [model] = self.parse({"models": [self.model(unload_time=value)]}).models
+            self.assertEqual(model.unload_time, math.inf)
+        raw = yaml.safe_load("models:\n - {name: m1, path: model.gguf, backend: llamacpp,"
+                             " vram_mb: 1, unload_time: .inf}\n")
+        self.assertEqual(self.parse(raw).models[0].unload_time, math.inf)
+
+    def test_unloadTimeFromFile(self) -> None:
+        """
+        The spellings of never survive a round trip through a file.
+        """
+        path = self.writeConfig(
+            "models:\n"
+            "  - {name: a, path: model.gguf, backend: llamacpp, vram_mb: 1, unload_time: -1}\n"
+            "  - {name: b, path: model.gguf, backend: llamacpp, vram_mb: 1, unload_time: inf}\n"
+            "  - {name: c, path: model.gguf, backend: llamacpp, vram_mb: 1, unload_time: .inf}\n"
+            "  - {name: d, path: model.gguf, backend: llamacpp, vram_mb: 1, unload_time: 90}\n"
+        )
+        config = loadConfig(path, found)
+        self.assertEqual(
+            [m.unload_time for m in config.models], [math.inf, math.inf, math.inf, 90.0]
+        )
+
+    def test_idleTimeoutFallsBack(self) -> None:
+        """
+        L{Config.idleTimeout} is the model's C{unload_time} when set, else
+        C{idle_timeout_seconds}.
+        """
+        config = self.parse(
+            {
+                "idle_timeout_seconds": 120,
+                "models": [
+                    self.model(),
+                    self.model(name="m2", unload_time=30),
+                    self.model(name="m3", unload_time=-1),
+                    self.model(name="m4", unload_time=0),
+                ],
+            }
+        )
+        self.assertEqual([config.idleTimeout(m) for m in config.models], [120, 30, math.inf, 0])
+
+    def test_globalIdleTimeoutNever(self) -> None:
+        """
+        C{idle_timeout_seconds} accepts the spellings of never too.
+        """
+        for value in (-1, "inf"):
+            self.assertEqual(self.parse({"idle_timeout_seconds": value}).idle_timeout_seconds, math.inf)
+
+    def test_badUnloadTime(self) -> None:
+        """
+        Other negative numbers and other words are refused.
+        """
+        self.assertConfigError({"models": [self.model(unload_time=-5)]}, "'m1'", "unload_time")
+        self.assertConfigError({"models": [self.model(unload_time="soon")]}, "'m1'", "unload_time")
+        self.assertConfigError({"models": [self.model(unload_time=True)]}, "'m1'", "unload_time")
+
+    def test_loadTimeoutOverride(self) -> None:
+        """
+        L{Config.loadTimeout} is the model's C{load_timeout_seconds} when set,
+        else the global setting.
+        """
+        config = self.parse(
+            {
+                "load_timeout_seconds": 120,
+                "models": [self.model(), self.model(name="m2", load_timeout_seconds=600)],
+            }
+        )
+        self.assertEqual([config.loadTimeout(m) for m in config.models], [120, 600])
+
+    def test_badLoadTimeout(self) -> None:
+        """
+        A model's C{load_timeout_seconds} must be a positive number.
+        """
+        self.assertConfigError(
+            {"models": [self.model(load_timeout_seconds=0)]}, "'m1'", "load_timeout_seconds"
+        )
+
+
+class ArgumentsTests(ConfigTestMixin, TestCase):
+    """
+    C{extra_args} and C{env} are normalised to strings.
+    """
+
+    def test_extraArgsNumbersBecomeStrings(self) -> None:
+        """
+        Numbers in C{extra_args} become their text.
+        """
+        [model] = self.parse(
+            {"models": [self.model(extra_args=["--threads", 8, "--temp", 0.5])]}
+        ).models
+        self.assertEqual(model.extra_args, ("--threads", "8", "--temp", "0.5"))
+
+    def test_badExtraArgs(self) -> None:
+        """
+        C{extra_args} must be a list of strings or numbers.
+        """
+        self.assertConfigError({"models": [self.model(extra_args="--threads 8")]}, "'m1'", "extra_args")
+        self.assertConfigError({"models": [self.model(extra_args=[True])]}, "'m1'", "extra_args")
+        self.assertConfigError({"models": [self.model(extra_args=[["a"]])]}, "'m1'", "extra_args")
+
+    def test_envValuesBecomeStrings(self) -> None:
+        """
+        Numbers in C{env} become their text.
+        """
+        [model] = self.parse(
+            {"models": [self.model(env={"CUDA_VISIBLE_DEVICES": 0, "A": "b", "F": 1.5})]}
+        ).models
+        self.assertEqual(dict(model.env), {"CUDA_VISIBLE_DEVICES": "0", "A": "b", "F": "1.5"})
+
+    def test_badEnv(self) -> None:
+        """
+        C{env} must map variable names to strings or numbers.
+        """
+        self.assertConfigError({"models": [self.model(env=["A=b"])]}, "'m1'", "env")
+        self.assertConfigError({"models": [self.model(env={"A": True})]}, "'m1'", "env.A")
+        self.assertConfigError({"models": [self.model(env={"A": {"b": 1}})]}, "'m1'", "env.A")
+        self.assertConfigError({"models": [self.model(env={"A=B": "c"})]}, "'m1'", "env")
+
+
+class PathTests(ConfigTestMixin, TestCase):
+    """
+    Relative paths are resolved against C{models_dir} or the configuration
+    file's directory.
+    """
+
+    def test_modelPathAgainstModelsDir(self) -> None:
+        """
+        A relative model path is taken from C{models_dir}.
+        """
+        modelsDir = os.path.join(self.dir, "store")
+        os.makedirs(os.path.join(modelsDir, "gguf"))
+        open(os.path.join(modelsDir, "gguf", "x.gguf"), "w").close()
+        config = self.parse({"models_dir": modelsDir, "models": [self.model(path="gguf/x.gguf")]})
+        self.assertEqual(config.models[0].path, os.path.join(modelsDir, "gguf", "x.gguf"))
+        self.assertEqual(config.models_dir, modelsDir)
+
+    def test_absoluteModelPathIgnoresModelsDir(self) -> None:
+        """
+        An absolute model path is kept as it is.
+        """
+        path = os.path.join(self.dir, "model.gguf")
+        config = self.parse({"models_dir": "/nonexistent", "models": [self.model(path=path)]})
+        self.assertEqual(config.models[0].path, path)
+
+    def test_relativeModelsDirAgainstConfigFile(self) -> None:
+        """
+        A relative C{models_dir} is taken from the configuration file's
+        directory, whatever the current directory.
+        """
+        os.makedirs(os.path.join(self.dir, "store"))
+        open(os.path.join(self.dir, "store", "y.gguf"), "w").close()
+        path = self.writeConfig({"models_dir": "store", "models": [self.model(path="y.gguf")]})
+        config = loadConfig(path, found)
+        self.assertEqual(config.models_dir, os.path.join(self.dir, "store"))
+        self.assertEqual(config.models[0].path, os.path.join(self.dir, "store", "y.gguf"))
+        self.assertEqual(config.source, path)
+
+    def test_modelPathAgainstConfigFile(self) -> None:
+        """
+        Without C{models_dir}, a relative model path is taken from the
+        configuration file's directory, not the current directory.
+        """
+        path = self.writeConfig({"models": [self.model()]})
+        config = loadConfig(os.path.relpath(path), found)
+        self.assertEqual(config.models[0].path, os.path.join(self.dir, "model.gguf"))
+
+    def test_dbPathAgainstConfigFile(self) -> None:
+        """
+        A relative C{db_path} is taken from the configuration file's
+        directory; an absolute one is kept.
+        """
+        path = self.writeConfig({"db_path": "state/dynllm.db"})
+        self.assertEqual(
+            loadConfig(os.path.relpath(path), found).db_path,
+            os.path.join(self.dir, "state", "dynllm.db"),
+        )
+        path = self.writeConfig({"db_path": "/var/lib/dynllm/x.db"})
+        self.assertEqual(loadConfig(path, found).db_path, "/var/lib/dynllm/x.db")
+
+
+class ExampleTests(ConfigTestMixin, TestCase):
+    """
+    The shipped C{etc/dynllm.example.yaml} is valid and documents every key.
+    """
+
+    def loadExample(self) -> Config:
+        """
+        Load the example with C{models_dir} pointed at a temporary directory
+        holding (empty) files at every model path it declares.
+        """
+        with open(EXAMPLE) as f:
+            text = f.read()
+        modelsDir = os.path.join(self.dir, "models")
+        for model in yaml.safe_load(text)["models"]:
+            target = os.path.join(modelsDir, model["path"])
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            open(target, "w").close()
+        text, count = re.subn(r"(?m)^models_dir:.*$", f"models_dir: {modelsDir}", text)
+        self.assertEqual(count, 1)
+        return loadConfig(self.writeConfig(text), lambda name: "/bin/true")
+
+    def test_exampleValidates(self) -> None:
+        """
+        The example declares three llama.cpp models (llm, embedding, rerank)
+        within the default budget, preloads the embedding model and listens
+        on 127.0.0.1:8000.
+        """
+        config = self.loadExample()
+        self.assertEqual(
+            [(m.backend, m.model_type) for m in config.models],
+            [("llamacpp", "llm"), ("llamacpp", "embedding"), ("llamacpp", "rerank")],
+        )
+        self.assertEqual(config.server.host, "127.0.0.1")
+        self.assertEqual(config.server.port, 8000)
+        self.assertEqual(config.total_vram_mb, 8192)
+        self.assertEqual(
+            config.preload_models,
+            tuple(m.name for m in config.models if m.model_type == "embedding"),
+        )
+        for model in config.models:
+            self.assertTrue(model.path.startswith(os.path.join(self.dir, "models") + os.sep))
+        embedding = config.models[1]
+        self.assertEqual(config.idleTimeout(embedding), math.inf)
+        self.assertTrue(all(isinstance(a, str) for m in config.models for a in m.extra_args))
+
+    def test_exampleMentionsEveryKey(self) -> None:
+        """
+        Every key the configuration accepts appears in the example (the
+        OpenVINO and transformers ones in commented-out models).
+        """
+        with open(EXAMPLE) as f:
+            text = f.read()
+        for cls in (Config, ServerConfig, BackendSettings, ModelConfig):
+            for attribute in fields(cls):
+                if "check" in attribute.metadata:
+                    self.assertRegex(text, rf"(?m)^[ #-]*{attribute.name}:", attribute.name)
+
+    def test_exampleCommentedModels(self) -> None:
+        """
+        Uncommenting the OpenVINO and transformers examples (and enabling
+        their backends) gives models whose every key and value is accepted:
+        each one either validates or is refused only because this version
+        cannot run its backend yet.
+        """
+        with open(EXAMPLE) as f:
+            text = f.read()
+        head, models = text.split("\nmodels:\n")
+        head = re.sub(r"(?m)^  # - (openvino|transformers)$", r"  - \1", head)
+        models = re.sub(r"(?m)^  # (- name:|  )", r"  \1", models)
+        raw = yaml.safe_load(head + "\nmodels:\n" + models)
+        self.assertEqual(
+            [m["backend"] for m in raw["models"]],
+            ["llamacpp", "llamacpp", "llamacpp", "openvino", "transformers"],
+        )
+        self.assertEqual(raw["enabled_backends"], ["llamacpp", "openvino", "transformers"])
+        raw["models_dir"] = os.path.join(self.dir, "models")
+        raw["preload_models"] = []
+        for model in raw["models"]:
+            os.makedirs(os.path.join(raw["models_dir"], model["path"]), exist_ok=True)
+        for model in raw["models"][3:]:
+            try:
+                self.parse(dict(raw, models=[model]), lambda name: "/bin/true")
+            except ConfigError as e:
+                self.assertIn(f"backend {model['backend']!r} is not supported", str(e))

@@ -1,0 +1,393 @@
+"""
+Tests for L{dynllm.process}: real child processes run by the real reactor,
+stopped with TERM then KILL to their process group, their output drained.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+from twisted.internet import defer, error, reactor, task
+from twisted.trial.unittest import TestCase
+
+from dynllm import process as process_module
+from dynllm.process import LogRing, ManagedProcess, processStartTime, signalGroup
+
+
+async def pollUntil(predicate, seconds: float = 5.0) -> bool:
+    """
+    Wait on the real reactor until C{predicate()} is true or C{seconds}
+    have passed.
+
+    @return: the last value of C{predicate()}.
+    """
+    deadline = time.monotonic() + seconds
+    while not predicate() and time.monotonic() < deadline:
+        await task.deferLater(reactor, 0.02, lambda: None)
+    return predicate()
+
+
+def gone(pid: int) -> bool:
+    """
+    @return: whether C{pid} has exited (no process, or only its zombie).
+    """
+    return processStartTime(pid) is None
+
+
+def commandOf(pid: int) -> bytes | None:
+    """
+    @return: the program name (C{argv[0]}) C{pid} runs, or C{None} if it
+        has exited.
+    """
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().split(b"\0")[0]
+    except OSError:
+        return None
+
+
+def python(code: str) -> list[str]:
+    """
+    @return: the command line running C{code} with this Python.
+    """
+    return [sys.executable, "-c", code]
+
+
+class ManagedProcessTests(TestCase):
+    """
+    L{ManagedProcess} runs a program in its own session and stops it for
+    good.
+    """
+
+    timeout = 20
+
+    def spawn(self, argv: list[str], **kw) -> ManagedProcess:
+        """
+        Start C{argv} as a L{ManagedProcess} in a new session; it is killed
+        when the test ends if it still runs.
+        """
+        process = ManagedProcess("test-model", argv, reactor, newSession=True, **kw)
+        process.start()
+
+        async def cleanup() -> None:
+            if process.running:
+                process.killTime = 0
+                await process.stop()
+            # Let the reactor see the pipes close before the next test.
+            transport = process._transport
+            await pollUntil(lambda: not getattr(transport, "pipes", None))
+
+        self.addCleanup(lambda: defer.ensureDeferred(cleanup()))
+        return process
+
+    def waitForLine(self, process: ManagedProcess, text: str) -> defer.Deferred[str]:
+        """
+        @return: a Deferred firing with the first line C{process} prints that
+            contains C{text} (lines already printed count).
+        """
+        d: defer.Deferred[str] = defer.Deferred()
+        previous = process.onLine
+
+        def onLine(line: str) -> None:
+            if previous is not None:
+                previous(line)
+            if text in line and not d.called:
+                d.callback(line)
+
+        process.onLine = onLine
+        process._proto.onLine = onLine
+        return d
+
+    async def test_ownSession(self) -> None:
+        """
+        The program runs under the pid we were given (no extra fork), which
+        is also its session and process group id, and its start time is
+        recorded.
+        """
+        process = self.spawn(["sleep", "100"])
+        self.assertTrue(process.running)
+        self.assertTrue(await pollUntil(lambda: commandOf(process.pid) == b"sleep"))
+        self.assertEqual(os.getsid(process.pid), process.pid)
+        self.assertEqual(os.getpgid(process.pid), process.pid)
+        self.assertEqual(process.startTime, processStartTime(process.pid))
+
+    async def test_stopTerminates(self) -> None:
+        """
+        L{ManagedProcess.stop} sends TERM and fires after the exit, with the
+        exit reason naming signal 15.
+        """
+        process = self.spawn(["sleep", "100"])
+        pid = process.pid
+        self.assertTrue(await pollUntil(lambda: commandOf(pid) == b"sleep"))
+        reason = await process.stop()
+        self.assertIsInstance(reason, error.ProcessTerminated)
+        self.assertEqual(reason.signal, 15)
+        self.assertFalse(process.running)
+        self.assertTrue(gone(pid))
+
+    async def test_stopRightAfterStart(self) -> None:
+        """
+        L{ManagedProcess.stop} called at once after L{ManagedProcess.start},
+        before the child has made its new session, still terminates it with
+        TERM rather than losing the TERM and waiting C{killTime} for a KILL.
+        """
+        # Widen the window between the spawn and the child's setsid, which
+        # is otherwise a race: wait a moment before exec'ing setsid.
+        self.patch(
+            process_module,
+            "_SETSID_ARGV",
+            ["sh", "-c", 'sleep 0.3; exec "$0" "$@"', *process_module._SETSID_ARGV],
+        )
+        process = self.spawn(["sleep", "100"], killTime=5)
+        began = time.monotonic()
+        reason = await process.stop()
+        self.assertEqual(reason.signal, 15)
+        self.assertLess(time.monotonic() - began, 4)
+
+    async def test_stopKillsAfterKillTime(self) -> None:
+        """
+        A program that ignores TERM is sent KILL after C{killTime}, and
+        L{ManagedProcess.stop} fires with signal 9.
+        """
+        process = self.spawn(
+            python(
+                "import signal, time\n"
+                "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+                "print('ready', flush=True)\n"
+                "time.sleep(100)\n"
+            ),
+            killTime=0.5,
+        )
+        await self.waitForLine(process, "ready")
+        began = time.monotonic()
+        reason = await process.stop()
+        self.assertEqual(reason.signal, 9)
+        self.assertGreaterEqual(time.monotonic() - began, 0.45)
+        self.assertFalse(process.running)
+
+    async def test_grandchildHoldingPipes(self) -> None:
+        """
+        When the program exits on TERM but leaves a grandchild (that ignores
+        TERM) holding its output pipes, L{ManagedProcess.stop} fires on the
+        program's own exit, without waiting for C{killTime}, and the
+        grandchild is killed with the rest of the group.
+        """
+        process = self.spawn(
+            ["sh", "-c", "(trap '' TERM; exec sleep 300) & echo child $!; wait"],
+            killTime=10,
+        )
+        line = await self.waitForLine(process, "child ")
+        grandchild = int(line.split()[1])
+        self.assertFalse(gone(grandchild))
+        began = time.monotonic()
+        reason = await process.stop()
+        self.assertLess(time.monotonic() - began, 5)
+        self.assertEqual(reason.signal, 15)
+        self.assertTrue(await pollUntil(lambda: gone(grandchild)), "grandchild still alive")
+
+    async def test_naturalExit(self) -> None:
+        """
+        L{ManagedProcess.whenExited} fires with the exit status of a program
+        that exits by itself; stopping it afterwards gives the same reason.
+        """
+        process = self.spawn(["sh", "-c", "exit 3"])
+        reason = await process.whenExited()
+        self.assertEqual(reason.exitCode, 3)
+        self.assertFalse(process.running)
+        self.assertIs(await process.stop(), reason)
+
+    def test_notStarted(self) -> None:
+        """
+        A program never started counts as exited cleanly.
+        """
+        process = ManagedProcess("m", ["true"], reactor)
+        self.assertFalse(process.running)
+        self.assertIsInstance(self.successResultOf(process.stop()), error.ProcessDone)
+
+    def test_spawnFailure(self) -> None:
+        """
+        A program that cannot be run makes L{ManagedProcess.start} raise
+        C{OSError} or exit at once with a failure status.
+        """
+        process = ManagedProcess("m", ["/nonexistent/program"], reactor, newSession=False)
+        try:
+            process.start()
+        except OSError:
+            return
+        return process.whenExited().addCallback(
+            lambda reason: self.assertIsInstance(reason, error.ProcessTerminated)
+        )
+
+    async def test_outputDrained(self) -> None:
+        """
+        Lines printed on stdout and stderr go into the ring, in order per
+        stream, including a last line without a newline; blank lines are
+        skipped; C{onLine} is called once per line.
+        """
+        seen: list[str] = []
+        process = self.spawn(
+            python(
+                "import sys\n"
+                "sys.stderr.write('err one\\nerr two\\n'); sys.stderr.flush()\n"
+                "sys.stdout.write('out one\\r\\n\\nout two\\nout last'); sys.stdout.flush()\n"
+            ),
+            onLine=seen.append,
+        )
+        reason = await process.whenExited()
+        self.assertIsInstance(reason, error.ProcessDone)
+        tail = process.ring.tail(100)
+        self.assertEqual(sorted(tail), sorted(["err one", "err two", "out one", "out two", "out last"]))
+        self.assertEqual([l for l in tail if l.startswith("out")], ["out one", "out two", "out last"])
+        self.assertEqual([l for l in tail if l.startswith("err")], ["err one", "err two"])
+        self.assertEqual(seen, tail)
+
+    async def test_lastLineWithoutNewlineAfterStop(self) -> None:
+        """
+        A partial last line is in the ring once L{ManagedProcess.stop} fires.
+        """
+        process = self.spawn(
+            python(
+                "import sys, time\n"
+                "sys.stdout.write('ready\\npartial'); sys.stdout.flush()\n"
+                "time.sleep(100)\n"
+            )
+        )
+        await self.waitForLine(process, "ready")
+        await process.stop()
+        self.assertEqual(process.ring.tail(2), ["ready", "partial"])
+
+    async def test_largeOutputDoesNotBlock(self) -> None:
+        """
+        A program printing 5 MB to stderr is drained as it goes, so it
+        exits by itself; the ring keeps only its last lines.
+        """
+        process = self.spawn(
+            python(
+                "import sys\n"
+                "line = 'x' * 99 + '\\n'\n"
+                "for i in range(52428): sys.stderr.write(line)\n"
+                "sys.stderr.write('done\\n')\n"
+            )
+        )
+        reason = await process.whenExited()
+        self.assertIsInstance(reason, error.ProcessDone)
+        self.assertTrue(await pollUntil(lambda: process.ring.tail(1) == ["done"]))
+        self.assertEqual(len(process.ring.tail(1000)), process.ring.size)
+
+    async def test_longLineSplit(self) -> None:
+        """
+        Output without newlines is cut into bounded lines instead of being
+        buffered whole.
+        """
+        process = self.spawn(
+            python("import sys; sys.stdout.write('y' * 1000000); sys.stdout.flush()")
+        )
+        await process.whenExited()
+        await pollUntil(lambda: sum(map(len, process.ring.tail(1000))) == 1000000)
+        lines = process.ring.tail(1000)
+        self.assertEqual(sum(map(len, lines)), 1000000)
+        self.assertGreater(len(lines), 1)
+
+
+class ProcessStartTimeTests(TestCase):
+    """
+    L{processStartTime} tells a running process from an exited one.
+    """
+
+    def test_running(self) -> None:
+        """
+        A running process has an integer start time, which does not change.
+        """
+        started = processStartTime(os.getpid())
+        self.assertIsInstance(started, int)
+        self.assertEqual(processStartTime(os.getpid()), started)
+
+    def test_exited(self) -> None:
+        """
+        An exited and reaped process has none.
+        """
+        child = subprocess.Popen(["true"])
+        child.wait()
+        self.assertIsNone(processStartTime(child.pid))
+
+    def test_zombie(self) -> None:
+        """
+        A process that exited but is not reaped yet (a zombie) has none.
+        """
+        child = subprocess.Popen(["true"])
+        self.addCleanup(child.wait)
+        deadline = time.monotonic() + 5
+        while processStartTime(child.pid) is not None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self.assertIsNone(processStartTime(child.pid))
+
+    def test_oddCommandName(self) -> None:
+        """
+        A command name with spaces and parentheses is parsed correctly.
+        """
+        directory = self.mktemp()
+        os.makedirs(directory)
+        program = os.path.join(directory, "a) b (c")
+        shutil.copy("/bin/sleep", program)
+        child = subprocess.Popen([program, "100"])
+        self.addCleanup(child.wait)
+        self.addCleanup(child.kill)
+        deadline = time.monotonic() + 5
+        while commandOf(child.pid) != program.encode() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with open(f"/proc/{child.pid}/stat", "rb") as f:
+            self.assertIn(b"(a) b (c)", f.read())
+        self.assertIsInstance(processStartTime(child.pid), int)
+
+
+class SignalGroupTests(TestCase):
+    """
+    L{signalGroup} signals whole process groups.
+    """
+
+    def test_missingGroup(self) -> None:
+        """
+        Signalling a group that does not exist returns C{False}.
+        """
+        child = subprocess.Popen(["true"], start_new_session=True)
+        child.wait()
+        self.assertFalse(signalGroup(child.pid, "TERM"))
+
+    def test_signalsGroup(self) -> None:
+        """
+        Signalling an existing group returns C{True} and delivers the signal.
+        """
+        child = subprocess.Popen(["sleep", "100"], start_new_session=True)
+        self.addCleanup(lambda: child.poll() is None and (child.kill(), child.wait()))
+        self.assertTrue(signalGroup(child.pid, "KILL"))
+        self.assertEqual(child.wait(timeout=5), -9)
+
+
+class LogRingTests(TestCase):
+    """
+    L{LogRing} keeps the last lines.
+    """
+
+    def test_keepsLast(self) -> None:
+        """
+        Only the last C{size} lines are kept, oldest first.
+        """
+        ring = LogRing(3)
+        for i in range(5):
+            ring.append(str(i))
+        self.assertEqual(ring.tail(10), ["2", "3", "4"])
+        self.assertEqual(ring.tail(2), ["3", "4"])
+        self.assertEqual(ring.tail(0), [])
+
+    def test_defaultSize(self) -> None:
+        """
+        The default ring keeps 200 lines.
+        """
+        ring = LogRing()
+        for i in range(250):
+            ring.append(str(i))
+        self.assertEqual(ring.tail(1000), [str(i) for i in range(50, 250)])
