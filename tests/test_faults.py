@@ -119,6 +119,12 @@ class LoadFailureTests(DaemonTestCase):
         self.assertIn("exiting due to model loading error", error["message"])
         entry = daemon.models()["crashy"]
         self.assertEqual((entry["status"], entry["pid"]), ("failed", None))
+        status, headers, logs = daemon.get("/admin/models/crashy/logs?lines=2")
+        self.assertEqual(status, 200)
+        self.assertEqual(
+            logs.decode().splitlines(),
+            ["fake: load_model: failed to load model", "fake: exiting due to model loading error"],
+        )
         self.assertIn("exited with code 1", entry["last_error"])
         # The next request tries again.
         self.assertEqual(chat(daemon, "crashy")[0], 502)

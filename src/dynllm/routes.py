@@ -178,7 +178,7 @@ class DynLLMRoutes:
 
     @app.route("/health", methods=["GET"])
     def health(self, request: IRequest) -> bytes:
-        if not self.manager.whenStarted().called:
+        if not self.manager.started:
             return _json(request, {"status": "starting"}, 503)
         return _json(request, {"status": "ok"})
 
@@ -193,6 +193,17 @@ class DynLLMRoutes:
                 "models": self.manager.models(),
             },
         )
+
+    @app.route("/admin/models/<string:name>/logs", methods=["GET"])
+    def adminLogs(self, request: IRequest, name: str) -> bytes:
+        self._checkAdminKey(request)
+        try:
+            count = int(request.args.get(b"lines", [b"100"])[0])
+        except ValueError:
+            raise errors.badRequest("lines must be a number", param="lines") from None
+        lines = self.manager.logTail(name, count)
+        request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+        return "".join(line + "\n" for line in lines).encode("utf-8")
 
     @app.route("/admin/models/unload", methods=["POST"])
     async def adminUnload(self, request: IRequest) -> bytes:

@@ -19,7 +19,7 @@ from dynllm.logs import logger
 
 from dynllm.config import ModelConfig
 from dynllm.interfaces import IBackend
-from dynllm.process import ManagedProcess
+from dynllm.process import LogRing, ManagedProcess
 
 log = logger(__name__)
 
@@ -115,6 +115,7 @@ class BackendRun:
     @ivar binary: The program, as configured.
     @ivar killTime: Seconds from TERM to KILL when stopping.
     @ivar newSession: See L{ManagedProcess.newSession}.
+    @ivar ring: Keeps the backend's last lines of output.
     """
 
     model: ModelConfig
@@ -125,6 +126,7 @@ class BackendRun:
     binary: str
     killTime: float = 5.0
     newSession: bool = True
+    ring: LogRing = field(factory=LogRing)
     process: ManagedProcess = field(init=False)
     ready: bool = field(default=False, init=False)
     _probeCall: IDelayedCall | None = field(default=None, init=False)
@@ -144,6 +146,7 @@ class BackendRun:
             killTime=self.killTime,
             newSession=self.newSession,
             onLine=self._line,
+            ring=self.ring,
         )
 
     @property

@@ -30,6 +30,7 @@ from dynllm import errors
 from dynllm.backends import backendFor
 from dynllm.config import Config, ModelConfig
 from dynllm.interfaces import IBackend
+from dynllm.process import LogRing
 from dynllm.runner import BackendExited, BackendRun, LoadTimeout, NoFreePort, describeExit, findFreePort
 from dynllm.store import MemoryStateStore, reconcile
 
@@ -104,6 +105,7 @@ class ModelSlot:
     @ivar run: The backend process, while there is one.
     @ivar active: Leases out on the current run.
     @ivar loadSeq: Increases with each load (the order for LIFO eviction).
+    @ivar log: The last lines its backends printed, across restarts.
     """
 
     config: ModelConfig
@@ -116,6 +118,7 @@ class ModelSlot:
     loadSeq: int = 0
     lastError: str | None = None
     waiters: list[_Waiter] = field(factory=list)
+    log: LogRing = field(factory=LogRing)
     #: The current run failed to load and is being stopped.
     failing: bool = False
     #: C{lastUsedAt} changed since the row was last written.
@@ -313,6 +316,24 @@ class ModelManager(Service):
             return defer.succeed(None)
         return self._unload(slot, "unloaded on request").addCallback(lambda _: None)
 
+    @property
+    def started(self) -> bool:
+        """
+        Whether start-up reconciliation is done and requests are served.
+        """
+        return self._started
+
+    def logTail(self, name: str, count: int) -> list[str]:
+        """
+        @return: the last C{count} lines that model C{name}'s backends
+            printed (across restarts).
+        @raise errors.APIError: 404 for an unknown model.
+        """
+        slot = self.slots.get(name)
+        if slot is None:
+            raise errors.modelNotFound(name)
+        return slot.log.tail(count)
+
     def models(self) -> list[dict[str, Any]]:
         """
         @return: every configured model's state, as C{/admin/models} shows.
@@ -467,6 +488,7 @@ class ModelManager(Service):
             binary=self.config.backend.binaryFor(model.backend),
             killTime=self.killTime,
             newSession=self.newSession,
+            ring=slot.log,
         )
         try:
             loaded = run.start(self.config.loadTimeout(model))
