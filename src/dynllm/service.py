@@ -8,12 +8,19 @@ from __future__ import annotations
 
 from typing import Any
 
+from attrs import frozen
+from treq.client import HTTPClient
 from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.application.service import MultiService
 from twisted.internet import defer
-from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
+from twisted.internet.endpoints import (
+    TCP4ClientEndpoint,
+    TCP4ServerEndpoint,
+    TCP6ServerEndpoint,
+)
 from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
-from treq.client import HTTPClient
+from twisted.web.iweb import IAgentEndpointFactory
+from zope.interface import implementer
 
 from dynllm import logs
 from dynllm.config import Config
@@ -21,7 +28,6 @@ from dynllm.routes import DynLLMRoutes
 from dynllm.scheduler import ModelManager
 from dynllm.site import makeSite
 from dynllm.store import MemoryStateStore, SQLiteStateStore
-
 
 
 class DynLLMService(MultiService):
@@ -51,17 +57,37 @@ class DynLLMService(MultiService):
         return d
 
 
+@implementer(IAgentEndpointFactory)
+@frozen
+class LoopbackEndpoints:
+    """
+    Connects to backends with plain TCP endpoints. Agent's default,
+    C{HostnameEndpoint}, reports a refused connection only at its next
+    attempt, 300 ms later: a readiness probe sent before the backend has
+    bound its port would hold up the detection of its readiness that long.
+
+    @ivar reactor: Makes the connections.
+    """
+
+    reactor: Any
+
+    def endpointForURI(self, uri: Any) -> TCP4ClientEndpoint:
+        return TCP4ClientEndpoint(self.reactor, uri.host.decode("ascii"), uri.port, timeout=10)
+
+
 def makeHTTPClient(reactor: Any) -> tuple[HTTPClient, HTTPConnectionPool]:
     """
-    @return: a C{treq} client with a pool of persistent connections sized for
-        a proxy, and the pool (to close it when stopping).
+    @return: a C{treq} client for backends on 127.0.0.1, with a pool of
+        persistent connections sized for a proxy, and the pool (to close it
+        when stopping).
     """
     # One log line per backend connection would drown the useful ones.
     _HTTP11ClientFactory.noisy = False
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = 32
     pool.retryAutomatically = False
-    return HTTPClient(Agent(reactor, pool=pool)), pool
+    agent = Agent.usingEndpointFactory(reactor, LoopbackEndpoints(reactor), pool=pool)
+    return HTTPClient(agent), pool
 
 
 def makeService(config: Config, reactor: Any = None, listen: bool = True, persist: bool = True) -> DynLLMService:
