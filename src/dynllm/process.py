@@ -93,17 +93,23 @@ class BackendProcessProtocol(ProcessProtocol):
             lines.append(rest)
             rest = b""
         self._buffers[childFD] = rest
-        for raw in lines:
-            self._line(raw)
+        self._lines(lines)
 
-    def _line(self, raw: bytes) -> None:
-        line = raw.rstrip(b"\r").decode("utf-8", "replace")
-        if not line:
+    def _lines(self, raw: list[bytes]) -> None:
+        """
+        Keep, log and report complete lines of output: one log event for
+        all the lines of one read (a backend prints several per request).
+        """
+        lines = [r.rstrip(b"\r").decode("utf-8", "replace") for r in raw]
+        lines = [line for line in lines if line]
+        if not lines:
             return
-        self.ring.append(line)
-        log.info("[{model}] {line}", model=self.name, line=line)
+        for line in lines:
+            self.ring.append(line)
+        log.info("[{model}] {lines}", model=self.name, lines="\n".join(lines))
         if self.onLine is not None:
-            self.onLine(line)
+            for line in lines:
+                self.onLine(line)
 
     def whenExited(self) -> defer.Deferred[Exception]:
         """
@@ -119,7 +125,7 @@ class BackendProcessProtocol(ProcessProtocol):
     def processExited(self, reason: Failure) -> None:
         for fd, rest in self._buffers.items():
             if rest:
-                self._line(rest)
+                self._lines([rest])
                 self._buffers[fd] = b""
         self.exitReason = reason.value
         waiters, self._waiters = self._waiters, []

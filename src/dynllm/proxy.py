@@ -6,6 +6,13 @@ Bytes reach the client as the backend sends them (SSE frames included), the
 backend is paused while the client is slow (the upstream transport is
 registered as the request's producer), and the upstream request is aborted
 when the client goes away (cancelling L{forward} aborts it).
+
+The relay talks to the backend through the C{IAgent} that treq wraps, not
+through treq itself: on this hot path treq's URL handling (hyperlink parsing
+and IDNA encoding of C{127.0.0.1} on every request), its gzip decoding and
+its cooperative body producer (one more reactor turn per request) cost more
+than the rest of the relay; see C{benchmarks/latency.py}. The body passes
+through byte for byte.
 """
 
 from __future__ import annotations
@@ -20,7 +27,8 @@ from twisted.python.failure import Failure
 from twisted.web.client import FileBodyProducer, ResponseDone, ResponseNeverReceived
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IRequest
+from twisted.web.iweb import IAgent, IBodyProducer, IRequest
+from zope.interface import implementer
 
 from dynllm import errors
 
@@ -45,9 +53,9 @@ HOP_BY_HOP = frozenset(
 #: backend needs no credentials of ours, and compression would delay SSE.
 DROP_REQUEST = HOP_BY_HOP | {b"host", b"content-length", b"expect", b"accept-encoding", b"authorization"}
 
-#: Response headers not passed back: twisted.web frames the body and sets
-#: its own C{Date} and C{Server}.
-DROP_RESPONSE = HOP_BY_HOP | {b"content-length", b"date", b"server"}
+#: Response headers not passed back: twisted.web sets its own C{Date} and
+#: C{Server}. (C{Content-Length} is kept: the body is relayed unchanged.)
+DROP_RESPONSE = HOP_BY_HOP | {b"date", b"server"}
 
 
 def _connectionTokens(headers: Headers) -> set[bytes]:
@@ -137,9 +145,34 @@ def relayBody(response: Any, request: IRequest, clock: IReactorTime) -> defer.De
     return done
 
 
+@implementer(IBodyProducer)
+class BytesProducer:
+    """
+    A request body already in memory, written in one go (Twisted's
+    C{FileBodyProducer} would take a reactor turn per chunk).
+    """
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+        self.length = len(body)
+
+    def startProducing(self, consumer: Any) -> defer.Deferred[None]:
+        consumer.write(self.body)
+        return defer.succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
 def requestBody(request: IRequest) -> Any:
     """
-    @return: what treq should send as the body of C{request}: the bytes when
+    @return: the body of C{request} to send upstream: its bytes when
         twisted.web kept them in memory, else a producer that streams the
         temporary file it spooled them to.
     """
@@ -152,9 +185,9 @@ def requestBody(request: IRequest) -> Any:
 
 
 async def forward(
-    http: Any,
+    agent: IAgent,
     request: IRequest,
-    url: str,
+    url: bytes,
     body: Any,
     headers: Headers | None = None,
     clock: IReactorTime | None = None,
@@ -162,12 +195,12 @@ async def forward(
     """
     Send C{request} to C{url} and relay the response to the client.
 
-    @param http: A C{treq} client.
-    @param clock: Schedules writes to the client; the global reactor by
-        default.
-    @param body: The body to send (bytes, or an C{IBodyProducer}).
+    @param agent: Reaches the backend (C{twisted.web.client.Agent}).
+    @param body: The body to send: bytes, or an C{IBodyProducer}.
     @param headers: The headers to send, by default the client's own
         less those in L{DROP_REQUEST}.
+    @param clock: Schedules writes to the client; the global reactor by
+        default.
     @raise errors.APIError: 502 when the backend could not be reached or
         sent no response.
     """
@@ -175,15 +208,10 @@ async def forward(
         headers = endToEnd(request.requestHeaders, DROP_REQUEST)
     if clock is None:
         from twisted.internet import reactor as clock  # type: ignore[assignment]
+    if isinstance(body, bytes):
+        body = BytesProducer(body) if body else None
     try:
-        response = await http.request(
-            request.method.decode("ascii"),
-            url,
-            headers=headers,
-            data=body,
-            unbuffered=True,
-            allow_redirects=False,
-        )
+        response = await agent.request(request.method, url, headers, body)
     except ResponseNeverReceived as e:
         if any(f.check(defer.CancelledError) for f in e.reasons):
             raise defer.CancelledError() from None
@@ -203,7 +231,7 @@ async def forward(
         request.responseHeaders.setRawHeaders(b"x-accel-buffering", [b"no"])
         request.responseHeaders.setRawHeaders(b"cache-control", [b"no-cache"])
     try:
-        await relayBody(response.original, request, clock)
+        await relayBody(response, request, clock)
     except defer.CancelledError:
         raise
     except Exception:

@@ -75,12 +75,12 @@ class DynLLMRoutes:
 
     @ivar config: The configuration (models, keys).
     @ivar manager: Hands out leases on models.
-    @ivar http: The C{treq} client that reaches backends.
+    @ivar agent: The C{IAgent} that reaches backends.
     """
 
     config: Config
     manager: ModelManager
-    http: Any
+    agent: Any
     app = Klein()
 
     def resource(self) -> Any:
@@ -169,8 +169,8 @@ class DynLLMRoutes:
             )
         lease = await self.manager.acquire(name)
         try:
-            url = lease.baseURL + lease.backend.upstreamPath(route, model)
-            await forward(self.http, request, url, requestBody(request))
+            url = (lease.baseURL + lease.backend.upstreamPath(route, model)).encode("ascii")
+            await forward(self.agent, request, url, requestBody(request))
         finally:
             lease.release()
 

@@ -39,16 +39,19 @@ class DynLLMService(MultiService):
     @ivar manager: The L{ModelManager}; its C{acquire(name)} gives a lease
         on a ready model to code in the same process.
     @ivar routes: The HTTP API (its C{resource()} can be mounted elsewhere).
-    @ivar http: The C{treq} client used to reach backends.
+    @ivar http: A C{treq} client for backends (it shares the connection
+        pool of the relay).
     """
 
-    def __init__(self, config: Config, reactor: Any, manager: ModelManager, routes: DynLLMRoutes, pool: Any) -> None:
+    def __init__(
+        self, config: Config, reactor: Any, manager: ModelManager, routes: DynLLMRoutes, http: HTTPClient, pool: Any
+    ) -> None:
         super().__init__()
         self.config = config
         self.reactor = reactor
         self.manager = manager
         self.routes = routes
-        self.http = routes.http
+        self.http = http
         self._pool = pool
 
     def stopService(self) -> defer.Deferred[None]:
@@ -75,18 +78,25 @@ class LoopbackEndpoints:
         return TCP4ClientEndpoint(self.reactor, uri.host.decode("ascii"), uri.port, timeout=10)
 
 
-def makeHTTPClient(reactor: Any) -> tuple[HTTPClient, HTTPConnectionPool]:
+def makeAgent(reactor: Any) -> tuple[Agent, HTTPConnectionPool]:
     """
-    @return: a C{treq} client for backends on 127.0.0.1, with a pool of
-        persistent connections sized for a proxy, and the pool (to close it
-        when stopping).
+    @return: an agent for backends on 127.0.0.1, with a pool of persistent
+        connections sized for a proxy, and the pool (to close it when
+        stopping).
     """
     # One log line per backend connection would drown the useful ones.
     _HTTP11ClientFactory.noisy = False
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = 32
     pool.retryAutomatically = False
-    agent = Agent.usingEndpointFactory(reactor, LoopbackEndpoints(reactor), pool=pool)
+    return Agent.usingEndpointFactory(reactor, LoopbackEndpoints(reactor), pool=pool), pool
+
+
+def makeHTTPClient(reactor: Any) -> tuple[HTTPClient, HTTPConnectionPool]:
+    """
+    @return: a C{treq} client over L{makeAgent}'s agent, and its pool.
+    """
+    agent, pool = makeAgent(reactor)
     return HTTPClient(agent), pool
 
 
@@ -105,11 +115,12 @@ def makeService(config: Config, reactor: Any = None, listen: bool = True, persis
     if reactor is None:
         from twisted.internet import reactor  # type: ignore[no-redef]
     logs.setLevel(config.log_level)
-    http, pool = makeHTTPClient(reactor)
+    agent, pool = makeAgent(reactor)
+    http = HTTPClient(agent)
     store = SQLiteStateStore(config.db_path, reactor) if persist else MemoryStateStore()
     manager = ModelManager(config=config, reactor=reactor, http=http, store=store)
-    routes = DynLLMRoutes(config=config, manager=manager, http=http)
-    service = DynLLMService(config, reactor, manager, routes, pool)
+    routes = DynLLMRoutes(config=config, manager=manager, agent=agent)
+    service = DynLLMService(config, reactor, manager, routes, http, pool)
     manager.setName("models")
     manager.setServiceParent(service)
     reaper = TimerService(config.idle_check_interval_seconds, manager.reapIdle)
