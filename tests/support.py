@@ -6,6 +6,7 @@ a subprocess (C{twistd -n dynllm}) with a generated configuration.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import os
@@ -166,6 +167,24 @@ def waitFor(predicate: Any, timeout: float = 10.0, interval: float = 0.02) -> bo
     return bool(predicate())
 
 
+#: Daemons started and not yet stopped: killed when the test run exits, so
+#: that a test whose cleanup failed still leaves no process behind.
+_running: set[subprocess.Popen[bytes]] = set()
+
+
+@atexit.register
+def _stopLeftovers() -> None:
+    # SIGTERM first, so that each daemon stops its backends as usual.
+    for process in list(_running):
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
 class Daemon:
     """
     A real dynllm daemon, C{twistd -n dynllm --config CONFIG}, in a subprocess.
@@ -208,6 +227,7 @@ class Daemon:
             stdout=open(self.logPath, "ab"),
             stderr=subprocess.STDOUT,
         )
+        _running.add(self.process)
         if wait and not waitFor(self._healthy, timeout=30):
             self.stop()
             raise RuntimeError(f"dynllm did not become healthy; log:\n{self.log()}")
@@ -260,6 +280,8 @@ class Daemon:
             self.process.kill()
             self.process.wait()
             raise
+        finally:
+            _running.discard(self.process)
 
     def kill9(self) -> None:
         """
@@ -268,3 +290,4 @@ class Daemon:
         assert self.process is not None
         self.process.kill()
         self.process.wait()
+        _running.discard(self.process)

@@ -93,8 +93,10 @@ class DaemonTestCase(SynchronousTestCase):
         return daemon
 
     def _stop(self, daemon):
-        pids = [m["pid"] for m in daemon.models().values() if m["pid"]]
-        daemon.stop()
+        try:
+            pids = [m["pid"] for m in daemon.models().values() if m["pid"]]
+        finally:
+            daemon.stop()
         self.assertTrue(waitFor(lambda: not any(pidAlive(p) for p in pids), timeout=10))
 
 

@@ -51,10 +51,13 @@ class LlamaServerTests(SynchronousTestCase):
         self.addCleanup(self.client.close)
 
     def _stopDaemon(self):
-        pids = [m["pid"] for m in self.daemon.models().values() if m["pid"]]
-        # twistd stops cleanly, then re-raises the SIGTERM it handled (systemd
-        # counts that as a clean exit).
-        self.assertEqual(self.daemon.stop(), -15)
+        try:
+            pids = [m["pid"] for m in self.daemon.models().values() if m["pid"]]
+        finally:
+            # twistd stops cleanly, then re-raises the SIGTERM it handled
+            # (systemd counts that as a clean exit).
+            status = self.daemon.stop()
+        self.assertEqual(status, -15)
         self.assertIn("Main loop terminated", self.daemon.log())
         self.assertEqual([p for p in pids if pidAlive(p)], [], "backends outlived the daemon")
 
