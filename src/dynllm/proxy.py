@@ -58,6 +58,10 @@ DROP_REQUEST = HOP_BY_HOP | {b"host", b"content-length", b"expect", b"accept-enc
 DROP_RESPONSE = HOP_BY_HOP | {b"date", b"server"}
 
 
+#: Bytes of relayed body gathered before they are written (see L{_Relay}).
+MAX_BATCH = 16384
+
+
 def _connectionTokens(headers: Headers) -> set[bytes]:
     tokens = set()
     for value in headers.getRawHeaders(b"connection", []):
@@ -89,7 +93,9 @@ class _Relay(Protocol):
     The body arrives one HTTP chunk at a time (one SSE frame, for a token
     stream). The chunks that one read of the socket delivered are gathered
     and written to the client together at the end of that reactor turn:
-    one write instead of one per frame, with no added wait.
+    one write instead of one per frame, with no added wait. A batch is
+    written early once it holds L{MAX_BATCH} bytes, so that a burst's first
+    frames are not held back while the rest of it is decoded.
     """
 
     def __init__(self, request: IRequest, done: defer.Deferred[None], clock: IReactorTime) -> None:
@@ -97,6 +103,7 @@ class _Relay(Protocol):
         self._done = done
         self._clock = clock
         self._pending: list[bytes] = []
+        self._pendingSize = 0
         self._flushCall: IDelayedCall | None = None
 
     def connectionMade(self) -> None:
@@ -106,12 +113,19 @@ class _Relay(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         self._pending.append(data)
-        if self._flushCall is None:
+        self._pendingSize += len(data)
+        if self._pendingSize >= MAX_BATCH:
+            # A burst: write what we have rather than decode it all first.
+            if self._flushCall is not None:
+                self._flushCall.cancel()
+            self._flush()
+        elif self._flushCall is None:
             self._flushCall = self._clock.callLater(0, self._flush)
 
     def _flush(self) -> None:
         self._flushCall = None
         pending, self._pending = self._pending, []
+        self._pendingSize = 0
         if pending and self._request.channel is not None:
             self._request.write(b"".join(pending))
 
