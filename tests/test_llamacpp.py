@@ -12,6 +12,7 @@ import time
 import openai
 from twisted.trial.unittest import SynchronousTestCase
 
+from dynllm.runner import portIsFree
 from tests.support import Daemon, llamaServer, pidAlive, tinyModels, waitFor
 
 
@@ -277,6 +278,8 @@ class CrashRecoveryTests(SynchronousTestCase):
             self.assertTrue(waitFor(lambda: not pidAlive(pid), timeout=10), f"pid {pid} survived")
         models = second.models()
         self.assertTrue(all(m["status"] == "unloaded" and m["pid"] is None for m in models.values()))
+        for _, port in leftovers.values():
+            self.assertTrue(portIsFree(port), f"port {port} is still taken")
         self.assertIn("left by a previous run", second.log())
         status, _, _ = second.post(
             "/v1/chat/completions", {"model": "tiny-chat", "messages": [{"role": "user", "content": "x"}],

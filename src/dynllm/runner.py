@@ -41,9 +41,13 @@ class NoFreePort(Exception):
 
 def portIsFree(port: int) -> bool:
     """
-    @return: whether 127.0.0.1:C{port} can be bound now.
+    @return: whether a server can listen on 127.0.0.1:C{port} now. Like the
+        servers we start, the check sets C{SO_REUSEADDR}, so a port whose
+        old connections linger in TIME_WAIT counts as free; one that a
+        process listens on does not.
     """
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         s.bind(("127.0.0.1", port))
     except OSError as e:
