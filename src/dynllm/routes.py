@@ -76,11 +76,14 @@ class DynLLMRoutes:
     @ivar config: The configuration (models, keys).
     @ivar manager: Hands out leases on models.
     @ivar agent: The C{IAgent} that reaches backends.
+    @ivar clock: Schedules writes of relayed bodies; the global reactor by
+        default.
     """
 
     config: Config
     manager: ModelManager
     agent: Any
+    clock: Any = None
     app = Klein()
 
     def resource(self) -> Any:
@@ -170,7 +173,7 @@ class DynLLMRoutes:
         lease = await self.manager.acquire(name)
         try:
             url = (lease.baseURL + lease.backend.upstreamPath(route, model)).encode("ascii")
-            await forward(self.agent, request, url, requestBody(request))
+            await forward(self.agent, request, url, requestBody(request), clock=self.clock)
         finally:
             lease.release()
 

@@ -119,7 +119,7 @@ def makeService(config: Config, reactor: Any = None, listen: bool = True, persis
     http = HTTPClient(agent)
     store = SQLiteStateStore(config.db_path, reactor) if persist else MemoryStateStore()
     manager = ModelManager(config=config, reactor=reactor, http=http, store=store)
-    routes = DynLLMRoutes(config=config, manager=manager, agent=agent)
+    routes = DynLLMRoutes(config=config, manager=manager, agent=agent, clock=reactor)
     service = DynLLMService(config, reactor, manager, routes, http, pool)
     manager.setName("models")
     manager.setServiceParent(service)
