@@ -22,6 +22,8 @@ from typing import Any
 
 import yaml
 
+from dynllm.runner import portIsFree
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAKE_BACKEND = os.path.join(ROOT, "tests", "fakebackend.py")
 CACHE = os.environ.get("DYNLLM_CACHE") or os.path.join(
@@ -108,18 +110,9 @@ def freePortRange(size: int = 20) -> tuple[int, int]:
         if start + size >= 65535:
             continue
         ports = range(start, start + size)
-        if all(_bindable(p) for p in ports):
+        if all(portIsFree(p) for p in ports):
             return start, start + size - 1
     raise RuntimeError("no free block of ports")
-
-
-def _bindable(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def request(

@@ -12,15 +12,14 @@ import os
 import socket
 from typing import Any
 
-from zope.interface import implementer
-from zope.interface.verify import verifyObject
-
 from twisted.internet import defer
 from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated
 from twisted.internet.interfaces import IProcessTransport
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
 
 from dynllm.config import ModelConfig
 from dynllm.interfaces import IBackend
@@ -36,6 +35,7 @@ from dynllm.runner import (
     describeExit,
     findFreePort,
 )
+from tests.support import freePortRange
 
 
 @implementer(IProcessTransport)
@@ -488,24 +488,7 @@ def freePortBlock(size: int) -> int:
     @return: the first of C{size} consecutive ports that can all be bound
         on 127.0.0.1 now.
     """
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            start = s.getsockname()[1]
-        if start + size >= 65535:
-            continue
-        if all(_bindable(p) for p in range(start, start + size)):
-            return start
-    raise RuntimeError("no free block of ports")
-
-
-def _bindable(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
+    return freePortRange(size)[0]
 
 
 class FindFreePortTests(SynchronousTestCase):
