@@ -227,6 +227,19 @@ class AcquireTests(ManagerTestsMixin, SynchronousTestCase):
         self.makeReady("a")
         self.assertEqual(self.successResultOf(d).model.name, "a")
 
+    def test_cancelAcquireBeforeStart(self) -> None:
+        """
+        Cancelling an acquire made before start-up withdraws it: once
+        started, nothing is loaded for it.
+        """
+        manager = self.makeManager([{"name": "a", "vram_mb": 100}], start=False)
+        d = manager.acquire("a")
+        d.cancel()
+        self.failureResultOf(d, defer.CancelledError)
+        manager.startService()
+        self.assertEqual(self.reactor.spawned, [])
+        self.assertEqual(self.describe("a")["waiting_requests"], 0)
+
     def test_cancelWaitingAcquireWithdraws(self) -> None:
         """
         Cancelling an acquire that waits for memory withdraws it: if it was

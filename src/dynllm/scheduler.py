@@ -173,7 +173,6 @@ class ModelManager(Service):
     _pending: list[ModelSlot] = field(factory=list, init=False)
     _loadCounter: int = field(default=0, init=False)
     _lastPort: int | None = field(default=None, init=False)
-    _ready: defer.Deferred[None] | None = field(default=None, init=False)
     _readyWaiters: list[defer.Deferred[None]] = field(factory=list, init=False)
     _started: bool = field(default=False, init=False)
     _stopping: bool = field(default=False, init=False)
@@ -191,7 +190,7 @@ class ModelManager(Service):
         """
         Service.startService(self)
         self.store.open()
-        self._ready = defer.ensureDeferred(self._start())
+        defer.ensureDeferred(self._start())
 
     async def _start(self) -> None:
         try:
@@ -204,6 +203,8 @@ class ModelManager(Service):
         waiters, self._readyWaiters = self._readyWaiters, []
         for d in waiters:
             d.callback(None)
+        # Requests that arrived during reconciliation are waiting.
+        self._schedule()
         for name in self.config.preload_models:
             log.info("preloading {name}", name=name)
             self.load(name).addErrback(
@@ -266,9 +267,6 @@ class ModelManager(Service):
             return defer.fail(errors.APIError(503, "dynllm is shutting down", "server_error"))
         if slot.state == LOADED:
             return defer.succeed(self._lease(slot))
-        if not self._started:
-            return self.whenStarted().addCallback(lambda _: self.acquire(name))
-
         waiter = _Waiter(defer.Deferred(lambda d: self._withdraw(slot, waiter)))
         slot.waiters.append(waiter)
         if slot.state != LOADING:
@@ -425,9 +423,9 @@ class ModelManager(Service):
     def _schedule(self) -> None:
         """
         Start the waiting loads that fit, in order; evict for the first one
-        that does not.
+        that does not. Nothing starts before start-up reconciliation is done.
         """
-        if self._stopping:
+        if self._stopping or not self._started:
             return
         total = self.config.total_vram_mb
         free = total - self.memoryInUse()
