@@ -430,7 +430,9 @@ class ModelManager(Service):
         total = self.config.total_vram_mb
         free = total - self.memoryInUse()
         releasing = sum(s.config.vram_mb for s in self.slots.values() if s.state == UNLOADING)
-        evicted = False
+        # Once one load is blocked, only it may evict; later loads may use
+        # only memory that is free beyond what it waits for.
+        blocked = False
         for slot in list(self._pending):
             if slot.state in HOLDS_MEMORY and slot.state != UNLOADING:
                 self._pending.remove(slot)
@@ -441,7 +443,7 @@ class ModelManager(Service):
                 if self._startLoad(slot):
                     free -= need
                 continue
-            if not evicted and need > free + releasing:
+            if not blocked and need > free + releasing:
                 victims = []
                 freeable = free + releasing
                 for victim in self._evictable(exclude=slot):
@@ -452,8 +454,7 @@ class ModelManager(Service):
                 if need <= freeable:
                     for victim in victims:
                         self._unload(victim, f"evicted to make room for {slot.name}")
-            evicted = True
-            # Later loads may not take the memory this one is waiting for.
+            blocked = True
             free -= need
 
     def _startLoad(self, slot: ModelSlot) -> bool:
