@@ -21,7 +21,7 @@ from werkzeug.exceptions import HTTPException
 
 from dynllm import errors
 from dynllm.config import Config
-from dynllm.proxy import forward, requestBody
+from dynllm.proxy import forward
 from dynllm.scheduler import ModelManager
 
 #: The JSON endpoints and the model types each one serves.
@@ -39,15 +39,19 @@ def _json(request: IRequest, value: Any, status: int = 200) -> bytes:
     return json.dumps(value).encode("utf-8")
 
 
-def parseJSONBody(request: IRequest) -> dict[str, Any]:
+def readBody(request: IRequest) -> bytes:
     """
-    @return: the request's JSON object.
-    @raise errors.APIError: 400 when the body is not a JSON object.
+    @return: the whole body of C{request} (twisted.web has received it all).
     """
-    body = requestBody(request)
-    if not isinstance(body, bytes):
-        request.content.seek(0)
-        body = request.content.read()
+    request.content.seek(0)
+    return request.content.read()
+
+
+def parseJSON(body: bytes) -> dict[str, Any]:
+    """
+    @return: C{body}'s JSON object.
+    @raise errors.APIError: 400 when it is not a JSON object.
+    """
     try:
         value = json.loads(body)
     except ValueError as e:
@@ -152,13 +156,18 @@ class DynLLMRoutes:
     async def jsonEndpoint(self, request: IRequest) -> None:
         self._checkClientKey(request)
         route = request.path.decode("ascii")
-        body = parseJSONBody(request)
-        await self._proxy(request, route, requestedModel(body), JSON_ENDPOINTS[route])
+        body = readBody(request)
+        name = requestedModel(parseJSON(body))
+        await self._proxy(request, route, name, JSON_ENDPOINTS[route], body)
 
-    async def _proxy(self, request: IRequest, route: str, name: str, modelTypes: Sequence[str]) -> None:
+    async def _proxy(
+        self, request: IRequest, route: str, name: str, modelTypes: Sequence[str], body: Any
+    ) -> None:
         """
         Lease model C{name}, relay the request to it, and hold the lease
         until the response has been written or the client has gone.
+
+        @param body: What to send upstream: bytes, or an C{IBodyProducer}.
         """
         model = self.config.model(name)
         if model is None:
@@ -173,7 +182,7 @@ class DynLLMRoutes:
         lease = await self.manager.acquire(name)
         try:
             url = (lease.baseURL + lease.backend.upstreamPath(route, model)).encode("ascii")
-            await forward(self.agent, request, url, requestBody(request), clock=self.clock)
+            await forward(self.agent, request, url, body, clock=self.clock)
         finally:
             lease.release()
 
@@ -211,13 +220,13 @@ class DynLLMRoutes:
     @app.route("/admin/models/unload", methods=["POST"])
     async def adminUnload(self, request: IRequest) -> bytes:
         self._checkAdminKey(request)
-        name = requestedModel(parseJSONBody(request))
+        name = requestedModel(parseJSON(readBody(request)))
         await self.manager.unload(name)
         return _json(request, {"model": name, "status": self.manager.slots[name].state})
 
     @app.route("/admin/models/load", methods=["POST"])
     async def adminLoad(self, request: IRequest) -> bytes:
         self._checkAdminKey(request)
-        name = requestedModel(parseJSONBody(request))
+        name = requestedModel(parseJSON(readBody(request)))
         await self.manager.load(name)
         return _json(request, {"model": name, "status": self.manager.slots[name].state})
