@@ -14,6 +14,8 @@ where told to misbehave through the environment:
   FAKE_FRAMES=N         frames per stream (default 5)
   FAKE_CHILD=1          start a child process in the same group (sleep 300)
   FAKE_CHATTY=N         print N lines of output per request (pipe draining)
+  FAKE_PORT_TAKEN_ONCE=PATH   the first start (while PATH does not exist)
+                        creates PATH and fails as if its port were taken
 """
 
 import argparse
@@ -44,6 +46,12 @@ def main() -> None:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if os.environ.get("FAKE_CHILD"):
         subprocess.Popen(["sleep", "300"])
+
+    marker = os.environ.get("FAKE_PORT_TAKEN_ONCE")
+    if marker and not os.path.exists(marker):
+        open(marker, "w").close()
+        sys.stderr.write(f"E srv start: couldn't bind HTTP server socket, hostname: {args.host}, port: {args.port}\n")
+        sys.exit(1)
 
     state = {"ready": False}
 

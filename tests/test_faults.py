@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import threading
 import time
 
@@ -145,6 +146,17 @@ class LoadFailureTests(DaemonTestCase):
         self.assertIn("load timeout of 0.5s", json.loads(body)["error"]["message"])
         self.assertTrue(waitFor(lambda: daemon.models()["hangs"]["status"] == "failed"))
         self.assertEqual(json.loads(daemon.get("/admin/models")[2])["used_vram_mb"], 0)
+
+    def test_portTakenRetried(self):
+        """
+        A backend that finds its port taken is started again on another
+        port, and the request is served.
+        """
+        marker = os.path.abspath(self.mktemp())
+        daemon = self.startDaemon(fakeModel("racy", fake_port_taken_once=marker))
+        self.assertEqual(chat(daemon, "racy")[0], 200)
+        self.assertEqual(startCount(daemon, "racy"), 2)
+        self.assertIn("was taken; trying another", daemon.log())
 
     def test_sharedLoad(self):
         """

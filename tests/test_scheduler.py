@@ -20,9 +20,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from dynllm.config import Config, parseConfig
 from dynllm.errors import APIError
 from dynllm.runner import FIRST_PROBE_DELAY, MAX_PROBE_DELAY
-from dynllm.scheduler import RETRY_AFTER, Lease, ModelManager
+from dynllm.scheduler import PORT_RETRIES, RETRY_AFTER, Lease, ModelManager
 from dynllm.store import MemoryStateStore
-
 from tests.test_runner import FakeBackend, FakeProcessReactor, FakeProcessTransport
 
 
@@ -526,6 +525,38 @@ class LoadFailureTests(ManagerTestsMixin, SynchronousTestCase):
         self.makeReady("a")
         self.successResultOf(again)
         self.assertIsNone(self.describe("a")["last_error"])
+
+    def test_portTakenRetriesElsewhere(self) -> None:
+        """
+        A backend that exits because its port was taken (another program
+        bound it after dynllm found it free) is started again on another
+        port; its waiters keep waiting and are served by the new one.
+        """
+        manager = self.makeManager([{"name": "a", "vram_mb": 600}])
+        d = manager.acquire("a")
+        first = self.process("a")
+        first.output(b"E srv start: couldn't bind HTTP server socket, hostname: 127.0.0.1\n")
+        first.exit(ProcessTerminated(exitCode=1))
+        self.assertNoResult(d)
+        self.assertEqual(len(self.spawnedFor("a")), 2)
+        self.assertNotEqual(self.process("a").args, first.args)
+        self.makeReady("a")
+        self.assertEqual(self.successResultOf(d).model.name, "a")
+
+    def test_portTakenGivesUp(self) -> None:
+        """
+        After L{PORT_RETRIES} port conflicts in a row, the waiters get the
+        502 of the last one.
+        """
+        manager = self.makeManager([{"name": "a", "vram_mb": 600}])
+        d = manager.acquire("a")
+        for _ in range(PORT_RETRIES + 1):
+            self.process("a").output(b"OSError: [Errno 98] Address already in use\n")
+            self.process("a").exit(ProcessTerminated(exitCode=1))
+        self.assertEqual(len(self.spawnedFor("a")), PORT_RETRIES + 1)
+        error = self.failureResultOf(d, APIError).value
+        self.assertEqual(error.status, 502)
+        self.assertIn("Address already in use", error.message)
 
     def test_exitWhileLoadingFreesMemoryForOthers(self) -> None:
         """

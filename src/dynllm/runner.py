@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import socket
 from typing import Any, Container
 
@@ -77,16 +78,24 @@ def findFreePort(start: int, end: int, taken: Container[int], after: int | None 
     raise NoFreePort(f"no free port in {start}-{end}")
 
 
+#: Output of a server that could not bind its port (llama-server, uvicorn,
+#: and the C library's message that most servers print).
+PORT_IN_USE = re.compile(r"couldn't bind|address already in use", re.IGNORECASE)
+
+
 class BackendExited(Exception):
     """
     The backend exited before it was ready.
 
     @ivar logTail: Its last lines of output.
+    @ivar portInUse: Whether its output says that its port was taken (a
+        race with another program since the port was found free).
     """
 
     def __init__(self, message: str, logTail: list[str]) -> None:
         super().__init__(message)
         self.logTail = logTail
+        self.portInUse = any(PORT_IN_USE.search(line) for line in logTail)
 
 
 class LoadTimeout(Exception):

@@ -48,6 +48,9 @@ HOLDS_MEMORY = (LOADING, LOADED, UNLOADING)
 #: Seconds suggested to a client in C{Retry-After} when memory is short.
 RETRY_AFTER = 5
 
+#: Loads retried on another port when a backend finds its port taken.
+PORT_RETRIES = 3
+
 
 @define(eq=False)
 class Lease:
@@ -121,6 +124,8 @@ class ModelSlot:
     log: LogRing = field(factory=LogRing)
     #: The current run failed to load and is being stopped.
     failing: bool = False
+    #: Loads in a row whose backend found its port taken.
+    portConflicts: int = 0
     #: C{lastUsedAt} changed since the row was last written.
     dirty: bool = False
 
@@ -510,6 +515,7 @@ class ModelManager(Service):
             return
         now = self.reactor.seconds()
         slot.state = LOADED
+        slot.portConflicts = 0
         slot.loadedAt = slot.lastUsedAt = now
         log.info("{name} is ready on port {port}", name=slot.name, port=run.port)
         self._record(slot)
@@ -524,6 +530,13 @@ class ModelManager(Service):
 
     def _loadError(self, failure: Any, slot: ModelSlot, run: BackendRun) -> None:
         reason = failure.value
+        if isinstance(reason, BackendExited) and reason.portInUse and slot.portConflicts < PORT_RETRIES:
+            # Another program took the port after we found it free: the
+            # waiters stay, and the exit puts the load back in the queue,
+            # where it gets the next free port.
+            slot.portConflicts += 1
+            log.warn("{name}: port {port} was taken; trying another", name=slot.name, port=run.port)
+            return
         if isinstance(reason, BackendExited):
             tail = "\n".join(reason.logTail)
             error = errors.backendFailed(f"{reason}; last output:\n{tail}" if tail else str(reason))
