@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, cast
 
 import yaml
 from attrs import Attribute, evolve, field, fields, frozen
@@ -91,15 +91,17 @@ def _int(value: Any, where: str) -> int:
 
 
 def _nonNegativeInt(value: Any, where: str) -> int:
-    if _int(value, where) < 0:
+    number = _int(value, where)
+    if number < 0:
         raise ConfigError(f"{where} must be 0 or more, not {value!r}")
-    return value
+    return number
 
 
 def _port(value: Any, where: str) -> int:
-    if not 0 < _int(value, where) < 65536:
+    port = _int(value, where)
+    if not 0 < port < 65536:
         raise ConfigError(f"{where} must be a port number between 1 and 65535, not {value!r}")
-    return value
+    return port
 
 
 def _positiveNumber(value: Any, where: str) -> float:
@@ -165,7 +167,7 @@ def _oneOf(*choices: str) -> Callable[[Any, str], str]:
     def check(value: Any, where: str) -> str:
         if value not in choices:
             raise ConfigError(f"{where} must be one of {', '.join(choices)}, not {value!r}")
-        return value
+        return cast(str, value)
 
     return check
 

@@ -5,7 +5,13 @@ The interfaces of dynllm's public surface.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
+
+if TYPE_CHECKING:
+    from dynllm.config import ModelConfig
 
 
 class IBackend(Interface):
@@ -20,7 +26,7 @@ class IBackend(Interface):
     kind = Attribute("C{str}: the C{backend} value in the configuration, e.g. C{'llamacpp'}.")
     modelTypes = Attribute("C{tuple} of the C{model_type} values this backend can serve.")
 
-    def argv(model, binary, port):
+    def argv(model: ModelConfig, binary: str, port: int) -> list[str]:
         """
         The command line that serves C{model} on 127.0.0.1:C{port}.
 
@@ -30,13 +36,13 @@ class IBackend(Interface):
         @return: a C{list} of C{str}, program first, C{extra_args} last.
         """
 
-    def environment(model):
+    def environment(model: ModelConfig) -> dict[str, str]:
         """
         @return: a C{dict} of variables the backend needs beyond ours and
             the model's C{env} (which overrides these).
         """
 
-    def probe(http, baseURL, model):
+    def probe(http: Any, baseURL: str, model: ModelConfig) -> Deferred[bool]:
         """
         Ask a started backend once whether it is ready to serve C{model}.
 
@@ -45,14 +51,14 @@ class IBackend(Interface):
         @return: a Deferred firing with C{True} when ready, else C{False}.
         """
 
-    def readyHint(line):
+    def readyHint(line: str) -> bool:
         """
         @param line: One line the backend printed.
         @return: C{True} if the line suggests it just became ready, so that
             a probe should be sent at once rather than at the next tick.
         """
 
-    def upstreamPath(route, model):
+    def upstreamPath(route: str, model: ModelConfig) -> str:
         """
         @param route: The public path, e.g. C{'/v1/chat/completions'}.
         @return: the path on the backend that serves C{route} for C{model}.

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.logger import LogLevel, Logger, globalLogPublisher
+from twisted.logger import ILogObserver, LogLevel, Logger, globalLogPublisher
+from zope.interface import implementer
 
 _ORDER = {
     LogLevel.debug: 0,
@@ -22,6 +23,7 @@ _ORDER = {
 LEVELS = {"debug": LogLevel.debug, "info": LogLevel.info, "warning": LogLevel.warn, "error": LogLevel.error}
 
 
+@implementer(ILogObserver)
 class LevelFilter:
     """
     A log observer that passes on events at or above L{level}.

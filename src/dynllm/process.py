@@ -16,7 +16,7 @@ import shutil
 import signal
 import sys
 from collections import deque
-from typing import Callable
+from typing import Callable, cast
 
 from attrs import define, field
 from twisted.internet import defer, error
@@ -127,11 +127,13 @@ class BackendProcessProtocol(ProcessProtocol):
             if rest:
                 self._lines([rest])
                 self._buffers[fd] = b""
-        self.exitReason = reason.value
+        # Always ProcessDone or ProcessTerminated.
+        exitReason = cast(Exception, reason.value)
+        self.exitReason = exitReason
         waiters, self._waiters = self._waiters, []
         for d in waiters:
             # Not callback(reason): a Failure would take the errback path.
-            d.callback(reason.value)
+            d.callback(exitReason)
 
 
 def processStartTime(pid: int) -> int | None:
@@ -209,7 +211,7 @@ class ManagedProcess:
             proto, argv[0], argv, env=self.env, childFDs={0: "w", 1: "r", 2: "r"}
         )
         self._proto = proto
-        self.pid = self._transport.pid  # type: ignore[attr-defined]
+        self.pid = self._transport.pid
         self.startTime = processStartTime(self.pid) if self.newSession else None
         proto.whenExited().addCallback(self._reapGroup)
         return self.pid

@@ -17,17 +17,18 @@ through byte for byte.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet import defer
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.internet.protocol import Protocol
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.protocol import Protocol, connectionDone
 from dynllm.logs import logger
 from twisted.python.failure import Failure
 from twisted.web.client import FileBodyProducer, ResponseDone, ResponseNeverReceived
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IBodyProducer, IRequest
+from twisted.web.server import Request
 from zope.interface import implementer
 
 from dynllm import errors
@@ -63,7 +64,7 @@ MAX_BATCH = 16384
 
 
 def _connectionTokens(headers: Headers) -> set[bytes]:
-    tokens = set()
+    tokens: set[bytes] = set()
     for value in headers.getRawHeaders(b"connection", []):
         tokens.update(t.strip().lower() for t in value.split(b","))
     return tokens
@@ -98,7 +99,7 @@ class _Relay(Protocol):
     frames are not held back while the rest of it is decoded.
     """
 
-    def __init__(self, request: IRequest, done: defer.Deferred[None], clock: IReactorTime) -> None:
+    def __init__(self, request: Request, done: defer.Deferred[None], clock: IReactorTime) -> None:
         self._request = request
         self._done = done
         self._clock = clock
@@ -129,7 +130,7 @@ class _Relay(Protocol):
         if pending and self._request.channel is not None:
             self._request.write(b"".join(pending))
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._flushCall is not None:
             self._flushCall.cancel()
             self._flush()
@@ -143,7 +144,7 @@ class _Relay(Protocol):
             self._done.errback(reason)
 
 
-def relayBody(response: Any, request: IRequest, clock: IReactorTime) -> defer.Deferred[None]:
+def relayBody(response: Any, request: Request, clock: IReactorTime) -> defer.Deferred[None]:
     """
     Write the body of C{response} (a C{twisted.web.iweb.IResponse}) to
     C{request} as it arrives.
@@ -153,7 +154,9 @@ def relayBody(response: Any, request: IRequest, clock: IReactorTime) -> defer.De
         it aborts the upstream connection.
     """
     relays: list[_Relay] = []
-    done: defer.Deferred[None] = defer.Deferred(lambda d: relays[0].transport.stopProducing())
+    done: defer.Deferred[None] = defer.Deferred(
+        lambda d: cast(IPushProducer, relays[0].transport).stopProducing()
+    )
     relays.append(_Relay(request, done, clock))
     response.deliverBody(relays[0])
     return done
@@ -200,7 +203,7 @@ def requestBody(request: IRequest) -> Any:
 
 async def forward(
     agent: IAgent,
-    request: IRequest,
+    request: Request,
     url: bytes,
     body: Any,
     headers: Headers | None = None,
@@ -221,7 +224,9 @@ async def forward(
     if headers is None:
         headers = endToEnd(request.requestHeaders, DROP_REQUEST)
     if clock is None:
-        from twisted.internet import reactor as clock  # type: ignore[assignment]
+        from twisted.internet import reactor
+
+        clock = cast(IReactorTime, reactor)
     if isinstance(body, bytes):
         body = BytesProducer(body) if body else None
     try:

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import hmac
 import json
-from typing import Any, Sequence
+from typing import Any, Sequence, cast
 
 from attrs import define
 from klein import Klein
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
+from twisted.web.server import Request
 from werkzeug.exceptions import HTTPException
 
 from dynllm import errors
@@ -44,7 +45,8 @@ def readBody(request: IRequest) -> bytes:
     @return: the whole body of C{request} (twisted.web has received it all).
     """
     request.content.seek(0)
-    return request.content.read()
+    body: bytes = request.content.read()
+    return body
 
 
 def parseJSON(body: bytes) -> dict[str, Any]:
@@ -119,7 +121,7 @@ class DynLLMRoutes:
 
     @app.handle_errors(errors.APIError)
     def apiError(self, request: IRequest, failure: Failure) -> bytes:
-        error: errors.APIError = failure.value
+        error = cast(errors.APIError, failure.value)
         request.setResponseCode(error.status)
         for name, value in error.headers().items():
             request.setHeader(name, value)
@@ -127,10 +129,11 @@ class DynLLMRoutes:
 
     @app.handle_errors(HTTPException)
     def httpError(self, request: IRequest, failure: Failure) -> bytes:
-        e: HTTPException = failure.value
+        e = cast(HTTPException, failure.value)
         kind = "not_found_error" if e.code == 404 else "invalid_request_error"
         message = f"{request.method.decode()} {request.path.decode('latin-1')}: {e.name}"
-        return self.apiError(request, Failure(errors.APIError(e.code or 500, message, kind)))
+        body: bytes = self.apiError(request, Failure(errors.APIError(e.code or 500, message, kind)))
+        return body
 
     # OpenAI routes.
 
@@ -153,7 +156,7 @@ class DynLLMRoutes:
     @app.route("/v1/completions", methods=["POST"])
     @app.route("/v1/embeddings", methods=["POST"])
     @app.route("/v1/rerank", methods=["POST"])
-    async def jsonEndpoint(self, request: IRequest) -> None:
+    async def jsonEndpoint(self, request: Request) -> None:
         self._checkClientKey(request)
         route = request.path.decode("ascii")
         body = readBody(request)
@@ -161,7 +164,7 @@ class DynLLMRoutes:
         await self._proxy(request, route, name, JSON_ENDPOINTS[route], body)
 
     async def _proxy(
-        self, request: IRequest, route: str, name: str, modelTypes: Sequence[str], body: Any
+        self, request: Request, route: str, name: str, modelTypes: Sequence[str], body: Any
     ) -> None:
         """
         Lease model C{name}, relay the request to it, and hold the lease

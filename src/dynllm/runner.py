@@ -179,7 +179,8 @@ class BackendRun:
             it is gone). Cancelling it stops the backend.
         @raise OSError: if the program could not be spawned.
         """
-        self._loaded = loaded = defer.Deferred(lambda d: self._abandon())
+        loaded: defer.Deferred[None] = defer.Deferred(lambda d: self._abandon())
+        self._loaded = loaded
         self.process.start()
         log.info(
             "[{model}] started {argv} as pid {pid}",

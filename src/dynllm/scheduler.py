@@ -24,6 +24,7 @@ from attrs import define, field
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall
+from twisted.python.failure import Failure
 from dynllm.logs import logger
 
 from dynllm import errors
@@ -210,13 +211,13 @@ class ModelManager(Service):
             d.callback(None)
         # Requests that arrived during reconciliation are waiting.
         self._schedule()
+
+        def preloadFailed(f: Failure, name: str) -> None:
+            log.error("preloading {name} failed: {why}", name=name, why=f.getErrorMessage())
+
         for name in self.config.preload_models:
             log.info("preloading {name}", name=name)
-            self.load(name).addErrback(
-                lambda f, name=name: log.error(
-                    "preloading {name} failed: {why}", name=name, why=f.getErrorMessage()
-                )
-            )
+            self.load(name).addErrback(preloadFailed, name)
 
     def whenStarted(self) -> defer.Deferred[None]:
         """
@@ -507,7 +508,7 @@ class ModelManager(Service):
         slot.failing = False
         self._record(slot)
         run.whenExited().addCallback(self._exited, slot, run)
-        loaded.addCallbacks(self._loaded, self._loadError, (slot, run), None, (slot, run))
+        loaded.addCallbacks(self._loaded, self._loadError, callbackArgs=(slot, run), errbackArgs=(slot, run))
         return True
 
     def _loaded(self, _: None, slot: ModelSlot, run: BackendRun) -> None:

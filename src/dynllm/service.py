@@ -113,7 +113,7 @@ def makeService(config: Config, reactor: Any = None, listen: bool = True, persis
     @return: a L{DynLLMService}, not yet started.
     """
     if reactor is None:
-        from twisted.internet import reactor  # type: ignore[no-redef]
+        from twisted.internet import reactor
     logs.setLevel(config.log_level)
     agent, pool = makeAgent(reactor)
     http = HTTPClient(agent)

@@ -56,6 +56,7 @@ class LimitedRequest(server.Request):
             b"Connection: close\r\n\r\n"
         )
         transport = self.channel.transport
+        assert transport is not None
         transport.write(head + body)
         transport.loseConnection()
 

@@ -112,7 +112,7 @@ class SQLiteStateStore:
         @return: every model row, as dicts keyed by L{COLUMNS}.
         """
         assert self._pool is not None
-        d = self._pool.runQuery(f"SELECT {', '.join(COLUMNS)} FROM models ORDER BY name")
+        d: defer.Deferred[list[tuple[Any, ...]]] = self._pool.runQuery(f"SELECT {', '.join(COLUMNS)} FROM models ORDER BY name")
         return d.addCallback(lambda rows: [dict(zip(COLUMNS, row)) for row in rows])
 
     def save(self, row: Mapping[str, Any]) -> defer.Deferred[None]:
@@ -123,7 +123,7 @@ class SQLiteStateStore:
         if self._pool is None:
             return defer.succeed(None)
         values = tuple(row.get(c) for c in COLUMNS)
-        d = self._pool.runOperation(_UPSERT, values)
+        d: defer.Deferred[None] = self._pool.runOperation(_UPSERT, values)
         d.addErrback(lambda f: log.failure("could not record the state of {name}", f, name=row["name"]))
         return d
 
@@ -141,7 +141,8 @@ class SQLiteStateStore:
                 " start_time = NULL, port = NULL"
             )
 
-        return self._pool.runInteraction(interaction)
+        d: defer.Deferred[None] = self._pool.runInteraction(interaction)
+        return d
 
 
 @define

@@ -5,13 +5,15 @@ Readiness probing shared by the backends.
 
 from __future__ import annotations
 
+from typing import Any
+
 from twisted.internet import defer
 
 #: Seconds a single readiness probe may take.
 PROBE_TIMEOUT = 5.0
 
 
-async def getIsOK(http, url: str, method: str = "GET") -> bool:
+async def getIsOK(http: Any, url: str, method: str = "GET") -> bool:
     """
     @return: whether C{url} answers 200 within L{PROBE_TIMEOUT}; a refused
         connection, a timeout or another status is C{False}.
@@ -23,4 +25,5 @@ async def getIsOK(http, url: str, method: str = "GET") -> bool:
         raise
     except Exception:
         return False
-    return response.code == 200
+    code: int = response.code
+    return code == 200

@@ -6,11 +6,14 @@ completion (C{llm}), embeddings and reranking.
 
 from __future__ import annotations
 
+from typing import Any
+
 from attrs import frozen
 from twisted.internet import defer
 from zope.interface import implementer
 
 from dynllm.backends._http import getIsOK
+from dynllm.config import ModelConfig
 from dynllm.interfaces import IBackend
 
 
@@ -28,7 +31,7 @@ class LlamaCppBackend:
     kind: str = "llamacpp"
     modelTypes: tuple[str, ...] = ("llm", "embedding", "rerank")
 
-    def argv(self, model, binary, port):
+    def argv(self, model: ModelConfig, binary: str, port: int) -> list[str]:
         args = [
             binary,
             "--model", model.path,
@@ -44,14 +47,14 @@ class LlamaCppBackend:
             args.append("--rerank")
         return args + list(model.extra_args)
 
-    def environment(self, model):
+    def environment(self, model: ModelConfig) -> dict[str, str]:
         return {}
 
-    def probe(self, http, baseURL, model):
+    def probe(self, http: Any, baseURL: str, model: ModelConfig) -> defer.Deferred[bool]:
         return defer.ensureDeferred(getIsOK(http, baseURL + "/health"))
 
-    def readyHint(self, line):
+    def readyHint(self, line: str) -> bool:
         return "model loaded" in line or "listening on" in line
 
-    def upstreamPath(self, route, model):
+    def upstreamPath(self, route: str, model: ModelConfig) -> str:
         return route
