@@ -10,6 +10,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import signal
 import threading
 import time
 
@@ -328,6 +329,25 @@ class ProcessHygieneTests(DaemonTestCase):
         daemon = self.startDaemon(fakeModel("chatty", fake_chatty=2000))
         for _ in range(10):
             self.assertEqual(chat(daemon, "chatty")[0], 200)
+
+    def test_shutdownFinishesStreams(self):
+        """
+        On SIGTERM the daemon refuses new requests but lets a stream in
+        flight finish whole before it stops the backend and exits.
+        """
+        daemon = fakeDaemon(fakeModel("streamer", fake_frames=10, fake_frame_delay=0.1))
+        self.addCleanup(daemon.stop)
+        stream = inThread(chat, daemon, "streamer", stream=True)
+        self.assertTrue(waitFor(lambda: daemon.models()["streamer"]["active_requests"] == 1))
+        pid = daemon.models()["streamer"]["pid"]
+        daemon.process.send_signal(signal.SIGTERM)
+        status, _, body = stream()
+        self.assertEqual(status, 200)
+        self.assertEqual(body.count(b"data: {"), 10)
+        self.assertTrue(body.rstrip().endswith(b"data: [DONE]"))
+        daemon.process.wait(15)
+        self.assertFalse(pidAlive(pid))
+        self.assertIn("request(s) in flight to finish", daemon.log())
 
     def test_shutdownKillsStubbornBackend(self):
         """

@@ -927,12 +927,13 @@ class ServiceTests(ManagerTestsMixin, SynchronousTestCase):
 
     def test_stopService(self) -> None:
         """
+        With no drain (C{shutdown_timeout_seconds: 0}),
         L{ModelManager.stopService} fails the waiting acquires with a 503,
         sends TERM to every backend (busy, idle and loading ones), and its
         Deferred fires only after every process has exited.
         """
         manager = self.makeManager(
-            [{"name": n, "vram_mb": 300} for n in "abcd"], total_vram_mb=1000
+            [{"name": n, "vram_mb": 300} for n in "abcd"], total_vram_mb=1000, shutdown_timeout_seconds=0
         )
         lease = self.loadedLease("a")
         self.loadIdle("b")
@@ -963,6 +964,40 @@ class ServiceTests(ManagerTestsMixin, SynchronousTestCase):
         self.assertEqual(self.spawnedFor("d"), [])
         lease.release()
         lease2.release()
+
+    def test_stopServiceDrains(self) -> None:
+        """
+        L{ModelManager.stopService} lets requests in flight finish before
+        it stops the backends: new acquires get a 503 at once, and TERM is
+        sent only when the last lease is released.
+        """
+        manager = self.makeManager([{"name": "a", "vram_mb": 300}])
+        lease = self.loadedLease("a")
+        stopped = manager.stopService()
+        self.assertEqual(self.failureResultOf(manager.acquire("a"), APIError).value.status, 503)
+        self.reactor.advance(10)
+        self.assertEqual(self.process("a").signals, [])
+        self.assertEqual(self.status("a"), "loaded")
+        lease.release()
+        self.assertEqual(self.process("a").signals, ["TERM"])
+        self.process("a").exit()
+        self.assertIsNone(self.successResultOf(stopped))
+
+    def test_stopServiceDrainTimeout(self) -> None:
+        """
+        A request still in flight after C{shutdown_timeout_seconds} does
+        not hold up the shutdown: its backend is stopped.
+        """
+        manager = self.makeManager([{"name": "a", "vram_mb": 300}], shutdown_timeout_seconds=2)
+        lease = self.loadedLease("a")
+        stopped = manager.stopService()
+        self.reactor.advance(1.9)
+        self.assertEqual(self.process("a").signals, [])
+        self.reactor.advance(0.1)
+        self.assertEqual(self.process("a").signals, ["TERM"])
+        self.process("a").exit()
+        self.assertIsNone(self.successResultOf(stopped))
+        lease.release()
 
     def test_acquireAfterStop(self) -> None:
         """

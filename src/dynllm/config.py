@@ -110,6 +110,12 @@ def _positiveNumber(value: Any, where: str) -> float:
     return float(value)
 
 
+def _nonNegativeNumber(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise ConfigError(f"{where} must be a number of 0 or more, not {value!r}")
+    return float(value)
+
+
 def _bool(value: Any, where: str) -> bool:
     if not isinstance(value, bool):
         raise ConfigError(f"{where} must be true or false, not {value!r}")
@@ -314,6 +320,7 @@ class Config:
     queue_timeout_seconds: float = _setting(60.0, _positiveNumber)
     eviction_policy: str = _setting("lifo", _oneOf(*EVICTION_POLICIES))
     max_request_body_mb: float = _setting(64.0, _positiveNumber)
+    shutdown_timeout_seconds: float = _setting(30.0, _nonNegativeNumber)
     enabled_backends: tuple[str, ...] = _setting(("llamacpp", "openvino"), _strList)
     models_dir: str | None = _setting(None, _optionalStr)
     db_path: str = _setting("dynllm_state.db", _str)

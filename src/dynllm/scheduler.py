@@ -182,6 +182,7 @@ class ModelManager(Service):
     _readyWaiters: list[defer.Deferred[None]] = field(factory=list, init=False)
     _started: bool = field(default=False, init=False)
     _stopping: bool = field(default=False, init=False)
+    _drained: defer.Deferred[None] | None = field(default=None, init=False)
 
     def __attrs_post_init__(self) -> None:
         self.slots = {
@@ -232,10 +233,12 @@ class ModelManager(Service):
 
     def stopService(self) -> defer.Deferred[None]:
         """
-        Stop every backend.
+        Drain, then stop every backend: new requests and those waiting for a
+        model get a 503 at once, and requests in flight may finish (up to
+        C{shutdown_timeout_seconds}) before the backends are stopped.
 
-        @return: a Deferred that fires once all of them have really exited
-            and their state is recorded.
+        @return: a Deferred that fires once every backend has really exited
+            and its state is recorded.
         """
         Service.stopService(self)
         self._stopping = True
@@ -243,13 +246,43 @@ class ModelManager(Service):
         for slot in self.slots.values():
             self._failWaiters(slot, shutdown)
         self._pending.clear()
-        exits = []
-        for slot in self.slots.values():
-            if slot.run is not None:
-                exits.append(self._unload(slot, "shutting down"))
-        d = defer.DeferredList(exits, consumeErrors=True)
-        d.addCallback(lambda _: self.store.close())
-        return d.addCallback(lambda _: None)
+        return defer.ensureDeferred(self._shutdown())
+
+    async def _shutdown(self) -> None:
+        await self._drain(self.config.shutdown_timeout_seconds)
+        exits = [self._unload(slot, "shutting down") for slot in self.slots.values() if slot.run is not None]
+        await defer.DeferredList(exits, consumeErrors=True)
+        self.store.close()
+
+    async def _drain(self, timeout: float) -> None:
+        """
+        Wait until no request is in flight, or C{timeout} seconds.
+        """
+        inFlight = sum(slot.active for slot in self.slots.values())
+        if not inFlight or timeout <= 0:
+            return
+        log.info(
+            "waiting up to {timeout}s for {count} request(s) in flight to finish",
+            timeout=timeout,
+            count=inFlight,
+        )
+        drained: defer.Deferred[None] = defer.Deferred()
+        self._drained = drained
+        timer = self.reactor.callLater(timeout, self._drainedNow)
+        await drained
+        if timer.active():
+            timer.cancel()
+        else:
+            log.warn("stopping with requests still in flight after {timeout}s", timeout=timeout)
+
+    def _drainedNow(self) -> None:
+        drained, self._drained = self._drained, None
+        if drained is not None:
+            drained.callback(None)
+
+    def _checkDrained(self) -> None:
+        if self._drained is not None and not any(slot.active for slot in self.slots.values()):
+            self._drainedNow()
 
     # Requests.
 
@@ -382,8 +415,10 @@ class ModelManager(Service):
         slot.active -= 1
         slot.lastUsedAt = self.reactor.seconds()
         slot.dirty = True
-        if slot.active == 0 and self._pending:
-            self._schedule()
+        if slot.active == 0:
+            if self._pending:
+                self._schedule()
+            self._checkDrained()
 
     # Waiting.
 
@@ -584,6 +619,7 @@ class ModelManager(Service):
         slot.loadedAt = None
         slot.failing = False
         self._record(slot)
+        self._checkDrained()
         if slot.waiters and slot not in self._pending and not self._stopping:
             # Requests arrived while it was stopping: load it again.
             self._pending.append(slot)
