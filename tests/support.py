@@ -10,6 +10,7 @@ import atexit
 import hashlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -165,6 +166,11 @@ def waitFor(predicate: Any, timeout: float = 10.0, interval: float = 0.02) -> bo
 _running: set[subprocess.Popen[bytes]] = set()
 
 
+#: Directories made for daemons, removed when the test run exits unless
+#: DYNLLM_KEEP_TEST_DIRS is set.
+_directories: list[str] = []
+
+
 @atexit.register
 def _stopLeftovers() -> None:
     # SIGTERM first, so that each daemon stops its backends as usual.
@@ -176,6 +182,9 @@ def _stopLeftovers() -> None:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+    if not os.environ.get("DYNLLM_KEEP_TEST_DIRS"):
+        for directory in _directories:
+            shutil.rmtree(directory, ignore_errors=True)
 
 
 class Daemon:
@@ -187,7 +196,10 @@ class Daemon:
     """
 
     def __init__(self, config: dict[str, Any], directory: str | None = None) -> None:
-        self.directory = directory or tempfile.mkdtemp(prefix="dynllm-test-")
+        if directory is None:
+            directory = tempfile.mkdtemp(prefix="dynllm-test-")
+            _directories.append(directory)
+        self.directory = directory
         self.port = freePort()
         start, end = freePortRange()
         config = dict(config)

@@ -330,6 +330,23 @@ class ProcessHygieneTests(DaemonTestCase):
         for _ in range(10):
             self.assertEqual(chat(daemon, "chatty")[0], 200)
 
+    def test_secondDaemonOnSameDatabase(self):
+        """
+        A second daemon started on the same state database (on another
+        port) refuses to start, naming the first one's pid, and leaves the
+        first one's backends running.
+        """
+        first = self.startDaemon(fakeModel("m"))
+        self.assertEqual(chat(first, "m")[0], 200)
+        pid = first.models()["m"]["pid"]
+        config = dict(first.config, server={"host": "127.0.0.1"}, backend={"llamacpp_binary": FAKE_BACKEND})
+        second = Daemon(config)
+        with self.assertRaises(RuntimeError) as caught:
+            second.start()
+        self.assertIn(f"in use by another dynllm (pid {first.process.pid})", str(caught.exception))
+        self.assertTrue(pidAlive(pid))
+        self.assertEqual(chat(first, "m")[0], 200)
+
     def test_shutdownFinishesStreams(self):
         """
         On SIGTERM the daemon refuses new requests but lets a stream in

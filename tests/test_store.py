@@ -16,7 +16,13 @@ from twisted.internet import defer, reactor, task
 from twisted.trial.unittest import TestCase
 
 from dynllm.process import processStartTime
-from dynllm.store import COLUMNS, MemoryStateStore, SQLiteStateStore, reconcile
+from dynllm.store import (
+    COLUMNS,
+    MemoryStateStore,
+    SQLiteStateStore,
+    StateInUse,
+    reconcile,
+)
 
 
 def makeRow(name: str, **values: Any) -> dict[str, Any]:
@@ -60,6 +66,20 @@ class SQLiteStateStoreTests(TestCase):
         store.open()
         self.addCleanup(store.close)
         return store
+
+    def test_inUse(self) -> None:
+        """
+        A second store on the same database cannot open it while the first
+        holds it; the error names the holder's pid and C{db_path}. Once the
+        first is closed, the database can be opened again.
+        """
+        second = SQLiteStateStore(self.path, reactor)
+        with self.assertRaises(StateInUse) as caught:
+            second.open()
+        self.assertIn(f"pid {os.getpid()}", str(caught.exception))
+        self.assertIn("db_path", str(caught.exception))
+        self.store.close()
+        self.openStore()
 
     async def test_roundTrip(self) -> None:
         """

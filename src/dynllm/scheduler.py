@@ -191,9 +191,18 @@ class ModelManager(Service):
 
     # Service.
 
+    def privilegedStartService(self) -> None:
+        """
+        Open the store first, so that a database in use by another daemon
+        stops start-up before anything else happens.
+        """
+        Service.privilegedStartService(self)
+        self.store.open()
+
     def startService(self) -> None:
         """
-        Open the store, stop what a previous run left behind, then preload.
+        Open the store (if not yet), stop what a previous run left behind,
+        then preload.
         """
         Service.startService(self)
         self.store.open()

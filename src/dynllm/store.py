@@ -6,6 +6,8 @@ transitions, read back at start-up to stop what a crashed run left behind.
 
 from __future__ import annotations
 
+import fcntl
+import os
 import sqlite3
 from typing import Any, Callable, Mapping
 
@@ -71,6 +73,36 @@ def _onConnect(conn: sqlite3.Connection) -> None:
     conn.commit()
 
 
+class StateInUse(Exception):
+    """
+    Another process uses the state database.
+    """
+
+
+def _lockFile(path: str) -> int:
+    """
+    Take an exclusive lock on C{path} (created if needed) and write our pid
+    into it.
+
+    @return: the open file descriptor; closing it releases the lock.
+    @raise StateInUse: naming the holder's pid, if it is locked.
+    """
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode("ascii", "replace").strip() or "unknown"
+        os.close(fd)
+        database = path[: -len(".lock")]
+        raise StateInUse(
+            f"the state database {database} is in use by another dynllm (pid {holder});"
+            f" give each daemon its own db_path"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode("ascii"))
+    return fd
+
+
 @define
 class SQLiteStateStore:
     """
@@ -83,11 +115,20 @@ class SQLiteStateStore:
     path: str
     reactor: Any
     _pool: adbapi.ConnectionPool | None = field(default=None, init=False)
+    _lock: int | None = field(default=None, init=False)
 
     def open(self) -> None:
         """
-        Open the connection pool: one thread, so writes keep their order.
+        Take the database for this process, and open the connection pool:
+        one thread, so writes keep their order.
+
+        @raise StateInUse: if another process holds it. Two daemons on one
+            database would each take the other's backends for leftovers of
+            a crash, and stop them.
         """
+        if self._pool is not None:
+            return
+        self._lock = _lockFile(self.path + ".lock")
         self._pool = adbapi.ConnectionPool(
             "sqlite3",
             self.path,
@@ -106,6 +147,9 @@ class SQLiteStateStore:
         if self._pool is not None:
             self._pool.close()
             self._pool = None
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
 
     def rows(self) -> defer.Deferred[list[dict[str, Any]]]:
         """
