@@ -113,6 +113,20 @@ class LlamaServerTests(SynchronousTestCase):
         self.assertEqual(headers.get("X-Accel-Buffering"), "no")
         self.assertTrue(body.rstrip().endswith(b"data: [DONE]"))
 
+    def test_metrics(self):
+        """
+        C{/metrics} reports the load and the request a chat caused.
+        """
+        self.client.chat.completions.create(
+            model="tiny-chat", messages=[{"role": "user", "content": "hello"}], max_tokens=2
+        )
+        status, _, body = self.daemon.get("/metrics")
+        self.assertEqual(status, 200)
+        text = body.decode()
+        self.assertIn('dynllm_model_loads_total{model="tiny-chat"} 1.0', text)
+        self.assertIn('dynllm_model_state{model="tiny-chat",state="loaded"} 1.0', text)
+        self.assertIn('dynllm_requests_total{model="tiny-chat",route="/v1/chat/completions",status="200"} 1.0', text)
+
     def test_completions(self):
         """
         C{/v1/completions} reaches the chat model's backend.

@@ -81,6 +81,10 @@ class StubManager:
     def logTail(self, name, count):
         return ["line one", "line two"][-count:]
 
+    @property
+    def slots(self):
+        return {}
+
 
 class RoutesTests(SynchronousTestCase):
     """
@@ -256,6 +260,26 @@ class RoutesTests(SynchronousTestCase):
         self.manager.unloadFailure = errors.APIError(409, "busy", code="model_busy")
         result = self.call("POST", "/admin/models/unload", {"model": "chat"}, {"Authorization": "Bearer admin"})
         self.assertEnvelope(result, 409, "model_busy")
+
+    def test_metrics(self):
+        """
+        C{/metrics} (admin key) serves Prometheus text that counts each
+        finished request by model, route and status, and times it.
+        """
+        self.call("POST", "/v1/chat/completions", {"model": "chat", "messages": []})
+        self.backend.status = 400
+        self.call("POST", "/v1/chat/completions", {"model": "chat"})
+        self.call("POST", "/v1/chat/completions", {"model": "nope"})
+        self.assertEqual(self.call("GET", "/metrics")[0], 401)
+        status, headers, body = self.call("GET", "/metrics", headers={"Authorization": "Bearer admin"})
+        self.assertEqual(status, 200)
+        self.assertTrue(headers.getRawHeaders("content-type")[0].startswith("text/plain; version=0.0.4"))
+        text = body.decode()
+        self.assertIn('dynllm_requests_total{model="chat",route="/v1/chat/completions",status="200"} 1.0', text)
+        self.assertIn('dynllm_requests_total{model="chat",route="/v1/chat/completions",status="400"} 1.0', text)
+        self.assertIn('dynllm_request_duration_seconds_count{model="chat",route="/v1/chat/completions"} 2.0', text)
+        self.assertNotIn('model="nope"', text)
+        self.assertIn("dynllm_vram_total_mb", text)
 
     def test_adminLogs(self):
         """

@@ -13,7 +13,7 @@ import hmac
 import json
 from typing import Any, Sequence, cast
 
-from attrs import define
+from attrs import define, field
 from klein import Klein
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
@@ -22,6 +22,7 @@ from werkzeug.exceptions import HTTPException
 
 from dynllm import errors
 from dynllm.config import Config
+from dynllm.metrics import CONTENT_TYPE, Metrics
 from dynllm.proxy import forward
 from dynllm.scheduler import ModelManager
 
@@ -82,14 +83,24 @@ class DynLLMRoutes:
     @ivar config: The configuration (models, keys).
     @ivar manager: Hands out leases on models.
     @ivar agent: The C{IAgent} that reaches backends.
-    @ivar clock: Schedules writes of relayed bodies; the global reactor by
-        default.
+    @ivar clock: Schedules writes of relayed bodies and times requests; the
+        global reactor by default.
+    @ivar metrics: What C{/metrics} serves.
     """
 
     config: Config
     manager: ModelManager
     agent: Any
     clock: Any = None
+    metrics: Metrics = field(default=None)
+
+    def __attrs_post_init__(self) -> None:
+        if self.clock is None:
+            from twisted.internet import reactor
+
+            self.clock = reactor
+        if self.metrics is None:
+            self.metrics = Metrics(self.manager)
     app = Klein()
 
     def resource(self) -> Any:
@@ -182,6 +193,7 @@ class DynLLMRoutes:
                 param="model",
                 code="model_type_mismatch",
             )
+        self.metrics.observe(request, name, route, self.clock.seconds(), self.clock)
         lease = await self.manager.acquire(name)
         try:
             url = (lease.baseURL + lease.backend.upstreamPath(route, model)).encode("ascii")
@@ -196,6 +208,12 @@ class DynLLMRoutes:
         if not self.manager.started:
             return _json(request, {"status": "starting"}, 503)
         return _json(request, {"status": "ok"})
+
+    @app.route("/metrics", methods=["GET"])
+    def prometheusMetrics(self, request: Request) -> bytes:
+        self._checkAdminKey(request)
+        request.setHeader(b"Content-Type", CONTENT_TYPE)
+        return self.metrics.render()
 
     @app.route("/admin/models", methods=["GET"])
     def adminModels(self, request: IRequest) -> bytes:

@@ -127,6 +127,15 @@ class ModelSlot:
     failing: bool = False
     #: Loads in a row whose backend found its port taken.
     portConflicts: int = 0
+    #: Counters since start-up, for metrics: loads that succeeded and
+    #: failed, seconds spent in successful loads, unloads by cause, and
+    #: backends that died while loaded.
+    loads: int = 0
+    loadFailures: int = 0
+    loadSeconds: float = 0.0
+    unloads: dict[str, int] = field(factory=dict)
+    crashes: int = 0
+    loadStartedAt: float | None = None
     #: C{lastUsedAt} changed since the row was last written.
     dirty: bool = False
 
@@ -259,7 +268,9 @@ class ModelManager(Service):
 
     async def _shutdown(self) -> None:
         await self._drain(self.config.shutdown_timeout_seconds)
-        exits = [self._unload(slot, "shutting down") for slot in self.slots.values() if slot.run is not None]
+        exits = [
+            self._unload(slot, "shutting down", "shutdown") for slot in self.slots.values() if slot.run is not None
+        ]
         await defer.DeferredList(exits, consumeErrors=True)
         self.store.close()
 
@@ -360,7 +371,7 @@ class ModelManager(Service):
             )
         if slot.run is None:
             return defer.succeed(None)
-        return self._unload(slot, "unloaded on request").addCallback(lambda _: None)
+        return self._unload(slot, "unloaded on request", "request").addCallback(lambda _: None)
 
     @property
     def started(self) -> bool:
@@ -407,7 +418,7 @@ class ModelManager(Service):
             if math.isinf(timeout) or slot.lastUsedAt is None:
                 continue
             if now - slot.lastUsedAt >= timeout:
-                self._unload(slot, f"idle for {now - slot.lastUsedAt:.0f}s")
+                self._unload(slot, f"idle for {now - slot.lastUsedAt:.0f}s", "idle")
 
     # Leases.
 
@@ -503,7 +514,7 @@ class ModelManager(Service):
                     freeable += victim.config.vram_mb
                 if need <= freeable:
                     for victim in victims:
-                        self._unload(victim, f"evicted to make room for {slot.name}")
+                        self._unload(victim, f"evicted to make room for {slot.name}", "evicted")
             blocked = True
             free -= need
 
@@ -547,6 +558,7 @@ class ModelManager(Service):
         self._loadCounter += 1
         slot.run = run
         slot.state = LOADING
+        slot.loadStartedAt = self.reactor.seconds()
         slot.loadSeq = self._loadCounter
         slot.lastError = None
         slot.failing = False
@@ -562,6 +574,9 @@ class ModelManager(Service):
         slot.state = LOADED
         slot.portConflicts = 0
         slot.loadedAt = slot.lastUsedAt = now
+        slot.loads += 1
+        if slot.loadStartedAt is not None:
+            slot.loadSeconds += now - slot.loadStartedAt
         log.info("{name} is ready on port {port}", name=slot.name, port=run.port)
         self._record(slot)
         waiters, slot.waiters = slot.waiters, []
@@ -596,6 +611,7 @@ class ModelManager(Service):
     def _loadFailed(self, slot: ModelSlot, error: errors.APIError) -> None:
         log.error("{name}: {message}", name=slot.name, message=error.message)
         slot.lastError = error.message
+        slot.loadFailures += 1
         if slot.run is None:
             slot.state = FAILED
         elif slot.run.process.running:
@@ -605,9 +621,17 @@ class ModelManager(Service):
         self._record(slot)
         self._failWaiters(slot, error)
 
-    def _unload(self, slot: ModelSlot, why: str) -> defer.Deferred[Exception]:
+    def _unload(self, slot: ModelSlot, why: str, cause: str) -> defer.Deferred[Exception]:
+        """
+        Stop C{slot}'s backend.
+
+        @param why: For the log.
+        @param cause: For metrics: C{idle}, C{evicted}, C{request} or
+            C{shutdown}.
+        """
         assert slot.run is not None
         if slot.state != UNLOADING:
+            slot.unloads[cause] = slot.unloads.get(cause, 0) + 1
             log.info("stopping {name}: {why}", name=slot.name, why=why)
             slot.state = UNLOADING
             self._record(slot)
@@ -621,6 +645,7 @@ class ModelManager(Service):
         else:
             if slot.state == LOADED:
                 slot.lastError = f"backend {describeExit(reason)} while loaded"
+                slot.crashes += 1
                 log.error("{name}: {error}", name=slot.name, error=slot.lastError)
             slot.state = FAILED
         slot.run = None

@@ -1,0 +1,114 @@
+# -*- test-case-name: tests.test_metrics -*-
+"""
+Prometheus metrics, served at C{GET /metrics}.
+
+The state of the models (loaded, memory, requests in flight or waiting) and
+their counters (loads, failures, unloads by cause, crashes) are read from
+the L{ModelManager} when the metrics are scraped, so nothing is kept twice;
+request counts and durations are observed by the routes.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from dynllm.scheduler import ModelManager
+
+#: The content type of L{Metrics.render}'s output.
+CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
+
+#: States a model can be in (one gauge series each).
+STATES = ("unloaded", "loading", "loaded", "unloading", "failed")
+
+
+class ModelCollector(Collector):
+    """
+    Reads the models' state and counters from a L{ModelManager}.
+    """
+
+    def __init__(self, manager: ModelManager) -> None:
+        self.manager = manager
+
+    def collect(self) -> Iterator[Metric]:
+        manager = self.manager
+        slots = list(manager.slots.values())
+        total = GaugeMetricFamily("dynllm_vram_total_mb", "The memory budget, total_vram_mb.")
+        total.add_metric([], manager.config.total_vram_mb)
+        used = GaugeMetricFamily(
+            "dynllm_vram_used_mb", "Memory held by models loading, loaded or still stopping."
+        )
+        used.add_metric([], manager.memoryInUse())
+        state = GaugeMetricFamily("dynllm_model_state", "1 for the state each model is in.", labels=["model", "state"])
+        active = GaugeMetricFamily("dynllm_model_active_requests", "Requests in flight.", labels=["model"])
+        waiting = GaugeMetricFamily(
+            "dynllm_model_waiting_requests", "Requests waiting for the model to load.", labels=["model"]
+        )
+        loads = CounterMetricFamily("dynllm_model_loads", "Loads that became ready.", labels=["model"])
+        failures = CounterMetricFamily("dynllm_model_load_failures", "Loads that failed.", labels=["model"])
+        loadSeconds = CounterMetricFamily(
+            "dynllm_model_load_seconds", "Seconds spent in loads that became ready.", labels=["model"]
+        )
+        unloads = CounterMetricFamily(
+            "dynllm_model_unloads", "Backends stopped, by cause.", labels=["model", "cause"]
+        )
+        crashes = CounterMetricFamily("dynllm_model_crashes", "Backends that died while loaded.", labels=["model"])
+        for slot in slots:
+            for name in STATES:
+                state.add_metric([slot.name, name], 1 if slot.state == name else 0)
+            active.add_metric([slot.name], slot.active)
+            waiting.add_metric([slot.name], len(slot.waiters))
+            loads.add_metric([slot.name], slot.loads)
+            failures.add_metric([slot.name], slot.loadFailures)
+            loadSeconds.add_metric([slot.name], slot.loadSeconds)
+            for cause in ("idle", "evicted", "request", "shutdown"):
+                unloads.add_metric([slot.name, cause], slot.unloads.get(cause, 0))
+            crashes.add_metric([slot.name], slot.crashes)
+        yield from (total, used, state, active, waiting, loads, failures, loadSeconds, unloads, crashes)
+
+
+class Metrics:
+    """
+    The metrics of one daemon, in a registry of its own.
+
+    @ivar registry: Where they are registered.
+    """
+
+    def __init__(self, manager: ModelManager) -> None:
+        self.registry = CollectorRegistry()
+        self.registry.register(ModelCollector(manager))
+        self._requests = Counter(
+            "dynllm_requests",
+            "Requests to the OpenAI routes, by model, route and status.",
+            ["model", "route", "status"],
+            registry=self.registry,
+        )
+        self._seconds = Histogram(
+            "dynllm_request_duration_seconds",
+            "Time from a request's arrival to its last byte, load included.",
+            ["model", "route"],
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+            registry=self.registry,
+        )
+
+    def observe(self, request: Any, model: str, route: str, started: float, clock: Any) -> None:
+        """
+        Count C{request} and its duration once it has finished (or its
+        client has gone, counted with status C{disconnected}).
+        """
+
+        def done(result: object) -> None:
+            status = "disconnected" if result is not None else str(request.code)
+            self._requests.labels(model, route, status).inc()
+            self._seconds.labels(model, route).observe(clock.seconds() - started)
+
+        request.notifyFinish().addBoth(done)
+
+    def render(self) -> bytes:
+        """
+        @return: every metric in Prometheus' text format.
+        """
+        return generate_latest(self.registry)
