@@ -131,7 +131,7 @@ class ChildProcesses:
 
 class BenchDaemon:
     """
-    A dynllm daemon (C{python -m twisted dynllm -c CONFIG}, JSON log) in a
+    A dynllm daemon (C{twistd -n dynllm --config CONFIG}, JSON log) in a
     temporary directory, used as a context manager: it is stopped, every
     backend it reported is checked to be gone, and the directory removed.
     """
@@ -145,31 +145,12 @@ class BenchDaemon:
 
     def __enter__(self) -> BenchDaemon:
         try:
-            if self.jsonLog:
-                self._startWithJSONLog()
-            else:
-                self.daemon.start()
+            options = ("--logger=benchmarks._jsonlog.observer",) if self.jsonLog else ()
+            self.daemon.start(twistdOptions=options)
         except BaseException:
             self._cleanup()
             raise
         return self
-
-    def _startWithJSONLog(self) -> None:
-        """
-        Start the daemon the way L{Daemon.start} does, asking the Twisted
-        runner for a JSON log (sub-millisecond timestamps) instead of text.
-        """
-        realPopen = subprocess.Popen
-
-        def popen(argv: list[str], *a: Any, **kw: Any) -> Any:
-            subprocess.Popen = realPopen  # type: ignore[misc]
-            return realPopen(jsonLogArgv(list(argv)), *a, **kw)
-
-        subprocess.Popen = popen  # type: ignore[assignment,misc]
-        try:
-            self.daemon.start()
-        finally:
-            subprocess.Popen = realPopen  # type: ignore[misc]
 
     @property
     def port(self) -> int:
@@ -203,19 +184,6 @@ class BenchDaemon:
                 print(f"(daemon directory kept: {self.directory})")
             else:
                 shutil.rmtree(self.directory, ignore_errors=True)
-
-
-def jsonLogArgv(argv: list[str]) -> list[str]:
-    """
-    @return: C{argv} (a twistd or C{python -m twisted} command line) with
-        the option that makes it log JSON; unchanged if it is neither.
-    """
-    for i, arg in enumerate(argv):
-        if os.path.basename(arg).startswith("twistd"):
-            return argv[: i + 1] + ["--logger=benchmarks._jsonlog.observer"] + argv[i + 1 :]
-        if arg == "-m" and i + 1 < len(argv) and argv[i + 1] == "twisted":
-            return argv[: i + 2] + ["--log-format=json"] + argv[i + 2 :]
-    return argv
 
 
 def readDaemonLog(path: str) -> list[dict[str, Any]]:

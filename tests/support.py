@@ -220,13 +220,16 @@ class Daemon:
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self, wait: bool = True) -> Daemon:
+    def start(self, wait: bool = True, twistdOptions: tuple[str, ...] = ()) -> Daemon:
         """
         Start the daemon and wait until C{/health} answers 200.
+
+        @param twistdOptions: More options for twistd itself (such as
+            C{--logger=...}).
         """
         env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
         self.process = subprocess.Popen(
-            [TWISTD, "--nodaemon", "--pidfile=", "--logfile=-", "dynllm", "--config", self.configPath],
+            [TWISTD, "--nodaemon", "--pidfile=", "--logfile=-", *twistdOptions, "dynllm", "--config", self.configPath],
             cwd=self.directory,
             env=env,
             stdout=open(self.logPath, "ab"),
