@@ -138,6 +138,22 @@ def request(
         return e.code, dict(e.headers), e.read()
 
 
+def checkEnvelope(case: Any, status: int, body: bytes, expected: int, code: str | None = None) -> dict[str, Any]:
+    """
+    Assert that a response is an OpenAI error envelope with status
+    C{expected} (and error code C{code}, if given).
+
+    @param case: The test case that asserts.
+    @return: the C{error} object.
+    """
+    case.assertEqual(status, expected, body)
+    error: dict[str, Any] = json.loads(body)["error"]
+    case.assertEqual(sorted(error), ["code", "message", "param", "type"])
+    if code is not None:
+        case.assertEqual(error["code"], code)
+    return error
+
+
 def pidAlive(pid: int) -> bool:
     """
     @return: whether C{pid} is a running (not zombie) process.

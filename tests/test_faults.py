@@ -16,7 +16,14 @@ import time
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.support import FAKE_BACKEND, Daemon, pidAlive, tinyModels, waitFor
+from tests.support import (
+    FAKE_BACKEND,
+    Daemon,
+    checkEnvelope,
+    pidAlive,
+    tinyModels,
+    waitFor,
+)
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}]}
 
@@ -391,13 +398,8 @@ class RequestErrorTests(DaemonTestCase):
         """
         Assert that C{response} is an OpenAI error envelope with C{status}.
         """
-        self.assertEqual(response[0], status, response[2])
         self.assertEqual(response[1]["Content-Type"], "application/json")
-        error = json.loads(response[2])["error"]
-        self.assertEqual(sorted(error), ["code", "message", "param", "type"])
-        if code is not None:
-            self.assertEqual(error["code"], code)
-        return error
+        return checkEnvelope(self, response[0], response[2], status, code)
 
     def test_badJSON(self):
         """

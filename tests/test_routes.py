@@ -21,6 +21,7 @@ from dynllm.backends import LlamaCppBackend
 from dynllm.config import parseConfig
 from dynllm.routes import DynLLMRoutes
 from dynllm.scheduler import Lease
+from tests.support import checkEnvelope
 
 
 class FakeBackendResource(resource.Resource):
@@ -134,12 +135,7 @@ class RoutesTests(SynchronousTestCase):
         """
         Assert that C{result} is an OpenAI error envelope with C{status}.
         """
-        self.assertEqual(result[0], status, result[2])
-        error = json.loads(result[2])["error"]
-        self.assertEqual(sorted(error), ["code", "message", "param", "type"])
-        if code is not None:
-            self.assertEqual(error["code"], code)
-        return error
+        return checkEnvelope(self, result[0], result[2], status, code)
 
     def test_listModels(self):
         """
