@@ -490,9 +490,12 @@ class ErrorTests(ConfigTestMixin, TestCase):
 
     def test_binaryNotNeededWithoutModels(self) -> None:
         """
-        Backends without models need no program installed.
+        Backends without models need no program installed: the file is
+        accepted even though no backend program can be found.
         """
-        self.parse({"enabled_backends": ["llamacpp", "openvino", "transformers"]}, notFound)
+        config = self.parse({"enabled_backends": ["llamacpp", "openvino", "transformers"]}, notFound)
+        self.assertEqual(config.enabled_backends, ("llamacpp", "openvino", "transformers"))
+        self.assertEqual(config.models, ())
 
     def test_unimplementedBackendRefused(self) -> None:
         """
