@@ -110,6 +110,9 @@ def main() -> None:
             self.wfile.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(frame), frame))
             self.wfile.flush()
 
+    # The default listen backlog (5) drops connections when dynllm opens many
+    # at once, as it does when a load that many requests waited for ends.
+    ThreadingHTTPServer.request_queue_size = 256
     server = ThreadingHTTPServer((args.host, args.port), Handler)
     server.daemon_threads = True
     sys.stderr.write(f"fake: llama_server: loading model '{args.model}'\n")

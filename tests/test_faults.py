@@ -176,6 +176,24 @@ class LoadFailureTests(DaemonTestCase):
         self.assertEqual([join()[0] for join in joins], [200] * 5)
         self.assertEqual(startCount(daemon, "slow"), 1)
 
+    def test_manyConcurrentClients(self):
+        """
+        Forty streams and a hundred plain requests arriving together at a
+        cold model share one load, all complete whole, and leave no lease
+        behind.
+        """
+        daemon = self.startDaemon(fakeModel("busy", fake_frames=20, fake_frame_delay=0.02, fake_load_delay=0.3))
+        streams = [inThread(chat, daemon, "busy", stream=True) for _ in range(40)]
+        plain = [inThread(chat, daemon, "busy") for _ in range(100)]
+        for join in streams:
+            status, _, body = join()
+            self.assertEqual((status, body.count(b"data: {")), (200, 20))
+            self.assertTrue(body.rstrip().endswith(b"data: [DONE]"))
+        self.assertEqual([join()[0] for join in plain], [200] * 100)
+        self.assertEqual(startCount(daemon, "busy"), 1)
+        entry = daemon.models()["busy"]
+        self.assertEqual((entry["active_requests"], entry["waiting_requests"]), (0, 0))
+
     def test_loadedModelServesDuringLoad(self):
         """
         A loaded model keeps answering while another model loads.
