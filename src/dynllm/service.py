@@ -92,14 +92,6 @@ def makeAgent(reactor: Any) -> tuple[Agent, HTTPConnectionPool]:
     return Agent.usingEndpointFactory(reactor, LoopbackEndpoints(reactor), pool=pool), pool
 
 
-def makeHTTPClient(reactor: Any) -> tuple[HTTPClient, HTTPConnectionPool]:
-    """
-    @return: a C{treq} client over L{makeAgent}'s agent, and its pool.
-    """
-    agent, pool = makeAgent(reactor)
-    return HTTPClient(agent), pool
-
-
 def makeService(config: Config, reactor: Any = None, listen: bool = True, persist: bool = True) -> DynLLMService:
     """
     Build a dynllm daemon from a configuration.
