@@ -965,6 +965,20 @@ class ServiceTests(ManagerTestsMixin, SynchronousTestCase):
         lease.release()
         lease2.release()
 
+    def test_stopWhileLoadingIsNoFailure(self) -> None:
+        """
+        A model that the shutdown stops while it loads is not recorded as a
+        failed load: no C{last_error}, no load failure counted.
+        """
+        manager = self.makeManager([{"name": "a", "vram_mb": 300}])
+        d = manager.acquire("a")
+        stopped = manager.stopService()
+        self.assertEqual(self.failureResultOf(d, APIError).value.status, 503)
+        self.process("a").exit(ProcessTerminated(signal=15))
+        self.assertIsNone(self.successResultOf(stopped))
+        self.assertIsNone(self.describe("a")["last_error"])
+        self.assertEqual(manager.slots["a"].loadFailures, 0)
+
     def test_stopServiceDrains(self) -> None:
         """
         L{ModelManager.stopService} lets requests in flight finish before

@@ -590,6 +590,9 @@ class ModelManager(Service):
 
     def _loadError(self, failure: Any, slot: ModelSlot, run: BackendRun) -> None:
         reason = failure.value
+        if self._stopping or isinstance(reason, defer.CancelledError):
+            # Stopped on purpose; its waiters have had their answer.
+            return
         if isinstance(reason, BackendExited) and reason.portInUse and slot.portConflicts < PORT_RETRIES:
             # Another program took the port after we found it free: the
             # waiters stay, and the exit puts the load back in the queue,
@@ -602,8 +605,6 @@ class ModelManager(Service):
             error = errors.backendFailed(f"{reason}; last output:\n{tail}" if tail else str(reason))
         elif isinstance(reason, LoadTimeout):
             error = errors.loadTimedOut(str(reason))
-        elif isinstance(reason, defer.CancelledError) or self._stopping:
-            return
         else:
             error = errors.backendFailed(f"model {slot.name!r} failed to load: {reason}")
         self._loadFailed(slot, error)
