@@ -14,8 +14,8 @@ from typing import Any, Callable, Mapping
 from attrs import define, field
 from twisted.enterprise import adbapi
 from twisted.internet import defer, task
-from dynllm.logs import logger
 
+from dynllm.logs import logger
 from dynllm.process import processStartTime, signalGroup
 
 log = logger(__name__)
@@ -79,21 +79,20 @@ class StateInUse(Exception):
     """
 
 
-def _lockFile(path: str) -> int:
+def _lockDatabase(database: str) -> int:
     """
-    Take an exclusive lock on C{path} (created if needed) and write our pid
-    into it.
+    Take an exclusive lock on C{DATABASE.lock} (created if needed) and
+    write our pid into it.
 
     @return: the open file descriptor; closing it releases the lock.
     @raise StateInUse: naming the holder's pid, if it is locked.
     """
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(database + ".lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         holder = os.read(fd, 32).decode("ascii", "replace").strip() or "unknown"
         os.close(fd)
-        database = path[: -len(".lock")]
         raise StateInUse(
             f"the state database {database} is in use by another dynllm (pid {holder});"
             f" give each daemon its own db_path"
@@ -128,7 +127,7 @@ class SQLiteStateStore:
         """
         if self._pool is not None:
             return
-        self._lock = _lockFile(self.path + ".lock")
+        self._lock = _lockDatabase(self.path)
         self._pool = adbapi.ConnectionPool(
             "sqlite3",
             self.path,
