@@ -22,8 +22,9 @@ from attrs import define, field
 from twisted.internet import defer, error
 from twisted.internet.interfaces import IReactorProcess, IReactorTime
 from twisted.internet.protocol import ProcessProtocol
-from dynllm.logs import logger
 from twisted.python.failure import Failure
+
+from dynllm.logs import logger
 
 log = logger(__name__)
 

@@ -22,7 +22,6 @@ from typing import Any, cast
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
-from dynllm.logs import logger
 from twisted.python.failure import Failure
 from twisted.web.client import FileBodyProducer, ResponseDone, ResponseNeverReceived
 from twisted.web.http import PotentialDataLoss
@@ -32,6 +31,7 @@ from twisted.web.server import Request
 from zope.interface import implementer
 
 from dynllm import errors
+from dynllm.logs import logger
 
 log = logger(__name__)
 

@@ -16,10 +16,10 @@ from typing import Any, Container
 from attrs import define, field
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall
-from dynllm.logs import logger
 
 from dynllm.config import ModelConfig
 from dynllm.interfaces import IBackend
+from dynllm.logs import logger
 from dynllm.process import LogRing, ManagedProcess
 
 log = logger(__name__)

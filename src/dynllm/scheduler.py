@@ -25,14 +25,21 @@ from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall
 from twisted.python.failure import Failure
-from dynllm.logs import logger
 
 from dynllm import errors
 from dynllm.backends import backendFor
 from dynllm.config import Config, ModelConfig
 from dynllm.interfaces import IBackend
+from dynllm.logs import logger
 from dynllm.process import LogRing
-from dynllm.runner import BackendExited, BackendRun, LoadTimeout, NoFreePort, describeExit, findFreePort
+from dynllm.runner import (
+    BackendExited,
+    BackendRun,
+    LoadTimeout,
+    NoFreePort,
+    describeExit,
+    findFreePort,
+)
 from dynllm.store import MemoryStateStore, reconcile
 
 log = logger(__name__)

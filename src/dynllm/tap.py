@@ -8,7 +8,8 @@ from __future__ import annotations
 from twisted.python import usage
 
 from dynllm.config import ConfigError, loadConfig
-from dynllm.service import DynLLMService, makeService as _makeService
+from dynllm.service import DynLLMService
+from dynllm.service import makeService as _makeService
 
 
 class Options(usage.Options):
