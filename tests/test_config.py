@@ -497,22 +497,65 @@ class ErrorTests(ConfigTestMixin, TestCase):
         self.assertEqual(config.enabled_backends, ("llamacpp", "openvino", "transformers"))
         self.assertEqual(config.models, ())
 
-    def test_unimplementedBackendRefused(self) -> None:
+    def test_everyBackendAccepted(self) -> None:
         """
-        A model of a backend kind this version cannot run yet (OpenVINO,
-        transformers) is refused naming the model and the backend, even when
-        the backend is enabled and its program exists.
+        Models of every backend kind are accepted when their backend is
+        enabled and its program exists.
         """
-        for backend in ("openvino", "transformers"):
-            self.assertConfigError(
-                {
-                    "enabled_backends": ["llamacpp", backend],
-                    "models": [self.model(backend=backend, path="ov-model")],
-                },
-                "'m1'",
-                backend,
-                "not supported",
-            )
+        config = self.parse(
+            {
+                "enabled_backends": ["llamacpp", "openvino", "transformers"],
+                "models": [
+                    self.model(name="ov", backend="openvino", path="ov-model", model_type="ocr"),
+                    self.model(name="hf", backend="transformers", path="ov-model", dtype="float32"),
+                ],
+            },
+            found,
+        )
+        self.assertEqual([m.backend for m in config.models], ["openvino", "transformers"])
+
+    def test_missingBinaryNamesItsKey(self) -> None:
+        """
+        A backend program that cannot be found is reported with the key
+        that sets it, which for OpenVINO is C{ovms_binary}.
+        """
+        self.assertConfigError(
+            {
+                "enabled_backends": ["openvino"],
+                "models": [self.model(backend="openvino", path="ov-model")],
+            },
+            "backend.ovms_binary",
+            which=notFound,
+        )
+
+    def test_quantizationOnlyForLLM(self) -> None:
+        """
+        Quantization is refused for a model that is not an C{llm}, naming
+        the key; C{none} is accepted anywhere.
+        """
+        base = {"enabled_backends": ["transformers"]}
+        self.assertConfigError(
+            dict(
+                base,
+                models=[
+                    self.model(
+                        backend="transformers", path="ov-model", model_type="transcription", quantization="bnb-4bit"
+                    )
+                ],
+            ),
+            "quantization",
+            "llm",
+        )
+        config = self.parse(
+            dict(
+                base,
+                models=[
+                    self.model(backend="transformers", path="ov-model", model_type="transcription", quantization="none")
+                ],
+            ),
+            found,
+        )
+        self.assertEqual(config.models[0].quantization, "none")
 
     def test_invalidYAML(self) -> None:
         """
@@ -793,9 +836,7 @@ class ExampleTests(ConfigTestMixin, TestCase):
     def test_exampleCommentedModels(self) -> None:
         """
         Uncommenting the OpenVINO and transformers examples (and enabling
-        their backends) gives models whose every key and value is accepted:
-        each one either validates or is refused only because this version
-        cannot run its backend yet.
+        their backends) gives models whose every key and value is accepted.
         """
         with open(EXAMPLE) as f:
             text = f.read()
@@ -812,8 +853,5 @@ class ExampleTests(ConfigTestMixin, TestCase):
         raw["preload_models"] = []
         for model in raw["models"]:
             os.makedirs(os.path.join(raw["models_dir"], model["path"]), exist_ok=True)
-        for model in raw["models"][3:]:
-            try:
-                self.parse(dict(raw, models=[model]), lambda name: "/bin/true")
-            except ConfigError as e:
-                self.assertIn(f"backend {model['backend']!r} is not supported", str(e))
+        config = self.parse(raw, lambda name: "/bin/true")
+        self.assertEqual([m.backend for m in config.models][3:], ["openvino", "transformers"])

@@ -113,7 +113,9 @@ class ProxyResource(resource.Resource):
         self.url = url
 
     def render_POST(self, request):
-        d = defer.ensureDeferred(forward(self.agent, request, self.url, requestBody(request)))
+        from twisted.internet import reactor
+
+        d = defer.ensureDeferred(forward(self.agent, request, self.url, requestBody(request, reactor)))
         request.notifyFinish().addErrback(lambda _: d.cancel())
         d.addCallbacks(lambda _: request.finish(), lambda f: None)
         return server.NOT_DONE_YET

@@ -17,7 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web import resource
 
 from dynllm import errors
-from dynllm.backends import LlamaCppBackend
+from dynllm.backends import backendFor
 from dynllm.config import parseConfig
 from dynllm.routes import DynLLMRoutes
 from dynllm.scheduler import Lease
@@ -59,13 +59,28 @@ class StubManager:
     leases: list = field(factory=list)
     released: int = 0
     unloadFailure: Exception | None = None
+    states: dict = field(factory=dict)
+    peeks: int = 0
+
+    def _newLease(self, name):
+        model = self.config.model(name)
+        return Lease(model, backendFor(model.backend), "http://backend", self._release)
 
     def acquire(self, name):
         if self.failure is not None:
             return defer.fail(self.failure)
-        lease = Lease(self.config.model(name), LlamaCppBackend(), "http://backend", self._release)
+        lease = self._newLease(name)
         self.leases.append(lease)
         return defer.succeed(lease)
+
+    def peek(self, name):
+        self.peeks += 1
+        if self.states.get(name, "unloaded") != "loaded":
+            return None
+        return self._newLease(name)
+
+    def describe(self, name):
+        return {"name": name, "status": self.states.get(name, "unloaded"), "last_error": "it broke"}
 
     def _release(self, lease):
         self.released += 1
@@ -113,9 +128,8 @@ class RoutesTests(SynchronousTestCase):
         self.backend = FakeBackendResource()
         self.manager = StubManager(self.config)
         self.clock = Clock()
-        routes = DynLLMRoutes(
-            config=self.config, manager=self.manager, agent=RequestTraversalAgent(self.backend), clock=self.clock
-        )
+        self.agent = RequestTraversalAgent(self.backend)
+        routes = DynLLMRoutes(config=self.config, manager=self.manager, agent=self.agent, clock=self.clock)
         self.client = StubTreq(routes.resource())
 
     def call(self, method, path, body=None, headers=None):
@@ -124,11 +138,17 @@ class RoutesTests(SynchronousTestCase):
         """
         data = json.dumps(body).encode() if isinstance(body, dict) else body
         d = self.client.request(method, "http://dynllm" + path, data=data, headers=headers)
-        self.client.flush()
-        self.clock.advance(0)
-        self.client.flush()
-        response = self.successResultOf(d)
-        content = self.successResultOf(self.client.content(response))
+        responses, contents = [], []
+        d.addCallback(lambda response: responses.append(response) or self.client.content(response))
+        d.addCallback(contents.append)
+        for _ in range(100):
+            self.client.flush()
+            self.agent.flush()
+            if contents:
+                break
+            self.clock.advance(0)
+        self.successResultOf(d)
+        response, content = responses[0], contents[0]
         return response.code, response.headers, content
 
     def assertEnvelope(self, result, status, code=None):
@@ -287,3 +307,238 @@ class RoutesTests(SynchronousTestCase):
         self.assertEqual((status, body), (200, b"line two\n"))
         self.assertTrue(headers.getRawHeaders("content-type")[0].startswith("text/plain"))
         self.assertEnvelope(self.call("GET", "/admin/models/chat/logs?lines=x", headers=admin), 400)
+
+
+def multipartBody(fields, boundary=b"b0undary"):
+    """
+    @param fields: C{(name, value, filename)} triples.
+    @return: C{(body, content type)} of a multipart/form-data upload.
+    """
+    out = b""
+    for name, value, filename in fields:
+        disposition = b'form-data; name="' + name.encode() + b'"'
+        if filename:
+            disposition += b'; filename="' + filename.encode() + b'"'
+        out += b"--" + boundary + b"\r\nContent-Disposition: " + disposition + b"\r\n\r\n" + value + b"\r\n"
+    out += b"--" + boundary + b"--\r\n"
+    return out, b"multipart/form-data; boundary=" + boundary
+
+
+class EveryEndpointTests(RoutesTests.__bases__[0]):
+    """
+    Every endpoint of the spec, for models of the three backends: which
+    model types each accepts, the upstream path each backend gets, and the
+    renaming of the model for transformers.
+    """
+
+    MODELS = [
+        ("llama", "llamacpp", "llm"),
+        ("ov-chat", "openvino", "llm"),
+        ("ov-emb", "openvino", "embedding"),
+        ("ov-rerank", "openvino", "rerank"),
+        ("ov-whisper", "openvino", "transcription"),
+        ("ov-tts", "openvino", "speech"),
+        ("ov-sd", "openvino", "image_generation"),
+        ("ov-ocr", "openvino", "ocr"),
+        ("ov-resnet", "openvino", "classification"),
+        ("hf-chat", "transformers", "llm"),
+        ("hf-whisper", "transformers", "transcription"),
+    ]
+
+    def setUp(self):
+        self.directory = os.path.abspath(self.mktemp())
+        os.makedirs(self.directory)
+        models = []
+        for name, backend, kind in self.MODELS:
+            os.makedirs(os.path.join(self.directory, name))
+            models.append({"name": name, "path": name, "backend": backend, "vram_mb": 1, "model_type": kind})
+        self.config = parseConfig(
+            {"enabled_backends": ["llamacpp", "openvino", "transformers"], "models": models},
+            self.directory,
+            which=lambda name: "/bin/true",
+        )
+        self.backend = FakeBackendResource()
+        self.manager = StubManager(self.config)
+        self.clock = Clock()
+        self.agent = RequestTraversalAgent(self.backend)
+        routes = DynLLMRoutes(config=self.config, manager=self.manager, agent=self.agent, clock=self.clock)
+        self.client = StubTreq(routes.resource())
+
+    call = RoutesTests.call
+    assertEnvelope = RoutesTests.assertEnvelope
+
+    def path(self, name):
+        return os.path.join(self.directory, name)
+
+    def test_openvinoPaths(self):
+        """
+        Each OpenAI endpoint reaches OVMS at its C{/v3} path with the body
+        unchanged.
+        """
+        cases = [
+            ("/v1/chat/completions", "ov-chat", "/v3/chat/completions"),
+            ("/v1/completions", "ov-chat", "/v3/completions"),
+            ("/v1/embeddings", "ov-emb", "/v3/embeddings"),
+            ("/v1/rerank", "ov-rerank", "/v3/rerank"),
+            ("/v1/audio/speech", "ov-tts", "/v3/audio/speech"),
+            ("/v1/images/generations", "ov-sd", "/v3/images/generations"),
+        ]
+        for route, model, upstream in cases:
+            body = json.dumps({"model": model, "input": "x"}).encode()
+            self.assertEqual(self.call("POST", route, body)[0], 200, route)
+            method, path, _, received = self.backend.requests[-1]
+            self.assertEqual((path, received), (upstream.encode(), body))
+
+    def test_typesPerEndpoint(self):
+        """
+        Each endpoint refuses, with a 400 envelope naming the types it
+        serves, models of any other type.
+        """
+        cases = [
+            ("/v1/audio/speech", "ov-chat", "speech"),
+            ("/v1/images/generations", "ov-tts", "image_generation"),
+            ("/v1/embeddings", "ov-rerank", "embedding"),
+            ("/v1/chat/completions", "ov-whisper", "llm"),
+        ]
+        for route, model, served in cases:
+            error = self.assertEnvelope(self.call("POST", route, {"model": model}), 400, "model_type_mismatch")
+            self.assertIn(served, error["message"])
+        body, contentType = multipartBody([("model", b"ov-chat", None), ("file", b"RIFF", "a.wav")])
+        self.assertEnvelope(
+            self.call("POST", "/v1/audio/transcriptions", body, {"Content-Type": contentType}),
+            400,
+            "model_type_mismatch",
+        )
+        self.assertEqual(self.backend.requests, [])
+        self.assertEqual(self.manager.leases, [])
+
+    def test_transcriptionPassesThrough(self):
+        """
+        A transcription upload reaches OVMS byte for byte, at
+        C{/v3/audio/transcriptions}, with its own Content-Type.
+        """
+        audio = os.urandom(200000)
+        body, contentType = multipartBody(
+            [("file", audio, "speech.wav"), ("model", b"ov-whisper", None), ("language", b"en", None)]
+        )
+        for route in ("/v1/audio/transcriptions", "/v1/audio/translations"):
+            status, _, _ = self.call("POST", route, body, {"Content-Type": contentType})
+            self.assertEqual(status, 200)
+            _, path, headers, received = self.backend.requests[-1]
+            self.assertEqual(path, route.replace("/v1/", "/v3/").encode())
+            self.assertEqual(received, body)
+            self.assertEqual(headers[b"Content-Type"], [contentType])
+
+    def test_transcriptionRenamed(self):
+        """
+        For transformers, only the C{model} field's value changes on the way
+        up: to the model's path. The rest of the upload is unchanged.
+        """
+        audio = os.urandom(5000)
+        body, contentType = multipartBody([("model", b"hf-whisper", None), ("file", audio, "a.wav")])
+        self.backend.body = json.dumps({"text": "hi", "model": self.path("hf-whisper")}).encode()
+        status, _, answer = self.call("POST", "/v1/audio/transcriptions", body, {"Content-Type": contentType})
+        self.assertEqual(status, 200)
+        self.assertEqual(json.loads(answer), {"text": "hi", "model": "hf-whisper"})
+        _, path, _, received = self.backend.requests[-1]
+        self.assertEqual(path, b"/v1/audio/transcriptions")
+        self.assertEqual(received, body.replace(b"hf-whisper", self.path("hf-whisper").encode()))
+
+    def test_multipartErrors(self):
+        """
+        An upload without a C{model} field, or that is not multipart, is a
+        400 envelope.
+        """
+        body, contentType = multipartBody([("file", b"RIFF", "a.wav")])
+        error = self.assertEnvelope(
+            self.call("POST", "/v1/audio/transcriptions", body, {"Content-Type": contentType}), 400
+        )
+        self.assertEqual(error["param"], "model")
+        self.assertEnvelope(
+            self.call("POST", "/v1/audio/transcriptions", b"{}", {"Content-Type": "application/json"}),
+            400,
+            "invalid_multipart",
+        )
+
+    def test_unsupportedByBackend(self):
+        """
+        An endpoint that fits the model's type but that its backend does
+        not serve (transformers has no translations) is a 400 envelope.
+        """
+        body, contentType = multipartBody([("model", b"hf-whisper", None), ("file", b"x", "a.wav")])
+        error = self.assertEnvelope(
+            self.call("POST", "/v1/audio/translations", body, {"Content-Type": contentType}),
+            400,
+            "unsupported_endpoint",
+        )
+        self.assertIn("transformers", error["message"])
+
+    def test_transformersRenamed(self):
+        """
+        A chat request for a transformers model reaches the backend naming
+        the model's path, and the path is renamed back to the public name
+        in the answer, whose Content-Length fits the new body.
+        """
+        path = self.path("hf-chat")
+        self.backend.body = json.dumps({"model": path, "choices": [], "note": "x"}).encode()
+        status, headers, answer = self.call("POST", "/v1/chat/completions", {"model": "hf-chat", "messages": []})
+        self.assertEqual(status, 200)
+        self.assertEqual(json.loads(answer), {"model": "hf-chat", "choices": [], "note": "x"})
+        self.assertNotEqual(headers.getRawHeaders("content-length"), [str(len(self.backend.body))])
+        received = json.loads(self.backend.requests[-1][3])
+        self.assertEqual(received, {"model": path, "messages": []})
+
+    def test_kserve(self):
+        """
+        KServe metadata and inference reach OVMS at the same path, for the
+        vision model types only.
+        """
+        infer = {"inputs": [{"name": "input", "shape": [1], "datatype": "FP32", "data": [1.0]}]}
+        for method, route, body in [
+            ("GET", "/v2/models/ov-ocr", None),
+            ("GET", "/v2/models/ov-ocr/versions/1", None),
+            ("POST", "/v2/models/ov-resnet/infer", infer),
+            ("POST", "/v2/models/ov-resnet/versions/1/infer", infer),
+        ]:
+            self.assertEqual(self.call(method, route, body)[0], 200, route)
+            sent = self.backend.requests[-1]
+            self.assertEqual((sent[0], sent[1]), (method.encode(), route.encode()))
+            if body is not None:
+                self.assertEqual(json.loads(sent[3]), infer)
+        self.assertEnvelope(self.call("POST", "/v2/models/ov-chat/infer", infer), 400, "model_type_mismatch")
+        self.assertEnvelope(self.call("GET", "/v2/models/nope"), 404, "model_not_found")
+
+    def test_readyDoesNotLoad(self):
+        """
+        C{/v2/models/NAME/ready} of a model that is not loaded answers 200
+        with its state in a header, without loading it.
+        """
+        for route in ("/v2/models/ov-ocr/ready", "/v2/models/ov-ocr/versions/1/ready"):
+            status, headers, body = self.call("GET", route)
+            self.assertEqual((status, body), (200, b""))
+            self.assertEqual(headers.getRawHeaders("x-dynllm-model-state"), ["unloaded"])
+        self.assertEqual(self.manager.leases, [])
+        self.assertEqual(self.backend.requests, [])
+
+    def test_readyLoadedAsksBackend(self):
+        """
+        For a loaded model, the backend answers C{/ready}, through a lease
+        that does not count as a use.
+        """
+        self.manager.states["ov-ocr"] = "loaded"
+        self.backend.status = 404
+        self.backend.body = b'{"error": "Model with requested version is not loaded yet"}'
+        status, headers, body = self.call("GET", "/v2/models/ov-ocr/ready")
+        self.assertEqual((status, body), (404, self.backend.body))
+        self.assertEqual(headers.getRawHeaders("x-dynllm-model-state"), ["loaded"])
+        self.assertEqual(self.backend.requests[-1][1], b"/v2/models/ov-ocr/ready")
+        self.assertEqual((self.manager.leases, self.manager.released), ([], 1))
+
+    def test_readyFailed(self):
+        """
+        C{/ready} of a model whose last load failed is a 503 envelope that
+        says why.
+        """
+        self.manager.states["ov-ocr"] = "failed"
+        error = self.assertEnvelope(self.call("GET", "/v2/models/ov-ocr/ready"), 503, "model_failed")
+        self.assertIn("it broke", error["message"])

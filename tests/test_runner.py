@@ -187,6 +187,9 @@ class FakeBackend:
     def upstreamPath(self, route: str, model: ModelConfig) -> str:
         return route
 
+    def upstreamModel(self, model: ModelConfig) -> str:
+        return model.name
+
 
 def makeModel(name: str = "m", **kw: Any) -> ModelConfig:
     """

@@ -34,9 +34,6 @@ MODEL_TYPES = (
     "ocr",
 )
 
-#: Backend kinds this version can run; the others are recognised but refused.
-IMPLEMENTED_BACKENDS = ("llamacpp",)
-
 #: The model types each backend kind can serve.
 BACKEND_MODEL_TYPES = {
     "llamacpp": ("llm", "embedding", "rerank"),
@@ -245,15 +242,19 @@ class BackendSettings:
     port_range_start: int = _setting(9100, _port)
     port_range_end: int = _setting(9200, _port)
 
+    #: The key that names each backend kind's program.
+    BINARY_KEYS = {
+        "llamacpp": "llamacpp_binary",
+        "openvino": "ovms_binary",
+        "transformers": "transformers_binary",
+    }
+
     def binaryFor(self, kind: str) -> str:
         """
         @return: the configured program name or path for backend C{kind}.
         """
-        return {
-            "llamacpp": self.llamacpp_binary,
-            "openvino": self.ovms_binary,
-            "transformers": self.transformers_binary,
-        }[kind]
+        binary: str = getattr(self, self.BINARY_KEYS[kind])
+        return binary
 
 
 @frozen
@@ -443,11 +444,6 @@ def _checkModel(
             f"{place}.backend: backend {model.backend!r} is not in enabled_backends"
             f" ({', '.join(config.enabled_backends)})"
         )
-    if model.backend not in IMPLEMENTED_BACKENDS:
-        raise ConfigError(
-            f"{place}.backend: backend {model.backend!r} is not supported by this version of dynllm"
-            f" yet (supported: {', '.join(IMPLEMENTED_BACKENDS)})"
-        )
     if model.model_type not in BACKEND_MODEL_TYPES[model.backend]:
         raise ConfigError(
             f"{place}.model_type: backend {model.backend!r} cannot serve model_type"
@@ -457,6 +453,11 @@ def _checkModel(
         kind = BACKEND_ONLY_FIELDS.get(key)
         if kind is not None and kind != model.backend:
             raise ConfigError(f"{place}.{key} applies only to backend {kind!r}, not {model.backend!r}")
+    if model.quantization not in (None, "none") and model.model_type != "llm":
+        raise ConfigError(
+            f"{place}.quantization: quantization applies only to model_type 'llm',"
+            f" not {model.model_type!r}"
+        )
     if model.vram_mb > config.total_vram_mb:
         raise ConfigError(
             f"{place}.vram_mb: {model.vram_mb} MB is larger than total_vram_mb"
@@ -469,7 +470,7 @@ def _checkModel(
     if which(binary) is None:
         raise ConfigError(
             f"{place}.backend: the {model.backend} program {binary!r} was not found"
-            f" (set backend.{model.backend}_binary to its path)"
+            f" (set backend.{BackendSettings.BINARY_KEYS[model.backend]} to its path)"
         )
     return evolve(model, path=os.path.abspath(path))
 

@@ -58,8 +58,19 @@ class IBackend(Interface):
             a probe should be sent at once rather than at the next tick.
         """
 
-    def upstreamPath(route: str, model: ModelConfig) -> str:
+    def upstreamPath(route: str, model: ModelConfig) -> str | None:
         """
-        @param route: The public path, e.g. C{'/v1/chat/completions'}.
-        @return: the path on the backend that serves C{route} for C{model}.
+        @param route: The public path, e.g. C{'/v1/chat/completions'}, or
+            for the KServe routes the request's own path
+            (C{'/v2/models/NAME/infer'}).
+        @return: the path on the backend that serves C{route} for C{model},
+            or C{None} if this backend does not serve it.
+        """
+
+    def upstreamModel(model: ModelConfig) -> str:
+        """
+        @return: the name the backend knows C{model} by, which requests must
+            carry in their C{model} field; when it is not C{model.name},
+            requests and responses are renamed on the way (see
+            L{dynllm.rewrite}).
         """

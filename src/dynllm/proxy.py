@@ -22,6 +22,7 @@ from typing import Any, cast
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
+from twisted.internet.task import Cooperator
 from twisted.python.failure import Failure
 from twisted.web.client import FileBodyProducer, ResponseDone, ResponseNeverReceived
 from twisted.web.http import PotentialDataLoss
@@ -32,6 +33,7 @@ from zope.interface import implementer
 
 from dynllm import errors
 from dynllm.logs import logger
+from dynllm.rewrite import NameRewriter
 
 log = logger(__name__)
 
@@ -58,6 +60,9 @@ DROP_REQUEST = HOP_BY_HOP | {b"host", b"content-length", b"expect", b"accept-enc
 #: C{Server}. (C{Content-Length} is kept: the body is relayed unchanged.)
 DROP_RESPONSE = HOP_BY_HOP | {b"date", b"server"}
 
+
+#: Response content types in which a model's name is renamed.
+TEXT_TYPES = (b"application/json", b"text/")
 
 #: Bytes of relayed body gathered before they are written (see L{_Relay}).
 MAX_BATCH = 16384
@@ -99,10 +104,17 @@ class _Relay(Protocol):
     frames are not held back while the rest of it is decoded.
     """
 
-    def __init__(self, request: Request, done: defer.Deferred[None], clock: IReactorTime) -> None:
+    def __init__(
+        self,
+        request: Request,
+        done: defer.Deferred[None],
+        clock: IReactorTime,
+        rewriter: NameRewriter | None = None,
+    ) -> None:
         self._request = request
         self._done = done
         self._clock = clock
+        self._rewriter = rewriter
         self._pending: list[bytes] = []
         self._pendingSize = 0
         self._flushCall: IDelayedCall | None = None
@@ -113,6 +125,8 @@ class _Relay(Protocol):
         self._request.registerProducer(self.transport, True)
 
     def dataReceived(self, data: bytes) -> None:
+        if self._rewriter is not None:
+            data = self._rewriter.feed(data)
         self._pending.append(data)
         self._pendingSize += len(data)
         if self._pendingSize >= MAX_BATCH:
@@ -131,9 +145,11 @@ class _Relay(Protocol):
             self._request.write(b"".join(pending))
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._rewriter is not None:
+            self._pending.append(self._rewriter.flush())
         if self._flushCall is not None:
             self._flushCall.cancel()
-            self._flush()
+        self._flush()
         if self._request.channel is not None:
             self._request.unregisterProducer()
         if self._done.called:
@@ -144,12 +160,15 @@ class _Relay(Protocol):
             self._done.errback(reason)
 
 
-def relayBody(response: Any, request: Request, clock: IReactorTime) -> defer.Deferred[None]:
+def relayBody(
+    response: Any, request: Request, clock: IReactorTime, rewriter: NameRewriter | None = None
+) -> defer.Deferred[None]:
     """
     Write the body of C{response} (a C{twisted.web.iweb.IResponse}) to
     C{request} as it arrives.
 
     @param clock: Schedules the writes (see L{_Relay}).
+    @param rewriter: Renames the model in the body, if it must be.
     @return: a Deferred that fires when the body has been relayed; cancelling
         it aborts the upstream connection.
     """
@@ -157,7 +176,7 @@ def relayBody(response: Any, request: Request, clock: IReactorTime) -> defer.Def
     done: defer.Deferred[None] = defer.Deferred(
         lambda d: cast(IPushProducer, relays[0].transport).stopProducing()
     )
-    relays.append(_Relay(request, done, clock))
+    relays.append(_Relay(request, done, clock, rewriter))
     response.deliverBody(relays[0])
     return done
 
@@ -187,7 +206,17 @@ class BytesProducer:
         pass
 
 
-def requestBody(request: IRequest) -> Any:
+def fileProducer(file: Any, clock: IReactorTime) -> FileBodyProducer:
+    """
+    @return: a body producer that streams C{file} from its start, one block
+        per turn of C{clock} (so that tests can drive it with a fake clock).
+    """
+    file.seek(0)
+    cooperator = Cooperator(scheduler=lambda work: clock.callLater(0, work))
+    return FileBodyProducer(file, cooperator=cooperator)
+
+
+def requestBody(request: IRequest, clock: IReactorTime) -> Any:
     """
     @return: the body of C{request} to send upstream: its bytes when
         twisted.web kept them in memory, else a producer that streams the
@@ -198,7 +227,7 @@ def requestBody(request: IRequest) -> Any:
     getvalue = getattr(content, "getvalue", None)
     if getvalue is not None:
         return getvalue()
-    return FileBodyProducer(content)
+    return fileProducer(content, clock)
 
 
 async def forward(
@@ -208,6 +237,7 @@ async def forward(
     body: Any,
     headers: Headers | None = None,
     clock: IReactorTime | None = None,
+    rewriter: NameRewriter | None = None,
 ) -> None:
     """
     Send C{request} to C{url} and relay the response to the client.
@@ -218,6 +248,9 @@ async def forward(
         less those in L{DROP_REQUEST}.
     @param clock: Schedules writes to the client; the global reactor by
         default.
+    @param rewriter: Renames the model in the response body, for a backend
+        that knows it by another name (the length then changes, so
+        C{Content-Length} is dropped).
     @raise errors.APIError: 502 when the backend could not be reached or
         sent no response.
     """
@@ -242,15 +275,20 @@ async def forward(
 
     request.setResponseCode(response.code, response.phrase)
     out = endToEnd(response.headers, DROP_RESPONSE)
+    contentType = out.getRawHeaders(b"content-type", [b""])[0]
+    if rewriter is not None:
+        if contentType.startswith(TEXT_TYPES):
+            out.removeHeader(b"content-length")
+        else:
+            rewriter = None  # audio, images: nothing to rename
     for name, values in out.getAllRawHeaders():
         request.responseHeaders.setRawHeaders(name, values)
-    contentType = out.getRawHeaders(b"content-type", [b""])[0]
     if contentType.startswith(b"text/event-stream"):
         # Ask reverse proxies in front of us not to buffer the stream.
         request.responseHeaders.setRawHeaders(b"x-accel-buffering", [b"no"])
         request.responseHeaders.setRawHeaders(b"cache-control", [b"no-cache"])
     try:
-        await relayBody(response, request, clock)
+        await relayBody(response, request, clock, rewriter)
     except defer.CancelledError:
         raise
     except Exception:

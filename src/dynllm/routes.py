@@ -20,19 +20,50 @@ from twisted.web.iweb import IRequest
 from twisted.web.server import Request
 from werkzeug.exceptions import HTTPException
 
-from dynllm import errors
-from dynllm.config import Config
+from dynllm import errors, multipart
+from dynllm.backends import backendFor
+from dynllm.config import Config, ModelConfig
+from dynllm.interfaces import IBackend
 from dynllm.metrics import CONTENT_TYPE, Metrics
-from dynllm.proxy import forward
-from dynllm.scheduler import ModelManager
+from dynllm.proxy import fileProducer, forward, requestBody
+from dynllm.rewrite import NameRewriter, renameInRequest
+from dynllm.scheduler import FAILED, ModelManager
 
-#: The JSON endpoints and the model types each one serves.
+#: The OpenAI endpoints whose body is JSON, and the model types each serves.
 JSON_ENDPOINTS = {
     "/v1/chat/completions": ("llm",),
     "/v1/completions": ("llm",),
     "/v1/embeddings": ("embedding",),
     "/v1/rerank": ("rerank",),
+    "/v1/audio/speech": ("speech",),
+    "/v1/images/generations": ("image_generation",),
 }
+
+#: The OpenAI endpoints whose body is a multipart upload, and their types.
+MULTIPART_ENDPOINTS = {
+    "/v1/audio/transcriptions": ("transcription",),
+    "/v1/audio/translations": ("transcription",),
+}
+
+#: The model types the KServe v2 routes serve.
+KSERVE_TYPES = ("classification", "detection", "segmentation", "ocr")
+
+#: Header that tells a KServe readiness check the model's state in dynllm.
+STATE_HEADER = b"X-DynLLM-Model-State"
+
+
+#: How messages name the KServe routes.
+KSERVE_ROUTE = "the KServe v2 API"
+
+
+def nameRewriter(upstreamName: str, model: ModelConfig) -> NameRewriter:
+    """
+    @return: a rewriter of C{upstreamName} back to C{model}'s public name in
+        responses, including the spelling with C{@main} appended that some
+        backends echo for a name given without a revision.
+    """
+    variants = () if "@" in upstreamName else (upstreamName + "@main",)
+    return NameRewriter(upstreamName, model.name, variants)
 
 
 def _json(request: IRequest, value: Any, status: int = 200) -> bytes:
@@ -167,37 +198,150 @@ class DynLLMRoutes:
     @app.route("/v1/completions", methods=["POST"])
     @app.route("/v1/embeddings", methods=["POST"])
     @app.route("/v1/rerank", methods=["POST"])
+    @app.route("/v1/audio/speech", methods=["POST"])
+    @app.route("/v1/images/generations", methods=["POST"])
     async def jsonEndpoint(self, request: Request) -> None:
         self._checkClientKey(request)
         route = request.path.decode("ascii")
-        body = readBody(request)
-        name = requestedModel(parseJSON(body))
-        await self._proxy(request, route, name, JSON_ENDPOINTS[route], body)
+        raw = readBody(request)
+        parsed = parseJSON(raw)
+        model, backend = self._resolve(requestedModel(parsed), route, JSON_ENDPOINTS[route])
+        body: Any = raw
+        rewriter = None
+        upstreamName = backend.upstreamModel(model)
+        if upstreamName != model.name:
+            body = renameInRequest(parsed, upstreamName)
+            rewriter = nameRewriter(upstreamName, model)
+        await self._proxy(request, route, model, body, rewriter)
 
-    async def _proxy(
-        self, request: Request, route: str, name: str, modelTypes: Sequence[str], body: Any
-    ) -> None:
+    @app.route("/v1/audio/transcriptions", methods=["POST"])
+    @app.route("/v1/audio/translations", methods=["POST"])
+    async def multipartEndpoint(self, request: Request) -> None:
         """
-        Lease model C{name}, relay the request to it, and hold the lease
-        until the response has been written or the client has gone.
+        An upload passes through byte for byte: the C{model} field is found
+        by reading the spooled body once, in blocks, and only its value is
+        replaced when the backend knows the model by another name.
+        """
+        self._checkClientKey(request)
+        route = request.path.decode("ascii")
+        content = request.content
+        assert content is not None  # twisted.web has spooled the whole body
+        try:
+            found = multipart.findField(content, request.getHeader(b"content-type"), "model")
+        except multipart.MultipartError as e:
+            raise errors.badRequest(str(e), code="invalid_multipart") from None
+        if found is None or not found.value:
+            raise errors.badRequest("the request must name a model in its 'model' field", param="model")
+        model, backend = self._resolve(found.value, route, MULTIPART_ENDPOINTS[route])
+        body: Any
+        rewriter = None
+        upstreamName = backend.upstreamModel(model)
+        if upstreamName != model.name:
+            spliced = multipart.SplicedFile(content, found.start, found.end, upstreamName.encode("utf-8"))
+            body = fileProducer(spliced, self.clock)
+            rewriter = nameRewriter(upstreamName, model)
+        else:
+            body = requestBody(request, self.clock)
+        await self._proxy(request, route, model, body, rewriter)
 
-        @param body: What to send upstream: bytes, or an C{IBodyProducer}.
+    # KServe v2.
+
+    @app.route("/v2/models/<string:name>", methods=["GET"])
+    @app.route("/v2/models/<string:name>/versions/<string:version>", methods=["GET"])
+    @app.route("/v2/models/<string:name>/infer", methods=["POST"])
+    @app.route("/v2/models/<string:name>/versions/<string:version>/infer", methods=["POST"])
+    async def kserve(self, request: Request, name: str, version: str | None = None) -> None:
+        """
+        Model metadata and inference: the model is loaded if it is not.
+        """
+        self._checkClientKey(request)
+        route = request.path.decode("ascii")
+        model, backend = self._resolve(name, route, KSERVE_TYPES)
+        body = requestBody(request, self.clock) if request.method == b"POST" else None
+        await self._proxy(request, route, model, body)
+
+    @app.route("/v2/models/<string:name>/ready", methods=["GET"])
+    @app.route("/v2/models/<string:name>/versions/<string:version>/ready", methods=["GET"])
+    async def kserveReady(self, request: Request, name: str, version: str | None = None) -> bytes | None:
+        """
+        Model readiness, answered without loading the model or resetting
+        its idle timer, so that a client polling it does not keep the model
+        loaded forever.
+
+        A loaded model's backend answers for it. A model that is not
+        loaded answers 200 (an inference request would load it), unless
+        its last load failed (503). The header L{STATE_HEADER} tells which.
+        """
+        self._checkClientKey(request)
+        route = request.path.decode("ascii")
+        model, backend = self._resolve(name, route, KSERVE_TYPES)
+        lease = self.manager.peek(name)
+        if lease is None:
+            state = self.manager.describe(name)
+            request.setHeader(STATE_HEADER, state["status"].encode("ascii"))
+            if state["status"] == FAILED:
+                raise errors.APIError(
+                    503, f"model {name!r} failed to load: {state['last_error']}", "server_error", "model_failed"
+                )
+            return b""
+        request.setHeader(STATE_HEADER, b"loaded")
+        try:
+            upstream = backend.upstreamPath(route, model)
+            assert upstream is not None
+            await forward(self.agent, request, (lease.baseURL + upstream).encode("ascii"), None, clock=self.clock)
+        finally:
+            lease.release()
+        return None
+
+    # Relaying.
+
+    def _resolve(self, name: str, route: str, modelTypes: Sequence[str]) -> tuple[ModelConfig, IBackend]:
+        """
+        Check that model C{name} exists and that C{route} serves it.
+
+        @return: the model and its backend.
+        @raise errors.APIError: 404 for an unknown model, 400 for a model
+            of a type C{route} does not serve, or whose backend does not
+            serve C{route}.
         """
         model = self.config.model(name)
         if model is None:
             raise errors.modelNotFound(name)
+        public = KSERVE_ROUTE if route.startswith("/v2/") else route
         if model.model_type not in modelTypes:
             raise errors.badRequest(
-                f"model {name!r} is a {model.model_type} model; {route} serves"
-                f" {' and '.join(modelTypes)} models",
+                f"model {name!r} is a {model.model_type} model; {public} serves"
+                f" {', '.join(modelTypes)} models",
                 param="model",
                 code="model_type_mismatch",
             )
-        self.metrics.observe(request, name, route, self.clock.seconds(), self.clock)
-        lease = await self.manager.acquire(name)
+        backend = backendFor(model.backend)
+        if backend.upstreamPath(route, model) is None:
+            raise errors.badRequest(
+                f"model {name!r} runs on the {model.backend} backend, which does not serve {public}",
+                param="model",
+                code="unsupported_endpoint",
+            )
+        return model, backend
+
+    async def _proxy(
+        self, request: Request, route: str, model: ModelConfig, body: Any, rewriter: NameRewriter | None = None
+    ) -> None:
+        """
+        Lease C{model}, relay the request to it, and hold the lease until
+        the response has been written or the client has gone.
+
+        @param body: What to send upstream: bytes, an C{IBodyProducer}, or
+            C{None}.
+        @param rewriter: Renames the model in the response, if needed.
+        """
+        self.metrics.observe(request, model.name, route, self.clock.seconds(), self.clock)
+        lease = await self.manager.acquire(model.name)
         try:
-            url = (lease.baseURL + lease.backend.upstreamPath(route, model)).encode("ascii")
-            await forward(self.agent, request, url, body, clock=self.clock)
+            upstream = lease.backend.upstreamPath(route, model)
+            assert upstream is not None
+            url = (lease.baseURL + upstream).encode("ascii")
+            await forward(self.agent, request, url, body, clock=self.clock, rewriter=rewriter)
         finally:
             lease.release()
 

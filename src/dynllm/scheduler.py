@@ -344,6 +344,33 @@ class ModelManager(Service):
             self._schedule()
         return waiter.deferred
 
+    def peek(self, name: str) -> Lease | None:
+        """
+        Get a lease on model C{name} only if it is loaded now, for a look
+        that is not a use: the model is not loaded for it, and its idle
+        timer is not reset by it (a readiness check must not
+        keep a model loaded forever).
+
+        @return: a L{Lease}, or C{None} if the model is not loaded.
+        @raise errors.APIError: 404 for an unknown model.
+        """
+        slot = self.slots.get(name)
+        if slot is None:
+            raise errors.modelNotFound(name)
+        if slot.state != LOADED or self._stopping:
+            return None
+        return self._lease(slot, use=False)
+
+    def describe(self, name: str) -> dict[str, Any]:
+        """
+        @return: model C{name}'s state, as C{/admin/models} shows it.
+        @raise errors.APIError: 404 for an unknown model.
+        """
+        slot = self.slots.get(name)
+        if slot is None:
+            raise errors.modelNotFound(name)
+        return slot.describe()
+
     def load(self, name: str) -> defer.Deferred[None]:
         """
         Make sure model C{name} is loaded, without holding it.
@@ -429,19 +456,21 @@ class ModelManager(Service):
 
     # Leases.
 
-    def _lease(self, slot: ModelSlot) -> Lease:
+    def _lease(self, slot: ModelSlot, use: bool = True) -> Lease:
         assert slot.run is not None
         slot.active += 1
-        slot.lastUsedAt = self.reactor.seconds()
+        if use:
+            slot.lastUsedAt = self.reactor.seconds()
         run = slot.run
-        return Lease(slot.config, slot.backend, run.baseURL, lambda lease: self._release(slot, run))
+        return Lease(slot.config, slot.backend, run.baseURL, lambda lease: self._release(slot, run, use))
 
-    def _release(self, slot: ModelSlot, run: BackendRun) -> None:
+    def _release(self, slot: ModelSlot, run: BackendRun, use: bool = True) -> None:
         if slot.run is not run:
             return  # that backend is gone already
         slot.active -= 1
-        slot.lastUsedAt = self.reactor.seconds()
-        slot.dirty = True
+        if use:
+            slot.lastUsedAt = self.reactor.seconds()
+            slot.dirty = True
         if slot.active == 0:
             if self._pending:
                 self._schedule()

@@ -6,6 +6,8 @@ The backend kinds, one module each, all providing L{dynllm.interfaces.IBackend}.
 from __future__ import annotations
 
 from dynllm.backends.llamacpp import LlamaCppBackend
+from dynllm.backends.openvino import OpenVINOBackend
+from dynllm.backends.transformers import TransformersBackend
 from dynllm.interfaces import IBackend
 
 
@@ -19,6 +21,8 @@ def backendFor(kind: str) -> IBackend:
 
 _BACKENDS: dict[str, IBackend] = {
     "llamacpp": LlamaCppBackend(),
+    "openvino": OpenVINOBackend(),
+    "transformers": TransformersBackend(),
 }
 
-__all__ = ["backendFor", "LlamaCppBackend"]
+__all__ = ["backendFor", "LlamaCppBackend", "OpenVINOBackend", "TransformersBackend"]

@@ -16,6 +16,9 @@ from dynllm.backends._http import getIsOK
 from dynllm.config import ModelConfig
 from dynllm.interfaces import IBackend
 
+#: The public routes llama-server serves, at the same paths.
+SERVED_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/rerank"})
+
 
 @implementer(IBackend)
 @frozen
@@ -56,5 +59,8 @@ class LlamaCppBackend:
     def readyHint(self, line: str) -> bool:
         return "model loaded" in line or "listening on" in line
 
-    def upstreamPath(self, route: str, model: ModelConfig) -> str:
-        return route
+    def upstreamPath(self, route: str, model: ModelConfig) -> str | None:
+        return route if route in SERVED_ROUTES else None
+
+    def upstreamModel(self, model: ModelConfig) -> str:
+        return model.name

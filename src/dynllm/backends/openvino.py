@@ -1,0 +1,123 @@
+# -*- test-case-name: tests.test_backends -*-
+"""
+OpenVINO Model Server (C{ovms}): one process per model, for every model type
+of the spec.
+
+Generative models are MediaPipe graphs served on OVMS's OpenAI-style C{/v3}
+endpoints; OVMS builds the graph itself from C{--task} (OVMS 2025.2 and
+newer), unless the model directory brings its own C{graph.pbtxt}. Vision
+models (classification, detection, segmentation, OCR) are classic OpenVINO
+IR models served through KServe v2 only.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+from urllib.parse import quote
+
+from attrs import frozen
+from twisted.internet import defer
+from zope.interface import implementer
+
+from dynllm.backends._http import getIsOK
+from dynllm.config import ModelConfig
+from dynllm.interfaces import IBackend
+
+#: The C{--task} of each generative model type.
+TASKS = {
+    "llm": "text_generation",
+    "embedding": "embeddings",
+    "rerank": "rerank",
+    "transcription": "speech2text",
+    "speech": "text2speech",
+    "image_generation": "image_generation",
+}
+
+#: Model types served as classic models through KServe v2.
+KSERVE_TYPES = ("classification", "detection", "segmentation", "ocr")
+
+#: Public OpenAI routes and the C{/v3} paths OVMS serves them at.
+OPENAI_PATHS = {
+    "/v1/chat/completions": "/v3/chat/completions",
+    "/v1/completions": "/v3/completions",
+    "/v1/embeddings": "/v3/embeddings",
+    "/v1/rerank": "/v3/rerank",
+    "/v1/audio/transcriptions": "/v3/audio/transcriptions",
+    "/v1/audio/translations": "/v3/audio/translations",
+    "/v1/audio/speech": "/v3/audio/speech",
+    "/v1/images/generations": "/v3/images/generations",
+}
+
+#: The file that makes a model directory a MediaPipe graph of its own.
+GRAPH_FILE = "graph.pbtxt"
+
+
+def hasOwnGraph(model: ModelConfig) -> bool:
+    """
+    @return: whether C{model}'s directory holds a C{graph.pbtxt} (made by
+        OVMS's export script or C{--pull}), which OVMS then serves as is.
+    """
+    return os.path.isfile(os.path.join(model.path, GRAPH_FILE))
+
+
+@implementer(IBackend)
+@frozen
+class OpenVINOBackend:
+    """
+    Runs C{ovms --rest_port N --rest_bind_address 127.0.0.1 --port 0
+    --model_name NAME --model_path PATH --target_device DEV [--task T]}:
+    REST on loopback only, gRPC off.
+
+    OVMS answers REST before its model is loaded. Every servable, classic
+    model or MediaPipe graph, is registered under C{--model_name}, and
+    C{GET /v2/models/NAME/ready} turns 200 once it is available. Some OVMS
+    versions do not list the graphs that C{--task} builds under KServe; for
+    those, a graph is also taken as ready when C{GET /v3/models/NAME}
+    (which lists available graphs only) answers 200.
+    """
+
+    kind: str = "openvino"
+    modelTypes: tuple[str, ...] = (*TASKS, *KSERVE_TYPES)
+
+    def argv(self, model: ModelConfig, binary: str, port: int) -> list[str]:
+        args = [
+            binary,
+            "--rest_port", str(port),
+            "--rest_bind_address", "127.0.0.1",
+            "--port", "0",
+            "--model_name", model.name,
+            "--model_path", model.path,
+            "--target_device", model.target_device,
+        ]
+        if model.ovms_shape is not None:
+            args += ["--shape", model.ovms_shape]
+        task = TASKS.get(model.model_type)
+        if task is not None and not hasOwnGraph(model):
+            args += ["--task", task]
+        return args + list(model.extra_args)
+
+    def environment(self, model: ModelConfig) -> dict[str, str]:
+        return {}
+
+    def probe(self, http: Any, baseURL: str, model: ModelConfig) -> defer.Deferred[bool]:
+        return defer.ensureDeferred(self._probe(http, baseURL, model))
+
+    async def _probe(self, http: Any, baseURL: str, model: ModelConfig) -> bool:
+        name = quote(model.name, safe="")
+        if await getIsOK(http, f"{baseURL}/v2/models/{name}/ready"):
+            return True
+        if model.model_type in TASKS:
+            return await getIsOK(http, f"{baseURL}/v3/models/{name}")
+        return False
+
+    def readyHint(self, line: str) -> bool:
+        return "AVAILABLE" in line or "ServableManagerModule started" in line
+
+    def upstreamPath(self, route: str, model: ModelConfig) -> str | None:
+        if route.startswith("/v2/models/"):
+            return route if model.model_type in KSERVE_TYPES else None
+        return OPENAI_PATHS.get(route)
+
+    def upstreamModel(self, model: ModelConfig) -> str:
+        return model.name

@@ -1,0 +1,93 @@
+"""
+Tests for L{dynllm.rewrite}: renaming the model between its public name and
+the name a backend knows it by.
+"""
+
+from __future__ import annotations
+
+import json
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from dynllm.rewrite import NameRewriter, renameInRequest
+
+PATH = "/models/tiny llm"
+
+
+def frames(path: str) -> bytes:
+    """
+    @return: an SSE stream of three chunks naming C{path}, as C{transformers
+        serve} writes it (C{json.dumps} spacing, no C{[DONE]}).
+    """
+    out = b""
+    for i in range(3):
+        out += b"data: " + json.dumps({"model": path, "choices": [{"delta": {"content": str(i)}}]}).encode()
+        out += b"\n\n"
+    return out
+
+
+class RenameInRequestTests(SynchronousTestCase):
+    """
+    L{renameInRequest} names the backend's model in a request body.
+    """
+
+    def test_renamed(self) -> None:
+        """
+        Only C{model} changes.
+        """
+        body = {"model": "alias", "messages": [{"role": "user", "content": "alias"}]}
+        self.assertEqual(json.loads(renameInRequest(body, PATH)), dict(body, model=PATH))
+
+
+class NameRewriterTests(SynchronousTestCase):
+    """
+    L{NameRewriter} renames the backend's name back to the alias in a
+    body that arrives in pieces.
+    """
+
+    def feedAll(self, rewriter: NameRewriter, pieces: list[bytes]) -> list[bytes]:
+        out = [rewriter.feed(p) for p in pieces]
+        out.append(rewriter.flush())
+        return out
+
+    def test_wholeBody(self) -> None:
+        """
+        A JSON body in one piece is renamed.
+        """
+        rewriter = NameRewriter(PATH, "tiny")
+        body = json.dumps({"model": PATH, "object": "chat.completion"}).encode()
+        self.assertEqual(
+            json.loads(b"".join(self.feedAll(rewriter, [body]))), {"model": "tiny", "object": "chat.completion"}
+        )
+
+    def test_everySplit(self) -> None:
+        """
+        However the stream is cut into pieces, the result is the stream
+        renamed.
+        """
+        stream = frames(PATH)
+        expected = frames("tiny")
+        for cut in range(1, len(stream)):
+            rewriter = NameRewriter(PATH, "tiny")
+            self.assertEqual(b"".join(self.feedAll(rewriter, [stream[:cut], stream[cut:]])), expected, cut)
+        rewriter = NameRewriter(PATH, "tiny")
+        self.assertEqual(b"".join(self.feedAll(rewriter, [bytes([b]) for b in stream])), expected)
+
+    def test_framesNotDelayed(self) -> None:
+        """
+        A piece that ends a frame is passed on whole: nothing is held back
+        for the next piece.
+        """
+        rewriter = NameRewriter(PATH, "tiny")
+        stream = frames(PATH)
+        first = stream[: stream.index(b"\n\n") + 2]
+        self.assertEqual(rewriter.feed(first), frames("tiny")[: len(first) - len(PATH) + 4])
+
+    def test_variants(self) -> None:
+        """
+        Other spellings of the name (with C{@main}) are renamed too, and a
+        name that merely starts like the path is left alone.
+        """
+        rewriter = NameRewriter(PATH, "tiny", (PATH + "@main",))
+        body = json.dumps([PATH + "@main", PATH, PATH + "2"]).encode()
+        self.assertEqual(json.loads(b"".join(self.feedAll(rewriter, [body]))), ["tiny", "tiny", PATH + "2"])
