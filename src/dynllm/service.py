@@ -22,7 +22,7 @@ from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
-from dynllm import logs
+from dynllm import logs, torchinfo
 from dynllm.config import Config
 from dynllm.routes import DynLLMRoutes
 from dynllm.scheduler import ModelManager
@@ -54,8 +54,18 @@ class DynLLMService(MultiService):
         self.http = http
         self._pool = pool
 
+    def startService(self) -> None:
+        super().startService()
+        self.torchProbe = torchinfo.startLogging(self.reactor, self.config)
+
     def stopService(self) -> defer.Deferred[None]:
+        probe = getattr(self, "torchProbe", None)
+        if probe is not None and not probe.called:
+            probe.cancel()
         d = defer.maybeDeferred(super().stopService)
+        if probe is not None:
+            # Wait for the probe's child to be gone too.
+            d.addBoth(lambda r: probe.addBoth(lambda _: r))
         d.addBoth(lambda r: self._pool.closeCachedConnections().addCallback(lambda _: r))
         return d
 
