@@ -799,14 +799,27 @@ class ExampleTests(ConfigTestMixin, TestCase):
 
     def test_exampleValidates(self) -> None:
         """
-        The example declares three llama.cpp models (llm, embedding, rerank)
+        The example declares models of the three backends (llama.cpp: llm,
+        embedding, rerank; OpenVINO: llm, transcription, speech, image
+        generation, classification; transformers: llm, transcription)
         within the default budget, preloads the embedding model and listens
         on 127.0.0.1:8000.
         """
         config = self.loadExample()
         self.assertEqual(
             [(m.backend, m.model_type) for m in config.models],
-            [("llamacpp", "llm"), ("llamacpp", "embedding"), ("llamacpp", "rerank")],
+            [
+                ("llamacpp", "llm"),
+                ("llamacpp", "embedding"),
+                ("llamacpp", "rerank"),
+                ("openvino", "llm"),
+                ("openvino", "transcription"),
+                ("openvino", "speech"),
+                ("openvino", "image_generation"),
+                ("openvino", "classification"),
+                ("transformers", "llm"),
+                ("transformers", "transcription"),
+            ],
         )
         self.assertEqual(config.server.host, "127.0.0.1")
         self.assertEqual(config.server.port, 8000)
@@ -823,8 +836,7 @@ class ExampleTests(ConfigTestMixin, TestCase):
 
     def test_exampleMentionsEveryKey(self) -> None:
         """
-        Every key the configuration accepts appears in the example (the
-        OpenVINO and transformers ones in commented-out models).
+        Every key the configuration accepts appears in the example.
         """
         with open(EXAMPLE) as f:
             text = f.read()
@@ -833,25 +845,3 @@ class ExampleTests(ConfigTestMixin, TestCase):
                 if "check" in attribute.metadata:
                     self.assertRegex(text, rf"(?m)^[ #-]*{attribute.name}:", attribute.name)
 
-    def test_exampleCommentedModels(self) -> None:
-        """
-        Uncommenting the OpenVINO and transformers examples (and enabling
-        their backends) gives models whose every key and value is accepted.
-        """
-        with open(EXAMPLE) as f:
-            text = f.read()
-        head, models = text.split("\nmodels:\n")
-        head = re.sub(r"(?m)^  # - (openvino|transformers)$", r"  - \1", head)
-        models = re.sub(r"(?m)^  # (- name:|  )", r"  \1", models)
-        raw = yaml.safe_load(head + "\nmodels:\n" + models)
-        self.assertEqual(
-            [m["backend"] for m in raw["models"]],
-            ["llamacpp", "llamacpp", "llamacpp", "openvino", "transformers"],
-        )
-        self.assertEqual(raw["enabled_backends"], ["llamacpp", "openvino", "transformers"])
-        raw["models_dir"] = os.path.join(self.dir, "models")
-        raw["preload_models"] = []
-        for model in raw["models"]:
-            os.makedirs(os.path.join(raw["models_dir"], model["path"]), exist_ok=True)
-        config = self.parse(raw, lambda name: "/bin/true")
-        self.assertEqual([m.backend for m in config.models][3:], ["openvino", "transformers"])
