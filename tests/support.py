@@ -92,6 +92,60 @@ def tinyModels() -> dict[str, str]:
     return paths
 
 
+_transformers: str | None = None
+
+
+def transformersServe() -> str:
+    """
+    @return: the path of a C{transformers} program with C{transformers serve}:
+        C{$DYNLLM_TRANSFORMERS} if set, else the project's cached virtualenv
+        (made now if missing, which takes a minute or two).
+    """
+    global _transformers
+    if _transformers is None:
+        path = os.environ.get("DYNLLM_TRANSFORMERS")
+        if not path:
+            result = subprocess.run(
+                ["bash", os.path.join(ROOT, "tools", "setup-transformers.sh")],
+                stdout=subprocess.PIPE,
+                check=True,
+                text=True,
+            )
+            path = result.stdout.strip().splitlines()[-1]
+        if not os.access(path, os.X_OK):
+            raise RuntimeError(f"transformers {path!r} is not an executable file")
+        _transformers = path
+    return _transformers
+
+
+def tinyHFModels() -> dict[str, str]:
+    """
+    Generate the tiny random-weight Hugging Face models (a chat model and a
+    Whisper model) once, with the Python of L{transformersServe}; they are
+    cached, keyed by the generator's contents.
+
+    @return: kind (C{llm}, C{whisper}) -> model directory.
+    """
+    generator = os.path.join(ROOT, "tools", "make_tiny_hf.py")
+    with open(generator, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()[:12]
+    python = os.path.join(os.path.dirname(transformersServe()), "python")
+    paths = {}
+    for kind in ("llm", "whisper"):
+        path = os.path.join(CACHE, f"hf-{digest}", f"tiny-{kind}")
+        if not os.path.isdir(path):
+            subprocess.run(
+                [python, generator, path + ".tmp", "--kind", kind],
+                check=True,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                env=dict(os.environ, HF_HUB_OFFLINE="1"),
+            )
+            os.replace(path + ".tmp", path)
+        paths[kind] = path
+    return paths
+
+
 def freePort() -> int:
     """
     @return: a TCP port that was free on 127.0.0.1 a moment ago.
