@@ -208,6 +208,21 @@ def checkEnvelope(case: Any, status: int, body: bytes, expected: int, code: str 
     return error
 
 
+def commandLine(pid: int) -> list[str]:
+    """
+    @return: the command line of process C{pid}.
+    """
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return [a.decode() for a in f.read().split(b"\0") if a]
+
+
+def flag(args: list[str], name: str) -> str | None:
+    """
+    @return: the value after option C{name} in C{args}, or C{None}.
+    """
+    return args[args.index(name) + 1] if name in args else None
+
+
 def pidAlive(pid: int) -> bool:
     """
     @return: whether C{pid} is a running (not zombie) process.

@@ -13,9 +13,15 @@ from twisted.internet import defer
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
-from dynllm.backends import LlamaCppBackend, OpenVINOBackend, TransformersBackend, backendFor
-from dynllm.config import BACKEND_MODEL_TYPES, BACKEND_KINDS, ModelConfig
+from dynllm.backends import (
+    LlamaCppBackend,
+    OpenVINOBackend,
+    TransformersBackend,
+    backendFor,
+)
+from dynllm.config import BACKEND_KINDS, BACKEND_MODEL_TYPES, ModelConfig
 from dynllm.interfaces import IBackend
+from tests.support import flag
 
 
 def model(**kw: object) -> ModelConfig:
@@ -48,13 +54,6 @@ class FakeHTTP:
     def request(self, method: str, url: str, timeout: float) -> defer.Deferred[FakeResponse]:
         self.asked.append(url)
         return defer.succeed(FakeResponse(self.codes.get(url, 404)))
-
-
-def flag(args: list[str], name: str) -> str | None:
-    """
-    @return: the value after C{name} in C{args}, or C{None}.
-    """
-    return args[args.index(name) + 1] if name in args else None
 
 
 class InterfaceTests(SynchronousTestCase):

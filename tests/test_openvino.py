@@ -18,7 +18,7 @@ import openai
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests import fakeovms
-from tests.support import Daemon, checkEnvelope, pidAlive, waitFor
+from tests.support import Daemon, checkEnvelope, commandLine, flag, pidAlive, waitFor
 
 #: Every OpenVINO model type, with a model name for each.
 MODELS = {
@@ -62,18 +62,6 @@ def ovmsConfig(directory: str, models: dict[str, str] = MODELS, **overrides):
     }
     config.update(overrides)
     return config
-
-
-def commandLine(pid: int) -> list[str]:
-    """
-    @return: the command line of process C{pid}.
-    """
-    with open(f"/proc/{pid}/cmdline", "rb") as f:
-        return [a.decode() for a in f.read().split(b"\0") if a]
-
-
-def flag(args: list[str], name: str) -> str | None:
-    return args[args.index(name) + 1] if name in args else None
 
 
 class OpenVINOTests(SynchronousTestCase):

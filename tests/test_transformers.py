@@ -16,7 +16,14 @@ import wave
 import openai
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.support import Daemon, checkEnvelope, pidAlive, tinyHFModels, transformersServe
+from tests.support import (
+    Daemon,
+    checkEnvelope,
+    commandLine,
+    pidAlive,
+    tinyHFModels,
+    transformersServe,
+)
 
 
 def transformersConfig(**overrides):
@@ -55,11 +62,6 @@ def sineWAV(seconds: float = 1.0, rate: int = 16000) -> bytes:
             struct.pack("<h", int(8000 * math.sin(2 * math.pi * 440 * i / rate))) for i in range(frames)
         ))
     return out.getvalue()
-
-
-def commandLine(pid: int) -> list[str]:
-    with open(f"/proc/{pid}/cmdline", "rb") as f:
-        return [a.decode() for a in f.read().split(b"\0") if a]
 
 
 _shared: Daemon | None = None
