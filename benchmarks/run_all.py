@@ -22,6 +22,7 @@ BENCHMARKS = [
     ("cold_start.py", ["-n", "5", "--warmup", "1"]),
     ("latency.py", ["-n", "200", "--warmup", "20"]),
     ("streaming.py", ["--runs", "3", "--paced-runs", "1"]),
+    ("upload.py", ["-n", "3", "--sizes", "1"]),
 ]
 
 
