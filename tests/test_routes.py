@@ -129,8 +129,8 @@ class RoutesTests(SynchronousTestCase):
         self.manager = StubManager(self.config)
         self.clock = Clock()
         self.agent = RequestTraversalAgent(self.backend)
-        routes = DynLLMRoutes(config=self.config, manager=self.manager, agent=self.agent, clock=self.clock)
-        self.client = StubTreq(routes.resource())
+        self.routes = DynLLMRoutes(config=self.config, manager=self.manager, agent=self.agent, clock=self.clock)
+        self.client = StubTreq(self.routes.resource())
 
     def call(self, method, path, body=None, headers=None):
         """
@@ -361,8 +361,8 @@ class EveryEndpointTests(RoutesTests.__bases__[0]):
         self.manager = StubManager(self.config)
         self.clock = Clock()
         self.agent = RequestTraversalAgent(self.backend)
-        routes = DynLLMRoutes(config=self.config, manager=self.manager, agent=self.agent, clock=self.clock)
-        self.client = StubTreq(routes.resource())
+        self.routes = DynLLMRoutes(config=self.config, manager=self.manager, agent=self.agent, clock=self.clock)
+        self.client = StubTreq(self.routes.resource())
 
     call = RoutesTests.call
     assertEnvelope = RoutesTests.assertEnvelope
@@ -506,6 +506,9 @@ class EveryEndpointTests(RoutesTests.__bases__[0]):
             if body is not None:
                 self.assertEqual(json.loads(sent[3]), infer)
         self.assertEnvelope(self.call("POST", "/v2/models/ov-chat/infer", infer), 400, "model_type_mismatch")
+        metrics = self.routes.metrics.render().decode()
+        self.assertIn('route="/v2/models/{name}/infer",status="200"} 2.0', metrics)
+        self.assertIn('route="/v2/models/{name}",status="200"} 2.0', metrics)
         self.assertEnvelope(self.call("GET", "/v2/models/nope"), 404, "model_not_found")
 
     def test_readyDoesNotLoad(self):

@@ -258,7 +258,8 @@ class DynLLMRoutes:
         route = request.path.decode("ascii")
         model, backend = self._resolve(name, route, KSERVE_TYPES)
         body = requestBody(request, self.clock) if request.method == b"POST" else None
-        await self._proxy(request, route, model, body)
+        label = "/v2/models/{name}" + ("/infer" if request.method == b"POST" else "")
+        await self._proxy(request, route, model, body, label=label)
 
     @app.route("/v2/models/<string:name>/ready", methods=["GET"])
     @app.route("/v2/models/<string:name>/versions/<string:version>/ready", methods=["GET"])
@@ -325,7 +326,13 @@ class DynLLMRoutes:
         return model, backend
 
     async def _proxy(
-        self, request: Request, route: str, model: ModelConfig, body: Any, rewriter: NameRewriter | None = None
+        self,
+        request: Request,
+        route: str,
+        model: ModelConfig,
+        body: Any,
+        rewriter: NameRewriter | None = None,
+        label: str | None = None,
     ) -> None:
         """
         Lease C{model}, relay the request to it, and hold the lease until
@@ -334,8 +341,9 @@ class DynLLMRoutes:
         @param body: What to send upstream: bytes, an C{IBodyProducer}, or
             C{None}.
         @param rewriter: Renames the model in the response, if needed.
+        @param label: The route as metrics name it, if not C{route}.
         """
-        self.metrics.observe(request, model.name, route, self.clock.seconds(), self.clock)
+        self.metrics.observe(request, model.name, label or route, self.clock.seconds(), self.clock)
         lease = await self.manager.acquire(model.name)
         try:
             upstream = lease.backend.upstreamPath(route, model)
