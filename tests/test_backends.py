@@ -100,6 +100,7 @@ class OpenVINOTests(SynchronousTestCase):
         self.assertEqual(flag(args, "--target_device"), "GPU")
         self.assertEqual(flag(args, "--shape"), "auto")
         self.assertEqual(args[-2:], ["--nireq", "2"])
+        self.assertEqual(self.backend.environment(model()), {"API_KEY": None})
 
     def test_tasks(self) -> None:
         """

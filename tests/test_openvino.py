@@ -306,3 +306,15 @@ class FailureTests(SynchronousTestCase):
         self.addCleanup(second.stop)
         self.assertTrue(waitFor(lambda: not pidAlive(embedPid), timeout=10))
         self.assertEqual(second.post("/v1/embeddings", {"model": "ov-embed", "input": "x"})[0], 200)
+
+    def test_inheritedApiKeyIgnored(self):
+        """
+        An C{API_KEY} in dynllm's own environment does not reach OVMS (which
+        would then refuse dynllm's requests on C{/v3}).
+        """
+        directory, config = self.startDaemon({"ov-embed": "embedding"})
+        self.patch(os, "environ", dict(os.environ, API_KEY="secret"))
+        daemon = Daemon(config, directory=directory).start()
+        self.addCleanup(daemon.stop)
+        status, _, body = daemon.post("/v1/embeddings", {"model": "ov-embed", "input": "x"})
+        self.assertEqual(status, 200, body)

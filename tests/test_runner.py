@@ -170,7 +170,7 @@ class FakeBackend:
     def argv(self, model: ModelConfig, binary: str, port: int) -> list[str]:
         return [binary, model.name, str(port)]
 
-    def environment(self, model: ModelConfig) -> dict[str, str]:
+    def environment(self, model: ModelConfig) -> dict[str, str | None]:
         return dict(self.env)
 
     def probe(self, http: Any, baseURL: str, model: ModelConfig) -> defer.Deferred[bool]:
@@ -249,11 +249,13 @@ class BackendRunTests(SynchronousTestCase):
         """
         L{BackendRun.start} spawns the backend's command line (without a
         C{setsid} prefix when C{newSession} is off), with the backend's
-        environment, overridden by the model's C{env}, on top of ours.
+        environment, overridden by the model's C{env}, on top of ours less
+        what the backend must not inherit.
         """
-        self.backend.env = {"FROM_BACKEND": "b", "SHARED": "backend"}
+        self.backend.env = {"FROM_BACKEND": "b", "SHARED": "backend", "HOME": None}
         run = self.makeRun(makeModel(env={"SHARED": "model"}))
         run.start(60)
+        self.assertNotIn("HOME", self.reactor.spawned[0].env)
         [transport] = self.reactor.spawned
         self.assertEqual(transport.executable, "fake-server")
         self.assertEqual(transport.args, ["fake-server", "m", "40123"])

@@ -36,10 +36,11 @@ class IBackend(Interface):
         @return: a C{list} of C{str}, program first, C{extra_args} last.
         """
 
-    def environment(model: ModelConfig) -> dict[str, str]:
+    def environment(model: ModelConfig) -> dict[str, str | None]:
         """
-        @return: a C{dict} of variables the backend needs beyond ours and
-            the model's C{env} (which overrides these).
+        @return: a C{dict} of variables the backend needs beyond ours, and
+            of ours it must not inherit (with the value C{None}); the
+            model's C{env} overrides these.
         """
 
     def probe(http: Any, baseURL: str, model: ModelConfig) -> Deferred[bool]:

@@ -149,7 +149,11 @@ class BackendRun:
 
     def __attrs_post_init__(self) -> None:
         env = dict(os.environ)
-        env.update(self.backend.environment(self.model))
+        for name, value in self.backend.environment(self.model).items():
+            if value is None:
+                env.pop(name, None)
+            else:
+                env[name] = value
         env.update(self.model.env)
         self.process = ManagedProcess(
             name=self.model.name,

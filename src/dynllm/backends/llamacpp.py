@@ -50,7 +50,7 @@ class LlamaCppBackend:
             args.append("--rerank")
         return args + list(model.extra_args)
 
-    def environment(self, model: ModelConfig) -> dict[str, str]:
+    def environment(self, model: ModelConfig) -> dict[str, str | None]:
         return {}
 
     def probe(self, http: Any, baseURL: str, model: ModelConfig) -> defer.Deferred[bool]:

@@ -97,8 +97,10 @@ class OpenVINOBackend:
             args += ["--task", task]
         return args + list(model.extra_args)
 
-    def environment(self, model: ModelConfig) -> dict[str, str]:
-        return {}
+    def environment(self, model: ModelConfig) -> dict[str, str | None]:
+        # OVMS reads an API key from API_KEY and would then refuse dynllm's
+        # requests on /v3: never let it inherit one of ours.
+        return {"API_KEY": None}
 
     def probe(self, http: Any, baseURL: str, model: ModelConfig) -> defer.Deferred[bool]:
         return defer.ensureDeferred(self._probe(http, baseURL, model))

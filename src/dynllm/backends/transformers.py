@@ -74,7 +74,7 @@ class TransformersBackend:
             args.append("--compile")
         return args + list(model.extra_args)
 
-    def environment(self, model: ModelConfig) -> dict[str, str]:
+    def environment(self, model: ModelConfig) -> dict[str, str | None]:
         # The model is a local directory: never wait on the Hub.
         return {"HF_HUB_OFFLINE": "1"}
 
