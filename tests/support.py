@@ -1,12 +1,14 @@
 """
-Shared helpers of the integration tests: the real llama-server, tiny GGUF
-models made by the project's own generator, and a real dynllm daemon run as
-a subprocess (C{twistd -n dynllm}) with a generated configuration.
+Shared helpers of the integration tests: the real llama-server and
+C{transformers serve}, tiny models made by the project's own generators, and
+a real dynllm daemon run as a subprocess (C{twistd -n dynllm}) with a
+generated configuration.
 """
 
 from __future__ import annotations
 
 import atexit
+import functools
 import hashlib
 import json
 import os
@@ -34,7 +36,24 @@ CACHE = os.environ.get("DYNLLM_CACHE") or os.path.join(
 #: twistd of the Python running the tests.
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
 
-_llamaServer: str | None = None
+@functools.cache
+def _setUpProgram(variable: str, script: str, label: str) -> str:
+    """
+    @param variable: The environment variable that may name the program.
+    @param script: The script under C{tools/} that makes it in the cache
+        when the variable is unset (it prints the path on its last line).
+    @param label: What the program is, for the message if it is unusable.
+    @return: the path of the program.
+    """
+    path = os.environ.get(variable)
+    if not path:
+        result = subprocess.run(
+            ["bash", os.path.join(ROOT, "tools", script)], stdout=subprocess.PIPE, check=True, text=True
+        )
+        path = result.stdout.strip().splitlines()[-1]
+    if not os.access(path, os.X_OK):
+        raise RuntimeError(f"{label} {path!r} is not an executable file")
+    return path
 
 
 def llamaServer() -> str:
@@ -43,21 +62,43 @@ def llamaServer() -> str:
         set, else the project's cached build (built now if missing, which
         takes several minutes).
     """
-    global _llamaServer
-    if _llamaServer is None:
-        path = os.environ.get("DYNLLM_LLAMA_SERVER")
-        if not path:
-            result = subprocess.run(
-                ["bash", os.path.join(ROOT, "tools", "build-llama-server.sh")],
-                stdout=subprocess.PIPE,
-                check=True,
-                text=True,
-            )
-            path = result.stdout.strip().splitlines()[-1]
-        if not os.access(path, os.X_OK):
-            raise RuntimeError(f"llama-server {path!r} is not an executable file")
-        _llamaServer = path
-    return _llamaServer
+    return _setUpProgram("DYNLLM_LLAMA_SERVER", "build-llama-server.sh", "llama-server")
+
+
+def transformersServe() -> str:
+    """
+    @return: the path of a C{transformers} program with C{transformers serve}:
+        C{$DYNLLM_TRANSFORMERS} if set, else the project's cached virtualenv
+        (made now if missing, which takes a minute or two).
+    """
+    return _setUpProgram("DYNLLM_TRANSFORMERS", "setup-transformers.sh", "transformers")
+
+
+def _generate(python: str, generator: str, prefix: str, outputs: dict[str, list[str]], **kw: Any) -> dict[str, str]:
+    """
+    Run a model generator of C{tools/} once per output, into the cache: in
+    a directory keyed by the generator's contents, so that a changed
+    generator makes new models.
+
+    @param python: The interpreter to run it with.
+    @param prefix: Starts the name of the cache directory.
+    @param outputs: Output name -> the generator's other arguments.
+    @param kw: More arguments for C{subprocess.run}.
+    @return: output name -> absolute path.
+    """
+    script = os.path.join(ROOT, "tools", generator)
+    with open(script, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()[:12]
+    directory = os.path.join(CACHE, f"{prefix}-{digest}")
+    os.makedirs(directory, exist_ok=True)
+    paths = {}
+    for name, args in outputs.items():
+        path = os.path.join(directory, name)
+        if not os.path.exists(path):
+            subprocess.run([python, script, path + ".tmp", *args], check=True, stdout=subprocess.DEVNULL, **kw)
+            os.replace(path + ".tmp", path)
+        paths[name] = path
+    return paths
 
 
 #: The tiny models the tests use: file name -> generator arguments.
@@ -70,80 +111,31 @@ TINY_MODELS = {
 
 def tinyModels() -> dict[str, str]:
     """
-    Generate the tiny random-weight GGUF models once (they are cached,
-    keyed by the generator's contents).
+    Generate the tiny random-weight GGUF models once (they are cached).
 
     @return: file name -> absolute path.
     """
-    generator = os.path.join(ROOT, "tools", "make_tiny_gguf.py")
-    with open(generator, "rb") as f:
-        digest = hashlib.sha256(f.read()).hexdigest()[:12]
-    directory = os.path.join(CACHE, f"models-{digest}")
-    os.makedirs(directory, exist_ok=True)
-    paths = {}
-    for name, args in TINY_MODELS.items():
-        path = os.path.join(directory, name)
-        if not os.path.exists(path):
-            subprocess.run(
-                [sys.executable, generator, path + ".tmp", *args], check=True, stdout=subprocess.DEVNULL
-            )
-            os.replace(path + ".tmp", path)
-        paths[name] = path
-    return paths
-
-
-_transformers: str | None = None
-
-
-def transformersServe() -> str:
-    """
-    @return: the path of a C{transformers} program with C{transformers serve}:
-        C{$DYNLLM_TRANSFORMERS} if set, else the project's cached virtualenv
-        (made now if missing, which takes a minute or two).
-    """
-    global _transformers
-    if _transformers is None:
-        path = os.environ.get("DYNLLM_TRANSFORMERS")
-        if not path:
-            result = subprocess.run(
-                ["bash", os.path.join(ROOT, "tools", "setup-transformers.sh")],
-                stdout=subprocess.PIPE,
-                check=True,
-                text=True,
-            )
-            path = result.stdout.strip().splitlines()[-1]
-        if not os.access(path, os.X_OK):
-            raise RuntimeError(f"transformers {path!r} is not an executable file")
-        _transformers = path
-    return _transformers
+    return _generate(sys.executable, "make_tiny_gguf.py", "models", TINY_MODELS)
 
 
 def tinyHFModels() -> dict[str, str]:
     """
     Generate the tiny random-weight Hugging Face models (a chat model and a
     Whisper model) once, with the Python of L{transformersServe}; they are
-    cached, keyed by the generator's contents.
+    cached.
 
     @return: kind (C{llm}, C{whisper}) -> model directory.
     """
-    generator = os.path.join(ROOT, "tools", "make_tiny_hf.py")
-    with open(generator, "rb") as f:
-        digest = hashlib.sha256(f.read()).hexdigest()[:12]
     python = os.path.join(os.path.dirname(transformersServe()), "python")
-    paths = {}
-    for kind in ("llm", "whisper"):
-        path = os.path.join(CACHE, f"hf-{digest}", f"tiny-{kind}")
-        if not os.path.isdir(path):
-            subprocess.run(
-                [python, generator, path + ".tmp", "--kind", kind],
-                check=True,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                env=dict(os.environ, HF_HUB_OFFLINE="1"),
-            )
-            os.replace(path + ".tmp", path)
-        paths[kind] = path
-    return paths
+    made = _generate(
+        python,
+        "make_tiny_hf.py",
+        "hf",
+        {f"tiny-{kind}": ["--kind", kind] for kind in ("llm", "whisper")},
+        stderr=subprocess.DEVNULL,
+        env=dict(os.environ, HF_HUB_OFFLINE="1"),
+    )
+    return {kind: made[f"tiny-{kind}"] for kind in ("llm", "whisper")}
 
 
 def freePort() -> int:
