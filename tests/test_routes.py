@@ -79,6 +79,9 @@ class StubManager:
             return None
         return self._newLease(name)
 
+    def backendOf(self, name):
+        return backendFor(self.config.model(name).backend)
+
     def describe(self, name):
         return {"name": name, "status": self.states.get(name, "unloaded"), "last_error": "it broke"}
 
@@ -102,29 +105,17 @@ class StubManager:
         return {}
 
 
-class RoutesTests(SynchronousTestCase):
+class RoutesTestCase(SynchronousTestCase):
     """
-    What the API answers, and what reaches the backend.
+    Routes on a configuration, in front of a L{FakeBackendResource} and a
+    L{StubManager}.
     """
 
-    def setUp(self):
-        directory = self.mktemp()
-        os.makedirs(directory)
-        for name in ("chat.gguf", "emb.gguf"):
-            open(os.path.join(directory, name), "w").close()
-        self.config = parseConfig(
-            {
-                "enabled_backends": ["llamacpp"],
-                "server": {"admin_api_keys": ["admin"]},
-                "models": [
-                    {"name": "chat", "path": "chat.gguf", "backend": "llamacpp", "vram_mb": 1},
-                    {"name": "emb", "path": "emb.gguf", "backend": "llamacpp", "vram_mb": 1,
-                     "model_type": "embedding"},
-                ],
-            },
-            directory,
-            which=lambda name: "/bin/true",
-        )
+    def serve(self, config):
+        """
+        Serve the routes of C{config}.
+        """
+        self.config = config
         self.backend = FakeBackendResource()
         self.manager = StubManager(self.config)
         self.clock = Clock()
@@ -156,6 +147,33 @@ class RoutesTests(SynchronousTestCase):
         Assert that C{result} is an OpenAI error envelope with C{status}.
         """
         return checkEnvelope(self, result[0], result[2], status, code)
+
+
+class RoutesTests(RoutesTestCase):
+    """
+    What the API answers, and what reaches the backend.
+    """
+
+    def setUp(self):
+        directory = self.mktemp()
+        os.makedirs(directory)
+        for name in ("chat.gguf", "emb.gguf"):
+            open(os.path.join(directory, name), "w").close()
+        self.serve(
+            parseConfig(
+                {
+                    "enabled_backends": ["llamacpp"],
+                    "server": {"admin_api_keys": ["admin"]},
+                    "models": [
+                        {"name": "chat", "path": "chat.gguf", "backend": "llamacpp", "vram_mb": 1},
+                        {"name": "emb", "path": "emb.gguf", "backend": "llamacpp", "vram_mb": 1,
+                         "model_type": "embedding"},
+                    ],
+                },
+                directory,
+                which=lambda name: "/bin/true",
+            )
+        )
 
     def test_listModels(self):
         """
@@ -324,7 +342,7 @@ def multipartBody(fields, boundary=b"b0undary"):
     return out, b"multipart/form-data; boundary=" + boundary
 
 
-class EveryEndpointTests(RoutesTests.__bases__[0]):
+class EveryEndpointTests(RoutesTestCase):
     """
     Every endpoint of the spec, for models of the three backends: which
     model types each accepts, the upstream path each backend gets, and the
@@ -352,20 +370,13 @@ class EveryEndpointTests(RoutesTests.__bases__[0]):
         for name, backend, kind in self.MODELS:
             os.makedirs(os.path.join(self.directory, name))
             models.append({"name": name, "path": name, "backend": backend, "vram_mb": 1, "model_type": kind})
-        self.config = parseConfig(
-            {"enabled_backends": ["llamacpp", "openvino", "transformers"], "models": models},
-            self.directory,
-            which=lambda name: "/bin/true",
+        self.serve(
+            parseConfig(
+                {"enabled_backends": ["llamacpp", "openvino", "transformers"], "models": models},
+                self.directory,
+                which=lambda name: "/bin/true",
+            )
         )
-        self.backend = FakeBackendResource()
-        self.manager = StubManager(self.config)
-        self.clock = Clock()
-        self.agent = RequestTraversalAgent(self.backend)
-        self.routes = DynLLMRoutes(config=self.config, manager=self.manager, agent=self.agent, clock=self.clock)
-        self.client = StubTreq(self.routes.resource())
-
-    call = RoutesTests.call
-    assertEnvelope = RoutesTests.assertEnvelope
 
     def path(self, name):
         return os.path.join(self.directory, name)
