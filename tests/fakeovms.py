@@ -918,6 +918,11 @@ class Part:
         self.data = data
 
 
+def formFields(parts: list) -> dict:
+    """The text fields of a multipart body (its parts that are not files)."""
+    return {p.name: p.data.decode("utf-8", "replace") for p in parts if p.filename is None}
+
+
 def _dispositionParam(header: str, key: str):
     m = re.search(
         r"(?:^|;)\s*" + key + r'\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^;\s]*))',
@@ -2450,12 +2455,14 @@ class Request:
         self, servable: Servable, endpoint: str, doc: dict, stream: bool
     ) -> None:
         prompt, n, width, height = self._imageCommon(doc)
+        self._images(prompt, n, width, height)
+
+    def _images(self, seed: str, n: int, width: int, height: int) -> None:
+        """
+        Answer C{n} PNG images derived from C{seed}, as OVMS does.
+        """
         data = [
-            {
-                "b64_json": base64.b64encode(
-                    makePng(f"{prompt}\0{i}", width, height)
-                ).decode()
-            }
+            {"b64_json": base64.b64encode(makePng(f"{seed}\0{i}", width, height)).decode()}
             for i in range(n)
         ]
         self.later(200, dumps({"created": int(time.time()), "data": data}))
@@ -2463,25 +2470,12 @@ class Request:
     def imageEdits(
         self, servable: Servable, endpoint: str, parts: list, stream: bool
     ) -> None:
-        fields = {
-            p.name: p.data.decode("utf-8", "replace")
-            for p in parts
-            if p.filename is None
-        }
+        fields = formFields(parts)
         images = [p for p in parts if p.name in ("image", "image[]") and p.data]
         if not images:
             raise MediapipeError("Image field is missing in multipart body")
         prompt, n, width, height = self._imageCommon(fields)
-        seed = prompt + hashlib.sha256(images[0].data).hexdigest()
-        data = [
-            {
-                "b64_json": base64.b64encode(
-                    makePng(f"{seed}\0{i}", width, height)
-                ).decode()
-            }
-            for i in range(n)
-        ]
-        self.later(200, dumps({"created": int(time.time()), "data": data}))
+        self._images(prompt + hashlib.sha256(images[0].data).hexdigest(), n, width, height)
 
     # -- audio ---------------------------------------------------------------
 
@@ -2491,11 +2485,7 @@ class Request:
         files = [p for p in parts if p.name == "file"]
         if not files or not files[0].data:
             raise MediapipeError("File parsing fails")
-        fields = {
-            p.name: p.data.decode("utf-8", "replace")
-            for p in parts
-            if p.filename is None
-        }
+        fields = formFields(parts)
         fmt = fields.get("response_format", "json")
         if fmt not in ("json", "text", "verbose_json"):
             raise MediapipeError(f"response_format {fmt} is not supported")

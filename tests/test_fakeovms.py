@@ -250,6 +250,10 @@ class FakeOVMSCase(SynchronousTestCase):
 class CommandLineTests(FakeOVMSCase):
     """The command line: what OVMS accepts and what it refuses (exit 64, message on stderr)."""
 
+    def singleModel(self, *more: str) -> list:
+        """The arguments of a valid single-model server, then C{more}."""
+        return ["--rest_port", "9001", "--model_name", "m", "--model_path", self.modelDir(), *more]
+
     def refuse(self, args: list, message: str) -> None:
         code, _out, err = runFake(args)
         self.assertEqual(code, EX_USAGE, err)
@@ -344,42 +348,17 @@ class CommandLineTests(FakeOVMSCase):
 
     def test_badTaskRefused(self):
         """--task accepts only OVMS's six tasks."""
-        args = [
-            "--rest_port",
-            "9001",
-            "--model_name",
-            "m",
-            "--model_path",
-            self.modelDir(),
-            "--task",
-            "chat",
-        ]
+        args = self.singleModel("--task", "chat")
         self.refuse(args, "--task parameter unsupported value: chat")
 
     def test_taskOptionWithoutTaskRefused(self):
         """Task options are parsed only in task mode; without --task they are unmatched."""
-        args = [
-            "--rest_port",
-            "9001",
-            "--model_name",
-            "m",
-            "--model_path",
-            self.modelDir(),
-            "--max_num_seqs",
-            "4",
-        ]
+        args = self.singleModel("--max_num_seqs", "4")
         self.refuse(args, "unmatched arguments: --max_num_seqs, 4, ")
 
     def test_otherTasksOptionRefused(self):
         """A task accepts only its own options: embeddings has no --max_num_seqs."""
-        args = [
-            "--rest_port",
-            "9001",
-            "--model_name",
-            "m",
-            "--model_path",
-            self.modelDir(),
-        ]
+        args = self.singleModel()
         args += ["--task", "embeddings", "--max_num_seqs", "4"]
         self.refuse(
             args,
@@ -388,16 +367,7 @@ class CommandLineTests(FakeOVMSCase):
 
     def test_badTaskOptionValuesRefused(self):
         """Task option values are validated: pipeline_type and true/false switches."""
-        base = [
-            "--rest_port",
-            "9001",
-            "--model_name",
-            "m",
-            "--model_path",
-            self.modelDir(),
-            "--task",
-            "text_generation",
-        ]
+        base = self.singleModel("--task", "text_generation")
         self.refuse(
             [*base, "--pipeline_type", "FAST"], "pipeline_type: FAST is not allowed"
         )
@@ -442,14 +412,7 @@ class CommandLineTests(FakeOVMSCase):
 
     def test_badLogLevelAndAddressRefused(self):
         """--log_level must be a known level and --rest_bind_address a host name or IP address."""
-        base = [
-            "--rest_port",
-            "9001",
-            "--model_name",
-            "m",
-            "--model_path",
-            self.modelDir(),
-        ]
+        base = self.singleModel()
         self.refuse(
             [*base, "--log_level", "LOUD"],
             "log_level should be one of: TRACE, DEBUG, INFO, WARNING, ERROR",
