@@ -146,6 +146,19 @@ class AcquireTests(ManagerTestsMixin, SynchronousTestCase):
         self.assertEqual(error.code, "model_not_found")
         self.assertEqual(self.reactor.spawned, [])
 
+    def test_lookupsOfUnknownModel(self) -> None:
+        """
+        L{ModelManager.backendOf}, L{ModelManager.describe},
+        L{ModelManager.peek} and L{ModelManager.logTail} raise a 404
+        L{APIError} for a model the configuration does not declare;
+        L{ModelManager.backendOf} names a known model's backend.
+        """
+        manager = self.makeManager([{"name": "a", "vram_mb": 100}])
+        self.assertIs(manager.backendOf("a"), manager.slots["a"].backend)
+        for lookup in (manager.backendOf, manager.describe, manager.peek, lambda n: manager.logTail(n, 1)):
+            error = self.assertRaises(APIError, lookup, "nope")
+            self.assertEqual(error.status, 404)
+
     def test_concurrentAcquiresShareOneLoad(self) -> None:
         """
         Concurrent acquires of a model that is not running share a single

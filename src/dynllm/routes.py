@@ -21,7 +21,6 @@ from twisted.web.server import Request
 from werkzeug.exceptions import HTTPException
 
 from dynllm import errors, multipart
-from dynllm.backends import backendFor
 from dynllm.config import Config, ModelConfig
 from dynllm.interfaces import IBackend
 from dynllm.metrics import CONTENT_TYPE, Metrics
@@ -205,14 +204,14 @@ class DynLLMRoutes:
         route = request.path.decode("ascii")
         raw = readBody(request)
         parsed = parseJSON(raw)
-        model, backend = self._resolve(requestedModel(parsed), route, JSON_ENDPOINTS[route])
+        model, backend, upstream = self._resolve(requestedModel(parsed), route, JSON_ENDPOINTS[route])
         body: Any = raw
         rewriter = None
         upstreamName = backend.upstreamModel(model)
         if upstreamName != model.name:
             body = renameInRequest(parsed, upstreamName)
             rewriter = nameRewriter(upstreamName, model)
-        await self._proxy(request, route, model, body, rewriter)
+        await self._proxy(request, route, model, upstream, body, rewriter)
 
     @app.route("/v1/audio/transcriptions", methods=["POST"])
     @app.route("/v1/audio/translations", methods=["POST"])
@@ -232,7 +231,7 @@ class DynLLMRoutes:
             raise errors.badRequest(str(e), code="invalid_multipart") from None
         if found is None or not found.value:
             raise errors.badRequest("the request must name a model in its 'model' field", param="model")
-        model, backend = self._resolve(found.value, route, MULTIPART_ENDPOINTS[route])
+        model, backend, upstream = self._resolve(found.value, route, MULTIPART_ENDPOINTS[route])
         body: Any
         rewriter = None
         upstreamName = backend.upstreamModel(model)
@@ -242,7 +241,7 @@ class DynLLMRoutes:
             rewriter = nameRewriter(upstreamName, model)
         else:
             body = requestBody(request, self.clock)
-        await self._proxy(request, route, model, body, rewriter)
+        await self._proxy(request, route, model, upstream, body, rewriter)
 
     # KServe v2.
 
@@ -256,10 +255,10 @@ class DynLLMRoutes:
         """
         self._checkClientKey(request)
         route = request.path.decode("ascii")
-        model, backend = self._resolve(name, route, KSERVE_TYPES)
+        model, _, upstream = self._resolve(name, route, KSERVE_TYPES)
         body = requestBody(request, self.clock) if request.method == b"POST" else None
         label = "/v2/models/{name}" + ("/infer" if request.method == b"POST" else "")
-        await self._proxy(request, route, model, body, label=label)
+        await self._proxy(request, route, model, upstream, body, label=label)
 
     @app.route("/v2/models/<string:name>/ready", methods=["GET"])
     @app.route("/v2/models/<string:name>/versions/<string:version>/ready", methods=["GET"])
@@ -275,7 +274,7 @@ class DynLLMRoutes:
         """
         self._checkClientKey(request)
         route = request.path.decode("ascii")
-        model, backend = self._resolve(name, route, KSERVE_TYPES)
+        _, _, upstream = self._resolve(name, route, KSERVE_TYPES)
         lease = self.manager.peek(name)
         if lease is None:
             state = self.manager.describe(name)
@@ -287,8 +286,6 @@ class DynLLMRoutes:
             return b""
         request.setHeader(STATE_HEADER, b"loaded")
         try:
-            upstream = backend.upstreamPath(route, model)
-            assert upstream is not None
             await forward(self.agent, request, (lease.baseURL + upstream).encode("ascii"), None, clock=self.clock)
         finally:
             lease.release()
@@ -296,11 +293,13 @@ class DynLLMRoutes:
 
     # Relaying.
 
-    def _resolve(self, name: str, route: str, modelTypes: Sequence[str]) -> tuple[ModelConfig, IBackend]:
+    def _resolve(
+        self, name: str, route: str, modelTypes: Sequence[str]
+    ) -> tuple[ModelConfig, IBackend, str]:
         """
         Check that model C{name} exists and that C{route} serves it.
 
-        @return: the model and its backend.
+        @return: the model, its backend, and the path of C{route} on it.
         @raise errors.APIError: 404 for an unknown model, 400 for a model
             of a type C{route} does not serve, or whose backend does not
             serve C{route}.
@@ -316,20 +315,22 @@ class DynLLMRoutes:
                 param="model",
                 code="model_type_mismatch",
             )
-        backend = backendFor(model.backend)
-        if backend.upstreamPath(route, model) is None:
+        backend = self.manager.backendOf(name)
+        upstream = backend.upstreamPath(route, model)
+        if upstream is None:
             raise errors.badRequest(
                 f"model {name!r} runs on the {model.backend} backend, which does not serve {public}",
                 param="model",
                 code="unsupported_endpoint",
             )
-        return model, backend
+        return model, backend, upstream
 
     async def _proxy(
         self,
         request: Request,
         route: str,
         model: ModelConfig,
+        upstream: str,
         body: Any,
         rewriter: NameRewriter | None = None,
         label: str | None = None,
@@ -338,6 +339,7 @@ class DynLLMRoutes:
         Lease C{model}, relay the request to it, and hold the lease until
         the response has been written or the client has gone.
 
+        @param upstream: The path on the backend (see L{_resolve}).
         @param body: What to send upstream: bytes, an C{IBodyProducer}, or
             C{None}.
         @param rewriter: Renames the model in the response, if needed.
@@ -346,8 +348,6 @@ class DynLLMRoutes:
         self.metrics.observe(request, model.name, label or route, self.clock.seconds(), self.clock)
         lease = await self.manager.acquire(model.name)
         try:
-            upstream = lease.backend.upstreamPath(route, model)
-            assert upstream is not None
             url = (lease.baseURL + upstream).encode("ascii")
             await forward(self.agent, request, url, body, clock=self.clock, rewriter=rewriter)
         finally:

@@ -354,9 +354,7 @@ class ModelManager(Service):
         @return: a L{Lease}, or C{None} if the model is not loaded.
         @raise errors.APIError: 404 for an unknown model.
         """
-        slot = self.slots.get(name)
-        if slot is None:
-            raise errors.modelNotFound(name)
+        slot = self._slot(name)
         if slot.state != LOADED or self._stopping:
             return None
         return self._lease(slot, use=False)
@@ -366,10 +364,14 @@ class ModelManager(Service):
         @return: model C{name}'s state, as C{/admin/models} shows it.
         @raise errors.APIError: 404 for an unknown model.
         """
-        slot = self.slots.get(name)
-        if slot is None:
-            raise errors.modelNotFound(name)
-        return slot.describe()
+        return self._slot(name).describe()
+
+    def backendOf(self, name: str) -> IBackend:
+        """
+        @return: the backend that runs model C{name}.
+        @raise errors.APIError: 404 for an unknown model.
+        """
+        return self._slot(name).backend
 
     def load(self, name: str) -> defer.Deferred[None]:
         """
@@ -420,10 +422,7 @@ class ModelManager(Service):
             printed (across restarts).
         @raise errors.APIError: 404 for an unknown model.
         """
-        slot = self.slots.get(name)
-        if slot is None:
-            raise errors.modelNotFound(name)
-        return slot.log.tail(count)
+        return self._slot(name).log.tail(count)
 
     def models(self) -> list[dict[str, Any]]:
         """
@@ -453,6 +452,16 @@ class ModelManager(Service):
                 continue
             if now - slot.lastUsedAt >= timeout:
                 self._unload(slot, f"idle for {now - slot.lastUsedAt:.0f}s", "idle")
+
+    def _slot(self, name: str) -> ModelSlot:
+        """
+        @return: the slot of model C{name}.
+        @raise errors.APIError: 404 for an unknown model.
+        """
+        slot = self.slots.get(name)
+        if slot is None:
+            raise errors.modelNotFound(name)
+        return slot
 
     # Leases.
 
