@@ -155,39 +155,42 @@ class RoutesTests(RoutesTestCase):
     """
 
     def setUp(self):
-        directory = self.mktemp()
+        self.directory = directory = self.mktemp()
         os.makedirs(directory)
         for name in ("chat.gguf", "emb.gguf"):
             open(os.path.join(directory, name), "w").close()
-        self.serve(
-            parseConfig(
-                {
-                    "enabled_backends": ["llamacpp"],
-                    "server": {"admin_api_keys": ["admin"]},
-                    "models": [
-                        {"name": "chat", "path": "chat.gguf", "backend": "llamacpp", "vram_mb": 1},
-                        {"name": "emb", "path": "emb.gguf", "backend": "llamacpp", "vram_mb": 1,
-                         "model_type": "embedding"},
-                    ],
-                },
-                directory,
-                which=lambda name: "/bin/true",
-            )
-        )
+        self.raw = {
+            "enabled_backends": ["llamacpp"],
+            "server": {"admin_api_keys": ["admin"]},
+            "models": [
+                {"name": "chat", "path": "chat.gguf", "backend": "llamacpp", "vram_mb": 1},
+                {"name": "emb", "path": "emb.gguf", "backend": "llamacpp", "vram_mb": 1,
+                 "model_type": "embedding"},
+            ],
+        }
+        self.serve(parseConfig(self.raw, directory, which=lambda name: "/bin/true"))
 
     def test_listModels(self):
         """
-        C{GET /v1/models} lists the configured models in OpenAI's format.
+        C{GET /v1/models} (and C{/models}) lists the configured models in
+        OpenAI's format, plus C{model_type}, C{status} and C{aliases};
+        C{created} is the model file's modification time.
         """
-        status, _, body = self.call("GET", "/v1/models")
-        self.assertEqual(status, 200)
-        self.assertEqual(
-            json.loads(body),
-            {"object": "list", "data": [
-                {"id": "chat", "object": "model", "created": 0, "owned_by": "dynllm"},
-                {"id": "emb", "object": "model", "created": 0, "owned_by": "dynllm"},
-            ]},
-        )
+        os.utime(self.config.model("chat").path, (1700000000, 1700000000))
+        self.serve(parseConfig(self.raw, self.directory, which=lambda name: "/bin/true"))
+        self.manager.states["emb"] = "loaded"
+        for path in ("/v1/models", "/models"):
+            status, _, body = self.call("GET", path)
+            self.assertEqual(status, 200)
+            listed = json.loads(body)
+            self.assertEqual(listed["object"], "list")
+            chat, emb = listed["data"]
+            self.assertEqual(
+                chat,
+                {"id": "chat", "object": "model", "created": 1700000000, "owned_by": "dynllm",
+                 "model_type": "llm", "status": "unloaded", "aliases": []},
+            )
+            self.assertEqual((emb["id"], emb["model_type"], emb["status"]), ("emb", "embedding", "loaded"))
 
     def test_retrieveUnknownModel(self):
         """
