@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import struct
 import wave
 
@@ -26,10 +27,27 @@ from tests.support import (
 )
 
 
+def unicodePath() -> str:
+    """
+    @return: a path to the tiny chat model whose name is not plain ASCII (a
+        link to it), so that backends write it in more than one JSON
+        spelling.
+    """
+    target = tinyHFModels()["llm"]
+    path = os.path.join(os.path.dirname(target), "mod\u00e8le \u6a21\u578b")
+    if not os.path.islink(path):
+        try:
+            os.symlink(target, path)
+        except FileExistsError:
+            pass
+    return path
+
+
 def transformersConfig(**overrides):
     """
     @return: a configuration with the tiny chat and Whisper models served by
-        the real C{transformers serve}.
+        the real C{transformers serve}, and the chat model once more under a
+        path that is not plain ASCII.
     """
     models = tinyHFModels()
     config = {
@@ -42,6 +60,8 @@ def transformersConfig(**overrides):
              "device": "cpu", "dtype": "float32", "attn_implementation": "sdpa"},
             {"name": "hf-whisper", "path": models["whisper"], "backend": "transformers",
              "model_type": "transcription", "vram_mb": 300, "device": "cpu", "dtype": "float32"},
+            {"name": "hf-unicode", "path": unicodePath(), "backend": "transformers", "vram_mb": 300,
+             "device": "cpu", "dtype": "float32"},
         ],
     }
     config.update(overrides)
@@ -130,6 +150,44 @@ class TransformersTests(SynchronousTestCase):
         self.assertTrue(headers["Content-Type"].startswith("text/event-stream"))
         self.assertNotIn(tinyHFModels()["llm"].encode(), body)
         self.assertIn(b'"model": "hf-chat"', body.replace(b'"model":"', b'"model": "'))
+
+    def test_responses(self):
+        """
+        OpenAI's Responses API, streamed (transformers' default) and not,
+        answers under the public name.
+        """
+        response = self.client.responses.create(model="hf-chat", input="Hello", max_output_tokens=5, stream=False)
+        self.assertEqual((response.object, response.model), ("response", "hf-chat"))
+        self.assertEqual(response.output[-1].type, "message")
+        events = list(self.client.responses.create(model="hf-chat", input="Hello", max_output_tokens=5, stream=True))
+        self.assertEqual(events[0].type, "response.created")
+        self.assertEqual(events[-1].type, "response.completed")
+        self.assertEqual(events[-1].response.model, "hf-chat")
+        status, _, body = self.daemon.post("/v1/responses", {"model": "hf-chat", "input": "Hi", "max_output_tokens": 3})
+        self.assertEqual(status, 200)
+        self.assertIn(b"response.output_text.delta", body)  # streamed by default
+        self.assertNotIn(tinyHFModels()["llm"].encode(), body)
+
+    def test_pathNotASCII(self):
+        """
+        A model whose path is not plain ASCII is renamed in every answer
+        (transformers writes the name as raw UTF-8): the client never sees
+        the path.
+        """
+        path = unicodePath()
+        spellings = [json.dumps(path).encode(), json.dumps(path, ensure_ascii=False).encode(),
+                     os.path.basename(path).encode()]
+        for route, body in [
+            ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}),
+            ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3,
+                                      "stream": True}),
+            ("/v1/responses", {"input": "Hi", "max_output_tokens": 3}),
+        ]:
+            status, _, answer = self.daemon.post(route, dict(body, model="hf-unicode"))
+            self.assertEqual(status, 200, answer)
+            self.assertIn(b"hf-unicode", answer)
+            for spelling in spellings:
+                self.assertNotIn(spelling, answer, route)
 
     def test_completions(self):
         """
