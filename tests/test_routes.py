@@ -723,7 +723,8 @@ class NamesTests(RoutesTestCase):
     a model.
     """
 
-    NAMES = ["Qwen/Qwen2.5-0.5B-Instruct", "a b?c#d%e&f=g+h", "mod\u00e8le/\u6a21\u578b", "x/y/z/infer"]
+    NAMES = ["Qwen/Qwen2.5-0.5B-Instruct", "a b?c#d%e&f=g+h", "mod\u00e8le/\u6a21\u578b", "x/y/z/infer",
+             "tab\there new\nline", "/leading", "trailing/", "..", "%2F", "x:y;z@w"]
 
     def setUp(self):
         self.directory = os.path.abspath(self.mktemp())

@@ -21,6 +21,7 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.server import Request
 from werkzeug.exceptions import HTTPException
+from werkzeug.routing import PathConverter
 
 from dynllm import endpoints, errors, multipart
 from dynllm.config import Config, ModelConfig
@@ -40,6 +41,24 @@ KSERVE_ROUTE = "the KServe v2 API"
 #: Characters left as they are when a decoded path is sent on (RFC 3986
 #: C{pchar} and C{/}).
 PATH_SAFE = "/:@!$&'()*+,;=-._~"
+
+
+class NamePath(PathConverter):
+    """
+    A path that begins with a model's name: any characters, C{/}, line
+    breaks and empty segments included (a YAML string may hold any of
+    them); werkzeug's C{path} stops at a line break and must not begin with
+    C{/}.
+    """
+
+    regex = "[\\s\\S]+?"
+    part_isolating = False
+
+
+#: Keyword arguments of the routes whose path holds a model's name: kept
+#: as the client sent it (no merging of C{//}, no redirect for a trailing
+#: C{/}), since the name may hold both.
+NAMED = {"merge_slashes": False, "strict_slashes": False}
 
 
 def nameRewriter(upstreamName: str, clientName: str) -> NameRewriter:
@@ -140,6 +159,7 @@ class DynLLMRoutes:
         if self.metrics is None:
             self.metrics = Metrics(self.manager)
     app = Klein()
+    app.url_map.converters["name"] = NamePath
 
     def resource(self) -> Any:
         """
@@ -232,8 +252,8 @@ class DynLLMRoutes:
         data = [self._modelObject(m, m.name) for m in self.config.models if m.listed]
         return _json(request, {"object": "list", "data": data})
 
-    @app.route("/v1/models/<path:name>", methods=["GET"])
-    @app.route("/models/<path:name>", methods=["GET"])
+    @app.route("/v1/models/<name:name>", methods=["GET"], **NAMED)
+    @app.route("/models/<name:name>", methods=["GET"], **NAMED)
     def retrieveModel(self, request: IRequest, name: str) -> bytes:
         """
         One model, under the id the client used (a name or an alias); a
@@ -300,7 +320,7 @@ class DynLLMRoutes:
 
     # KServe v2.
 
-    @app.route("/v2/models/<path:rest>", methods=["GET", "POST"])
+    @app.route("/v2/models/<name:rest>", methods=["GET", "POST"], **NAMED)
     async def kserve(self, request: Request, rest: str) -> bytes | None:
         """
         KServe v2 by model: C{NAME[/versions/V]} (metadata, C{GET}),
@@ -358,7 +378,7 @@ class DynLLMRoutes:
 
     # Any request to a model's server.
 
-    @app.route("/upstream/<path:rest>")
+    @app.route("/upstream/<name:rest>", **NAMED)
     async def upstream(self, request: Request, rest: str) -> None:
         """
         C{ANY /upstream/MODEL/PATH}: the request passed to the model's own
@@ -462,7 +482,7 @@ class DynLLMRoutes:
             },
         )
 
-    @app.route("/admin/models/<path:rest>", methods=["GET"])
+    @app.route("/admin/models/<name:rest>", methods=["GET"], **NAMED)
     def adminLogs(self, request: IRequest, rest: str) -> bytes:
         """
         C{GET /admin/models/NAME/logs?lines=N}: the model's last lines of
