@@ -340,6 +340,48 @@ class ErrorTests(ConfigTestMixin, TestCase):
             "models[1]",
         )
 
+    def test_aliases(self) -> None:
+        """
+        C{aliases} are other ids of the model: L{Config.model} finds it by
+        any of them, and C{preload_models} may name one (it is kept as the
+        model's name).
+        """
+        config = self.parse(
+            {"preload_models": ["gpt"], "models": [self.model(aliases=["gpt", "org/m1"])]}
+        )
+        model = config.models[0]
+        self.assertEqual(model.names, ("m1", "gpt", "org/m1"))
+        self.assertIs(config.model("org/m1"), model)
+        self.assertIsNone(config.model("m2"))
+        self.assertEqual(config.preload_models, ("m1",))
+
+    def test_aliasesUnique(self) -> None:
+        """
+        An alias that is a model's name, another model's alias, or given
+        twice, is refused naming the model, the key and the alias; so is a
+        name that is an earlier model's alias, and an empty alias.
+        """
+        cases = [
+            ([self.model(aliases=["m1"])], "aliases", "'m1'"),
+            ([self.model(aliases=["a", "a"])], "aliases", "'a'"),
+            ([self.model(), self.model(name="m2", path="other.gguf", aliases=["m1"])], "models[1] ('m2').aliases", "'m1'"),
+            ([self.model(aliases=["x"]), self.model(name="m2", path="other.gguf", aliases=["x"])], "('m2').aliases", "'x'"),
+            ([self.model(aliases=["m2"]), self.model(name="m2", path="other.gguf")], "duplicate", "'m2'"),
+            ([self.model(aliases=[""])], "aliases", "non-empty"),
+        ]
+        for models, *expected in cases:
+            self.assertConfigError({"models": models}, *expected)
+
+    def test_listedAndCreated(self) -> None:
+        """
+        C{listed} is true by default and may be turned off; C{created} is
+        the model file's modification time.
+        """
+        config = self.parse({"models": [self.model(listed=False), self.model(name="m2", path="other.gguf")]})
+        self.assertEqual([m.listed for m in config.models], [False, True])
+        self.assertEqual(config.models[0].created, int(os.stat(config.models[0].path).st_mtime))
+        self.assertConfigError({"models": [self.model(listed="no")]}, "listed", "true or false")
+
     def test_preloadUnknownModel(self) -> None:
         """
         C{preload_models} naming a model that is not declared is refused.

@@ -416,11 +416,13 @@ def parseConfig(
         models.append(_checkModel(model, place, config, modelsDir or baseDir, seen, which))
         seen.update(model.names)
 
+    byName = {n: m.name for m in models for n in m.names}
     for name in config.preload_models:
-        if name not in {m.name for m in models}:
+        if name not in byName:
             raise ConfigError(f"preload_models names {name!r}, which is not a configured model")
+    preload = tuple(dict.fromkeys(byName[n] for n in config.preload_models))
     dbPath = os.path.join(baseDir, os.path.expanduser(config.db_path))
-    return evolve(config, models_dir=modelsDir, db_path=dbPath, models=tuple(models))
+    return evolve(config, models_dir=modelsDir, db_path=dbPath, models=tuple(models), preload_models=preload)
 
 
 def _checkModel(
