@@ -52,9 +52,19 @@ HOP_BY_HOP = frozenset(
     }
 )
 
+#: Client credentials, never passed to a backend: the key a client gives
+#: dynllm is dynllm's business (OpenAI and llama-server read
+#: C{Authorization}, Anthropic clients and llama-server C{X-Api-Key}, Azure
+#: OpenAI clients C{api-key}; browsers send cookies), and a backend gets
+#: dynllm's own key for it instead (see L{forward}).
+CREDENTIALS = frozenset(
+    {b"authorization", b"proxy-authorization", b"x-api-key", b"api-key", b"cookie"}
+)
+
 #: Request headers not passed to a backend: the body is re-framed, the
-#: backend needs no credentials of ours, and compression would delay SSE.
-DROP_REQUEST = HOP_BY_HOP | {b"host", b"content-length", b"expect", b"accept-encoding", b"authorization"}
+#: client's credentials are not the backend's business, and compression
+#: would delay SSE.
+DROP_REQUEST = HOP_BY_HOP | CREDENTIALS | {b"host", b"content-length", b"expect", b"accept-encoding"}
 
 #: Response headers not passed back: twisted.web sets its own C{Date} and
 #: C{Server}. (C{Content-Length} is kept: the body is relayed unchanged.)
@@ -238,6 +248,8 @@ async def forward(
     headers: Headers | None = None,
     clock: IReactorTime | None = None,
     rewriter: NameRewriter | None = None,
+    *,
+    upstreamKey: str | None = None,
 ) -> None:
     """
     Send C{request} to C{url} and relay the response to the client.
@@ -251,11 +263,16 @@ async def forward(
     @param rewriter: Renames the model in the response body, for a backend
         that knows it by another name (the length then changes, so
         C{Content-Length} is dropped).
+    @param upstreamKey: The backend's own API key (the lease's), sent as
+        C{Authorization: Bearer KEY} in place of any the headers hold.
     @raise errors.APIError: 502 when the backend could not be reached or
         sent no response.
     """
     if headers is None:
         headers = endToEnd(request.requestHeaders, DROP_REQUEST)
+    if upstreamKey is not None:
+        headers = headers.copy()
+        headers.setRawHeaders(b"authorization", [b"Bearer " + upstreamKey.encode("ascii")])
     if clock is None:
         from twisted.internet import reactor
 

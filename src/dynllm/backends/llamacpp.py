@@ -15,6 +15,7 @@ from zope.interface import implementer
 from dynllm.backends._http import getIsOK
 from dynllm.config import ModelConfig
 from dynllm.interfaces import IBackend
+from dynllm.owned import LLAMACPP, OwnedSettings
 
 #: The public routes llama-server serves, at the same paths.
 SERVED_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/rerank"})
@@ -24,7 +25,8 @@ SERVED_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embed
 @frozen
 class LlamaCppBackend:
     """
-    Runs C{llama-server -m PATH --host 127.0.0.1 --port N}.
+    Runs C{llama-server -m PATH --host 127.0.0.1 --port N}, with its API
+    key in C{LLAMA_API_KEY} (C{/health} stays public, so probes need none).
 
     It binds before loading and answers 503 until the model is in memory, so
     C{GET /health} == 200 means ready; the C{model loaded} log line (or the
@@ -33,6 +35,8 @@ class LlamaCppBackend:
 
     kind: str = "llamacpp"
     modelTypes: tuple[str, ...] = ("llm", "embedding", "rerank")
+    owned: OwnedSettings = LLAMACPP
+    keyVariable: str | None = "LLAMA_API_KEY"
 
     def argv(self, model: ModelConfig, binary: str, port: int) -> list[str]:
         args = [
@@ -51,7 +55,7 @@ class LlamaCppBackend:
         return args + list(model.extra_args)
 
     def environment(self, model: ModelConfig) -> dict[str, str | None]:
-        return {}
+        return dict.fromkeys(self.owned.variables)
 
     def probe(self, http: Any, baseURL: str, model: ModelConfig) -> defer.Deferred[bool]:
         return defer.ensureDeferred(getIsOK(http, baseURL + "/health"))

@@ -17,6 +17,7 @@ from zope.interface import implementer
 from dynllm.backends._http import getIsOK
 from dynllm.config import ModelConfig
 from dynllm.interfaces import IBackend
+from dynllm.owned import TRANSFORMERS, OwnedSettings
 
 #: The public routes C{transformers serve} serves, at the same paths, per
 #: model type.
@@ -48,10 +49,16 @@ class TransformersBackend:
     it binds: C{GET /health} == 200 means the model is ready. A pinned
     server knows the model by its path, not by its public name, so requests
     and responses are renamed on the way (L{upstreamModel}).
+
+    C{transformers serve} has no API key (no option, no variable, no check
+    in C{cli/serving}), so L{keyVariable} is C{None}: like any server on
+    127.0.0.1, its port can be used directly by other local users.
     """
 
     kind: str = "transformers"
     modelTypes: tuple[str, ...] = tuple(SERVED_ROUTES)
+    owned: OwnedSettings = TRANSFORMERS
+    keyVariable: str | None = None
 
     def argv(self, model: ModelConfig, binary: str, port: int) -> list[str]:
         args = [
