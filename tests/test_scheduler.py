@@ -155,11 +155,23 @@ class AcquireTests(ManagerTestsMixin, SynchronousTestCase):
         lease = self.loadedLease("a")
         key = self.spawnedFor("a")[-1].env["FAKE_KEY"]
         self.assertEqual(lease.apiKey, key)
+        self.assertEqual(lease.upstreamHeaders, {"Authorization": "Bearer " + key})
         lease.release()
         peeked = self.manager.peek("a")
         assert peeked is not None
         self.assertEqual(peeked.apiKey, key)
         peeked.release()
+
+    def test_leaseWithoutKey(self) -> None:
+        """
+        A lease on a backend without keys has no key and no headers to add.
+        """
+        self.makeManager([{"name": "a", "vram_mb": 100}])
+        self.backend.keyVariable = None
+        lease = self.loadedLease("a")
+        self.assertIsNone(lease.apiKey)
+        self.assertEqual(lease.upstreamHeaders, {})
+        lease.release()
 
     def test_lookupsOfUnknownModel(self) -> None:
         """

@@ -80,6 +80,16 @@ class Lease:
     released: bool = False
     apiKey: str | None = None
 
+    @property
+    def upstreamHeaders(self) -> dict[str, str]:
+        """
+        The headers every request to the server must carry: its key as
+        C{Authorization: Bearer KEY}, or none for a server without keys.
+        """
+        if self.apiKey is None:
+            return {}
+        return {"Authorization": "Bearer " + self.apiKey}
+
     def release(self) -> None:
         """
         Give the model back; calling this again does nothing.
