@@ -290,6 +290,17 @@ class BackendRunTests(SynchronousTestCase):
         for transport, run in ((one, first), (two, second)):
             self.assertFalse(any(run.apiKey in arg for arg in transport.args))
 
+    def test_keyNotInRepr(self) -> None:
+        """
+        The key is in no C{repr} of the run or of its process, so that it
+        cannot reach a log by accident.
+        """
+        run = self.makeRun()
+        run.start(60)
+        assert run.apiKey is not None
+        self.assertNotIn(run.apiKey, repr(run))
+        self.assertNotIn(run.apiKey, repr(run.process))
+
     def test_noKeyWithoutKeyVariable(self) -> None:
         """
         A backend without keys (no L{IBackend.keyVariable}) gets none, and

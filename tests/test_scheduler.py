@@ -149,13 +149,15 @@ class AcquireTests(ManagerTestsMixin, SynchronousTestCase):
     def test_leaseCarriesRunKey(self) -> None:
         """
         A lease carries the API key its model's current run gave the
-        backend, so that the relay can send it; a peek carries it too.
+        backend (as a value and as headers, hidden from its C{repr}), so
+        that the relay can send it; a peek carries it too.
         """
         self.makeManager([{"name": "a", "vram_mb": 100}])
         lease = self.loadedLease("a")
         key = self.spawnedFor("a")[-1].env["FAKE_KEY"]
         self.assertEqual(lease.apiKey, key)
         self.assertEqual(lease.upstreamHeaders, {"Authorization": "Bearer " + key})
+        self.assertNotIn(key, repr(lease))
         lease.release()
         peeked = self.manager.peek("a")
         assert peeked is not None

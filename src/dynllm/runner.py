@@ -153,7 +153,7 @@ class BackendRun:
     _probing: bool = field(default=False, init=False)
     _probeAgain: bool = field(default=False, init=False)
     _loaded: defer.Deferred[None] | None = field(default=None, init=False)
-    apiKey: str | None = field(default=None, init=False)
+    apiKey: str | None = field(default=None, init=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
         env = dict(os.environ)

@@ -78,7 +78,7 @@ class Lease:
     baseURL: str
     _onRelease: Callable[[Lease], None]
     released: bool = False
-    apiKey: str | None = None
+    apiKey: str | None = field(default=None, repr=False)
 
     @property
     def upstreamHeaders(self) -> dict[str, str]:
