@@ -997,6 +997,12 @@ class TextGenerationTests(FakeOVMSCase):
         ).json()
         self.assertEqual(padded["tokens"][:2], [0, 0])
 
+    def test_deprecatedV3V1Prefix(self):
+        """The old /v3/v1/ prefix still reaches the graph's endpoints."""
+        _process, port = self.graph("text_generation")
+        chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+        self.assertEqual(call(port, "POST", "/v3/v1/chat/completions", chat).status, 200)
+
     def test_tokenizeErrors(self):
         """/v3/tokenize without ``text``, or with token ids, is a 400 with OVMS's message."""
         _process, port = self.graph("text_generation")
