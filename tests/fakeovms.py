@@ -18,6 +18,8 @@ Environment knobs (all optional):
                              (default 0.05); or ``name=S,other=S`` per servable
                              (``*=S`` sets the default)
   FAKE_OVMS_FAIL_LOAD=1      no servable ever loads; or a comma list of names
+                             (a graph served alone, without --config_path,
+                             then makes the server exit 1, as OVMS does)
   FAKE_OVMS_BAD_PATH=stay    a missing model directory leaves the server up
                              with the model never available (default: log an
                              error and exit 1 just after the REST bind)
@@ -1383,6 +1385,16 @@ class FakeOVMS:
                     f"Mediapipe: {servable.name} state changed to: LOADING_PRECONDITION_FAILED after handling: ValidationFailedEvent:",
                     logger="modelmanager",
                 )
+                if not self.settings.get("config_path") and not self.badPathStays:
+                    # Single-model graph mode (--task, pull-and-start, or a
+                    # graph.pbtxt): the load error comes back out of
+                    # ServableManager start and the server exits 1
+                    # (modelmanager.cpp); only --config_path mode stays up.
+                    servable.state = "LOADING"
+                    self._fatal(
+                        ("servablemanagermodule.cpp:49", "Couldn't start model manager")
+                    )
+                    return
             elif servable.versions:
                 servable.errorCode = "UNKNOWN"
                 self.log("ERROR", "modelinstance.cpp:1181", message)

@@ -658,17 +658,20 @@ class StartupTests(FakeOVMSCase):
         self.assertIn('"state": "LOADING"', call(port, "GET", "/v1/config").body.decode())
 
     def test_failedLoad(self):
-        """FAKE_OVMS_FAIL_LOAD: the server stays up, the graph never turns ready, /v1/config says FAILED_PRECONDITION."""
-        args = [
-            "--model_name",
-            "m",
-            "--model_path",
-            self.modelDir(),
-            "--task",
-            "text_generation",
-        ]
+        """
+        FAKE_OVMS_FAIL_LOAD in --config_path mode: the server stays up, the
+        graph never turns ready, /v1/config says FAILED_PRECONDITION, and a
+        request waits 0.5 s for it, then gets 500.
+        """
+        root = os.path.abspath(self.mktemp())
+        os.makedirs(os.path.join(root, "m"))
+        with open(os.path.join(root, "m", "graph.pbtxt"), "w") as f:
+            f.write('node { calculator: "HttpLLMCalculator" }\n')
+        configPath = os.path.join(root, "config.json")
+        with open(configPath, "w") as f:
+            json.dump({"model_config_list": [], "mediapipe_config_list": [{"name": "m", "base_path": "m"}]}, f)
         process, port = self.start(
-            args, env={"FAKE_OVMS_FAIL_LOAD": "1"}, waitReady=False
+            ["--config_path", configPath], env={"FAKE_OVMS_FAIL_LOAD": "1"}, waitReady=False
         )
         self.waitFor(lambda: call(port, "GET", "/v2/health/ready").status == 200)
         self.assertError(
@@ -680,12 +683,25 @@ class StartupTests(FakeOVMSCase):
         self.assertIn('"state": "LOADING"', config)
         self.assertIn('"error_code": "FAILED_PRECONDITION"', config)
         chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+        began = time.monotonic()
         self.assertError(
             call(port, "POST", "/v3/chat/completions", chat),
             500,
             "Mediapipe is not loaded yet",
         )
+        self.assertGreaterEqual(time.monotonic() - began, 0.45)
         self.assertIsNone(process.poll())
+
+    def test_failedGraphLoadExits(self):
+        """A graph served alone (--task) that fails to load makes the server exit 1, after REST was up."""
+        code, _out, err = runFake(
+            ["--rest_port", str(freePort()), "--model_name", "m", "--model_path", self.modelDir(),
+             "--task", "text_generation"],
+            env={"FAKE_OVMS_FAIL_LOAD": "1"},
+        )
+        self.assertEqual(code, 1, err)
+        self.assertIn("Started REST server", err)
+        self.assertIn("Failed to validate graph m", err)
 
     def test_shapeWithTaskExits64(self):
         """
