@@ -217,6 +217,10 @@ class BackendKeyTests(SynchronousTestCase):
     """
 
     def startDaemon(self):
+        """
+        @return: a started daemon with the three tiny models, stopped in
+            cleanup.
+        """
         daemon = Daemon(llamaConfig()).start()
         self.addCleanup(daemon.stop)
         return daemon
