@@ -26,7 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from tests.support import Daemon, freePort, llamaServer, pidAlive, tinyModels  # noqa: E402
+from tests.support import Daemon, environmentOf, freePort, llamaServer, pidAlive, tinyModels  # noqa: E402
 
 __all__ = [
     "BenchDaemon",
@@ -162,6 +162,18 @@ class BenchDaemon:
             if m.get("pid"):
                 self.backendPids.add(m["pid"])
         return models
+
+    def backendHeaders(self, name: str) -> dict[str, str]:
+        """
+        @return: the headers a direct request to model C{name}'s backend
+            needs: the key dynllm gave it (read from its environment, as
+            only dynllm's own user can), as dynllm itself sends it.
+        """
+        environment = environmentOf(self.models()[name]["pid"])
+        for variable in ("LLAMA_API_KEY", "API_KEY"):
+            if environment.get(variable):
+                return {"Authorization": "Bearer " + environment[variable]}
+        return {}
 
     def log(self) -> list[dict[str, Any]]:
         return readDaemonLog(self.daemon.logPath)

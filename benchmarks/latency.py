@@ -2,7 +2,8 @@
 """
 Added latency at concurrency 1: small non-streamed requests to a loaded tiny
 model through dynllm and directly to the same llama-server process (its port
-from GET /admin/models), each path on one persistent connection, the two
+from GET /admin/models, its key from its environment), each path on one
+persistent connection, the two
 paths interleaved so that drift of the machine affects both alike.
 
     PYTHONPATH=. .venv/bin/python benchmarks/latency.py [-n 1000] [--endpoint embeddings|completions|chat]
@@ -51,7 +52,8 @@ class Client:
     One persistent HTTP/1.1 connection; counts reconnections.
     """
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, headers: dict[str, str] | None = None) -> None:
+        self.headers = {"Content-Type": "application/json", **(headers or {})}
         self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
         self.conn.connect()
         self.sock = self.conn.sock
@@ -59,7 +61,7 @@ class Client:
 
     def post(self, path: str, body: bytes) -> float:
         t0 = time.perf_counter()
-        self.conn.request("POST", path, body, {"Content-Type": "application/json"})
+        self.conn.request("POST", path, body, self.headers)
         resp = self.conn.getresponse()
         data = resp.read()
         elapsed = time.perf_counter() - t0
@@ -103,7 +105,7 @@ def main() -> int:
             raise RuntimeError(f"load failed: {status} {text!r}")
         port = bench.models()["tiny"]["port"]
         proxy = Client(bench.port)
-        direct = Client(port)
+        direct = Client(port, bench.backendHeaders("tiny"))
         try:
             for i in range(args.warmup):
                 proxy.post(route, body)

@@ -38,14 +38,15 @@ def multipart(model: str, audio: bytes) -> bytes:
     ).encode() + audio + f"\r\n--{BOUNDARY}--\r\n".encode()
 
 
-def upload(port: int, path: str, body: bytes) -> float:
+def upload(port: int, path: str, body: bytes, headers: dict[str, str] | None = None) -> float:
     """
+    @param headers: More headers (the backend's key, for a direct upload).
     @return: seconds from the first byte sent to the last byte of the answer.
     """
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
     started = time.perf_counter()
     connection.request(
-        "POST", path, body, {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
+        "POST", path, body, {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}", **(headers or {})}
     )
     response = connection.getresponse()
     answer = response.read()
@@ -80,14 +81,15 @@ def main() -> int:
         if status != 200:
             raise RuntimeError(f"load failed: {body!r}")
         backendPort = bench.models()["whisper"]["port"]
+        key = bench.backendHeaders("whisper")
         header("Multipart upload to a transcription model (OVMS fake), whole request to whole answer")
         for size in (float(s) for s in args.sizes.split(",")):
             body = multipart("whisper", os.urandom(int(size * 1024 * 1024)))
-            upload(backendPort, "/v3/audio/transcriptions", body)
+            upload(backendPort, "/v3/audio/transcriptions", body, key)
             upload(bench.port, "/v1/audio/transcriptions", body)
             direct, proxied = [], []
             for _ in range(args.n):
-                direct.append(upload(backendPort, "/v3/audio/transcriptions", body))
+                direct.append(upload(backendPort, "/v3/audio/transcriptions", body, key))
                 proxied.append(upload(bench.port, "/v1/audio/transcriptions", body))
             print(f"{size:g} MB direct   {summary(direct)}")
             print(f"{size:g} MB dynllm   {summary(proxied)}")

@@ -24,6 +24,7 @@ async def main(reactor, configPath, model, prompt):
             response = await service.http.post(
                 lease.baseURL + "/v1/chat/completions",
                 json={"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": 8},
+                headers=lease.upstreamHeaders,  # the backend's key
             )
             reply = await response.json()
         finally:

@@ -16,6 +16,10 @@ where told to misbehave through the environment:
   FAKE_CHATTY=N         print N lines of output per request (pipe draining)
   FAKE_PORT_TAKEN_ONCE=PATH   the first start (while PATH does not exist)
                         creates PATH and fails as if its port were taken
+
+Like llama-server, it requires the key in LLAMA_API_KEY (when set) as
+``Authorization: Bearer KEY`` or ``X-Api-Key: KEY`` on every request but
+/health, and answers 401 without it.
 """
 
 import argparse
@@ -54,6 +58,7 @@ def main() -> None:
         sys.exit(1)
 
     state = {"ready": False}
+    apiKey = os.environ.get("LLAMA_API_KEY", "")
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -71,7 +76,18 @@ def main() -> None:
             self.end_headers()
             self.wfile.write(data)
 
+        def _authorized(self):
+            if not apiKey or self.path in ("/health", "/v1/health"):
+                return True
+            given = self.headers.get("Authorization", "")
+            if given == "Bearer " + apiKey or self.headers.get("X-Api-Key") == apiKey:
+                return True
+            self._send(401, {"error": {"message": "Invalid API Key", "type": "authentication_error", "code": 401}})
+            return False
+
         def do_GET(self):
+            if not self._authorized():
+                return
             if not state["ready"]:
                 return self._send(503, {"error": {"message": "Loading model", "type": "unavailable_error", "code": 503}})
             if self.path == "/health":
@@ -81,6 +97,8 @@ def main() -> None:
         def do_POST(self):
             length = int(self.headers.get("Content-Length") or 0)
             raw = self.rfile.read(length)
+            if not self._authorized():
+                return
             if not state["ready"]:
                 return self._send(503, {"error": {"message": "Loading model", "type": "unavailable_error", "code": 503}})
             try:

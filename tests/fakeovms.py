@@ -18,6 +18,8 @@ Environment knobs (all optional):
                              (default 0.05); or ``name=S,other=S`` per servable
                              (``*=S`` sets the default)
   FAKE_OVMS_FAIL_LOAD=1      no servable ever loads; or a comma list of names
+                             (a graph served alone, without --config_path,
+                             then makes the server exit 1, as OVMS does)
   FAKE_OVMS_BAD_PATH=stay    a missing model directory leaves the server up
                              with the model never available (default: log an
                              error and exit 1 just after the REST bind)
@@ -27,7 +29,9 @@ Environment knobs (all optional):
   FAKE_OVMS_DEVICES=CPU,GPU  devices that exist (default CPU); a servable
                              whose --target_device names another fails to load
   FAKE_OVMS_ARGV_FILE=PATH   write {"argv": [...], "pid": N} to PATH at start
-  API_KEY=K                  like OVMS: guards /v3 (and its /v1 aliases)
+  API_KEY=K                  like OVMS (unless --api_key_file gives a key):
+                             POSTs under /v3 and /v1 need
+                             ``Authorization: Bearer K`` (else 500)
 
 What a model directory must hold, as for OVMS: a classic (KServe-only) model
 needs a numeric version directory with a model file (``DIR/1/model.xml``);
@@ -239,6 +243,42 @@ SPDLOG_NAMES = {
     "WARNING": "warning",
     "ERROR": "error",
 }
+
+# modelmanager.cpp: single-model settings refused when a graph is served.
+GRAPH_REFUSED_SETTINGS = (
+    "shape",
+    "batch_size",
+    "layout",
+    "nireq",
+    "model_version_policy",
+)
+
+# imagegenutils.cpp: the form fields /v3/images/edits handles.
+IMAGE_EDIT_FIELDS = frozenset(
+    {
+        "model",
+        "prompt",
+        "image",
+        "mask",
+        "size",
+        "height",
+        "width",
+        "n",
+        "num_images_per_prompt",
+        "response_format",
+        "prompt_2",
+        "prompt_3",
+        "negative_prompt",
+        "negative_prompt_2",
+        "negative_prompt_3",
+        "num_inference_steps",
+        "rng_seed",
+        "strength",
+        "guidance_scale",
+        "max_sequence_length",
+        "lora_alphas",
+    }
+)
 
 MSG_NOT_LOADED_YET = "Model with requested version is not loaded yet"
 MSG_NAME_MISSING = "Model with requested name is not found"
@@ -818,6 +858,15 @@ class Servable:
     def available(self) -> bool:
         return self.state == "AVAILABLE"
 
+    @property
+    def registered(self) -> bool:
+        """
+        mediapipefactory.cpp validates a graph (which loads its pipelines)
+        before it inserts it: until its first load ends, OVMS does not know
+        the name at all.  Classic models are registered at once.
+        """
+        return self.kind != "graph" or self.loadFinished
+
 
 # ---------------------------------------------------------------------------
 # Deterministic "inference"
@@ -1060,6 +1109,13 @@ class FakeOVMS:
         if self.reactor.running:
             self.reactor.callLater(0.01, self.reactor.stop)
 
+    def _usageFatal(self, where: str, message: str) -> None:
+        """A usage error found at model start, after REST is bound: exit 64."""
+        self.log("ERROR", where, message)
+        self.exitCode = EX_USAGE
+        if self.reactor.running:
+            self.reactor.callLater(0.01, self.reactor.stop)
+
     def _startServableManager(self) -> None:
         s = self.settings
         mode = s["mode"]
@@ -1099,6 +1155,21 @@ class FakeOVMS:
                     ("servablemanagermodule.cpp:49", "Couldn't start model manager"),
                 )
                 return
+            ownGraph = s["task"] is None and os.path.exists(
+                os.path.join(path, "graph.pbtxt")
+            )
+            if s["task"] is not None or ownGraph:
+                refused = [k for k in GRAPH_REFUSED_SETTINGS if s.get(k) is not None]
+                if ownGraph and s.get("target_device") is not None:
+                    refused.append("target_device")
+                if refused:
+                    self._usageFatal(
+                        "modelmanager.cpp:245",
+                        "Starting mediapipe graph with unsupported model settings: "
+                        + "".join(k + ", " for k in refused)
+                        + "The settings should be set in subconfig.json file.",
+                    )
+                    return
             if s["task"] is not None:
                 servable = Servable(name, "graph", path, s["task"], origin="task")
             elif os.path.exists(os.path.join(path, "graph.pbtxt")):
@@ -1314,6 +1385,16 @@ class FakeOVMS:
                     f"Mediapipe: {servable.name} state changed to: LOADING_PRECONDITION_FAILED after handling: ValidationFailedEvent:",
                     logger="modelmanager",
                 )
+                if not self.settings.get("config_path") and not self.badPathStays:
+                    # Single-model graph mode (--task, pull-and-start, or a
+                    # graph.pbtxt): the load error comes back out of
+                    # ServableManager start and the server exits 1
+                    # (modelmanager.cpp); only --config_path mode stays up.
+                    servable.state = "LOADING"
+                    self._fatal(
+                        ("servablemanagermodule.cpp:49", "Couldn't start model manager")
+                    )
+                    return
             elif servable.versions:
                 servable.errorCode = "UNKNOWN"
                 self.log("ERROR", "modelinstance.cpp:1181", message)
@@ -1365,6 +1446,7 @@ class FakeOVMS:
         servable = self.servables.get(name)
         if (
             servable is None
+            or not servable.registered
             or servable.kind == "graph"
             and servable.origin == "task"
             and not self.taskKServe
@@ -1374,14 +1456,17 @@ class FakeOVMS:
 
     def graph(self, name: str):
         servable = self.servables.get(name)
-        return servable if servable is not None and servable.kind == "graph" else None
+        if servable is None or servable.kind != "graph" or not servable.registered:
+            return None
+        return servable
 
     def configStatus(self) -> str:
-        if not self.servables:
+        names = sorted(n for n, s in self.servables.items() if s.registered)
+        if not names:
             return "{}"
         out = "{\n"
         first = True
-        for name in sorted(self.servables):
+        for name in names:
             servable = self.servables[name]
             if not first:
                 out += ",\n"
@@ -1644,9 +1729,12 @@ class Request:
         v3 = self.v3Endpoint(path)
         if (
             v3 is not None
+            and self.method == "POST"
             and ovms.apiKey
             and request.getHeader("authorization") != "Bearer " + ovms.apiKey
         ):
+            # Checked in the OpenAI POST handler only, before the body is
+            # parsed; UNAUTHORIZED is unmapped, hence 500.
             return self.error(500, MSG_UNAUTHORIZED)
         m = re.fullmatch(
             r"/v2/models/([^/]+)(?:/versions/([0-9]+))?/(ready|infer)", path
@@ -2026,8 +2114,7 @@ class Request:
         self, servable: Servable, endpoint: str, uri: str, doc, parts, stream: bool
     ) -> None:
         task = servable.task
-        if endpoint not in TASK_ENDPOINTS.get(task, ()):
-            raise MediapipeError(f"Unsupported endpoint: {uri}")
+        endpoint = _taskEndpoint(task, endpoint, uri)
         if endpoint in ("audio/transcriptions", "audio/translations", "images/edits"):
             if parts is None:
                 raise MediapipeError("Failed to parse multipart data")
@@ -2212,6 +2299,12 @@ class Request:
     def responses(
         self, servable: Servable, endpoint: str, doc: dict, stream: bool
     ) -> None:
+        """
+        openai_responses.cpp: one response object, or (only with a JSON
+        ``"stream": true``) ``data:`` frames without ``event:`` lines, each
+        event with ``type`` and ``sequence_number``, in OVMS's order, then
+        ``data: [DONE]``.
+        """
         given = doc.get("input")
         if given is None:
             raise MediapipeError("input field is missing")
@@ -2225,6 +2318,10 @@ class Request:
             )
         else:
             raise MediapipeError("input is not a string or an array")
+        if "stream_options" in doc:
+            raise MediapipeError("stream_options is not supported in Responses API.")
+        if stream and doc.get("logprobs"):
+            raise MediapipeError("logprobs are not supported in streaming mode.")
         maxTokens = doc.get("max_output_tokens")
         if maxTokens is not None and (
             not isinstance(maxTokens, int)
@@ -2233,16 +2330,19 @@ class Request:
         ):
             raise MediapipeError("max_output_tokens is not a positive integer")
         tokens = generateTokens(source, maxTokens or 5)
+        # Like chat: a length limit given is a length limit reached.
+        incomplete = maxTokens is not None
         inputTokens = max(1, len(_words(source)))
-        ident = self._completionId("resp")
-        text = " ".join(tokens)
         created = int(time.time())
+        ident = f"resp-{created}"
+        text = " ".join(tokens)
+        part = {"type": "output_text", "text": text, "annotations": []}
         message = {
-            "id": "msg-" + ident,
+            "id": "msg-0",
             "type": "message",
-            "status": "completed",
+            "status": "incomplete" if incomplete else "completed",
             "role": "assistant",
-            "content": [{"type": "output_text", "text": text, "annotations": []}],
+            "content": [part],
         }
         usage = {
             "input_tokens": inputTokens,
@@ -2254,70 +2354,99 @@ class Request:
             "object": "response",
             "created_at": created,
             "model": doc["model"],
-            "status": "completed",
+            "status": "incomplete" if incomplete else "completed",
+            "incomplete_details": {"reason": "max_tokens"} if incomplete else None,
             "output": [message],
             "usage": usage,
         }
         if not stream:
             self.later(200, dumps(response))
             return
+        pending = dict(response, status="in_progress", output=[], usage=None)
+        pending["incomplete_details"] = None
+        item = {"item_id": "msg-0", "output_index": 0}
         events = [
-            (
-                "response.created",
-                {
-                    "type": "response.created",
-                    "response": dict(response, status="in_progress", output=[]),
-                },
-            )
+            {"type": "response.created", "response": pending},
+            {"type": "response.in_progress", "response": pending},
+            {
+                "type": "response.output_item.added",
+                "output_index": 0,
+                "item": dict(message, status="in_progress", content=[]),
+            },
+            {
+                "type": "response.content_part.added",
+                **item,
+                "content_index": 0,
+                "part": dict(part, text=""),
+            },
         ]
         for i, token in enumerate(tokens):
-            delta = token if i == 0 else " " + token
             events.append(
-                (
-                    "response.output_text.delta",
-                    {
-                        "type": "response.output_text.delta",
-                        "item_id": message["id"],
-                        "output_index": 0,
-                        "content_index": 0,
-                        "delta": delta,
-                    },
-                )
-            )
-        events.append(
-            (
-                "response.output_text.done",
                 {
-                    "type": "response.output_text.done",
-                    "item_id": message["id"],
-                    "output_index": 0,
+                    "type": "response.output_text.delta",
+                    **item,
                     "content_index": 0,
-                    "text": text,
-                },
+                    "delta": token if i == 0 else " " + token,
+                }
             )
-        )
-        events.append(
-            ("response.completed", {"type": "response.completed", "response": response})
-        )
+        events += [
+            {"type": "response.output_text.done", **item, "content_index": 0, "text": text},
+            {"type": "response.content_part.done", **item, "content_index": 0, "part": part},
+            {"type": "response.output_item.done", "output_index": 0, "item": message},
+            {
+                "type": "response.incomplete" if incomplete else "response.completed",
+                "response": response,
+            },
+        ]
+        for number, event in enumerate(events):
+            event["sequence_number"] = number
         self.streamEvents(
-            [
-                b"event: " + name.encode() + b"\ndata: " + dumps(data) + b"\n\n"
-                for name, data in events
-            ]
+            [b"data: " + dumps(event) + b"\n\n" for event in events]
             + [b"data: [DONE]\n\n"]
         )
 
     def tokenize(
         self, servable: Servable, endpoint: str, doc: dict, stream: bool
     ) -> None:
-        text = doc.get("prompt", doc.get("text"))
-        if not isinstance(text, str):
-            raise MediapipeError("prompt is not a string")
-        tokens = [
-            int.from_bytes(hashlib.sha256(w.encode()).digest()[:2], "big")
-            for w in _words(text)
-        ]
-        self.later(200, dumps({"tokens": tokens}))
+        """
+        tokenize_parser.cpp: ``text`` (a string or an array of strings) and
+        optional ``max_length`` (implies truncation), ``pad_to_max_length``,
+        ``add_special_tokens`` and ``padding_side``.  One text gives a flat
+        list of ids, several a list of lists.  The fake's tokens are one per
+        word (with no special tokens).
+        """
+        if "text" not in doc:
+            raise MediapipeError("text field is required")
+        text = doc["text"]
+        texts = [text] if isinstance(text, str) else text
+        if not isinstance(texts, list) or not texts or not all(
+            isinstance(t, str) for t in texts
+        ):
+            raise MediapipeError("Input should be string or array of strings")
+        maxLength = doc.get("max_length")
+        if maxLength is not None and (
+            not isinstance(maxLength, int) or isinstance(maxLength, bool) or maxLength <= 0
+        ):
+            raise MediapipeError("max_length should be unsigned integer greater than 0")
+        for name in ("pad_to_max_length", "add_special_tokens"):
+            if name in doc and not isinstance(doc[name], bool):
+                raise MediapipeError(f"{name} should be boolean")
+        side = doc.get("padding_side", "right")
+        if side not in ("left", "right"):
+            raise MediapipeError("padding_side should be either left or right")
+        result = []
+        for one in texts:
+            ids = [
+                int.from_bytes(hashlib.sha256(w.encode()).digest()[:2], "big") or 1
+                for w in _words(one)
+            ]
+            if maxLength is not None:
+                ids = ids[:maxLength]
+                if doc.get("pad_to_max_length"):
+                    padding = [0] * (maxLength - len(ids))
+                    ids = padding + ids if side == "left" else ids + padding
+            result.append(ids)
+        self.later(200, dumps({"tokens": result[0] if len(result) == 1 else result}))
 
     def streamEvents(self, events: list) -> None:
         request = self.request
@@ -2470,12 +2599,37 @@ class Request:
     def imageEdits(
         self, servable: Servable, endpoint: str, parts: list, stream: bool
     ) -> None:
+        """
+        imagegenutils.cpp: multipart only; ``prompt`` and one file in a field
+        named exactly ``image`` are required, ``mask`` selects inpainting,
+        and a field it does not handle is a 400 "Unhandled parameter".
+        """
+        for part in parts:
+            if part.name not in IMAGE_EDIT_FIELDS:
+                raise MediapipeError(f"Unhandled parameter: {part.name}")
         fields = formFields(parts)
-        images = [p for p in parts if p.name in ("image", "image[]") and p.data]
-        if not images:
-            raise MediapipeError("Image field is missing in multipart body")
+        images = [p for p in parts if p.name == "image" and p.filename is not None]
+        if len(images) != 1 or not images[0].data:
+            raise MediapipeError(
+                "Image field is missing in multipart body"
+                if not images
+                else "Expected exactly one image file in the image field"
+            )
+        masks = [p for p in parts if p.name == "mask" and p.filename is not None]
+        if "n" not in fields and "num_images_per_prompt" in fields:
+            fields["n"] = fields["num_images_per_prompt"]
+        size = fields.get("size")
+        if size == "auto" or size is None:
+            width = fields.get("width", "64")
+            height = fields.get("height", "64")
+            if not (str(width).isdigit() and str(height).isdigit()):
+                raise MediapipeError("width and height must be positive integers")
+            fields["size"] = f"{width}x{height}"
         prompt, n, width, height = self._imageCommon(fields)
-        self._images(prompt + hashlib.sha256(images[0].data).hexdigest(), n, width, height)
+        seed = prompt + hashlib.sha256(images[0].data).hexdigest()
+        if masks:
+            seed += "\0mask" + hashlib.sha256(masks[0].data).hexdigest()
+        self._images(seed, n, width, height)
 
     # -- audio ---------------------------------------------------------------
 
@@ -2522,6 +2676,33 @@ class Request:
         if voice is not None and not isinstance(voice, str):
             raise MediapipeError("voice is not a string")
         self.later(200, makeWav(text), "audio/wav")
+
+
+def _taskEndpoint(task: str, endpoint: str, uri: str) -> str:
+    """
+    What a graph's calculator makes of a path (backends.md 3.9): any path
+    ending in ``tokenize`` tokenizes on text, embeddings and rerank graphs;
+    embeddings and rerank graphs take every other path as their own;
+    the others serve their exact paths only.  Raises MediapipeError.
+    """
+    if endpoint.startswith("v1/"):
+        endpoint = endpoint[3:]  # the deprecated /v3/v1/ prefix
+    if task in ("text_generation", "embeddings", "rerank") and endpoint.endswith(
+        "tokenize"
+    ):
+        return "tokenize"
+    if task in ("embeddings", "rerank"):
+        return task
+    if endpoint in TASK_ENDPOINTS.get(task, ()):
+        return endpoint
+    if task == "text_generation":
+        raise MediapipeError(
+            "Wrong endpoint. Allowed endpoints: /v[13]/chat/completions, /v[13]/completions, "
+            "/v[13]/responses, /v[13]/tokenize"
+        )
+    if task == "image_generation":
+        raise MediapipeError(f"Unsupported URI: {uri}")
+    raise MediapipeError(f"Unsupported endpoint: {uri}")
 
 
 def _unquote(text: str) -> str:
@@ -2587,20 +2768,30 @@ def main(argv: list) -> int:
             json.dump({"argv": argv, "pid": os.getpid()}, f)
     if settings["mode"] in ("pull", "list"):
         return _pullOrList(settings)
+    # cli_parser.cpp: the first line of --api_key_file, trailing whitespace
+    # trimmed; without the flag (or with an empty one), $API_KEY.  An
+    # unreadable file is a usage error (server.cpp).
     apiKeyFile = settings.get("api_key_file", "")
     if apiKeyFile:
         try:
             with open(apiKeyFile) as f:
-                settings["api_key"] = f.readline().rstrip(" \n\r\t")
+                settings["api_key"] = f.readline().rstrip()
         except OSError:
             sys.stderr.write(
                 f'Error reading API key file: Unable to open file : "{apiKeyFile}"\n'
             )
-            return EX_FAILURE
+            return EX_USAGE
     else:
         settings["api_key"] = os.environ.get("API_KEY", "")
 
     log = Log(settings["log_level"], settings.get("log_path"))
+    if not settings["api_key"]:
+        log(
+            "INFO",
+            "http_server.cpp:238",
+            "API key not provided via --api_key_file or API_KEY environment variable. "
+            "Authentication will be disabled.",
+        )
 
     def earlyStop(signum, frame):
         # Twisted replaces the SIGTERM handler once the reactor runs, but

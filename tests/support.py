@@ -208,6 +208,16 @@ def commandLine(pid: int) -> list[str]:
         return [a.decode() for a in f.read().split(b"\0") if a]
 
 
+def environmentOf(pid: int) -> dict[str, str]:
+    """
+    @return: the environment process C{pid} started with (readable by its
+        own user only, unlike its command line).
+    """
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        entries = [e.decode() for e in f.read().split(b"\0") if e]
+    return dict(e.partition("=")[::2] for e in entries)
+
+
 def flag(args: list[str], name: str) -> str | None:
     """
     @return: the value after option C{name} in C{args}, or C{None}.

@@ -100,7 +100,17 @@ class OpenVINOTests(SynchronousTestCase):
         self.assertEqual(flag(args, "--target_device"), "GPU")
         self.assertEqual(flag(args, "--shape"), "auto")
         self.assertEqual(args[-2:], ["--nireq", "2"])
-        self.assertEqual(self.backend.environment(model()), {"API_KEY": None})
+
+    def test_keyAndEnvironment(self) -> None:
+        """
+        OVMS reads its key from C{API_KEY}, and inherits neither that nor
+        C{OVMS_MODEL_REPOSITORY_PATH} (another source of the model) from
+        dynllm's environment.
+        """
+        self.assertEqual(self.backend.keyVariable, "API_KEY")
+        self.assertEqual(
+            self.backend.environment(model()), {"API_KEY": None, "OVMS_MODEL_REPOSITORY_PATH": None}
+        )
 
     def test_tasks(self) -> None:
         """
@@ -134,6 +144,19 @@ class OpenVINOTests(SynchronousTestCase):
             f.write('node { calculator: "EmbeddingsCalculatorOV" }\n')
         args = self.backend.argv(model(path=directory, model_type="embedding"), "ovms", 1)
         self.assertIsNone(flag(args, "--task"))
+
+    def test_ownGraphNoTargetDevice(self) -> None:
+        """
+        A model with its own C{graph.pbtxt} gets no C{--target_device},
+        which OVMS refuses with a ready-made graph (the graph names its
+        device); a C{--task} graph does get one.
+        """
+        directory = self.mktemp()
+        os.makedirs(directory)
+        with open(os.path.join(directory, "graph.pbtxt"), "w") as f:
+            f.write('node { calculator: "EmbeddingsCalculatorOV" }\n')
+        self.assertIsNone(flag(self.backend.argv(model(path=directory, model_type="embedding"), "ovms", 1), "--target_device"))
+        self.assertEqual(flag(self.backend.argv(model(model_type="embedding"), "ovms", 1), "--target_device"), "CPU")
 
     def test_paths(self) -> None:
         """
@@ -194,6 +217,12 @@ class TransformersTests(SynchronousTestCase):
         for absent in ("--quantization", "--trust-remote-code", "--attn-implementation", "--compile"):
             self.assertNotIn(absent, args)
         self.assertEqual(self.backend.environment(self.hf()), {"HF_HUB_OFFLINE": "1"})
+
+    def test_noKey(self) -> None:
+        """
+        C{transformers serve} has no API key, so none is made for it.
+        """
+        self.assertIsNone(self.backend.keyVariable)
 
     def test_everyField(self) -> None:
         """
@@ -266,3 +295,19 @@ class LlamaCppTests(SynchronousTestCase):
         self.assertIsNone(backend.upstreamPath("/v1/tokenize", m))
         self.assertIsNone(backend.upstreamPath("/v1/audio/speech", m))
         self.assertEqual(backend.upstreamModel(m), "m")
+
+    def test_keyAndEnvironment(self) -> None:
+        """
+        llama-server reads its key from C{LLAMA_API_KEY}, and inherits no
+        variable of a setting dynllm owns (address, model, alias, keys)
+        from dynllm's environment.
+        """
+        backend = LlamaCppBackend()
+        m = evolve(model(), backend="llamacpp")
+        self.assertEqual(backend.keyVariable, "LLAMA_API_KEY")
+        environment = backend.environment(m)
+        for name in ("LLAMA_API_KEY", "LLAMA_ARG_API_KEY_FILE", "LLAMA_ARG_PORT", "LLAMA_ARG_HOST",
+                     "LLAMA_ARG_MODEL", "LLAMA_ARG_ALIAS", "LLAMA_ARG_HF_REPO"):
+            self.assertIn(name, environment)
+            self.assertIsNone(environment[name])
+        self.assertNotIn("--api-key", backend.argv(m, "llama-server", 1))

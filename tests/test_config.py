@@ -757,6 +757,211 @@ class ArgumentsTests(ConfigTestMixin, TestCase):
         self.assertConfigError({"models": [self.model(env={"A=B": "c"})]}, "'m1'", "env")
 
 
+#: For each backend kind, every spelling of a setting dynllm owns, as
+#: C{extra_args} (a flag and its value) and as C{env} variables.
+OWNED_ARGS = {
+    "llamacpp": [
+        ["--host", "0.0.0.0"],
+        ["--host=0.0.0.0"],
+        ["--port", "9000"],
+        ["--port=9000"],
+        ["--reuse-port"],
+        ["--reuse_port"],
+        ["--api-prefix", "/x"],
+        ["--ssl-key-file", "k.pem"],
+        ["--ssl-cert-file", "c.pem"],
+        ["-m", "other.gguf"],
+        ["--model", "other.gguf"],
+        ["--model=other.gguf"],
+        ["-mu", "http://x/m.gguf"],
+        ["--model-url", "http://x/m.gguf"],
+        ["-hf", "org/repo"],
+        ["-hfr", "org/repo"],
+        ["--hf-repo", "org/repo"],
+        ["--hf_repo", "org/repo"],
+        ["-hff", "m.gguf"],
+        ["--hf-file", "m.gguf"],
+        ["-dr", "ai/smollm2"],
+        ["--docker-repo", "ai/smollm2"],
+        ["--models-dir", "/models"],
+        ["--models-preset", "p.ini"],
+        ["-a", "other"],
+        ["--alias", "other"],
+        ["--alias=other"],
+        ["--api-key", "k"],
+        ["--api_key", "k"],
+        ["--api-key=k"],
+        ["--api-key-file", "k.txt"],
+    ],
+    "openvino": [
+        ["--rest_port", "9000"],
+        ["--rest_port=9000"],
+        ["--rest_bind_address", "0.0.0.0"],
+        ["--rest_bind_address=0.0.0.0"],
+        ["--port", "9001"],
+        ["--port=9001"],
+        ["--grpc_bind_address", "0.0.0.0"],
+        ["--model_name", "other"],
+        ["--model_name=other"],
+        ["--model_path", "/m"],
+        ["--config_path", "c.json"],
+        ["--source_model", "org/m"],
+        ["--model_repository_path", "/r"],
+        ["--api_key_file", "k.txt"],
+        ["--api_key_file=k.txt"],
+    ],
+    "transformers": [
+        ["--host", "0.0.0.0"],
+        ["--host=0.0.0.0"],
+        ["--port", "9000"],
+        ["--port=9000"],
+    ],
+}
+
+OWNED_ENV = {
+    "llamacpp": [
+        "LLAMA_ARG_HOST",
+        "LLAMA_ARG_PORT",
+        "LLAMA_ARG_REUSE_PORT",
+        "LLAMA_ARG_API_PREFIX",
+        "LLAMA_ARG_SSL_KEY_FILE",
+        "LLAMA_ARG_SSL_CERT_FILE",
+        "LLAMA_ARG_MODEL",
+        "LLAMA_ARG_MODEL_URL",
+        "LLAMA_ARG_HF_REPO",
+        "LLAMA_ARG_HF_FILE",
+        "LLAMA_ARG_DOCKER_REPO",
+        "LLAMA_ARG_MODELS_DIR",
+        "LLAMA_ARG_MODELS_PRESET",
+        "LLAMA_ARG_ALIAS",
+        "LLAMA_API_KEY",
+        "LLAMA_ARG_API_KEY_FILE",
+    ],
+    "openvino": ["API_KEY", "OVMS_MODEL_REPOSITORY_PATH"],
+    "transformers": [],
+}
+
+
+class OwnedSettingsTests(ConfigTestMixin, TestCase):
+    """
+    C{extra_args} and C{env} may not set what dynllm sets itself: the
+    listen address, the model, the served name, the API key.
+    """
+
+    def ownModel(self, kind: str, **overrides: object) -> dict:
+        """
+        @return: a valid declaration of a model of backend C{kind}.
+        """
+        paths = {"llamacpp": "model.gguf", "openvino": "ov-model", "transformers": "ov-model"}
+        return self.model(backend=kind, path=paths[kind], **overrides)
+
+    def test_ownedFlagsRefused(self) -> None:
+        """
+        Every spelling of an owned setting in C{extra_args} (long and short
+        options, C{--flag=value}, and for llama-server C{_} for C{-}) is
+        refused, naming the model, C{extra_args} and the option.
+        """
+        for kind, spellings in OWNED_ARGS.items():
+            for args in spellings:
+                flag = args[0].partition("=")[0]
+                raw = {"enabled_backends": [kind], "models": [self.ownModel(kind, extra_args=args)]}
+                message = self.assertConfigError(raw, "models[0] ('m1').extra_args: ", "is set by dynllm")
+                self.assertIn(repr(flag).replace("_", "-") if kind == "llamacpp" else repr(flag), message)
+
+    def test_ownedFlagMessage(self) -> None:
+        """
+        The message says which setting the option sets, and quotes the
+        argument when it holds a value.
+        """
+        raw = {"models": [self.model(extra_args=["--threads", "2", "--port=9000"])]}
+        message = self.assertConfigError(raw)
+        self.assertEqual(
+            message,
+            "models[0] ('m1').extra_args: '--port' (in '--port=9000') is set by dynllm"
+            " (the listen port of llamacpp backends) and cannot be given here",
+        )
+
+    def test_ownedVariablesRefused(self) -> None:
+        """
+        Every environment variable that sets an owned setting is refused in
+        C{env}, naming the model, C{env} and the variable.
+        """
+        for kind, names in OWNED_ENV.items():
+            for name in names:
+                raw = {"enabled_backends": [kind], "models": [self.ownModel(kind, env={name: "x"})]}
+                self.assertConfigError(raw, "models[0] ('m1').env: ", repr(name), "is set by dynllm")
+
+    def test_otherArgumentsAccepted(self) -> None:
+        """
+        Arguments and variables that only look like owned ones are accepted:
+        values, other options that share a prefix, another backend's flags.
+        """
+        config = self.parse(
+            {
+                "enabled_backends": ["llamacpp", "openvino", "transformers"],
+                "models": [
+                    self.model(
+                        extra_args=["--chat-template", "x=--port", "--portable", "-mg", "0", "--rest_port"],
+                        env={"LLAMA_ARG_THREADS": "2", "API_KEY": "x"},
+                    ),
+                    self.ownModel("openvino", name="m2", extra_args=["--nireq", "2", "--host"]),
+                    self.ownModel("transformers", name="m3", extra_args=["--rest_port", "1"], env={"API_KEY": "x"}),
+                ],
+            }
+        )
+        self.assertEqual(len(config.models), 3)
+
+
+class OVMSGraphTests(ConfigTestMixin, TestCase):
+    """
+    OVMS refuses single-model settings for a model it serves as a MediaPipe
+    graph, so the configuration refuses them first.
+    """
+
+    def ovModel(self, **overrides: object) -> dict:
+        """
+        @return: a valid OpenVINO model declaration, with C{overrides}.
+        """
+        return self.model(backend="openvino", path="ov-model", **overrides)
+
+    def test_shapeOnTaskGraphRefused(self) -> None:
+        """
+        C{ovms_shape} on a model type OVMS serves through a C{--task} graph
+        is refused, naming the model and the key.
+        """
+        for kind in ("llm", "embedding", "rerank", "transcription", "speech", "image_generation"):
+            raw = {"models": [self.ovModel(model_type=kind, ovms_shape="(1,3)")]}
+            self.assertConfigError(raw, "models[0] ('m1').ovms_shape", "MediaPipe graph", repr(kind))
+
+    def test_shapeOnOwnGraphRefused(self) -> None:
+        """
+        C{ovms_shape} on a model whose directory holds its own
+        C{graph.pbtxt} is refused too, even for a vision model type.
+        """
+        open(os.path.join(self.dir, "ov-model", "graph.pbtxt"), "w").close()
+        raw = {"models": [self.ovModel(model_type="classification", ovms_shape="(1,3)")]}
+        self.assertConfigError(raw, "models[0] ('m1').ovms_shape", "graph.pbtxt")
+
+    def test_shapeOnClassicModelAccepted(self) -> None:
+        """
+        A classic (KServe) model without a graph takes C{ovms_shape}.
+        """
+        for kind in ("classification", "detection", "segmentation", "ocr"):
+            [model] = self.parse({"models": [self.ovModel(model_type=kind, ovms_shape="(1,3)")]}).models
+            self.assertEqual(model.ovms_shape, "(1,3)")
+
+    def test_targetDeviceOnOwnGraphRefused(self) -> None:
+        """
+        An explicit C{target_device} on a model that brings its own
+        C{graph.pbtxt} is refused (its graph names the device); the default
+        one is fine.
+        """
+        open(os.path.join(self.dir, "ov-model", "graph.pbtxt"), "w").close()
+        raw = {"models": [self.ovModel(model_type="embedding", target_device="GPU")]}
+        self.assertConfigError(raw, "models[0] ('m1').target_device", "graph.pbtxt")
+        self.assertEqual(len(self.parse({"models": [self.ovModel(model_type="embedding")]}).models), 1)
+
+
 class PathTests(ConfigTestMixin, TestCase):
     """
     Relative paths are resolved against C{models_dir} or the configuration

@@ -578,7 +578,11 @@ class StartupTests(FakeOVMSCase):
         )
 
     def test_loadingStateTable(self):
-        """While a graph loads, every endpoint answers as backends.md 3.3 says; afterwards all answer 200."""
+        """
+        While a task graph loads for the first time OVMS does not know its
+        name (backends.md 3.3 as corrected in 3.9): 404 on /v2 and at once
+        on /v3, absent from the lists; afterwards all answer 200.
+        """
         path = self.modelDir()
         args = ["--model_name", "m", "--model_path", path, "--task", "text_generation"]
         _process, port = self.start(
@@ -592,15 +596,15 @@ class StartupTests(FakeOVMSCase):
         self.assertError(
             call(port, "GET", "/v2/models/m/ready"),
             404,
-            "Model with requested version is not loaded yet",
+            "Model with requested name is not found",
         )
         self.assertError(
             call(port, "GET", "/v2/models/m/versions/1/ready"),
             404,
-            "Model with requested version is not loaded yet",
+            "Model with requested name is not found",
         )
         self.assertError(
-            call(port, "GET", "/v2/models/m"), 500, "Mediapipe is not loaded yet"
+            call(port, "GET", "/v2/models/m"), 404, "Model with requested name is not found"
         )
         self.assertError(
             call(port, "GET", "/v2/models/other/ready"),
@@ -611,20 +615,16 @@ class StartupTests(FakeOVMSCase):
             call(port, "GET", "/v3/models").json(), {"data": [], "object": "list"}
         )
         self.assertError(call(port, "GET", "/v3/models/m"), 500, "Model not found")
-        config = call(port, "GET", "/v1/config")
-        self.assertEqual(
-            config.body.decode(),
-            '{\n"m" : \n{\n "model_version_status": [\n  {\n   "version": "1",\n   "state": "LOADING",\n'
-            '   "status": {\n    "error_code": "OK",\n    "error_message": "OK"\n   }\n  }\n ]\n}\n}',
-        )
+        self.assertEqual(call(port, "GET", "/v1/config").body, b"{}")
         chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
         began = time.monotonic()
-        self.assertError(
-            call(port, "POST", "/v3/chat/completions", chat),
-            500,
-            "Mediapipe is not loaded yet",
-        )
-        self.assertGreaterEqual(time.monotonic() - began, 0.45)
+        for path in ("/v3/chat/completions", "/v1/chat/completions"):
+            self.assertError(
+                call(port, "POST", path, chat),
+                404,
+                "Mediapipe graph definition with requested name is not found",
+            )
+        self.assertLess(time.monotonic() - began, 0.4)
 
         self.waitFor(lambda: call(port, "GET", "/v2/models/m/ready").status == 200)
         ready = call(port, "GET", "/v2/models/m/ready")
@@ -641,36 +641,37 @@ class StartupTests(FakeOVMSCase):
             '"state": "AVAILABLE"', call(port, "GET", "/v1/config").body.decode()
         )
 
-    def test_requestWaitsHalfASecondForLoad(self):
-        """A /v3 request that arrives while loading waits up to 0.5 s and succeeds if the graph loads meanwhile."""
-        args = [
-            "--model_name",
-            "m",
-            "--model_path",
-            self.modelDir(),
-            "--task",
-            "embeddings",
-        ]
+    def test_classicModelLoadingTable(self):
+        """
+        A classic model is known from the start: while it loads, its
+        /ready is 404 "not loaded yet" and /v1/config shows it LOADING.
+        """
+        args = ["--model_name", "m", "--model_path", self.modelDir("classic")]
         _process, port = self.start(
-            args, env={"FAKE_OVMS_LOAD_DELAY": "0.3"}, waitReady=False
+            args, env={"FAKE_OVMS_LOAD_DELAY": "1.2"}, waitReady=False
         )
-        response = call(
-            port, "POST", "/v3/embeddings", {"model": "m", "input": "hello"}
+        self.assertError(
+            call(port, "GET", "/v2/models/m/ready"),
+            404,
+            "Model with requested version is not loaded yet",
         )
-        self.assertEqual(response.status, 200, response.body)
+        self.assertIn('"state": "LOADING"', call(port, "GET", "/v1/config").body.decode())
 
     def test_failedLoad(self):
-        """FAKE_OVMS_FAIL_LOAD: the server stays up, the graph never turns ready, /v1/config says FAILED_PRECONDITION."""
-        args = [
-            "--model_name",
-            "m",
-            "--model_path",
-            self.modelDir(),
-            "--task",
-            "text_generation",
-        ]
+        """
+        FAKE_OVMS_FAIL_LOAD in --config_path mode: the server stays up, the
+        graph never turns ready, /v1/config says FAILED_PRECONDITION, and a
+        request waits 0.5 s for it, then gets 500.
+        """
+        root = os.path.abspath(self.mktemp())
+        os.makedirs(os.path.join(root, "m"))
+        with open(os.path.join(root, "m", "graph.pbtxt"), "w") as f:
+            f.write('node { calculator: "HttpLLMCalculator" }\n')
+        configPath = os.path.join(root, "config.json")
+        with open(configPath, "w") as f:
+            json.dump({"model_config_list": [], "mediapipe_config_list": [{"name": "m", "base_path": "m"}]}, f)
         process, port = self.start(
-            args, env={"FAKE_OVMS_FAIL_LOAD": "1"}, waitReady=False
+            ["--config_path", configPath], env={"FAKE_OVMS_FAIL_LOAD": "1"}, waitReady=False
         )
         self.waitFor(lambda: call(port, "GET", "/v2/health/ready").status == 200)
         self.assertError(
@@ -682,12 +683,61 @@ class StartupTests(FakeOVMSCase):
         self.assertIn('"state": "LOADING"', config)
         self.assertIn('"error_code": "FAILED_PRECONDITION"', config)
         chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+        began = time.monotonic()
         self.assertError(
             call(port, "POST", "/v3/chat/completions", chat),
             500,
             "Mediapipe is not loaded yet",
         )
+        self.assertGreaterEqual(time.monotonic() - began, 0.45)
         self.assertIsNone(process.poll())
+
+    def test_failedGraphLoadExits(self):
+        """A graph served alone (--task) that fails to load makes the server exit 1, after REST was up."""
+        code, _out, err = runFake(
+            ["--rest_port", str(freePort()), "--model_name", "m", "--model_path", self.modelDir(),
+             "--task", "text_generation"],
+            env={"FAKE_OVMS_FAIL_LOAD": "1"},
+        )
+        self.assertEqual(code, 1, err)
+        self.assertIn("Started REST server", err)
+        self.assertIn("Failed to validate graph m", err)
+
+    def test_shapeWithTaskExits64(self):
+        """
+        --shape (or --batch_size, --nireq...) with a graph (--task) parses,
+        but the model start refuses it: OVMS's error in the log and exit 64,
+        after REST was bound.
+        """
+        for flag, value in (("--shape", "(1,3)"), ("--batch_size", "2")):
+            code, _out, err = runFake(
+                ["--rest_port", str(freePort()), "--model_name", "m", "--model_path", self.modelDir(),
+                 "--task", "embeddings", flag, value]
+            )
+            self.assertEqual(code, 64, err)
+            self.assertIn("Started REST server", err)
+            self.assertIn(
+                f"Starting mediapipe graph with unsupported model settings: {flag[2:]}, "
+                "The settings should be set in subconfig.json file.",
+                err,
+            )
+
+    def test_ownGraphRefusesShapeAndDevice(self):
+        """A model directory with its own graph.pbtxt refuses --shape and --target_device alike (exit 64)."""
+        path = self.modelDir(graph="EmbeddingsCalculatorOV")
+        code, _out, err = runFake(
+            ["--rest_port", str(freePort()), "--model_name", "m", "--model_path", path,
+             "--shape", "(1,3)", "--target_device", "CPU"]
+        )
+        self.assertEqual(code, 64, err)
+        self.assertIn("unsupported model settings: shape, target_device, ", err)
+
+    def test_shapeOnClassicModelAccepted(self):
+        """A classic model takes --shape: it loads and its metadata shows the shape."""
+        _process, port = self.start(
+            ["--model_name", "m", "--model_path", self.modelDir("classic"), "--shape", "(1,3)"]
+        )
+        self.assertEqual(call(port, "GET", "/v2/models/m").json()["inputs"][0]["shape"], [1, 3])
 
     def test_missingModelPathExits(self):
         """A --model_path that does not exist: an error in the log and exit 1, just after the REST bind."""
@@ -859,26 +909,135 @@ class TextGenerationTests(FakeOVMSCase):
         text = "".join(json.loads(f)["choices"][0]["text"] for f in frames[:-1])
         self.assertEqual(text, plain["choices"][0]["text"])
 
-    def test_responsesAndTokenize(self):
-        """/v3/responses answers a Responses object (streamed as typed events) and /v3/tokenize a token list."""
+    def test_responsesNotStreamedByDefault(self):
+        """/v3/responses answers one JSON response object unless asked to stream; a length limit makes it incomplete."""
         _process, port = self.graph("text_generation")
-        request = {"model": "m", "input": "sun moon", "max_output_tokens": 3}
-        body = call(port, "POST", "/v3/responses", request).json()
+        response = call(port, "POST", "/v3/responses", {"model": "m", "input": "sun moon"})
+        self.assertEqual(response.headers["content-type"], "application/json")
+        body = response.json()
         self.assertEqual(
-            (body["object"], body["status"], body["model"]),
-            ("response", "completed", "m"),
+            (body["object"], body["status"], body["model"]), ("response", "completed", "m")
         )
-        self.assertEqual(body["output"][0]["content"][0]["text"], "sun moon sun")
-        request["stream"] = True
-        frames = sseFrames(call(port, "POST", "/v3/responses", request).body)
-        events = [json.loads(f)["type"] for f in frames[:-1]]
-        self.assertEqual(events[0], "response.created")
-        self.assertEqual(events[-1], "response.completed")
-        self.assertEqual(events.count("response.output_text.delta"), 3)
-        tokens = call(
-            port, "POST", "/v3/tokenize", {"model": "m", "prompt": "a b c"}
+        self.assertTrue(body["id"].startswith("resp-"))
+        self.assertEqual(body["output"][0]["id"], "msg-0")
+        limited = call(
+            port, "POST", "/v3/responses", {"model": "m", "input": "sun moon", "max_output_tokens": 3}
         ).json()
-        self.assertEqual(len(tokens["tokens"]), 3)
+        self.assertEqual(limited["output"][0]["content"][0]["text"], "sun moon sun")
+        self.assertEqual(
+            (limited["status"], limited["incomplete_details"]), ("incomplete", {"reason": "max_tokens"})
+        )
+
+    def test_responsesStreamOnlyOnTrue(self):
+        """Only a JSON boolean true streams /v3/responses; a string "true" is a 412."""
+        _process, port = self.graph("text_generation")
+        self.assertEqual(
+            call(port, "POST", "/v3/responses", {"model": "m", "input": "x", "stream": False}).headers[
+                "content-type"
+            ],
+            "application/json",
+        )
+        self.assertError(
+            call(port, "POST", "/v3/responses", {"model": "m", "input": "x", "stream": "true"}),
+            412,
+            "stream field is not a boolean",
+        )
+
+    def test_responsesStreamEvents(self):
+        """
+        A streamed /v3/responses sends only ``data:`` lines (no ``event:``),
+        events in OVMS's order with increasing sequence numbers, then
+        ``data: [DONE]``.
+        """
+        _process, port = self.graph("text_generation")
+        response = call(
+            port, "POST", "/v3/responses", {"model": "m", "input": "sun moon", "stream": True}
+        )
+        self.assertEqual(response.headers["content-type"], "text/event-stream")
+        self.assertNotIn(b"event:", response.body)
+        frames = sseFrames(response.body)
+        self.assertEqual(frames[-1], "[DONE]")
+        events = [json.loads(f) for f in frames[:-1]]
+        self.assertEqual(
+            [e["type"] for e in events],
+            [
+                "response.created",
+                "response.in_progress",
+                "response.output_item.added",
+                "response.content_part.added",
+            ]
+            + ["response.output_text.delta"] * 5
+            + [
+                "response.output_text.done",
+                "response.content_part.done",
+                "response.output_item.done",
+                "response.completed",
+            ],
+        )
+        self.assertEqual([e["sequence_number"] for e in events], list(range(len(events))))
+        text = "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta")
+        self.assertEqual(text, events[-1]["response"]["output"][0]["content"][0]["text"])
+
+    def test_responsesRefusals(self):
+        """/v3/responses refuses stream_options, and logprobs when streaming (400)."""
+        _process, port = self.graph("text_generation")
+        for request in (
+            {"model": "m", "input": "x", "stream_options": {"include_usage": True}},
+            {"model": "m", "input": "x", "stream": True, "logprobs": True},
+        ):
+            response = call(port, "POST", "/v3/responses", request)
+            self.assertEqual(response.status, 400, request)
+
+    def test_tokenize(self):
+        """
+        /v3/tokenize (and /v1/tokenize) takes ``text``: one string gives a
+        flat id list, several a list of lists; ``max_length`` truncates and
+        ``pad_to_max_length`` pads on ``padding_side``.
+        """
+        _process, port = self.graph("text_generation")
+        one = call(port, "POST", "/v3/tokenize", {"model": "m", "text": "a b c"}).json()
+        self.assertEqual(len(one["tokens"]), 3)
+        self.assertTrue(all(isinstance(t, int) for t in one["tokens"]))
+        self.assertEqual(
+            call(port, "POST", "/v1/tokenize", {"model": "m", "text": ["a b c"]}).json(), one
+        )
+        two = call(port, "POST", "/v3/tokenize", {"model": "m", "text": ["a b c", "d"]}).json()
+        self.assertEqual([len(t) for t in two["tokens"]], [3, 1])
+        cut = call(port, "POST", "/v3/tokenize", {"model": "m", "text": "a b c", "max_length": 2}).json()
+        self.assertEqual(cut["tokens"], one["tokens"][:2])
+        padded = call(
+            port,
+            "POST",
+            "/v3/tokenize",
+            {"model": "m", "text": "a", "max_length": 3, "pad_to_max_length": True, "padding_side": "left"},
+        ).json()
+        self.assertEqual(padded["tokens"][:2], [0, 0])
+
+    def test_deprecatedV3V1Prefix(self):
+        """The old /v3/v1/ prefix still reaches the graph's endpoints."""
+        _process, port = self.graph("text_generation")
+        chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+        self.assertEqual(call(port, "POST", "/v3/v1/chat/completions", chat).status, 200)
+
+    def test_tokenizeErrors(self):
+        """/v3/tokenize without ``text``, or with token ids, is a 400 with OVMS's message."""
+        _process, port = self.graph("text_generation")
+        for request, message in (
+            ({"model": "m", "prompt": "a"}, "text field is required"),
+            ({"model": "m", "text": [1, 2]}, "Input should be string or array of strings"),
+        ):
+            response = call(port, "POST", "/v3/tokenize", request)
+            self.assertEqual(response.status, 400)
+            self.assertIn(message, response.json()["error"])
+
+    def test_tokenizeOnEmbeddingsAndRerank(self):
+        """Embeddings and rerank graphs tokenize any path ending in tokenize; image graphs do not."""
+        for task in ("embeddings", "rerank"):
+            _process, port = self.graph(task)
+            response = call(port, "POST", "/v3/tokenize", {"model": "m", "text": "a b"})
+            self.assertEqual((response.status, len(response.json()["tokens"])), (200, 2), task)
+        _process, port = self.graph("image_generation")
+        self.assertEqual(call(port, "POST", "/v3/tokenize", {"model": "m", "text": "a"}).status, 400)
 
     def test_generationRequestErrors(self):
         """Bad generation fields are Mediapipe execution failures: 400 with OVMS's message prefix."""
@@ -1081,6 +1240,51 @@ class TaskEndpointTests(FakeOVMSCase):
                 "Mediapipe execution failed. MP status - INVALID_ARGUMENT"
             )
         )
+
+    def edit(self, port: int, fields: dict, files: dict):
+        """POST /v3/images/edits as multipart; return the response."""
+        body, contentType = multipart(fields, files)
+        return call(port, "POST", "/v3/images/edits", body, {"Content-Type": contentType})
+
+    def test_imageEdits(self):
+        """
+        /v3/images/edits takes multipart with ``prompt`` and one file named
+        ``image`` (``mask`` optional; ``size`` or ``width``/``height``) and
+        answers base64 PNGs; the mask changes the result.
+        """
+        _process, port = self.graph("image_generation")
+        image = {"image": ("in.png", b"PNGDATA")}
+        response = self.edit(port, {"model": "m", "prompt": "a hat", "size": "32x16", "n": "2"}, image)
+        self.assertEqual(response.status, 200, response.body)
+        data = response.json()["data"]
+        self.assertEqual(len(data), 2)
+        png = base64.b64decode(data[0]["b64_json"])
+        self.assertEqual(struct.unpack(">II", png[16:24]), (32, 16))
+        sized = self.edit(port, {"model": "m", "prompt": "a hat", "width": "8", "height": "4"}, image)
+        png = base64.b64decode(sized.json()["data"][0]["b64_json"])
+        self.assertEqual(struct.unpack(">II", png[16:24]), (8, 4))
+        masked = self.edit(
+            port, {"model": "m", "prompt": "a hat", "size": "32x16", "n": "2"},
+            dict(image, mask=("mask.png", b"MASK")),
+        )
+        self.assertNotEqual(masked.json()["data"][0], data[0])
+
+    def test_imageEditsRefusals(self):
+        """
+        /v3/images/edits refuses a JSON body ("Failed to parse multipart
+        data"), a missing ``image`` file (only that exact name counts), and
+        fields it does not handle ("Unhandled parameter: X"), all 400.
+        """
+        _process, port = self.graph("image_generation")
+        json_ = call(port, "POST", "/v3/images/edits", {"model": "m", "prompt": "x"})
+        self.assertEqual(json_.status, 400)
+        self.assertIn("Failed to parse multipart data", json_.json()["error"])
+        noImage = self.edit(port, {"model": "m", "prompt": "x"}, {"image[]": ("in.png", b"P")})
+        self.assertEqual(noImage.status, 400)
+        for field in ("background", "quality", "style", "output_format", "whatever"):
+            refused = self.edit(port, {"model": "m", "prompt": "x", field: "1"}, {"image": ("in.png", b"P")})
+            self.assertEqual(refused.status, 400, field)
+            self.assertIn(f"Unhandled parameter: {field}", refused.json()["error"])
 
     def test_graphTaskFromPbtxt(self):
         """Without --task a model_path holding graph.pbtxt is a graph whose task comes from its calculator."""
@@ -1419,7 +1623,11 @@ class ErrorShapeTests(FakeOVMSCase):
         )
 
     def test_apiKeyGuardsV3Only(self):
-        """With API_KEY set, /v3 and its /v1 aliases need ``Authorization: Bearer K`` (else 500); /v2 and /v1/config do not."""
+        """
+        With API_KEY set, POSTs under /v3 and its /v1 aliases need
+        ``Authorization: Bearer K`` (else 500); GETs of the model lists,
+        /v2 and /v1/config do not.
+        """
         _process, port = self.graph("embeddings", env={"API_KEY": "sekrit"})
         request = {"model": "m", "input": "x"}
         unauthorized = "Unauthorized request due to invalid or missing api-key"
@@ -1437,7 +1645,9 @@ class ErrorShapeTests(FakeOVMSCase):
             500,
             unauthorized,
         )
-        self.assertError(call(port, "GET", "/v3/models"), 500, unauthorized)
+        self.assertEqual(call(port, "GET", "/v3/models").status, 200)
+        self.assertEqual(call(port, "GET", "/v1/models").status, 200)
+        self.assertEqual(call(port, "GET", "/v3/models/m").status, 200)
         good = {"Authorization": "Bearer sekrit"}
         self.assertEqual(
             call(port, "POST", "/v3/embeddings", request, good).status, 200
@@ -1448,6 +1658,26 @@ class ErrorShapeTests(FakeOVMSCase):
         self.assertEqual(call(port, "GET", "/v2/health/ready").status, 200)
         self.assertEqual(call(port, "GET", "/v2/models/m/ready").status, 200)
         self.assertEqual(call(port, "GET", "/v1/config").status, 200)
+
+    def test_apiKeyFileTrimmed(self):
+        """Only the first line of --api_key_file counts, with its trailing whitespace trimmed."""
+        keyFile = os.path.abspath(self.mktemp())
+        with open(keyFile, "w") as f:
+            f.write("k1\t \r\nsecond line\n")
+        _process, port = self.graph("embeddings", extra=["--api_key_file", keyFile])
+        request = {"model": "m", "input": "x"}
+        self.assertEqual(
+            call(port, "POST", "/v3/embeddings", request, {"Authorization": "Bearer k1"}).status, 200
+        )
+
+    def test_apiKeyFileUnreadable(self):
+        """An unreadable --api_key_file is a usage error: exit 64 with OVMS's message."""
+        code, _out, err = runFake(
+            ["--rest_port", str(freePort()), "--model_name", "m", "--model_path", self.modelDir(),
+             "--task", "embeddings", "--api_key_file", "/nonexistent/key"]
+        )
+        self.assertEqual(code, 64)
+        self.assertIn("Error reading API key file: Unable to open file", err)
 
     def test_apiKeyFile(self):
         """--api_key_file's first line is the key and wins over the API_KEY variable."""

@@ -7,13 +7,23 @@ project generates. Clients are plain HTTP and the official C{openai} SDK.
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import openai
 from twisted.trial.unittest import SynchronousTestCase
 
 from dynllm.runner import portIsFree
-from tests.support import Daemon, llamaServer, pidAlive, tinyModels, waitFor
+from tests.support import (
+    Daemon,
+    commandLine,
+    environmentOf,
+    llamaServer,
+    pidAlive,
+    request,
+    tinyModels,
+    waitFor,
+)
 
 
 def llamaConfig(**overrides):
@@ -197,6 +207,62 @@ class LlamaServerTests(SynchronousTestCase):
         self.assertEqual((status, json.loads(body)["status"]), (200, "unloaded"))
         self.assertFalse(pidAlive(pid))
         self.assertEqual(self.daemon.models()["tiny-rerank"]["pid"], None)
+
+
+class BackendKeyTests(SynchronousTestCase):
+    """
+    Each llama-server runs with a fresh key of dynllm's, so that its port is
+    of no use to other local users, and dynllm's environment cannot change
+    its address or key.
+    """
+
+    def startDaemon(self):
+        """
+        @return: a started daemon with the three tiny models, stopped in
+            cleanup.
+        """
+        daemon = Daemon(llamaConfig()).start()
+        self.addCleanup(daemon.stop)
+        return daemon
+
+    def test_directRequestNeedsKey(self):
+        """
+        The real llama-server answers 401 to a request sent to its port
+        without its key (or with a client's), while the same request
+        through dynllm works; the key is in its environment, not on its
+        command line.
+        """
+        daemon = self.startDaemon()
+        body = {"model": "tiny-embed", "input": "hello"}
+        status, _, answer = daemon.post("/v1/embeddings", body, headers={"X-Api-Key": "client"})
+        self.assertEqual(status, 200, answer)
+        entry = daemon.models()["tiny-embed"]
+        url = f"http://127.0.0.1:{entry['port']}/v1/embeddings"
+        self.assertEqual(request("POST", url, body)[0], 401)
+        self.assertEqual(request("POST", url, body, {"Authorization": "Bearer client"})[0], 401)
+        key = environmentOf(entry["pid"])["LLAMA_API_KEY"]
+        self.assertGreaterEqual(len(key), 32)
+        self.assertFalse(any(key in arg for arg in commandLine(entry["pid"])))
+        self.assertEqual(request("POST", url, body, {"Authorization": "Bearer " + key})[0], 200)
+
+    def test_inheritedVariablesIgnored(self):
+        """
+        With C{LLAMA_API_KEY}, C{LLAMA_ARG_PORT} and C{LLAMA_ARG_HOST} in
+        the daemon's environment, models still load and answer through
+        dynllm: the backend gets its own key and none of those.
+        """
+        self.patch(
+            os,
+            "environ",
+            dict(os.environ, LLAMA_API_KEY="daemon-key", LLAMA_ARG_PORT="1", LLAMA_ARG_HOST="0.0.0.0"),
+        )
+        daemon = self.startDaemon()
+        status, _, answer = daemon.post("/v1/embeddings", {"model": "tiny-embed", "input": "hello"})
+        self.assertEqual(status, 200, answer)
+        environment = environmentOf(daemon.models()["tiny-embed"]["pid"])
+        self.assertNotEqual(environment["LLAMA_API_KEY"], "daemon-key")
+        self.assertNotIn("LLAMA_ARG_PORT", environment)
+        self.assertNotIn("LLAMA_ARG_HOST", environment)
 
 
 class EvictionTests(SynchronousTestCase):

@@ -18,7 +18,7 @@ import openai
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests import fakeovms
-from tests.support import Daemon, checkEnvelope, commandLine, flag, pidAlive, waitFor
+from tests.support import Daemon, checkEnvelope, commandLine, environmentOf, flag, pidAlive, request, waitFor
 
 #: Every OpenVINO model type, with a model name for each.
 MODELS = {
@@ -101,6 +101,31 @@ class OpenVINOTests(SynchronousTestCase):
             self.assertEqual(flag(args, "--task"), task)
             logs = self.daemon.get(f"/admin/models/{name}/logs?lines=100")[2].decode()
             self.assertIn(f"Binding REST server to address: 127.0.0.1:{entry['port']}", logs)
+
+    def test_backendKey(self):
+        """
+        Each OVMS run gets a fresh key in C{API_KEY}, never on its command
+        line; dynllm's requests carry it, and the fake, like OVMS, refuses
+        a POST sent to its port without it (500) while its readiness and
+        model list stay public.
+        """
+        body = {"model": "ov-embed", "input": "x"}
+        status, _, answer = self.daemon.post("/v1/embeddings", body, headers={"Authorization": "Bearer client"})
+        self.assertEqual(status, 200, answer)
+        entry = self.daemon.models()["ov-embed"]
+        key = environmentOf(entry["pid"])["API_KEY"]
+        self.assertGreaterEqual(len(key), 32)
+        self.assertFalse(any(key in arg for arg in commandLine(entry["pid"])))
+        base = f"http://127.0.0.1:{entry['port']}"
+        for headers in ({}, {"Authorization": "Bearer client"}):
+            status, _, answer = request("POST", base + "/v3/embeddings", body, headers)
+            self.assertEqual(
+                (status, json.loads(answer)),
+                (500, {"error": "Unauthorized request due to invalid or missing api-key"}),
+            )
+        self.assertEqual(request("POST", base + "/v3/embeddings", body, {"Authorization": "Bearer " + key})[0], 200)
+        self.assertEqual(request("GET", base + "/v2/models/ov-embed/ready")[0], 200)
+        self.assertEqual(request("GET", base + "/v3/models")[0], 200)
 
     def test_chat(self):
         """

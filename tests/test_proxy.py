@@ -16,7 +16,10 @@ from twisted.web import resource, server
 from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
-from dynllm.proxy import DROP_REQUEST, DROP_RESPONSE, endToEnd, forward, requestBody
+from twisted.web.test.requesthelper import DummyRequest
+
+from dynllm.errors import APIError
+from dynllm.proxy import CREDENTIALS, DROP_REQUEST, DROP_RESPONSE, endToEnd, forward, requestBody
 from dynllm.service import makeAgent
 
 CHUNK = b"x" * 65536
@@ -59,6 +62,91 @@ class EndToEndTests(SynchronousTestCase):
             {b"Content-Encoding": [b""], b"Date": [b"x"], b"Server": [b"y"], b"Content-Length": [b"3"]}
         )
         self.assertEqual(list(endToEnd(headers, DROP_RESPONSE).getAllRawHeaders()), [(b"Content-Length", [b"3"])])
+
+
+class RecordingAgent:
+    """
+    An C{IAgent} that records the headers of each request and fails it as
+    a refused connection would.
+    """
+
+    def __init__(self):
+        self.sent: list[Headers] = []
+
+    def request(self, method, uri, headers=None, bodyProducer=None):
+        self.sent.append(headers)
+        return defer.fail(OSError("connection refused"))
+
+
+class CredentialTests(SynchronousTestCase):
+    """
+    No client credential reaches a backend; the backend's own key does,
+    when L{forward} is given one.
+    """
+
+    clientHeaders = {
+        b"Authorization": [b"Bearer client"],
+        b"Proxy-Authorization": [b"Basic Y2xpZW50"],
+        b"X-Api-Key": [b"client"],
+        b"Api-Key": [b"client"],
+        b"Cookie": [b"session=client"],
+        b"X-Kept": [b"1"],
+    }
+
+    def send(self, upstreamKey=None, headers=None):
+        """
+        Forward a request carrying every kind of client credential.
+
+        @return: the headers the backend got.
+        """
+        request = DummyRequest([b""])
+        request.method = b"POST"
+        for name, values in self.clientHeaders.items():
+            request.requestHeaders.setRawHeaders(name, values)
+        agent = RecordingAgent()
+        d = defer.ensureDeferred(
+            forward(agent, request, b"http://127.0.0.1:1/v1/x", b"{}", headers, clock=task.Clock(), upstreamKey=upstreamKey)
+        )
+        self.failureResultOf(d, APIError)
+        [sent] = agent.sent
+        return sent
+
+    def test_credentialsDropped(self):
+        """
+        C{Authorization}, C{Proxy-Authorization}, C{X-Api-Key},
+        C{api-key} and C{Cookie} from the client are all dropped; other
+        headers pass.
+        """
+        self.assertEqual(
+            CREDENTIALS,
+            {b"authorization", b"proxy-authorization", b"x-api-key", b"api-key", b"cookie"},
+        )
+        self.assertTrue(CREDENTIALS <= DROP_REQUEST)
+        sent = self.send()
+        for name in CREDENTIALS:
+            self.assertFalse(sent.hasHeader(name), name)
+        self.assertEqual(sent.getRawHeaders(b"x-kept"), [b"1"])
+
+    def test_backendKeySent(self):
+        """
+        With C{upstreamKey}, the backend gets C{Authorization: Bearer KEY}
+        and nothing of the client's credentials.
+        """
+        sent = self.send(upstreamKey="backend-key")
+        self.assertEqual(sent.getRawHeaders(b"authorization"), [b"Bearer backend-key"])
+        for name in CREDENTIALS - {b"authorization"}:
+            self.assertFalse(sent.hasHeader(name), name)
+
+    def test_givenHeadersNotChanged(self):
+        """
+        Headers the caller gives are sent with the key set in a copy: the
+        caller's own object is not changed.
+        """
+        given = Headers({b"X-Given": [b"1"]})
+        sent = self.send(upstreamKey="backend-key", headers=given)
+        self.assertEqual(sent.getRawHeaders(b"authorization"), [b"Bearer backend-key"])
+        self.assertEqual(sent.getRawHeaders(b"x-given"), [b"1"])
+        self.assertFalse(given.hasHeader(b"authorization"))
 
 
 @implementer(IPushProducer)

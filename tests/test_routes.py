@@ -64,10 +64,11 @@ class StubManager:
     unloadFailure: Exception | None = None
     states: dict = field(factory=dict)
     peeks: int = 0
+    apiKey: str | None = "backend-key"
 
     def _newLease(self, name):
         model = self.config.model(name)
-        return Lease(model, backendFor(model.backend), "http://backend", self._release)
+        return Lease(model, backendFor(model.backend), "http://backend", self._release, apiKey=self.apiKey)
 
     def acquire(self, name):
         if self.failure is not None:
@@ -215,8 +216,31 @@ class RoutesTests(RoutesTestCase):
         ((method, path, sent, received),) = self.backend.requests
         self.assertEqual((method, path, json.loads(received)), (b"POST", b"/v1/chat/completions", body))
         self.assertEqual(sent[b"X-Trace"], [b"1"])
-        self.assertNotIn(b"Authorization", sent)
         self.assertEqual(self.manager.released, 1)
+
+    def test_relaySendsBackendKey(self):
+        """
+        The backend gets the lease's key as C{Authorization: Bearer KEY},
+        and none of the client's credentials (C{Authorization},
+        C{X-Api-Key}, C{api-key}, C{Cookie}).
+        """
+        credentials = {"Authorization": "Bearer client", "X-Api-Key": "client", "Api-Key": "client",
+                       "Cookie": "session=client"}
+        status = self.call("POST", "/v1/chat/completions", {"model": "chat", "messages": []}, credentials)[0]
+        self.assertEqual(status, 200)
+        sent = self.backend.requests[-1][2]
+        self.assertEqual(sent[b"Authorization"], [b"Bearer backend-key"])
+        for name in (b"X-Api-Key", b"Api-Key", b"Cookie"):
+            self.assertNotIn(name, sent)
+
+    def test_relayWithoutBackendKey(self):
+        """
+        For a backend without a key (the lease has none), no
+        C{Authorization} is sent at all, not even the client's.
+        """
+        self.manager.apiKey = None
+        self.call("POST", "/v1/chat/completions", {"model": "chat", "messages": []}, {"Authorization": "Bearer k"})
+        self.assertNotIn(b"Authorization", self.backend.requests[-1][2])
 
     def test_backendErrorRelayed(self):
         """
@@ -543,7 +567,7 @@ class EveryEndpointTests(RoutesTestCase):
     def test_readyLoadedAsksBackend(self):
         """
         For a loaded model, the backend answers C{/ready}, through a lease
-        that does not count as a use.
+        that does not count as a use, asked with the backend's key.
         """
         self.manager.states["ov-ocr"] = "loaded"
         self.backend.status = 404
@@ -552,6 +576,7 @@ class EveryEndpointTests(RoutesTestCase):
         self.assertEqual((status, body), (404, self.backend.body))
         self.assertEqual(headers.getRawHeaders("x-dynllm-model-state"), ["loaded"])
         self.assertEqual(self.backend.requests[-1][1], b"/v2/models/ov-ocr/ready")
+        self.assertEqual(self.backend.requests[-1][2][b"Authorization"], [b"Bearer backend-key"])
         self.assertEqual((self.manager.leases, self.manager.released), ([], 1))
 
     def test_readyFailed(self):

@@ -23,6 +23,7 @@ from zope.interface.verify import verifyObject
 
 from dynllm.config import ModelConfig
 from dynllm.interfaces import IBackend
+from dynllm.owned import LLAMACPP
 from dynllm.runner import (
     FAILURE_LOG_LINES,
     FIRST_PROBE_DELAY,
@@ -158,9 +159,13 @@ class FakeBackend:
 
     kind = "llamacpp"
     modelTypes = ("llm",)
+    owned = LLAMACPP
 
-    def __init__(self, clock: Any = None, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, clock: Any = None, env: dict[str, str] | None = None, keyVariable: str | None = "FAKE_KEY"
+    ) -> None:
         self.clock = clock
+        self.keyVariable = keyVariable
         self.env = env or {}
         self.ready: set[str] = set()
         self.manual = False
@@ -263,6 +268,49 @@ class BackendRunTests(SynchronousTestCase):
         self.assertEqual(transport.env["SHARED"], "model")
         self.assertEqual(transport.env.get("PATH"), os.environ.get("PATH"))
         self.assertEqual(run.process.pid, transport.pid)
+
+    def test_keyInEnvironmentOnly(self) -> None:
+        """
+        A backend with keys gets a fresh random key per run in its
+        L{IBackend.keyVariable}, overriding one the model's C{env} or ours
+        would give, and never on its command line (which every local user
+        can read in C{/proc/PID/cmdline}).
+        """
+        self.patch(os, "environ", dict(os.environ, FAKE_KEY="daemon's"))
+        first = self.makeRun(makeModel(env={"FAKE_KEY": "model's"}))
+        second = self.makeRun()
+        first.start(60)
+        second.start(60)
+        [one, two] = self.reactor.spawned
+        assert first.apiKey is not None and second.apiKey is not None
+        self.assertGreaterEqual(len(first.apiKey), 32)
+        self.assertNotEqual(first.apiKey, second.apiKey)
+        self.assertEqual(one.env["FAKE_KEY"], first.apiKey)
+        self.assertEqual(two.env["FAKE_KEY"], second.apiKey)
+        for transport, run in ((one, first), (two, second)):
+            self.assertFalse(any(run.apiKey in arg for arg in transport.args))
+
+    def test_keyNotInRepr(self) -> None:
+        """
+        The key is in no C{repr} of the run or of its process, so that it
+        cannot reach a log by accident.
+        """
+        run = self.makeRun()
+        run.start(60)
+        assert run.apiKey is not None
+        self.assertNotIn(run.apiKey, repr(run))
+        self.assertNotIn(run.apiKey, repr(run.process))
+
+    def test_noKeyWithoutKeyVariable(self) -> None:
+        """
+        A backend without keys (no L{IBackend.keyVariable}) gets none, and
+        the run has no C{apiKey} for the relay to send.
+        """
+        self.backend.keyVariable = None
+        run = self.makeRun()
+        run.start(60)
+        self.assertIsNone(run.apiKey)
+        self.assertNotIn("FAKE_KEY", self.reactor.spawned[0].env)
 
     def test_startSpawnErrorRaises(self) -> None:
         """

@@ -146,6 +146,35 @@ class AcquireTests(ManagerTestsMixin, SynchronousTestCase):
         self.assertEqual(error.code, "model_not_found")
         self.assertEqual(self.reactor.spawned, [])
 
+    def test_leaseCarriesRunKey(self) -> None:
+        """
+        A lease carries the API key its model's current run gave the
+        backend (as a value and as headers, hidden from its C{repr}), so
+        that the relay can send it; a peek carries it too.
+        """
+        self.makeManager([{"name": "a", "vram_mb": 100}])
+        lease = self.loadedLease("a")
+        key = self.spawnedFor("a")[-1].env["FAKE_KEY"]
+        self.assertEqual(lease.apiKey, key)
+        self.assertEqual(lease.upstreamHeaders, {"Authorization": "Bearer " + key})
+        self.assertNotIn(key, repr(lease))
+        lease.release()
+        peeked = self.manager.peek("a")
+        assert peeked is not None
+        self.assertEqual(peeked.apiKey, key)
+        peeked.release()
+
+    def test_leaseWithoutKey(self) -> None:
+        """
+        A lease on a backend without keys has no key and no headers to add.
+        """
+        self.makeManager([{"name": "a", "vram_mb": 100}])
+        self.backend.keyVariable = None
+        lease = self.loadedLease("a")
+        self.assertIsNone(lease.apiKey)
+        self.assertEqual(lease.upstreamHeaders, {})
+        lease.release()
+
     def test_lookupsOfUnknownModel(self) -> None:
         """
         L{ModelManager.backendOf}, L{ModelManager.describe},

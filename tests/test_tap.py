@@ -98,6 +98,19 @@ class OptionsTests(TapTestMixin, TestCase):
         self.assertIn("total_vram", str(e))
         self.assertIn(path, str(e))
 
+    def test_ownedExtraArgsStopStartUp(self) -> None:
+        """
+        C{extra_args} that set what dynllm owns (here the listen port, as
+        C{--port=N}) stop start-up with a message naming the file, the
+        model, C{extra_args} and the option.
+        """
+        with open(self.goodConfig()) as f:
+            raw = yaml.safe_load(f)
+        raw["models"][0]["extra_args"] = ["--threads", 2, "--port=9999"]
+        path = self.writeConfig(raw)
+        e = self.assertRaises(usage.UsageError, Options().parseOptions, ["-c", path])
+        self.assertIn(f"{path}: models[0] ('tiny').extra_args: '--port' (in '--port=9999') is set by dynllm", str(e))
+
     def test_missingConfigIsUsageError(self) -> None:
         """
         A configuration file that does not exist is a L{usage.UsageError}

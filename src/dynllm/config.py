@@ -17,7 +17,8 @@ from typing import Any, Callable, Mapping, cast
 import yaml
 from attrs import Attribute, evolve, field, fields, frozen
 
-from dynllm.endpoints import BACKEND_KINDS, MODEL_TYPES, modelTypesOf
+from dynllm.endpoints import BACKEND_KINDS, KSERVE_TYPES, MODEL_TYPES, modelTypesOf
+from dynllm.owned import OWNED
 
 #: Which backend kind serves which model types: read from the endpoint
 #: table, the one place that says which endpoint serves what.
@@ -41,6 +42,14 @@ BACKEND_ONLY_FIELDS = {
 }
 
 EVICTION_POLICIES = ("lifo", "lru")
+
+#: The model types OVMS serves as classic models, through KServe v2 only;
+#: it serves the others as MediaPipe graphs that C{--task} builds.
+OVMS_CLASSIC_TYPES = KSERVE_TYPES
+
+#: The file that makes a model directory a MediaPipe graph of its own, which
+#: OVMS then serves as it is (made by OVMS's export script or C{--pull}).
+OVMS_GRAPH_FILE = "graph.pbtxt"
 
 
 class ConfigError(Exception):
@@ -460,6 +469,7 @@ def _checkModel(
         kind = BACKEND_ONLY_FIELDS.get(key)
         if kind is not None and kind != model.backend:
             raise ConfigError(f"{place}.{key} applies only to backend {kind!r}, not {model.backend!r}")
+    _checkOwned(model, place)
     if model.quantization not in (None, "none") and model.model_type != "llm":
         raise ConfigError(
             f"{place}.quantization: quantization applies only to model_type 'llm',"
@@ -473,6 +483,8 @@ def _checkModel(
     path = os.path.join(modelsDir, os.path.expanduser(model.path))
     if not os.path.exists(path):
         raise ConfigError(f"{place}.path: {path!r} does not exist")
+    if model.backend == "openvino":
+        _checkOVMSGraph(model, place, path)
     binary = config.backend.binaryFor(model.backend)
     if which(binary) is None:
         raise ConfigError(
@@ -480,6 +492,63 @@ def _checkModel(
             f" (set backend.{BackendSettings.BINARY_KEYS[model.backend]} to its path)"
         )
     return evolve(model, path=os.path.abspath(path), created=int(os.stat(path).st_mtime))
+
+
+def _checkOVMSGraph(model: ModelConfig, place: str, path: str) -> None:
+    """
+    Refuse the single-model settings OVMS refuses for a model it serves as
+    a MediaPipe graph: one that C{--task} builds (every model type but
+    L{OVMS_CLASSIC_TYPES}) or one whose directory holds its own
+    L{OVMS_GRAPH_FILE}. OVMS exits 64 at model start on C{--shape} there
+    ("Starting mediapipe graph with unsupported model settings",
+    C{src/modelmanager.cpp}), and on C{--target_device} with a ready-made
+    graph, whose device is written in the graph (C{src/cli_parser.cpp};
+    C{backends.md} 3.9).
+
+    @param path: The model's directory, resolved.
+    @raise ConfigError: naming the model and the key.
+    """
+    ownGraph = os.path.isfile(os.path.join(path, OVMS_GRAPH_FILE))
+    if ownGraph:
+        why = f"its directory holds its own {OVMS_GRAPH_FILE}"
+    else:
+        why = f"OVMS builds a MediaPipe graph for model_type {model.model_type!r}"
+    if model.ovms_shape is not None and (ownGraph or model.model_type not in OVMS_CLASSIC_TYPES):
+        raise ConfigError(
+            f"{place}.ovms_shape: OVMS refuses --shape for a model served by a MediaPipe graph"
+            f" ({why}); only {', '.join(OVMS_CLASSIC_TYPES)} models without a graph take a shape"
+        )
+    if ownGraph and "target_device" in model.explicit:
+        raise ConfigError(
+            f"{place}.target_device: OVMS refuses --target_device for a model that brings its own"
+            f" {OVMS_GRAPH_FILE}; the device is set in that graph"
+        )
+
+
+def _checkOwned(model: ModelConfig, place: str) -> None:
+    """
+    Refuse C{extra_args} and C{env} that set what dynllm sets itself (see
+    L{dynllm.owned}).
+
+    @raise ConfigError: naming the model, the key and the setting.
+    """
+    owned = OWNED[model.backend]
+    for arg in model.extra_args:
+        found = owned.flag(arg)
+        if found is not None:
+            flag, setting = found
+            given = "" if arg == flag else f" (in {arg!r})"
+            raise ConfigError(
+                f"{place}.extra_args: {flag!r}{given} is set by dynllm ({setting.what} of"
+                f" {model.backend} backends) and cannot be given here"
+            )
+    for name in model.env:
+        variable = owned.variable(name)
+        if variable is not None:
+            raise ConfigError(
+                f"{place}.env: {name!r} is set by dynllm ({variable.what} of"
+                f" {model.backend} backends) and cannot be given here"
+            )
 
 
 def loadConfig(path: str, which: Callable[[str], str | None] = shutil.which) -> Config:

@@ -25,6 +25,17 @@ class IBackend(Interface):
 
     kind = Attribute("C{str}: the C{backend} value in the configuration, e.g. C{'llamacpp'}.")
     modelTypes = Attribute("C{tuple} of the C{model_type} values this backend can serve.")
+    owned = Attribute(
+        "L{dynllm.owned.OwnedSettings}: the launch settings dynllm owns (listen"
+        " address, model, served name, API key), in every spelling the backend"
+        " accepts; the configuration refuses them in C{extra_args} and C{env}."
+    )
+    keyVariable = Attribute(
+        "C{str} or C{None}: the environment variable the backend reads its API"
+        " key from. Each run gets a fresh random key there (never on its command"
+        " line, which every local user can read), and dynllm sends it as"
+        " C{Authorization: Bearer KEY}. C{None} for a backend without keys."
+    )
 
     def argv(model: ModelConfig, binary: str, port: int) -> list[str]:
         """
@@ -39,8 +50,8 @@ class IBackend(Interface):
     def environment(model: ModelConfig) -> dict[str, str | None]:
         """
         @return: a C{dict} of variables the backend needs beyond ours, and
-            of ours it must not inherit (with the value C{None}); the
-            model's C{env} overrides these.
+            of ours it must not inherit (with the value C{None}: at least
+            every variable of L{owned}); the model's C{env} overrides these.
         """
 
     def probe(http: Any, baseURL: str, model: ModelConfig) -> Deferred[bool]:

@@ -189,7 +189,7 @@ class ManagedProcess:
     name: str
     argv: list[str]
     reactor: IReactorProcess
-    env: dict[str, str] | None = None
+    env: dict[str, str] | None = field(default=None, repr=False)  # holds backend keys
     killTime: float = 5.0
     newSession: bool = True
     onLine: Callable[[str], object] | None = None

@@ -52,9 +52,14 @@ HOP_BY_HOP = frozenset(
     }
 )
 
-#: Client credentials: never passed to a backend (it needs none of the
-#: client's; dynllm sends its own where the backend has a key).
-CREDENTIALS = frozenset({b"authorization", b"x-api-key", b"api-key", b"cookie"})
+#: Client credentials, never passed to a backend: the key a client gives
+#: dynllm is dynllm's business (OpenAI and llama-server read
+#: C{Authorization}, Anthropic clients and llama-server C{X-Api-Key}, Azure
+#: OpenAI clients C{api-key}; browsers send cookies), and a backend gets
+#: dynllm's own key for it instead (see L{forward}).
+CREDENTIALS = frozenset(
+    {b"authorization", b"proxy-authorization", b"x-api-key", b"api-key", b"cookie"}
+)
 
 #: Request headers not passed to a backend: the body is re-framed, the
 #: client's credentials are not the backend's business, and compression
@@ -243,6 +248,8 @@ async def forward(
     headers: Headers | None = None,
     clock: IReactorTime | None = None,
     rewriter: NameRewriter | None = None,
+    *,
+    upstreamKey: str | None = None,
 ) -> None:
     """
     Send C{request} to C{url} and relay the response to the client.
@@ -256,11 +263,16 @@ async def forward(
     @param rewriter: Renames the model in the response body, for a backend
         that knows it by another name (the length then changes, so
         C{Content-Length} is dropped).
+    @param upstreamKey: The backend's own API key (the lease's), sent as
+        C{Authorization: Bearer KEY} in place of any the headers hold.
     @raise errors.APIError: 502 when the backend could not be reached or
         sent no response.
     """
     if headers is None:
         headers = endToEnd(request.requestHeaders, DROP_REQUEST)
+    if upstreamKey is not None:
+        headers = headers.copy()
+        headers.setRawHeaders(b"authorization", [b"Bearer " + upstreamKey.encode("ascii")])
     if clock is None:
         from twisted.internet import reactor
 

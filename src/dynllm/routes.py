@@ -371,7 +371,14 @@ class DynLLMRoutes:
             return b""
         request.setHeader(STATE_HEADER, b"loaded")
         try:
-            await forward(self.agent, request, (lease.baseURL + upstream).encode("ascii"), None, clock=self.clock)
+            await forward(
+                self.agent,
+                request,
+                (lease.baseURL + upstream).encode("ascii"),
+                None,
+                clock=self.clock,
+                upstreamKey=lease.apiKey,
+            )
         finally:
             lease.release()
         return None
@@ -452,7 +459,9 @@ class DynLLMRoutes:
         lease = await self.manager.acquire(model.name)
         try:
             url = (lease.baseURL + upstream).encode("ascii")
-            await forward(self.agent, request, url, body, clock=self.clock, rewriter=rewriter)
+            await forward(
+                self.agent, request, url, body, clock=self.clock, rewriter=rewriter, upstreamKey=lease.apiKey
+            )
         finally:
             lease.release()
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import secrets
 import socket
 from typing import Any, Container
 
@@ -129,6 +130,12 @@ class BackendRun:
     @ivar killTime: Seconds from TERM to KILL when stopping.
     @ivar newSession: See L{ManagedProcess.newSession}.
     @ivar ring: Keeps the backend's last lines of output.
+    @ivar apiKey: This run's API key, fresh and random, which the backend
+        reads from its L{IBackend.keyVariable} and requires on every
+        request (so that other local users cannot use its port); C{None}
+        for a backend without keys. It is never on the command line
+        (C{/proc/PID/cmdline} is world-readable; C{/proc/PID/environ} is
+        not) and never reaches clients.
     """
 
     model: ModelConfig
@@ -146,6 +153,7 @@ class BackendRun:
     _probing: bool = field(default=False, init=False)
     _probeAgain: bool = field(default=False, init=False)
     _loaded: defer.Deferred[None] | None = field(default=None, init=False)
+    apiKey: str | None = field(default=None, init=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
         env = dict(os.environ)
@@ -155,6 +163,9 @@ class BackendRun:
             else:
                 env[name] = value
         env.update(self.model.env)
+        if self.backend.keyVariable is not None:
+            self.apiKey = secrets.token_urlsafe(32)
+            env[self.backend.keyVariable] = self.apiKey
         self.process = ManagedProcess(
             name=self.model.name,
             argv=self.backend.argv(self.model, self.binary, self.port),

@@ -68,6 +68,9 @@ class Lease:
     @ivar model: The model's configuration.
     @ivar backend: The kind of server that runs it.
     @ivar baseURL: The server's address, C{http://127.0.0.1:PORT}.
+    @ivar apiKey: The key the server requires, which the relay sends as
+        C{Authorization: Bearer KEY}; C{None} when it requires none (see
+        L{dynllm.runner.BackendRun.apiKey}).
     """
 
     model: ModelConfig
@@ -75,6 +78,17 @@ class Lease:
     baseURL: str
     _onRelease: Callable[[Lease], None]
     released: bool = False
+    apiKey: str | None = field(default=None, repr=False)
+
+    @property
+    def upstreamHeaders(self) -> dict[str, str]:
+        """
+        The headers every request to the server must carry: its key as
+        C{Authorization: Bearer KEY}, or none for a server without keys.
+        """
+        if self.apiKey is None:
+            return {}
+        return {"Authorization": "Bearer " + self.apiKey}
 
     def release(self) -> None:
         """
@@ -471,7 +485,13 @@ class ModelManager(Service):
         if use:
             slot.lastUsedAt = self.reactor.seconds()
         run = slot.run
-        return Lease(slot.config, slot.backend, run.baseURL, lambda lease: self._release(slot, run, use))
+        return Lease(
+            slot.config,
+            slot.backend,
+            run.baseURL,
+            lambda lease: self._release(slot, run, use),
+            apiKey=run.apiKey,
+        )
 
     def _release(self, slot: ModelSlot, run: BackendRun, use: bool = True) -> None:
         if slot.run is not run:

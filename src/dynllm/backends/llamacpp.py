@@ -16,12 +16,14 @@ from dynllm.backends._http import getIsOK
 from dynllm.config import ModelConfig
 from dynllm.endpoints import modelTypesOf, upstreamPath
 from dynllm.interfaces import IBackend
+from dynllm.owned import LLAMACPP, OwnedSettings
 
 @implementer(IBackend)
 @frozen
 class LlamaCppBackend:
     """
-    Runs C{llama-server -m PATH --host 127.0.0.1 --port N}.
+    Runs C{llama-server -m PATH --host 127.0.0.1 --port N}, with its API
+    key in C{LLAMA_API_KEY} (C{/health} stays public, so probes need none).
 
     It binds before loading and answers 503 until the model is in memory, so
     C{GET /health} == 200 means ready; the C{model loaded} log line (or the
@@ -30,6 +32,8 @@ class LlamaCppBackend:
 
     kind: str = "llamacpp"
     modelTypes: tuple[str, ...] = modelTypesOf("llamacpp")
+    owned: OwnedSettings = LLAMACPP
+    keyVariable: str | None = "LLAMA_API_KEY"
 
     def argv(self, model: ModelConfig, binary: str, port: int) -> list[str]:
         args = [
@@ -48,7 +52,7 @@ class LlamaCppBackend:
         return args + list(model.extra_args)
 
     def environment(self, model: ModelConfig) -> dict[str, str | None]:
-        return {}
+        return dict.fromkeys(self.owned.variables)
 
     def probe(self, http: Any, baseURL: str, model: ModelConfig) -> defer.Deferred[bool]:
         return defer.ensureDeferred(getIsOK(http, baseURL + "/health"))

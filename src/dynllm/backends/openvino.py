@@ -21,9 +21,10 @@ from twisted.internet import defer
 from zope.interface import implementer
 
 from dynllm.backends._http import getIsOK
-from dynllm.config import ModelConfig
+from dynllm.config import OVMS_GRAPH_FILE, ModelConfig
 from dynllm.endpoints import KSERVE_TYPES, modelTypesOf, upstreamPath
 from dynllm.interfaces import IBackend
+from dynllm.owned import OPENVINO, OwnedSettings
 
 #: The C{--task} of each generative model type.
 TASKS = {
@@ -36,7 +37,7 @@ TASKS = {
 }
 
 #: The file that makes a model directory a MediaPipe graph of its own.
-GRAPH_FILE = "graph.pbtxt"
+GRAPH_FILE = OVMS_GRAPH_FILE
 
 
 def hasOwnGraph(model: ModelConfig) -> bool:
@@ -53,7 +54,12 @@ class OpenVINOBackend:
     """
     Runs C{ovms --rest_port N --rest_bind_address 127.0.0.1 --port 0
     --model_name NAME --model_path PATH --target_device DEV [--task T]}:
-    REST on loopback only, gRPC off.
+    REST on loopback only, gRPC off, with its API key in C{API_KEY}, which
+    guards only the OpenAI-style POSTs under C{/v3} and C{/v1}: the
+    readiness probes need none (C{src/http_rest_api_handler.cpp};
+    C{backends.md} 3.9). A model that brings its own C{graph.pbtxt} gets
+    no C{--target_device} (OVMS refuses it there: the graph names its
+    device).
 
     OVMS answers REST before its model is loaded. Every servable, classic
     model or MediaPipe graph, is registered under C{--model_name}, and
@@ -65,6 +71,8 @@ class OpenVINOBackend:
 
     kind: str = "openvino"
     modelTypes: tuple[str, ...] = modelTypesOf("openvino")
+    owned: OwnedSettings = OPENVINO
+    keyVariable: str | None = "API_KEY"
 
     def argv(self, model: ModelConfig, binary: str, port: int) -> list[str]:
         args = [
@@ -74,19 +82,20 @@ class OpenVINOBackend:
             "--port", "0",
             "--model_name", model.name,
             "--model_path", model.path,
-            "--target_device", model.target_device,
         ]
+        ownGraph = hasOwnGraph(model)
+        if not ownGraph:
+            args += ["--target_device", model.target_device]
         if model.ovms_shape is not None:
             args += ["--shape", model.ovms_shape]
         task = TASKS.get(model.model_type)
-        if task is not None and not hasOwnGraph(model):
+        if task is not None and not ownGraph:
             args += ["--task", task]
         return args + list(model.extra_args)
 
     def environment(self, model: ModelConfig) -> dict[str, str | None]:
-        # OVMS reads an API key from API_KEY and would then refuse dynllm's
-        # requests on /v3: never let it inherit one of ours.
-        return {"API_KEY": None}
+        # API_KEY (the run sets its own) and OVMS_MODEL_REPOSITORY_PATH.
+        return dict.fromkeys(self.owned.variables)
 
     def probe(self, http: Any, baseURL: str, model: ModelConfig) -> defer.Deferred[bool]:
         return defer.ensureDeferred(self._probe(http, baseURL, model))

@@ -18,6 +18,7 @@ from dynllm.backends._http import getIsOK
 from dynllm.config import ModelConfig
 from dynllm.endpoints import modelTypesOf, upstreamPath
 from dynllm.interfaces import IBackend
+from dynllm.owned import TRANSFORMERS, OwnedSettings
 
 def modelTimeout(model: ModelConfig) -> str:
     """
@@ -41,10 +42,16 @@ class TransformersBackend:
     it binds: C{GET /health} == 200 means the model is ready. A pinned
     server knows the model by its path, not by its public name, so requests
     and responses are renamed on the way (L{upstreamModel}).
+
+    C{transformers serve} has no API key (no option, no variable, no check
+    in C{cli/serving}), so L{keyVariable} is C{None}: like any server on
+    127.0.0.1, its port can be used directly by other local users.
     """
 
     kind: str = "transformers"
     modelTypes: tuple[str, ...] = modelTypesOf("transformers")
+    owned: OwnedSettings = TRANSFORMERS
+    keyVariable: str | None = None
 
     def argv(self, model: ModelConfig, binary: str, port: int) -> list[str]:
         args = [
