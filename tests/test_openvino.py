@@ -190,6 +190,49 @@ class OpenVINOTests(SynchronousTestCase):
         self.assertEqual((status, headers["Content-Type"]), (200, "audio/wav"))
         self.assertEqual(direct, data)
 
+    def test_responses(self):
+        """
+        OpenAI's Responses API reaches OVMS's C{/v3/responses}: one response
+        object unless streaming is asked for, then C{data:} events (no
+        C{event:} lines) that the SDK reads, from C{response.created} to
+        C{response.completed}, and C{[DONE]}.
+        """
+        response = self.client.responses.create(model="ov-chat", input="hello there", max_output_tokens=4)
+        self.assertEqual((response.object, response.model), ("response", "ov-chat"))
+        self.assertEqual(response.output[-1].type, "message")
+        events = list(self.client.responses.create(model="ov-chat", input="hello", max_output_tokens=4, stream=True))
+        self.assertEqual(events[0].type, "response.created")
+        self.assertIn("response.output_text.delta", [e.type for e in events])
+        self.assertIn(events[-1].type, ("response.completed", "response.incomplete"))
+        status, _, body = self.daemon.post("/v1/responses", {"model": "ov-chat", "input": "hi", "stream": True})
+        self.assertEqual(status, 200)
+        self.assertNotIn(b"event:", body)
+        self.assertTrue(body.rstrip().endswith(b"data: [DONE]"))
+
+    def test_tokenize(self):
+        """
+        C{/v1/tokenize} reaches OVMS's C{/v3/tokenize} for chat, embedding
+        and rerank models.
+        """
+        for model in ("ov-chat", "ov-embed", "ov-rerank"):
+            status, _, body = self.daemon.post("/v1/tokenize", {"model": model, "text": ["one two", "three"]})
+            self.assertEqual(status, 200, body)
+            self.assertEqual([len(t) for t in json.loads(body)["tokens"]], [2, 1])
+        status, _, body = self.daemon.post("/v1/tokenize", {"model": "ov-whisper", "text": "x"})
+        checkEnvelope(self, status, body, 400, "model_type_mismatch")
+
+    def test_imageEdits(self):
+        """
+        An image edit, an upload of an image and a prompt, reaches OVMS's
+        C{/v3/images/edits} through the SDK.
+        """
+        png = base64.b64decode(
+            "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
+        )
+        result = self.client.images.edit(model="ov-sd", image=("in.png", png), prompt="add a hat", size="64x64")
+        self.assertEqual(len(result.data), 1)
+        self.assertTrue(base64.b64decode(result.data[0].b64_json).startswith(b"\x89PNG"))
+
     def test_images(self):
         """
         Image generation returns OVMS's base64 PNG images.
