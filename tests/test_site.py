@@ -847,3 +847,145 @@ class MakeSiteTests(SynchronousTestCase):
         self.assertEqual(site.maxBodyBytes, 1234)
         self.assertEqual(site.cors, CORSPolicy(frozenset({"http://a.example"})))
         self.assertFalse(site._parsePOSTFormSubmission)
+
+
+def peakRSS(pid: int) -> int:
+    """
+    @return: the peak resident memory of process C{pid} so far, in bytes
+        (C{VmHWM}).
+    """
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM")
+
+
+def post(port: int, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
+    """
+    POST C{body} as is on a new connection, and read the answer even if the
+    server closed the connection before the whole body was sent.
+
+    @return: C{(status, headers, body)}.
+    """
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        try:
+            connection.request("POST", path, body, headers)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        response = connection.getresponse()
+        return response.status, dict(response.headers), response.read()
+    finally:
+        connection.close()
+
+
+class DaemonTests(SynchronousTestCase):
+    """
+    CORS and compressed bodies through a real daemon (C{twistd -n dynllm})
+    over real sockets, in front of the fake backend of
+    C{tests/fakebackend.py}, with an API key and one allowed origin.
+    """
+
+    KEY = "sesame"
+
+    def setUp(self) -> None:
+        config = {
+            "total_vram_mb": 1000,
+            "enabled_backends": ["llamacpp"],
+            "backend": {"llamacpp_binary": FAKE_BACKEND},
+            "server": {"api_keys": [self.KEY], "cors_origins": [ORIGIN]},
+            "models": [
+                {"name": "m", "path": tinyModels()["tiny-llama.gguf"], "backend": "llamacpp", "vram_mb": 100}
+            ],
+        }
+        self.daemon = Daemon(config).start()
+        self.addCleanup(self.stopDaemon)
+
+    def stopDaemon(self) -> None:
+        pids = [m["pid"] for m in self.daemon.models().values() if m["pid"]]
+        self.daemon.stop()
+        self.assertTrue(waitFor(lambda: not any(pidAlive(p) for p in pids), timeout=10))
+
+    def headers(self, **extra: str) -> dict[str, str]:
+        """
+        @return: the key, the allowed origin, and C{extra}.
+        """
+        headers = {"Authorization": f"Bearer {self.KEY}", "Origin": ORIGIN, "Content-Type": "application/json"}
+        headers.update({k.replace("_", "-"): v for k, v in extra.items()})
+        return headers
+
+    def chatBody(self) -> bytes:
+        return json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi " * 100}]}).encode()
+
+    def test_preflightWithoutKey(self) -> None:
+        """
+        A preflight needs no key, on an API route whose requests do.
+        """
+        connection = http.client.HTTPConnection("127.0.0.1", self.daemon.port, timeout=30)
+        self.addCleanup(connection.close)
+        connection.request(
+            "OPTIONS",
+            "/v1/chat/completions",
+            headers={"Origin": ORIGIN, "Access-Control-Request-Method": "POST",
+                     "Access-Control-Request-Headers": "authorization, content-type"},
+        )
+        response = connection.getresponse()
+        response.read()
+        self.assertEqual(response.status, 204)
+        self.assertEqual(response.headers["Access-Control-Allow-Origin"], ORIGIN)
+        self.assertEqual(response.headers["Access-Control-Allow-Headers"], "authorization, content-type")
+
+    def test_errorsCarryCORS(self) -> None:
+        """
+        The routes' own 401 and 404, in the envelope, carry the CORS headers.
+        """
+        status, headers, body = post(self.daemon.port, "/v1/chat/completions", self.chatBody(),
+                                     {"Origin": ORIGIN, "Content-Type": "application/json"})
+        checkEnvelope(self, status, body, 401, "invalid_api_key")
+        self.assertEqual(headers["Access-Control-Allow-Origin"], ORIGIN)
+        status, headers, body = post(self.daemon.port, "/v1/no/such/route", b"{}", self.headers())
+        self.assertEqual(status, 404)
+        self.assertEqual(headers["Access-Control-Allow-Origin"], ORIGIN)
+
+    def test_gzipChat(self) -> None:
+        """
+        A gzipped chat is relayed decoded: the backend sees no
+        C{Content-Encoding} and the decoded length; the relayed answer
+        carries the CORS headers.
+        """
+        body = self.chatBody()
+        status, headers, answer = post(
+            self.daemon.port, "/v1/chat/completions", gzip.compress(body), self.headers(Content_Encoding="gzip")
+        )
+        self.assertEqual(status, 200, answer)
+        seen = json.loads(answer)["echo_headers"]
+        self.assertNotIn("content-encoding", seen)
+        self.assertEqual(seen["content-length"], str(len(body)))
+        self.assertEqual(headers["Access-Control-Allow-Origin"], ORIGIN)
+
+    def test_bomb(self) -> None:
+        """
+        1 GB of zeros gzipped (about 1 MB) against the default 64 MB limit
+        gets 413 with the CORS headers, the daemon's peak memory grows by
+        far less than the limit, and it serves the next request.
+        """
+        before = peakRSS(self.daemon.process.pid)
+        status, headers, body = post(
+            self.daemon.port, "/v1/chat/completions", zeroBomb(1024 * MB), self.headers(Content_Encoding="gzip")
+        )
+        growth = peakRSS(self.daemon.process.pid) - before
+        checkEnvelope(self, status, body, 413, "request_too_large")
+        self.assertEqual(headers["Access-Control-Allow-Origin"], ORIGIN)
+        self.assertLess(growth, 16 * MB)
+        status, _, answer = post(self.daemon.port, "/v1/chat/completions", self.chatBody(), self.headers())
+        self.assertEqual(status, 200, answer)
+
+    def test_unsupported(self) -> None:
+        """
+        A C{br} body gets 415 in the envelope.
+        """
+        status, _, body = post(
+            self.daemon.port, "/v1/chat/completions", b"\x1b\x00" * 50, self.headers(Content_Encoding="br")
+        )
+        checkEnvelope(self, status, body, 415, "unsupported_content_encoding")
