@@ -207,11 +207,11 @@ class LimitedRequest(server.Request):
         if not found:
             # Nothing to undo (no header, or only identity).
             self.requestHeaders.removeHeader(b"content-encoding")
-        if found:
-            self._decoder = codings.BodyDecoder(found, site.maxBodyBytes)
-            self.content = io.BytesIO()
-        else:
             super().gotLength(length)
+            return
+        # The body as sent is decoded as it arrives and never kept.
+        self._decoder = codings.BodyDecoder(found, site.maxBodyBytes)
+        self.content = io.BytesIO()
 
     def handleContentChunk(self, data: bytes) -> None:
         if self._refused:
