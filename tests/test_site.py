@@ -25,7 +25,7 @@ from twisted.web import resource
 from dynllm import codings, errors, multipart
 from dynllm.config import ConfigError, parseConfig
 from dynllm.site import DEFAULT_ALLOW_HEADERS, SPOOL_THRESHOLD, CORSPolicy, DynLLMSite, makeSite
-from tests.support import FAKE_BACKEND, Daemon, checkEnvelope, pidAlive, tinyModels, waitFor
+from tests.support import FAKE_BACKEND, Daemon, checkEnvelope, llamaServer, pidAlive, request, tinyModels, waitFor
 
 ORIGIN = "http://localhost:3000"
 MB = 1024 * 1024
@@ -989,3 +989,68 @@ class DaemonTests(SynchronousTestCase):
             self.daemon.port, "/v1/chat/completions", b"\x1b\x00" * 50, self.headers(Content_Encoding="br")
         )
         checkEnvelope(self, status, body, 415, "unsupported_content_encoding")
+
+
+class LlamaServerTests(SynchronousTestCase):
+    """
+    CORS and a compressed body through a daemon in front of the real
+    llama-server, which answers CORS itself: it echoes any C{Origin}.
+    """
+
+    def setUp(self) -> None:
+        config = {
+            "total_vram_mb": 1000,
+            "enabled_backends": ["llamacpp"],
+            "backend": {"llamacpp_binary": llamaServer()},
+            "server": {"cors_origins": [ORIGIN]},
+            "models": [
+                {"name": "m", "path": tinyModels()["tiny-llama.gguf"], "backend": "llamacpp", "vram_mb": 400,
+                 "context_size": 512}
+            ],
+        }
+        self.daemon = Daemon(config).start()
+        self.addCleanup(self.stopDaemon)
+
+    def stopDaemon(self) -> None:
+        pids = [m["pid"] for m in self.daemon.models().values() if m["pid"]]
+        self.daemon.stop()
+        self.assertTrue(waitFor(lambda: not any(pidAlive(p) for p in pids), timeout=10))
+
+    def chat(self, origin: str, coding: str | None = None) -> tuple[int, dict[str, str], bytes]:
+        """
+        @return: a short chat sent from C{origin}, its body coded with
+            C{coding} if given.
+        """
+        body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}).encode()
+        headers = {"Origin": origin, "Content-Type": "application/json"}
+        if coding == "gzip":
+            body, headers["Content-Encoding"] = gzip.compress(body), coding
+        elif coding == "deflate":
+            body, headers["Content-Encoding"] = deflate(body), coding
+        return post(self.daemon.port, "/v1/chat/completions", body, headers)
+
+    def test_backendCORSNotRelayed(self) -> None:
+        """
+        llama-server allows any origin, but through dynllm an origin that
+        is not configured gets no CORS header, and a configured one gets
+        dynllm's.
+        """
+        status, headers, body = self.chat("https://evil.example")
+        self.assertEqual(status, 200, body)
+        self.assertEqual([h for h in headers if h.lower().startswith("access-control-")], [])
+        port = self.daemon.models()["m"]["port"]
+        _, direct, _ = request("GET", f"http://127.0.0.1:{port}/health", headers={"Origin": "https://evil.example"})
+        self.assertEqual(direct.get("Access-Control-Allow-Origin"), "https://evil.example")
+        status, headers, body = self.chat(ORIGIN)
+        self.assertEqual(status, 200, body)
+        self.assertEqual(headers["Access-Control-Allow-Origin"], ORIGIN)
+
+    def test_compressedChat(self) -> None:
+        """
+        llama-server answers a gzipped and a deflated chat: it gets them
+        decoded.
+        """
+        for coding in ("gzip", "deflate"):
+            status, _, body = self.chat(ORIGIN, coding)
+            self.assertEqual(status, 200, body)
+            self.assertEqual(json.loads(body)["object"], "chat.completion")
