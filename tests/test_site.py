@@ -8,10 +8,13 @@ and a resource takes part), plus a few against a real daemon.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import http.client
 import io
 import json
+import os
 import struct
+import tempfile
 import tracemalloc
 import zlib
 from typing import Any
@@ -25,6 +28,7 @@ from twisted.web import resource
 from dynllm import codings, errors, multipart
 from dynllm.config import ConfigError, parseConfig
 from dynllm.site import DEFAULT_ALLOW_HEADERS, SPOOL_THRESHOLD, CORSPolicy, DynLLMSite, makeSite
+from tests import fakeovms
 from tests.support import FAKE_BACKEND, Daemon, checkEnvelope, llamaServer, pidAlive, request, tinyModels, waitFor
 
 ORIGIN = "http://localhost:3000"
@@ -880,7 +884,26 @@ def post(port: int, path: str, body: bytes, headers: dict[str, str]) -> tuple[in
         connection.close()
 
 
-class DaemonTests(SynchronousTestCase):
+class DaemonCase(SynchronousTestCase):
+    """
+    Runs a real daemon for each test, and checks that stopping it left no
+    backend running.
+    """
+
+    def startDaemon(self, config: dict[str, Any], directory: str | None = None) -> None:
+        """
+        Start a daemon of C{config} as C{self.daemon}.
+        """
+        self.daemon = Daemon(config, directory=directory).start()
+        self.addCleanup(self.stopDaemon)
+
+    def stopDaemon(self) -> None:
+        pids = [m["pid"] for m in self.daemon.models().values() if m["pid"]]
+        self.daemon.stop()
+        self.assertTrue(waitFor(lambda: not any(pidAlive(p) for p in pids), timeout=10))
+
+
+class DaemonTests(DaemonCase):
     """
     CORS and compressed bodies through a real daemon (C{twistd -n dynllm})
     over real sockets, in front of the fake backend of
@@ -899,13 +922,7 @@ class DaemonTests(SynchronousTestCase):
                 {"name": "m", "path": tinyModels()["tiny-llama.gguf"], "backend": "llamacpp", "vram_mb": 100}
             ],
         }
-        self.daemon = Daemon(config).start()
-        self.addCleanup(self.stopDaemon)
-
-    def stopDaemon(self) -> None:
-        pids = [m["pid"] for m in self.daemon.models().values() if m["pid"]]
-        self.daemon.stop()
-        self.assertTrue(waitFor(lambda: not any(pidAlive(p) for p in pids), timeout=10))
+        self.startDaemon(config)
 
     def headers(self, **extra: str) -> dict[str, str]:
         """
@@ -991,7 +1008,7 @@ class DaemonTests(SynchronousTestCase):
         checkEnvelope(self, status, body, 415, "unsupported_content_encoding")
 
 
-class LlamaServerTests(SynchronousTestCase):
+class LlamaServerTests(DaemonCase):
     """
     CORS and a compressed body through a daemon in front of the real
     llama-server, which answers CORS itself: it echoes any C{Origin}.
@@ -1008,13 +1025,7 @@ class LlamaServerTests(SynchronousTestCase):
                  "context_size": 512}
             ],
         }
-        self.daemon = Daemon(config).start()
-        self.addCleanup(self.stopDaemon)
-
-    def stopDaemon(self) -> None:
-        pids = [m["pid"] for m in self.daemon.models().values() if m["pid"]]
-        self.daemon.stop()
-        self.assertTrue(waitFor(lambda: not any(pidAlive(p) for p in pids), timeout=10))
+        self.startDaemon(config)
 
     def chat(self, origin: str, coding: str | None = None) -> tuple[int, dict[str, str], bytes]:
         """
@@ -1054,3 +1065,45 @@ class LlamaServerTests(SynchronousTestCase):
             status, _, body = self.chat(ORIGIN, coding)
             self.assertEqual(status, 200, body)
             self.assertEqual(json.loads(body)["object"], "chat.completion")
+
+
+class UploadTests(DaemonCase):
+    """
+    A compressed upload through a daemon in front of the OVMS fake, whose
+    transcription answers with the SHA-256 of the file it received.
+    """
+
+    def setUp(self) -> None:
+        directory = tempfile.mkdtemp(prefix="dynllm-site-")
+        path = os.path.join(directory, "models", "whisper")
+        os.makedirs(path)
+        config = {
+            "total_vram_mb": 1000,
+            "enabled_backends": ["openvino"],
+            "backend": {"ovms_binary": fakeovms.launcher(directory)},
+            "models": [
+                {"name": "whisper", "path": path, "backend": "openvino", "model_type": "transcription", "vram_mb": 100}
+            ],
+        }
+        self.startDaemon(config, directory)
+
+    def test_gzipUpload(self) -> None:
+        """
+        A gzipped multipart transcription upload is routed by its C{model}
+        field and reaches the backend decoded, byte for byte.
+        """
+        audio = os.urandom(MB) + bytes(MB)
+        boundary = "dynllm-boundary"
+        upload = (
+            f"--{boundary}\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nwhisper\r\n"
+            f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\n"
+            f"Content-Type: audio/wav\r\n\r\n"
+        ).encode() + audio + f"\r\n--{boundary}--\r\n".encode()
+        status, _, body = post(
+            self.daemon.port,
+            "/v1/audio/transcriptions",
+            gzip.compress(upload),
+            {"Content-Type": f"multipart/form-data; boundary={boundary}", "Content-Encoding": "gzip"},
+        )
+        self.assertEqual(status, 200, body)
+        self.assertIn(f"{len(audio)} bytes sha256={hashlib.sha256(audio).hexdigest()}", json.loads(body)["text"])
