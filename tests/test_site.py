@@ -898,6 +898,9 @@ class DaemonCase(SynchronousTestCase):
         self.addCleanup(self.stopDaemon)
 
     def stopDaemon(self) -> None:
+        """
+        Stop the daemon and wait for its backends to be gone.
+        """
         pids = [m["pid"] for m in self.daemon.models().values() if m["pid"]]
         self.daemon.stop()
         self.assertTrue(waitFor(lambda: not any(pidAlive(p) for p in pids), timeout=10))
@@ -933,6 +936,9 @@ class DaemonTests(DaemonCase):
         return headers
 
     def chatBody(self) -> bytes:
+        """
+        @return: a chat request for model C{m}, as JSON.
+        """
         return json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi " * 100}]}).encode()
 
     def test_preflightWithoutKey(self) -> None:
