@@ -7,7 +7,8 @@ request before and after the routes see it:
     size are refused with 413 before they are read whole;
   - bodies with C{Content-Encoding: gzip} or C{deflate} are decoded as they
     arrive (L{dynllm.codings}), so that the routes see the decoded body and
-    no C{Content-Encoding}; the size limit applies to the decoded body, and
+    no C{Content-Encoding}; the size limit applies to the body as sent and
+    as decoded, and
     other codings get 415;
   - CORS (the Fetch standard, U{https://fetch.spec.whatwg.org/#http-cors-protocol}):
     preflights are answered here, for every path and without a key, and
@@ -193,6 +194,13 @@ class LimitedRequest(server.Request):
     # The body.
 
     def gotLength(self, length: int | None) -> None:
+        """
+        All headers have arrived: refuse a coding that cannot be decoded
+        (415) or a declared size above the limit (413), and choose where
+        the body goes.
+
+        @param length: The declared C{Content-Length}, or C{None}.
+        """
         site = self._dynllmSite
         try:
             found = codings.parseCodings(self.requestHeaders.getRawHeaders(b"content-encoding", []))
@@ -214,6 +222,11 @@ class LimitedRequest(server.Request):
         self.content = io.BytesIO()
 
     def handleContentChunk(self, data: bytes) -> None:
+        """
+        Keep the next piece of the body, decoded if it is coded; refuse the
+        request once the body as sent or as decoded passes the limit (413),
+        or when it cannot be decoded (400).
+        """
         if self._refused:
             return
         self._received += len(data)
@@ -246,6 +259,11 @@ class LimitedRequest(server.Request):
         content.write(piece)
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        """
+        The body has all arrived: unless the request was refused, check
+        that a coded body ended properly (400 if not), make the headers
+        describe the decoded body, and let twisted.web dispatch it.
+        """
         if self._refused:
             # The refusal is written and the connection is closing; the
             # routes must not see what arrived of the body.
@@ -299,6 +317,10 @@ class LimitedRequest(server.Request):
     # CORS.
 
     def process(self) -> None:
+        """
+        Answer a CORS preflight here; pass any other request to the
+        resources.
+        """
         if not isPreflight(self.method, self.requestHeaders):
             super().process()
             return
