@@ -8,8 +8,7 @@ request before and after the routes see it:
   - bodies with C{Content-Encoding: gzip} or C{deflate} are decoded as they
     arrive (L{dynllm.codings}), so that the routes see the decoded body and
     no C{Content-Encoding}; the size limit applies to the body as sent and
-    as decoded, and
-    other codings get 415;
+    as decoded, and other codings get 415;
   - CORS (the Fetch standard, U{https://fetch.spec.whatwg.org/#http-cors-protocol}):
     preflights are answered here, for every path and without a key, and
     every answer to an allowed origin, errors included, carries
