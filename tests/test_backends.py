@@ -232,13 +232,14 @@ class TransformersTests(SynchronousTestCase):
 
     def test_paths(self) -> None:
         """
-        Chat and completions for C{llm}, transcriptions for
-        C{transcription}; no translations.
+        Chat, completions and responses, and transcriptions, at the same
+        paths (which model types each serves is the routes' check); no
+        translations.
         """
         llm, whisper = self.hf(), self.hf(model_type="transcription")
         self.assertEqual(self.backend.upstreamPath("/v1/chat/completions", llm), "/v1/chat/completions")
         self.assertEqual(self.backend.upstreamPath("/v1/completions", llm), "/v1/completions")
-        self.assertIsNone(self.backend.upstreamPath("/v1/audio/transcriptions", llm))
+        self.assertEqual(self.backend.upstreamPath("/responses", llm), "/v1/responses")
         self.assertEqual(
             self.backend.upstreamPath("/v1/audio/transcriptions", whisper), "/v1/audio/transcriptions"
         )
@@ -253,10 +254,15 @@ class LlamaCppTests(SynchronousTestCase):
 
     def test_paths(self) -> None:
         """
-        The four llama.cpp routes pass as they are; others are not served.
+        llama.cpp's routes pass as they are, unversioned spellings go to
+        their C{/v1} form; others are not served.
         """
         backend = LlamaCppBackend()
         m = evolve(model(), backend="llamacpp")
         self.assertEqual(backend.upstreamPath("/v1/embeddings", m), "/v1/embeddings")
+        self.assertEqual(backend.upstreamPath("/embeddings", m), "/v1/embeddings")
+        self.assertEqual(backend.upstreamPath("/v1/messages", m), "/v1/messages")
+        self.assertEqual(backend.upstreamPath("/tokenize", m), "/tokenize")
+        self.assertIsNone(backend.upstreamPath("/v1/tokenize", m))
         self.assertIsNone(backend.upstreamPath("/v1/audio/speech", m))
         self.assertEqual(backend.upstreamModel(m), "m")

@@ -69,6 +69,19 @@ class FindFieldTests(SynchronousTestCase):
         self.assertEqual(found.value, "whisper")
         self.assertEqual(body[found.start : found.end], b"whisper")
 
+    def test_twice(self) -> None:
+        """
+        A field given twice is refused, however far apart the two are
+        (servers differ on which of the two counts).
+        """
+        for parts in (
+            [("model", b"a", None), ("model", b"b", None)],
+            [("model", b"a", None), ("file", os.urandom(3 * multipart.BLOCK), "a.wav"), ("model", b"b", None)],
+        ):
+            with self.assertRaises(MultipartError) as raised:
+                findField(io.BytesIO(encode(parts)), CT, "model")
+            self.assertIn("more than once", str(raised.exception))
+
     def test_fieldAfterLargeFile(self) -> None:
         """
         A field after a file larger than the read block is found, and the

@@ -9,7 +9,7 @@ import json
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from dynllm.rewrite import NameRewriter, renameInRequest
+from dynllm.rewrite import NameRewriter, jsonSpellings, renameInRequest
 
 PATH = "/models/tiny llm"
 
@@ -91,3 +91,36 @@ class NameRewriterTests(SynchronousTestCase):
         rewriter = NameRewriter(PATH, "tiny", (PATH + "@main",))
         body = json.dumps([PATH + "@main", PATH, PATH + "2"]).encode()
         self.assertEqual(json.loads(b"".join(self.feedAll(rewriter, [body]))), ["tiny", "tiny", PATH + "2"])
+
+
+class SpellingsTests(SynchronousTestCase):
+    """
+    A name that is not plain ASCII, or holds C{/}, has several JSON
+    spellings, and the backend's name is renamed in all of them.
+    """
+
+    NAME = "/models/mod\u00e8le \u6a21\u578b"
+
+    def test_spellings(self) -> None:
+        """
+        Raw UTF-8, lower and upper case C{\\u} escapes, and C{\\/}, are all
+        spellings that decode to the name.
+        """
+        spellings = jsonSpellings(self.NAME)
+        self.assertIn(json.dumps(self.NAME, ensure_ascii=False).encode(), spellings)
+        self.assertIn(json.dumps(self.NAME).encode(), spellings)
+        self.assertIn(b'"\\/models\\/mod\\u00E8le \\u6A21\\u578B"', spellings)
+        for spelling in spellings:
+            self.assertEqual(json.loads(spelling), self.NAME)
+
+    def test_renamedInEverySpelling(self) -> None:
+        """
+        A body that gives the name raw (as llama.cpp and JavaScript write
+        it) or escaped, split anywhere, names only the alias.
+        """
+        for spelling in jsonSpellings(self.NAME):
+            body = b'data: {"model":' + spelling + b',"x":1}\n\n'
+            for cut in range(1, len(body)):
+                rewriter = NameRewriter(self.NAME, "alias")
+                out = rewriter.feed(body[:cut]) + rewriter.feed(body[cut:]) + rewriter.flush()
+                self.assertEqual(out, b'data: {"model":"alias","x":1}\n\n', (spelling, cut))

@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import json
 import os
+from urllib.parse import quote
 
-from attrs import define, field
+from attrs import define, evolve, field
 from treq.testing import RequestTraversalAgent, StubTreq
 from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web import resource
 
-from dynllm import errors
+from dynllm import endpoints, errors
 from dynllm.backends import backendFor
 from dynllm.config import parseConfig
 from dynllm.routes import DynLLMRoutes
@@ -34,6 +35,7 @@ class FakeBackendResource(resource.Resource):
     def __init__(self):
         super().__init__()
         self.requests = []
+        self.uris = []
         self.status = 200
         self.body = b'{"object": "chat.completion"}'
 
@@ -41,6 +43,7 @@ class FakeBackendResource(resource.Resource):
         self.requests.append(
             (request.method, request.path, dict(request.requestHeaders.getAllRawHeaders()), request.content.read())
         )
+        self.uris.append(request.uri)
         request.setResponseCode(self.status)
         request.setHeader(b"Content-Type", b"application/json")
         return self.body
@@ -155,39 +158,42 @@ class RoutesTests(RoutesTestCase):
     """
 
     def setUp(self):
-        directory = self.mktemp()
+        self.directory = directory = self.mktemp()
         os.makedirs(directory)
         for name in ("chat.gguf", "emb.gguf"):
             open(os.path.join(directory, name), "w").close()
-        self.serve(
-            parseConfig(
-                {
-                    "enabled_backends": ["llamacpp"],
-                    "server": {"admin_api_keys": ["admin"]},
-                    "models": [
-                        {"name": "chat", "path": "chat.gguf", "backend": "llamacpp", "vram_mb": 1},
-                        {"name": "emb", "path": "emb.gguf", "backend": "llamacpp", "vram_mb": 1,
-                         "model_type": "embedding"},
-                    ],
-                },
-                directory,
-                which=lambda name: "/bin/true",
-            )
-        )
+        self.raw = {
+            "enabled_backends": ["llamacpp"],
+            "server": {"admin_api_keys": ["admin"]},
+            "models": [
+                {"name": "chat", "path": "chat.gguf", "backend": "llamacpp", "vram_mb": 1},
+                {"name": "emb", "path": "emb.gguf", "backend": "llamacpp", "vram_mb": 1,
+                 "model_type": "embedding"},
+            ],
+        }
+        self.serve(parseConfig(self.raw, directory, which=lambda name: "/bin/true"))
 
     def test_listModels(self):
         """
-        C{GET /v1/models} lists the configured models in OpenAI's format.
+        C{GET /v1/models} (and C{/models}) lists the configured models in
+        OpenAI's format, plus C{model_type}, C{status} and C{aliases};
+        C{created} is the model file's modification time.
         """
-        status, _, body = self.call("GET", "/v1/models")
-        self.assertEqual(status, 200)
-        self.assertEqual(
-            json.loads(body),
-            {"object": "list", "data": [
-                {"id": "chat", "object": "model", "created": 0, "owned_by": "dynllm"},
-                {"id": "emb", "object": "model", "created": 0, "owned_by": "dynllm"},
-            ]},
-        )
+        os.utime(self.config.model("chat").path, (1700000000, 1700000000))
+        self.serve(parseConfig(self.raw, self.directory, which=lambda name: "/bin/true"))
+        self.manager.states["emb"] = "loaded"
+        for path in ("/v1/models", "/models"):
+            status, _, body = self.call("GET", path)
+            self.assertEqual(status, 200)
+            listed = json.loads(body)
+            self.assertEqual(listed["object"], "list")
+            chat, emb = listed["data"]
+            self.assertEqual(
+                chat,
+                {"id": "chat", "object": "model", "created": 1700000000, "owned_by": "dynllm",
+                 "model_type": "llm", "status": "unloaded", "aliases": []},
+            )
+            self.assertEqual((emb["id"], emb["model_type"], emb["status"]), ("emb", "embedding", "loaded"))
 
     def test_retrieveUnknownModel(self):
         """
@@ -556,3 +562,300 @@ class EveryEndpointTests(RoutesTestCase):
         self.manager.states["ov-ocr"] = "failed"
         error = self.assertEnvelope(self.call("GET", "/v2/models/ov-ocr/ready"), 503, "model_failed")
         self.assertIn("it broke", error["message"])
+
+
+class TableTests(EveryEndpointTests):
+    """
+    Every endpoint of L{endpoints.ENDPOINTS}, at every one of its paths, for
+    a model of every type on every backend.
+    """
+
+    def request(self, endpoint, path, model):
+        """
+        @return: the answer to a request for C{model} at C{path}, with the
+            model named where C{endpoint} expects it.
+        """
+        if endpoint.modelIn == endpoints.JSON:
+            return self.call(endpoint.method, path, {"model": model, "input": "x"})
+        if endpoint.modelIn == endpoints.MULTIPART:
+            body, contentType = multipartBody([("model", model.encode(), None), ("file", b"RIFF", "a.wav")])
+            return self.call(endpoint.method, path, body, {"Content-Type": contentType})
+        return self.call(endpoint.method, f"{path}?model={model}")
+
+    def assertRefused(self, endpoint, result, code):
+        """
+        Assert that C{result} is a 400 with C{code} in the shape of
+        C{endpoint}'s API (Anthropic's has no code, only a type).
+        """
+        if endpoint.api == endpoints.ANTHROPIC:
+            self.assertEqual(result[0], 400)
+            self.assertEqual(json.loads(result[2])["error"]["type"], "invalid_request_error")
+        else:
+            self.assertEnvelope(result, 400, code)
+
+    def test_everyEndpoint(self):
+        """
+        A model of a type the endpoint serves, on a backend that serves it,
+        reaches the backend at the table's upstream path; a model of another
+        type is a 400 C{model_type_mismatch}; a backend that does not serve
+        the endpoint is a 400 C{unsupported_endpoint}. Nothing is leased for
+        a refused request.
+        """
+        checked = 0
+        for endpoint in endpoints.ENDPOINTS:
+            if endpoint.modelIn == endpoints.PATH:
+                continue
+            for path in endpoint.paths:
+                for name, backend, kind in self.MODELS:
+                    leases = len(self.manager.leases)
+                    result = self.request(endpoint, path, name)
+                    if kind not in endpoint.modelTypes:
+                        self.assertRefused(endpoint, result, "model_type_mismatch")
+                    elif backend not in endpoint.upstream:
+                        self.assertRefused(endpoint, result, "unsupported_endpoint")
+                    else:
+                        self.assertEqual(result[0], 200, (path, name))
+                        method, sent, _, _ = self.backend.requests[-1]
+                        expected = endpoints.upstreamPath(backend, endpoint.path)
+                        self.assertEqual((method, sent), (endpoint.method.encode(), expected.encode()))
+                        checked += 1
+                        continue
+                    self.assertEqual(len(self.manager.leases), leases, (path, name))
+        self.assertGreater(checked, 40)
+
+    def test_unversionedSpellings(self):
+        """
+        llama-server's unversioned spellings reach a llama.cpp model at the
+        path of their C{/v1} form, and other backends' models at theirs.
+        """
+        for path, model, upstream in [
+            ("/chat/completions", "llama", b"/v1/chat/completions"),
+            ("/completions", "llama", b"/v1/completions"),
+            ("/responses", "hf-chat", b"/v1/responses"),
+            ("/chat/completions", "ov-chat", b"/v3/chat/completions"),
+            ("/embeddings", "ov-emb", b"/v3/embeddings"),
+            ("/reranking", "ov-rerank", b"/v3/rerank"),
+        ]:
+            self.assertEqual(self.call("POST", path, {"model": model})[0], 200)
+            self.assertEqual(self.backend.requests[-1][1], upstream)
+
+    def test_responsesRenamed(self):
+        """
+        C{/v1/responses} for a transformers model names its path upstream
+        and the public name in the answer, as chat does.
+        """
+        path = self.path("hf-chat")
+        self.backend.body = json.dumps({"object": "response", "model": path}).encode()
+        status, _, answer = self.call("POST", "/v1/responses", {"model": "hf-chat", "input": "hi"})
+        self.assertEqual((status, json.loads(answer)), (200, {"object": "response", "model": "hf-chat"}))
+        self.assertEqual(json.loads(self.backend.requests[-1][3]), {"model": path, "input": "hi"})
+
+    def test_queryModel(self):
+        """
+        An endpoint without a body (C{GET /props}) is routed by its C{model}
+        query parameter, which is passed on with the rest of the query; one
+        without it, or with two, is a 400.
+        """
+        self.assertEqual(self.call("GET", "/props?model=llama&x=1")[0], 200)
+        self.assertEqual(self.backend.uris[-1], b"/props?model=llama&x=1")
+        for query in ("", "?model=llama&model=ov-chat", "?model="):
+            error = self.assertEnvelope(self.call("GET", "/props" + query), 400)
+            self.assertEqual(error["param"], "model")
+
+    def test_queryPassedOn(self):
+        """
+        The query string of a JSON request reaches the backend.
+        """
+        self.call("POST", "/v1/chat/completions?api-version=1", {"model": "llama"})
+        self.assertEqual(self.backend.uris[-1], b"/v1/chat/completions?api-version=1")
+
+
+class AnthropicTests(EveryEndpointTests):
+    """
+    The Anthropic routes answer dynllm's own errors in Anthropic's shape.
+    """
+
+    def assertAnthropic(self, result, status, kind):
+        """
+        Assert that C{result} is Anthropic's error shape with C{status} and
+        error type C{kind}.
+        """
+        self.assertEqual(result[0], status)
+        body = json.loads(result[2])
+        self.assertEqual(set(body), {"type", "error"})
+        self.assertEqual(body["type"], "error")
+        self.assertEqual(body["error"]["type"], kind)
+        self.assertIsInstance(body["error"]["message"], str)
+
+    def test_errors(self):
+        """
+        An unknown model, a model of another backend or type, a bad body and
+        a scheduler error are answered in Anthropic's shape on both routes.
+        """
+        for path in ("/v1/messages", "/v1/messages/count_tokens"):
+            self.assertAnthropic(self.call("POST", path, {"model": "nope"}), 404, "not_found_error")
+            self.assertAnthropic(self.call("POST", path, {"model": "ov-chat"}), 400, "invalid_request_error")
+            self.assertAnthropic(self.call("POST", path, {"model": "ov-emb"}), 400, "invalid_request_error")
+            self.assertAnthropic(self.call("POST", path, b"{"), 400, "invalid_request_error")
+        self.manager.failure = errors.noCapacity("no room", 5)
+        self.assertAnthropic(self.call("POST", "/v1/messages", {"model": "llama"}), 503, "overloaded_error")
+
+    def test_key(self):
+        """
+        With client keys set, Anthropic's C{x-api-key} header is accepted,
+        a wrong one is a 401 in Anthropic's shape, and neither reaches the
+        backend.
+        """
+        self.serve(evolve(self.config, server=evolve(self.config.server, api_keys=("k",))))
+        self.assertAnthropic(
+            self.call("POST", "/v1/messages", {"model": "llama"}, {"x-api-key": "bad"}), 401, "authentication_error"
+        )
+        headers = {"x-api-key": "k", "anthropic-version": "2023-06-01"}
+        self.assertEqual(self.call("POST", "/v1/messages", {"model": "llama"}, headers)[0], 200)
+        sent = {k.lower() for k in self.backend.requests[-1][2]}
+        self.assertIn(b"anthropic-version", sent)
+        self.assertNotIn(b"x-api-key", sent)
+
+
+class NamesTests(RoutesTestCase):
+    """
+    Model names with any character, and aliases, in every route that names
+    a model.
+    """
+
+    NAMES = ["Qwen/Qwen2.5-0.5B-Instruct", "a b?c#d%e&f=g+h", "mod\u00e8le/\u6a21\u578b", "x/y/z/infer"]
+
+    def setUp(self):
+        self.directory = os.path.abspath(self.mktemp())
+        os.makedirs(self.directory)
+        models = []
+        for index, name in enumerate(self.NAMES):
+            open(os.path.join(self.directory, f"{index}.gguf"), "w").close()
+            models.append({"name": name, "path": f"{index}.gguf", "backend": "llamacpp", "vram_mb": 1})
+        os.makedirs(os.path.join(self.directory, "ocr"))
+        models.append({"name": "org/ocr", "path": "ocr", "backend": "openvino", "vram_mb": 1,
+                       "model_type": "ocr", "aliases": ["ocr/v1"]})
+        open(os.path.join(self.directory, "chat.gguf"), "w").close()
+        models.append({"name": "chat", "path": "chat.gguf", "backend": "llamacpp", "vram_mb": 1,
+                       "aliases": ["gpt-4o", "org/chat"], "listed": False})
+        self.serve(parseConfig(
+            {"enabled_backends": ["llamacpp", "openvino"], "server": {"admin_api_keys": ["admin"]},
+             "models": models},
+            self.directory, which=lambda name: "/bin/true",
+        ))
+
+    def spellings(self, name):
+        """
+        @return: C{name} in a path, with C{/} sent as C{%2F} and as it is.
+        """
+        return {quote(name, safe=""), quote(name, safe="/")}
+
+    def test_retrieve(self):
+        """
+        C{GET /v1/models/ID} finds every model by its name, however the
+        C{/} in it is sent, and answers under that id.
+        """
+        for name in self.NAMES:
+            for spelled in self.spellings(name):
+                status, _, body = self.call("GET", "/v1/models/" + spelled)
+                self.assertEqual((status, json.loads(body)["id"]), (200, name), spelled)
+
+    def test_logs(self):
+        """
+        C{/admin/models/NAME/logs} finds every model by its name.
+        """
+        admin = {"Authorization": "Bearer admin"}
+        for name in self.NAMES:
+            for spelled in self.spellings(name):
+                status, _, body = self.call("GET", f"/admin/models/{spelled}/logs?lines=1", headers=admin)
+                self.assertEqual((status, body), (200, b"line two\n"), spelled)
+        self.assertEnvelope(self.call("GET", "/admin/models/nope/logs", headers=admin), 404, "model_not_found")
+        self.assertEnvelope(self.call("GET", "/admin/models/chat/other", headers=admin), 404)
+
+    def test_kserve(self):
+        """
+        The KServe routes find a model whose name holds C{/} (or an alias)
+        and send the backend its name with C{/} as C{%2F}, as OVMS wants.
+        """
+        for spelled in self.spellings("org/ocr") | self.spellings("ocr/v1"):
+            self.assertEqual(self.call("POST", f"/v2/models/{spelled}/versions/1/infer", b"{}")[0], 200)
+            self.assertEqual(self.backend.uris[-1], b"/v2/models/org%2Focr/versions/1/infer")
+            self.assertEqual(self.call("GET", f"/v2/models/{spelled}")[0], 200)
+            self.assertEqual(self.backend.uris[-1], b"/v2/models/org%2Focr")
+            status, headers, _ = self.call("GET", f"/v2/models/{spelled}/ready")
+            self.assertEqual(headers.getRawHeaders("x-dynllm-model-state"), ["unloaded"])
+        self.assertEnvelope(self.call("GET", "/v2/models/org/ocr/infer"), 405)
+        self.assertEnvelope(self.call("GET", "/v2/models/org/ocr/nothing"), 404)
+
+    def test_upstream(self):
+        """
+        C{ANY /upstream/MODEL/PATH} passes the request to the model's server
+        at C{/PATH} with its query, method and body, for any name.
+        """
+        for name in self.NAMES:
+            for spelled in self.spellings(name):
+                status, _, _ = self.call("PUT", f"/upstream/{spelled}/slots/0?action=save", b"raw body")
+                self.assertEqual(status, 200)
+                method, _, _, body = self.backend.requests[-1]
+                self.assertEqual((method, self.backend.uris[-1], body), (b"PUT", b"/slots/0?action=save", b"raw body"))
+        self.call("GET", "/upstream/chat")
+        self.assertEqual(self.backend.uris[-1], b"/")
+        self.call("GET", "/upstream/x/y/z/infer/props")
+        self.assertEqual(self.backend.uris[-1], b"/props")
+        self.assertEnvelope(self.call("GET", "/upstream/nope/props"), 404, "model_not_found")
+
+    def test_aliases(self):
+        """
+        An alias is served like the name; the request reaches the backend
+        under the model's name and the answer names the alias.
+        """
+        self.backend.body = json.dumps({"model": "chat", "object": "chat.completion"}).encode()
+        for alias in ("gpt-4o", "org/chat"):
+            status, _, body = self.call("POST", "/v1/chat/completions", {"model": alias, "messages": []})
+            self.assertEqual((status, json.loads(body)["model"]), (200, alias))
+            self.assertEqual(json.loads(self.backend.requests[-1][3])["model"], "chat")
+            self.assertEqual(self.manager.leases[-1].model.name, "chat")
+            status, _, body = self.call("GET", "/v1/models/" + quote(alias, safe=""))
+            self.assertEqual((status, json.loads(body)["id"]), (200, alias))
+
+    def test_unlisted(self):
+        """
+        A model with C{listed: false} is not in C{/v1/models} but is served.
+        """
+        status, _, body = self.call("GET", "/v1/models")
+        listed = {m["id"] for m in json.loads(body)["data"]}
+        self.assertEqual(listed, {*self.NAMES, "org/ocr"})
+        self.assertEqual(self.call("POST", "/v1/chat/completions", {"model": "chat"})[0], 200)
+
+
+class AmbiguityTests(EveryEndpointTests):
+    """
+    A request that names its model twice is refused: the backend might
+    read the other one.
+    """
+
+    def test_duplicateJSONKey(self):
+        """
+        A JSON body with a key twice is a 400 C{duplicate_key}, and nothing
+        reaches a backend.
+        """
+        for body in (b'{"model": "llama", "model": "hf-chat"}', b'{"model": "llama", "x": {"a": 1, "a": 2}}'):
+            self.assertEnvelope(self.call("POST", "/v1/chat/completions", body), 400, "duplicate_key")
+        self.assertEqual(self.backend.requests, [])
+
+    def test_duplicateFormField(self):
+        """
+        An upload with two C{model} fields, before or after the file, is a
+        400 C{invalid_multipart}.
+        """
+        for fields in (
+            [("model", b"hf-whisper", None), ("model", b"ov-whisper", None), ("file", b"x", "a.wav")],
+            [("model", b"hf-whisper", None), ("file", b"x" * 100000, "a.wav"), ("model", b"/etc", None)],
+        ):
+            body, contentType = multipartBody(fields)
+            error = self.assertEnvelope(
+                self.call("POST", "/v1/audio/transcriptions", body, {"Content-Type": contentType}),
+                400, "invalid_multipart",
+            )
+            self.assertIn("more than once", error["message"])
+        self.assertEqual(self.backend.requests, [])

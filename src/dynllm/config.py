@@ -18,29 +18,11 @@ from typing import Any, Callable, Mapping, cast
 import yaml
 from attrs import Attribute, evolve, field, fields, frozen
 
-#: Backend kinds this version knows how to run.
-BACKEND_KINDS = ("llamacpp", "openvino", "transformers")
+from dynllm.endpoints import BACKEND_KINDS, MODEL_TYPES, modelTypesOf
 
-#: Every model type of the spec.
-MODEL_TYPES = (
-    "llm",
-    "transcription",
-    "speech",
-    "image_generation",
-    "embedding",
-    "rerank",
-    "classification",
-    "detection",
-    "segmentation",
-    "ocr",
-)
-
-#: The model types each backend kind can serve.
-BACKEND_MODEL_TYPES = {
-    "llamacpp": ("llm", "embedding", "rerank"),
-    "openvino": MODEL_TYPES,
-    "transformers": ("llm", "transcription"),
-}
+#: Which backend kind serves which model types: read from the endpoint
+#: table, the one place that says which endpoint serves what.
+BACKEND_MODEL_TYPES = {kind: modelTypesOf(kind) for kind in BACKEND_KINDS}
 
 #: Model fields that only make sense for one backend kind.
 BACKEND_ONLY_FIELDS = {
@@ -137,9 +119,10 @@ def _timeout(value: Any, where: str) -> float | None:
     return float(value)
 
 
-def _strList(value: Any, where: str) -> tuple[str, ...]:
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise ConfigError(f"{where} must be a list of strings, not {value!r}")
+def _strList(value: Any, where: str, nonEmpty: bool = False) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and (v or not nonEmpty) for v in value):
+        kind = "non-empty strings" if nonEmpty else "strings"
+        raise ConfigError(f"{where} must be a list of {kind}, not {value!r}")
     return tuple(value)
 
 
@@ -301,6 +284,10 @@ class ModelConfig:
     One model as the configuration declares it.
 
     @ivar name: The public model id that clients send as C{model}.
+    @ivar aliases: Other ids clients may send for it; a request is answered
+        under the id it used.
+    @ivar listed: Whether C{GET /v1/models} lists it (an unlisted model is
+        served all the same).
     @ivar path: The model file or directory, made absolute.
     @ivar backend: Which kind of server runs it.
     @ivar model_type: What it does; decides which endpoints accept it.
@@ -311,6 +298,8 @@ class ModelConfig:
         the global setting.
     @ivar extra_args: Appended to the backend's command line.
     @ivar env: Added to the backend's environment.
+    @ivar created: When the model file (or directory) was last modified, in
+        seconds since the epoch: what C{/v1/models} gives as C{created}.
     """
 
     name: str = _setting(_REQUIRED, _str)
@@ -318,6 +307,8 @@ class ModelConfig:
     backend: str = _setting(_REQUIRED, _oneOf(*BACKEND_KINDS))
     vram_mb: int = _setting(_REQUIRED, _nonNegativeInt)
     model_type: str = _setting("llm", _oneOf(*MODEL_TYPES))
+    aliases: tuple[str, ...] = _setting((), lambda v, w: _strList(v, w, nonEmpty=True))
+    listed: bool = _setting(True, _bool)
     unload_time: float | None = _setting(None, _timeout)
     load_timeout_seconds: float | None = _setting(None, _positiveNumber)
     extra_args: tuple[str, ...] = _setting((), _argList)
@@ -340,6 +331,14 @@ class ModelConfig:
     revision: str | None = _setting(None, _optionalStr)
     #: Keys that the file set explicitly (for backend-specific checks).
     explicit: frozenset[str] = frozenset()
+    created: int = 0
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """
+        Every id the model answers to: its name, then its aliases.
+        """
+        return (self.name, *self.aliases)
 
 
 @frozen
@@ -373,10 +372,10 @@ class Config:
 
     def model(self, name: str) -> ModelConfig | None:
         """
-        @return: the model called C{name}, or C{None}.
+        @return: the model called C{name} or aliased so, or C{None}.
         """
         for m in self.models:
-            if m.name == name:
+            if m.name == name or name in m.aliases:
                 return m
         return None
 
@@ -453,10 +452,10 @@ def parseConfig(
             explicit=frozenset(rawModel) if isinstance(rawModel, dict) else frozenset(),
         )
         models.append(_checkModel(model, place, config, modelsDir or baseDir, seen, which))
-        seen.add(model.name)
+        seen.update(model.names)
 
     for name in config.preload_models:
-        if name not in seen:
+        if name not in {m.name for m in models}:
             raise ConfigError(f"preload_models names {name!r}, which is not a configured model")
     dbPath = os.path.join(baseDir, os.path.expanduser(config.db_path))
     return evolve(config, models_dir=modelsDir, db_path=dbPath, models=tuple(models))
@@ -477,6 +476,12 @@ def _checkModel(
     """
     if model.name in seen:
         raise ConfigError(f"{place}: duplicate model name {model.name!r}")
+    for alias in model.aliases:
+        if alias in seen or alias == model.name or model.aliases.count(alias) > 1:
+            raise ConfigError(
+                f"{place}.aliases: {alias!r} is already the name or an alias of a model"
+                " (names and aliases must be unique)"
+            )
     if model.backend not in config.enabled_backends:
         raise ConfigError(
             f"{place}.backend: backend {model.backend!r} is not in enabled_backends"
@@ -510,7 +515,7 @@ def _checkModel(
             f"{place}.backend: the {model.backend} program {binary!r} was not found"
             f" (set backend.{BackendSettings.BINARY_KEYS[model.backend]} to its path)"
         )
-    return evolve(model, path=os.path.abspath(path))
+    return evolve(model, path=os.path.abspath(path), created=int(os.stat(path).st_mtime))
 
 
 def loadConfig(path: str, which: Callable[[str], str | None] = shutil.which) -> Config:

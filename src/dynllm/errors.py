@@ -4,6 +4,11 @@ Errors that dynllm itself answers, in the OpenAI envelope::
 
     {"error": {"message": ..., "type": ..., "param": ..., "code": ...}}
 
+or, on the Anthropic routes, in Anthropic's, which is what its clients parse
+(https://docs.anthropic.com/en/api/errors)::
+
+    {"type": "error", "error": {"type": ..., "message": ...}}
+
 Each failure that reaches a client is an L{APIError}; the routes turn it into
 a response with L{APIError.body} and L{APIError.headers}.
 """
@@ -13,6 +18,21 @@ from __future__ import annotations
 import json
 
 from attrs import field, frozen
+
+#: The shapes of an error answer.
+OPENAI, ANTHROPIC = "openai", "anthropic"
+
+#: Anthropic's error type for each status dynllm answers
+#: (https://docs.anthropic.com/en/api/errors); other statuses are C{api_error}.
+ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+}
 
 
 @frozen(auto_exc=True)
@@ -26,6 +46,7 @@ class APIError(Exception):
     @ivar code: A short machine-readable code.
     @ivar param: The request field at fault, if any.
     @ivar retryAfter: Seconds for a C{Retry-After} header, if any.
+    @ivar shape: L{OPENAI} or L{ANTHROPIC}: the envelope of L{body}.
     """
 
     status: int
@@ -34,11 +55,15 @@ class APIError(Exception):
     code: str | None = None
     param: str | None = None
     retryAfter: int | None = field(default=None, kw_only=True)
+    shape: str = field(default=OPENAI, kw_only=True)
 
     def body(self) -> bytes:
         """
         @return: the JSON envelope.
         """
+        if self.shape == ANTHROPIC:
+            kind = ANTHROPIC_TYPES.get(self.status, "api_error")
+            return json.dumps({"type": "error", "error": {"type": kind, "message": self.message}}).encode("utf-8")
         return json.dumps(
             {
                 "error": {

@@ -140,13 +140,17 @@ class _Reader:
 
 def findField(body: IO[bytes], contentType: bytes | None, name: str) -> FieldValue | None:
     """
-    Find field C{name} in a multipart body.
+    Find field C{name} in a multipart body, and make sure that it is there
+    only once: servers disagree on which of two fields of one name counts
+    (C{transformers serve} takes the last), so a body that names its model
+    twice could be routed by one and served by the other.
 
-    @param body: The body, positioned anywhere; it is read from the start.
+    @param body: The body, positioned anywhere; it is read from the start,
+        to the end (in blocks of L{BLOCK} bytes, never whole).
     @param contentType: The request's C{Content-Type}.
     @return: the field, or C{None} if the body has no such field.
-    @raise MultipartError: if the body is not well-formed multipart up to
-        the field, or the field's value is too long or not UTF-8.
+    @raise MultipartError: if the body is not well-formed multipart, has
+        the field twice, or the field's value is too long or not UTF-8.
     """
     delimiter = b"--" + boundary(contentType)
     wanted = name.encode("utf-8")
@@ -156,10 +160,11 @@ def findField(body: IO[bytes], contentType: bytes | None, name: str) -> FieldVal
     if first is None:
         raise MultipartError("the multipart body has no part")
     reader.take(first)
+    found: FieldValue | None = None
     while True:
         reader.skip(len(delimiter))
         if reader.peek(2) == b"--":
-            return None  # the close delimiter: no more parts
+            return found  # the close delimiter: no more parts
         end = reader.find(b"\r\n\r\n", MAX_HEADERS)
         if end is None:
             raise MultipartError("a multipart part has no end of headers")
@@ -167,19 +172,20 @@ def findField(body: IO[bytes], contentType: bytes | None, name: str) -> FieldVal
         reader.skip(4)
         valueStart = end + 4
         isWanted = _partName(headers) == wanted
+        if isWanted and found is not None:
+            raise MultipartError(f"the {name!r} field is given more than once")
         next = reader.find(b"\r\n" + delimiter, MAX_VALUE if isWanted else None)
         if next is None:
             if isWanted:
                 raise MultipartError(f"the {name!r} field is too long or not terminated")
             raise MultipartError("the multipart body ends inside a part")
+        raw = reader.take(next)
         if isWanted:
-            raw = reader.take(next)
             try:
                 value = raw.decode("utf-8")
             except UnicodeDecodeError:
                 raise MultipartError(f"the {name!r} field is not UTF-8") from None
-            return FieldValue(value, valueStart, next)
-        reader.take(next)
+            found = FieldValue(value, valueStart, next)
         reader.skip(2)
 
 

@@ -52,9 +52,14 @@ HOP_BY_HOP = frozenset(
     }
 )
 
+#: Client credentials: never passed to a backend (it needs none of the
+#: client's; dynllm sends its own where the backend has a key).
+CREDENTIALS = frozenset({b"authorization", b"x-api-key", b"api-key", b"cookie"})
+
 #: Request headers not passed to a backend: the body is re-framed, the
-#: backend needs no credentials of ours, and compression would delay SSE.
-DROP_REQUEST = HOP_BY_HOP | {b"host", b"content-length", b"expect", b"accept-encoding", b"authorization"}
+#: client's credentials are not the backend's business, and compression
+#: would delay SSE.
+DROP_REQUEST = HOP_BY_HOP | CREDENTIALS | {b"host", b"content-length", b"expect", b"accept-encoding"}
 
 #: Response headers not passed back: twisted.web sets its own C{Date} and
 #: C{Server}. (C{Content-Length} is kept: the body is relayed unchanged.)

@@ -13,14 +13,32 @@ back any frame.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 
 def jsonString(value: str) -> bytes:
     """
-    @return: C{value} as a JSON string literal, as backends write it.
+    @return: C{value} as a JSON string literal, as Python writes it (ASCII,
+        with C{\\u} escapes).
     """
     return json.dumps(value).encode("utf-8")
+
+
+def jsonSpellings(value: str) -> set[bytes]:
+    """
+    @return: every JSON string literal that a JSON encoder may write for
+        C{value}: raw UTF-8 (llama.cpp's nlohmann::json, JavaScript,
+        orjson) or C{\\u} escapes in lower or upper case hexadecimal
+        (Python's C{json}, Jackson), each with C{/} as it is or escaped as
+        C{\\/} (PHP, some C libraries). RFC 8259 section 7 allows them all.
+    """
+    raw = json.dumps(value, ensure_ascii=False)
+    escaped = json.dumps(value)
+    upper = re.sub(r"\\u[0-9a-f]{4}", lambda m: m.group(0)[:2] + m.group(0)[2:].upper(), escaped)
+    spellings = {raw, escaped, upper}
+    spellings |= {s.replace("/", "\\/") for s in spellings}
+    return {s.encode("utf-8") for s in spellings}
 
 
 def renameInRequest(body: dict[str, Any], upstreamName: str) -> bytes:
@@ -50,8 +68,8 @@ class NameRewriter:
         @param variants: Other spellings of the backend's name that it may
             echo (such as the name with a revision appended).
         """
-        names = sorted({upstreamName, *variants}, key=len, reverse=True)
-        self.replacements = [(jsonString(n), jsonString(alias)) for n in names]
+        spellings = {s for n in (upstreamName, *variants) for s in jsonSpellings(n)}
+        self.replacements = [(s, jsonString(alias)) for s in sorted(spellings, key=len, reverse=True)]
         self._longest = len(self.replacements[0][0])
         self._tail = b""
 

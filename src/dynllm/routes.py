@@ -11,58 +11,46 @@ from __future__ import annotations
 
 import hmac
 import json
-from typing import Any, Sequence, cast
+import re
+from typing import Any, Callable, Sequence, cast
+from urllib.parse import quote
 
-from attrs import define, field
+from attrs import define, evolve, field
 from klein import Klein
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.server import Request
 from werkzeug.exceptions import HTTPException
 
-from dynllm import errors, multipart
+from dynllm import endpoints, errors, multipart
 from dynllm.config import Config, ModelConfig
+from dynllm.endpoints import JSON, MULTIPART, PATH, Endpoint
 from dynllm.interfaces import IBackend
 from dynllm.metrics import CONTENT_TYPE, Metrics
 from dynllm.proxy import fileProducer, forward, requestBody
 from dynllm.rewrite import NameRewriter, renameInRequest
 from dynllm.scheduler import FAILED, ModelManager
 
-#: The OpenAI endpoints whose body is JSON, and the model types each serves.
-JSON_ENDPOINTS = {
-    "/v1/chat/completions": ("llm",),
-    "/v1/completions": ("llm",),
-    "/v1/embeddings": ("embedding",),
-    "/v1/rerank": ("rerank",),
-    "/v1/audio/speech": ("speech",),
-    "/v1/images/generations": ("image_generation",),
-}
-
-#: The OpenAI endpoints whose body is a multipart upload, and their types.
-MULTIPART_ENDPOINTS = {
-    "/v1/audio/transcriptions": ("transcription",),
-    "/v1/audio/translations": ("transcription",),
-}
-
-#: The model types the KServe v2 routes serve.
-KSERVE_TYPES = ("classification", "detection", "segmentation", "ocr")
-
 #: Header that tells a KServe readiness check the model's state in dynllm.
 STATE_HEADER = b"X-DynLLM-Model-State"
-
 
 #: How messages name the KServe routes.
 KSERVE_ROUTE = "the KServe v2 API"
 
+#: Characters left as they are when a decoded path is sent on (RFC 3986
+#: C{pchar} and C{/}).
+PATH_SAFE = "/:@!$&'()*+,;=-._~"
 
-def nameRewriter(upstreamName: str, model: ModelConfig) -> NameRewriter:
+
+def nameRewriter(upstreamName: str, clientName: str) -> NameRewriter:
     """
-    @return: a rewriter of C{upstreamName} back to C{model}'s public name in
-        responses, including the spelling with C{@main} appended that some
-        backends echo for a name given without a revision.
+    @return: a rewriter of C{upstreamName} back to C{clientName}, the name
+        the client used, in responses, including the spelling with C{@main}
+        appended that some backends echo for a name given without a
+        revision.
     """
     variants = () if "@" in upstreamName else (upstreamName + "@main",)
-    return NameRewriter(upstreamName, model.name, variants)
+    return NameRewriter(upstreamName, clientName, variants)
 
 
 def _json(request: IRequest, value: Any, status: int = 200) -> bytes:
@@ -80,13 +68,33 @@ def readBody(request: IRequest) -> bytes:
     return body
 
 
+class DuplicateKey(ValueError):
+    """
+    A JSON object has a key twice.
+    """
+
+
+def _uniqueKeys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    value = dict(pairs)
+    if len(value) != len(pairs):
+        seen: set[str] = set()
+        twice = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+        raise DuplicateKey(f"the key {twice!r} is given more than once")
+    return value
+
+
 def parseJSON(body: bytes) -> dict[str, Any]:
     """
     @return: C{body}'s JSON object.
-    @raise errors.APIError: 400 when it is not a JSON object.
+    @raise errors.APIError: 400 when it is not a JSON object, or when an
+        object in it has a key twice: parsers disagree on which one counts
+        (Python's takes the last), so such a body could be routed by one
+        model and served by another (RFC 8259 section 4).
     """
     try:
-        value = json.loads(body)
+        value = json.loads(body, object_pairs_hook=_uniqueKeys)
+    except DuplicateKey as e:
+        raise errors.badRequest(f"the request body is ambiguous: {e}", code="duplicate_key") from None
     except ValueError as e:
         raise errors.badRequest(f"the request body is not valid JSON: {e}", code="invalid_json") from None
     if not isinstance(value, dict):
@@ -176,93 +184,152 @@ class DynLLMRoutes:
         body: bytes = self.apiError(request, Failure(errors.APIError(e.code or 500, message, kind)))
         return body
 
+    # Models by name.
+
+    def _model(self, name: str) -> ModelConfig:
+        """
+        @return: the model that C{name} (a name or an alias) names.
+        @raise errors.APIError: 404 if there is none.
+        """
+        model = self.config.model(name)
+        if model is None:
+            raise errors.modelNotFound(name)
+        return model
+
+    def _splitModelPath(self, rest: str) -> tuple[str, str]:
+        """
+        Split a path that starts with a model's name, such as
+        C{Qwen/Qwen2.5-0.5B/versions/1/infer}, where the name may hold C{/}
+        (sent as it is or as C{%2F}): the longest configured name or alias
+        that the path starts with, followed by the end of the path or C{/},
+        is the name.
+
+        @param rest: The decoded path after the route's prefix.
+        @return: the name and what follows it (C{""} or starting with
+            C{/}).
+        @raise errors.APIError: 404 if no configured model begins it.
+        """
+        best = ""
+        for model in self.config.models:
+            for name in model.names:
+                if len(name) > len(best) and (rest == name or rest.startswith(name + "/")):
+                    best = name
+        if not best:
+            raise errors.modelNotFound(rest.split("/", 1)[0])
+        return best, rest[len(best):]
+
     # OpenAI routes.
 
     @app.route("/v1/models", methods=["GET"])
+    @app.route("/models", methods=["GET"])
     def listModels(self, request: IRequest) -> bytes:
+        """
+        The models in OpenAI's list shape, with the fields dynllm adds:
+        C{model_type}, C{status} and C{aliases}. Unlisted models are left
+        out.
+        """
         self._checkClientKey(request)
-        return _json(request, {"object": "list", "data": [self._modelObject(m.name) for m in self.config.models]})
+        data = [self._modelObject(m, m.name) for m in self.config.models if m.listed]
+        return _json(request, {"object": "list", "data": data})
 
-    @app.route("/v1/models/<string:name>", methods=["GET"])
+    @app.route("/v1/models/<path:name>", methods=["GET"])
+    @app.route("/models/<path:name>", methods=["GET"])
     def retrieveModel(self, request: IRequest, name: str) -> bytes:
-        self._checkClientKey(request)
-        if self.config.model(name) is None:
-            raise errors.modelNotFound(name)
-        return _json(request, self._modelObject(name))
-
-    def _modelObject(self, name: str) -> dict[str, Any]:
-        return {"id": name, "object": "model", "created": 0, "owned_by": "dynllm"}
-
-    @app.route("/v1/chat/completions", methods=["POST"])
-    @app.route("/v1/completions", methods=["POST"])
-    @app.route("/v1/embeddings", methods=["POST"])
-    @app.route("/v1/rerank", methods=["POST"])
-    @app.route("/v1/audio/speech", methods=["POST"])
-    @app.route("/v1/images/generations", methods=["POST"])
-    async def jsonEndpoint(self, request: Request) -> None:
-        self._checkClientKey(request)
-        route = request.path.decode("ascii")
-        raw = readBody(request)
-        parsed = parseJSON(raw)
-        model, backend, upstream = self._resolve(requestedModel(parsed), route, JSON_ENDPOINTS[route])
-        body: Any = raw
-        rewriter = None
-        upstreamName = backend.upstreamModel(model)
-        if upstreamName != model.name:
-            body = renameInRequest(parsed, upstreamName)
-            rewriter = nameRewriter(upstreamName, model)
-        await self._proxy(request, route, model, upstream, body, rewriter)
-
-    @app.route("/v1/audio/transcriptions", methods=["POST"])
-    @app.route("/v1/audio/translations", methods=["POST"])
-    async def multipartEndpoint(self, request: Request) -> None:
         """
-        An upload passes through byte for byte: the C{model} field is found
-        by reading the spooled body once, in blocks, and only its value is
-        replaced when the backend knows the model by another name.
+        One model, under the id the client used (a name or an alias); a
+        name may hold C{/}, sent as it is or as C{%2F}.
         """
         self._checkClientKey(request)
-        route = request.path.decode("ascii")
-        content = request.content
-        assert content is not None  # twisted.web has spooled the whole body
-        try:
-            found = multipart.findField(content, request.getHeader(b"content-type"), "model")
-        except multipart.MultipartError as e:
-            raise errors.badRequest(str(e), code="invalid_multipart") from None
-        if found is None or not found.value:
-            raise errors.badRequest("the request must name a model in its 'model' field", param="model")
-        model, backend, upstream = self._resolve(found.value, route, MULTIPART_ENDPOINTS[route])
+        return _json(request, self._modelObject(self._model(name), name))
+
+    def _modelObject(self, model: ModelConfig, id: str) -> dict[str, Any]:
+        return {
+            "id": id,
+            "object": "model",
+            "created": model.created,
+            "owned_by": "dynllm",
+            "model_type": model.model_type,
+            "status": self.manager.describe(model.name)["status"],
+            "aliases": list(model.aliases),
+        }
+
+    async def _endpoint(self, request: Request, endpoint: Endpoint) -> None:
+        """
+        Serve one endpoint of the table: find the model the request names,
+        check that the endpoint serves it, and relay the request to its
+        backend, renaming the model on the way if the backend knows it by
+        another name than the one the client used.
+        """
+        self._checkClientKey(request)
         body: Any
-        rewriter = None
-        upstreamName = backend.upstreamModel(model)
-        if upstreamName != model.name:
-            spliced = multipart.SplicedFile(content, found.start, found.end, upstreamName.encode("utf-8"))
-            body = fileProducer(spliced, self.clock)
-            rewriter = nameRewriter(upstreamName, model)
+        if endpoint.modelIn == JSON:
+            raw = readBody(request)
+            parsed = parseJSON(raw)
+            name = requestedModel(parsed)
+            model, backend, upstream = self._resolve(name, endpoint.path, endpoint)
+            upstreamName = backend.upstreamModel(model)
+            body = raw if upstreamName == name else renameInRequest(parsed, upstreamName)
+        elif endpoint.modelIn == MULTIPART:
+            content = request.content
+            assert content is not None  # twisted.web has spooled the whole body
+            try:
+                found = multipart.findField(content, request.getHeader(b"content-type"), "model")
+            except multipart.MultipartError as e:
+                raise errors.badRequest(str(e), code="invalid_multipart") from None
+            if found is None or not found.value:
+                raise errors.badRequest("the request must name a model in its 'model' field", param="model")
+            name = found.value
+            model, backend, upstream = self._resolve(name, endpoint.path, endpoint)
+            upstreamName = backend.upstreamModel(model)
+            if upstreamName == name:
+                body = requestBody(request, self.clock)
+            else:
+                spliced = multipart.SplicedFile(content, found.start, found.end, upstreamName.encode("utf-8"))
+                body = fileProducer(spliced, self.clock)
         else:
-            body = requestBody(request, self.clock)
-        await self._proxy(request, route, model, upstream, body, rewriter)
+            values = request.args.get(b"model", [])
+            if len(values) != 1 or not values[0]:
+                problem = "more than once" if len(values) > 1 else "in its 'model' query parameter"
+                raise errors.badRequest(f"the request must name a model {problem}", param="model")
+            name = values[0].decode("utf-8", "replace")
+            model, backend, upstream = self._resolve(name, endpoint.path, endpoint)
+            upstreamName = name  # nothing to rename in a request without a body
+            body = requestBody(request, self.clock) if request.method != b"GET" else None
+        rewriter = nameRewriter(upstreamName, name) if upstreamName != name else None
+        await self._proxy(request, endpoint.path, model, upstream + _query(request), body, rewriter)
 
     # KServe v2.
 
-    @app.route("/v2/models/<string:name>", methods=["GET"])
-    @app.route("/v2/models/<string:name>/versions/<string:version>", methods=["GET"])
-    @app.route("/v2/models/<string:name>/infer", methods=["POST"])
-    @app.route("/v2/models/<string:name>/versions/<string:version>/infer", methods=["POST"])
-    async def kserve(self, request: Request, name: str, version: str | None = None) -> None:
+    @app.route("/v2/models/<path:rest>", methods=["GET", "POST"])
+    async def kserve(self, request: Request, rest: str) -> bytes | None:
         """
-        Model metadata and inference: the model is loaded if it is not.
+        KServe v2 by model: C{NAME[/versions/V]} (metadata, C{GET}),
+        C{.../infer} (C{POST}) and C{.../ready} (C{GET}). The model is loaded
+        if it is not, except for readiness (see L{_kserveReady}).
         """
         self._checkClientKey(request)
-        route = request.path.decode("ascii")
-        model, _, upstream = self._resolve(name, route, KSERVE_TYPES)
-        body = requestBody(request, self.clock) if request.method == b"POST" else None
-        label = "/v2/models/{name}" + ("/infer" if request.method == b"POST" else "")
-        await self._proxy(request, route, model, upstream, body, label=label)
+        name, tail = self._splitModelPath(rest)
+        operation = tail
+        version = re.match(r"/versions/[^/]+", tail)
+        if version is not None:
+            operation = tail[version.end():]
+        method = "POST" if operation == "/infer" else "GET"
+        if operation not in ("", "/infer", "/ready"):
+            raise errors.APIError(404, f"{request.method.decode()} {request.path.decode('latin-1')}: Not Found",
+                                  "not_found_error")
+        if request.method.decode() != method:
+            raise errors.APIError(405, f"{request.method.decode()} is not allowed here; use {method}",
+                                  "invalid_request_error")
+        route = "/v2/models/{name}" + ("/infer" if operation == "/infer" else "")
+        model, _, _ = self._resolve(name, route, endpoints.BY_PATH[route])
+        upstream = f"/v2/models/{quote(model.name, safe='')}{tail}"
+        if operation == "/ready":
+            return await self._kserveReady(request, model, upstream)
+        body = requestBody(request, self.clock) if method == "POST" else None
+        await self._proxy(request, upstream, model, upstream, body, label=route)
+        return None
 
-    @app.route("/v2/models/<string:name>/ready", methods=["GET"])
-    @app.route("/v2/models/<string:name>/versions/<string:version>/ready", methods=["GET"])
-    async def kserveReady(self, request: Request, name: str, version: str | None = None) -> bytes | None:
+    async def _kserveReady(self, request: Request, model: ModelConfig, upstream: str) -> bytes | None:
         """
         Model readiness, answered without loading the model or resetting
         its idle timer, so that a client polling it does not keep the model
@@ -272,16 +339,14 @@ class DynLLMRoutes:
         loaded answers 200 (an inference request would load it), unless
         its last load failed (503). The header L{STATE_HEADER} tells which.
         """
-        self._checkClientKey(request)
-        route = request.path.decode("ascii")
-        _, _, upstream = self._resolve(name, route, KSERVE_TYPES)
-        lease = self.manager.peek(name)
+        lease = self.manager.peek(model.name)
         if lease is None:
-            state = self.manager.describe(name)
+            state = self.manager.describe(model.name)
             request.setHeader(STATE_HEADER, state["status"].encode("ascii"))
             if state["status"] == FAILED:
                 raise errors.APIError(
-                    503, f"model {name!r} failed to load: {state['last_error']}", "server_error", "model_failed"
+                    503, f"model {model.name!r} failed to load: {state['last_error']}", "server_error",
+                    "model_failed"
                 )
             return b""
         request.setHeader(STATE_HEADER, b"loaded")
@@ -291,31 +356,48 @@ class DynLLMRoutes:
             lease.release()
         return None
 
+    # Any request to a model's server.
+
+    @app.route("/upstream/<path:rest>")
+    async def upstream(self, request: Request, rest: str) -> None:
+        """
+        C{ANY /upstream/MODEL/PATH}: the request passed to the model's own
+        server at C{/PATH} (with its query) as it is, the model loaded
+        first: llama-server's C{/props}, C{/slots}, C{/metrics} or its web
+        UI. Client keys apply; the body is not read or renamed.
+        """
+        self._checkClientKey(request)
+        name, tail = self._splitModelPath(rest)
+        model = self._model(name)
+        upstream = quote(tail or "/", safe=PATH_SAFE) + _query(request)
+        body = requestBody(request, self.clock)
+        await self._proxy(request, "/upstream/{model}", model, upstream, body)
+
     # Relaying.
 
     def _resolve(
-        self, name: str, route: str, modelTypes: Sequence[str]
+        self, name: str, route: str, endpoint: Endpoint
     ) -> tuple[ModelConfig, IBackend, str]:
         """
-        Check that model C{name} exists and that C{route} serves it.
+        Check that model C{name} exists and that C{endpoint} serves it.
 
+        @param route: The path to ask the backend for: the endpoint's own,
+            or for KServe the request's path.
         @return: the model, its backend, and the path of C{route} on it.
         @raise errors.APIError: 404 for an unknown model, 400 for a model
-            of a type C{route} does not serve, or whose backend does not
-            serve C{route}.
+            of a type C{endpoint} does not serve, or whose backend does not
+            serve it.
         """
-        model = self.config.model(name)
-        if model is None:
-            raise errors.modelNotFound(name)
-        public = KSERVE_ROUTE if route.startswith("/v2/") else route
-        if model.model_type not in modelTypes:
+        model = self._model(name)
+        public = KSERVE_ROUTE if endpoint.api == endpoints.KSERVE else endpoint.path
+        if model.model_type not in endpoint.modelTypes:
             raise errors.badRequest(
                 f"model {name!r} is a {model.model_type} model; {public} serves"
-                f" {', '.join(modelTypes)} models",
+                f" {', '.join(endpoint.modelTypes)} models",
                 param="model",
                 code="model_type_mismatch",
             )
-        backend = self.manager.backendOf(name)
+        backend = self.manager.backendOf(model.name)
         upstream = backend.upstreamPath(route, model)
         if upstream is None:
             raise errors.badRequest(
@@ -339,7 +421,8 @@ class DynLLMRoutes:
         Lease C{model}, relay the request to it, and hold the lease until
         the response has been written or the client has gone.
 
-        @param upstream: The path on the backend (see L{_resolve}).
+        @param upstream: The path (and query) on the backend (see
+            L{_resolve}).
         @param body: What to send upstream: bytes, an C{IBodyProducer}, or
             C{None}.
         @param rewriter: Renames the model in the response, if needed.
@@ -379,27 +462,69 @@ class DynLLMRoutes:
             },
         )
 
-    @app.route("/admin/models/<string:name>/logs", methods=["GET"])
-    def adminLogs(self, request: IRequest, name: str) -> bytes:
+    @app.route("/admin/models/<path:rest>", methods=["GET"])
+    def adminLogs(self, request: IRequest, rest: str) -> bytes:
+        """
+        C{GET /admin/models/NAME/logs?lines=N}: the model's last lines of
+        output, as text.
+        """
         self._checkAdminKey(request)
+        name, tail = self._splitModelPath(rest)
+        if tail != "/logs":
+            raise errors.APIError(404, f"GET {request.path.decode('latin-1')}: Not Found", "not_found_error")
         try:
             count = int(request.args.get(b"lines", [b"100"])[0])
         except ValueError:
             raise errors.badRequest("lines must be a number", param="lines") from None
-        lines = self.manager.logTail(name, count)
+        lines = self.manager.logTail(self._model(name).name, count)
         request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
         return "".join(line + "\n" for line in lines).encode("utf-8")
 
     @app.route("/admin/models/unload", methods=["POST"])
     async def adminUnload(self, request: IRequest) -> bytes:
         self._checkAdminKey(request)
-        name = requestedModel(parseJSON(readBody(request)))
+        name = self._model(requestedModel(parseJSON(readBody(request)))).name
         await self.manager.unload(name)
         return _json(request, {"model": name, "status": self.manager.slots[name].state})
 
     @app.route("/admin/models/load", methods=["POST"])
     async def adminLoad(self, request: IRequest) -> bytes:
         self._checkAdminKey(request)
-        name = requestedModel(parseJSON(readBody(request)))
+        name = self._model(requestedModel(parseJSON(readBody(request)))).name
         await self.manager.load(name)
         return _json(request, {"model": name, "status": self.manager.slots[name].state})
+
+
+def _query(request: IRequest) -> str:
+    """
+    @return: C{request}'s query string with its C{?}, or C{""}.
+    """
+    _, mark, query = request.uri.partition(b"?")
+    return (mark + query).decode("ascii", "replace") if query else ""
+
+
+def _endpointRoute(endpoint: Endpoint) -> Callable[..., Any]:
+    """
+    @return: the Klein route function that serves C{endpoint}, whose
+        errors take the shape of its API (Anthropic's for its endpoints,
+        OpenAI's for the rest).
+    """
+
+    async def serve(self: DynLLMRoutes, request: Request) -> None:
+        try:
+            await self._endpoint(request, endpoint)
+        except errors.APIError as e:
+            if endpoint.api == endpoints.ANTHROPIC:
+                raise evolve(e, shape=errors.ANTHROPIC) from None
+            raise
+
+    serve.__name__ = serve.__qualname__ = f"endpoint {endpoint.path}"
+    return serve
+
+
+for _endpoint in endpoints.ENDPOINTS:
+    if _endpoint.modelIn != PATH:
+        for _path in _endpoint.paths:
+            DynLLMRoutes.app.route(_path, methods=[_endpoint.method], endpoint=f"endpoint {_path}")(
+                _endpointRoute(_endpoint)
+            )

@@ -14,11 +14,8 @@ from zope.interface import implementer
 
 from dynllm.backends._http import getIsOK
 from dynllm.config import ModelConfig
+from dynllm.endpoints import modelTypesOf, upstreamPath
 from dynllm.interfaces import IBackend
-
-#: The public routes llama-server serves, at the same paths.
-SERVED_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/rerank"})
-
 
 @implementer(IBackend)
 @frozen
@@ -32,7 +29,7 @@ class LlamaCppBackend:
     """
 
     kind: str = "llamacpp"
-    modelTypes: tuple[str, ...] = ("llm", "embedding", "rerank")
+    modelTypes: tuple[str, ...] = modelTypesOf("llamacpp")
 
     def argv(self, model: ModelConfig, binary: str, port: int) -> list[str]:
         args = [
@@ -60,7 +57,7 @@ class LlamaCppBackend:
         return "model loaded" in line or "listening on" in line
 
     def upstreamPath(self, route: str, model: ModelConfig) -> str | None:
-        return route if route in SERVED_ROUTES else None
+        return upstreamPath(self.kind, route)
 
     def upstreamModel(self, model: ModelConfig) -> str:
         return model.name

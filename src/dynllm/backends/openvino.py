@@ -22,6 +22,7 @@ from zope.interface import implementer
 
 from dynllm.backends._http import getIsOK
 from dynllm.config import ModelConfig
+from dynllm.endpoints import KSERVE_TYPES, modelTypesOf, upstreamPath
 from dynllm.interfaces import IBackend
 
 #: The C{--task} of each generative model type.
@@ -32,21 +33,6 @@ TASKS = {
     "transcription": "speech2text",
     "speech": "text2speech",
     "image_generation": "image_generation",
-}
-
-#: Model types served as classic models through KServe v2.
-KSERVE_TYPES = ("classification", "detection", "segmentation", "ocr")
-
-#: Public OpenAI routes and the C{/v3} paths OVMS serves them at.
-OPENAI_PATHS = {
-    "/v1/chat/completions": "/v3/chat/completions",
-    "/v1/completions": "/v3/completions",
-    "/v1/embeddings": "/v3/embeddings",
-    "/v1/rerank": "/v3/rerank",
-    "/v1/audio/transcriptions": "/v3/audio/transcriptions",
-    "/v1/audio/translations": "/v3/audio/translations",
-    "/v1/audio/speech": "/v3/audio/speech",
-    "/v1/images/generations": "/v3/images/generations",
 }
 
 #: The file that makes a model directory a MediaPipe graph of its own.
@@ -78,7 +64,7 @@ class OpenVINOBackend:
     """
 
     kind: str = "openvino"
-    modelTypes: tuple[str, ...] = (*TASKS, *KSERVE_TYPES)
+    modelTypes: tuple[str, ...] = modelTypesOf("openvino")
 
     def argv(self, model: ModelConfig, binary: str, port: int) -> list[str]:
         args = [
@@ -117,9 +103,9 @@ class OpenVINOBackend:
         return "AVAILABLE" in line or "ServableManagerModule started" in line
 
     def upstreamPath(self, route: str, model: ModelConfig) -> str | None:
-        if route.startswith("/v2/models/"):
-            return route if model.model_type in KSERVE_TYPES else None
-        return OPENAI_PATHS.get(route)
+        if route.startswith("/v2/models/") and model.model_type not in KSERVE_TYPES:
+            return None
+        return upstreamPath(self.kind, route)
 
     def upstreamModel(self, model: ModelConfig) -> str:
         return model.name

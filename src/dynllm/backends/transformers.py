@@ -16,15 +16,8 @@ from zope.interface import implementer
 
 from dynllm.backends._http import getIsOK
 from dynllm.config import ModelConfig
+from dynllm.endpoints import modelTypesOf, upstreamPath
 from dynllm.interfaces import IBackend
-
-#: The public routes C{transformers serve} serves, at the same paths, per
-#: model type.
-SERVED_ROUTES = {
-    "llm": frozenset({"/v1/chat/completions", "/v1/completions"}),
-    "transcription": frozenset({"/v1/audio/transcriptions"}),
-}
-
 
 def modelTimeout(model: ModelConfig) -> str:
     """
@@ -51,7 +44,7 @@ class TransformersBackend:
     """
 
     kind: str = "transformers"
-    modelTypes: tuple[str, ...] = tuple(SERVED_ROUTES)
+    modelTypes: tuple[str, ...] = modelTypesOf("transformers")
 
     def argv(self, model: ModelConfig, binary: str, port: int) -> list[str]:
         args = [
@@ -85,7 +78,7 @@ class TransformersBackend:
         return "Uvicorn running on" in line or "Application startup complete" in line
 
     def upstreamPath(self, route: str, model: ModelConfig) -> str | None:
-        return route if route in SERVED_ROUTES.get(model.model_type, ()) else None
+        return upstreamPath(self.kind, route)
 
     def upstreamModel(self, model: ModelConfig) -> str:
         if model.revision is not None:
