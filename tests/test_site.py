@@ -827,6 +827,21 @@ class RefusedBodyTests(SiteTestCase):
         self.assertNotIn(b"100 Continue", self.transport.value())
         self.assertRefused(Response(self.transport.value()), 415, "unsupported_content_encoding")
 
+    def test_anthropicShape(self) -> None:
+        """
+        An Anthropic client (it sends C{anthropic-version}) is refused in
+        Anthropic's error shape, which it parses.
+        """
+        self.serve(maxBodyBytes=MB)
+        response = self.send(
+            path="/v1/messages", headers={"Content-Encoding": "gzip", "anthropic-version": "2023-06-01"}, body=zeroBomb(10 * MB)
+        )
+        self.assertEqual(response.status, 413)
+        answer = json.loads(response.body)
+        self.assertEqual(answer["type"], "error")
+        self.assertEqual(answer["error"]["type"], "request_too_large")
+        self.assertIn("max_request_body_mb", answer["error"]["message"])
+
     def test_corsOnRefusal(self) -> None:
         """
         The refusals the site writes itself carry the CORS headers of an

@@ -25,7 +25,7 @@ import io
 import tempfile
 from typing import IO, Any, Iterable, Sequence, cast
 
-from attrs import frozen
+from attrs import evolve, frozen
 from twisted.web import http, server
 from twisted.web.http_headers import Headers
 
@@ -293,11 +293,16 @@ class LimitedRequest(server.Request):
         """
         Answer C{error} at once, straight on the connection (the request
         has not been parsed to the end: twisted.web cannot answer it yet),
-        and close the connection.
+        and close the connection. The answer is in Anthropic's shape for a
+        request with C{anthropic-version}, else in OpenAI's.
         """
         self._refused = True
         # Do not let twisted.web invite the client to send the body.
         self.requestHeaders.removeHeader(b"expect")
+        if self.requestHeaders.hasHeader(b"anthropic-version"):
+            # An Anthropic client (they all send it): answer in the shape
+            # it parses, as the routes of its API do.
+            error = evolve(error, shape=errors.ANTHROPIC)
         body = error.body()
         headers = Headers()
         for name, value in error.headers().items():
