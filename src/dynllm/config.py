@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import shutil
 from typing import Any, Callable, Mapping, cast
 
@@ -134,6 +135,39 @@ def _strList(value: Any, where: str, nonEmpty: bool = False) -> tuple[str, ...]:
     return tuple(value)
 
 
+#: An origin as browsers send it (RFC 6454 6.1): scheme, host (an IPv6
+#: address in brackets) and an optional port, no path.
+_ORIGIN = re.compile(r"([a-z][a-z0-9+.-]*)://(\[[0-9a-f:.]+\]|[^\s/?#@:*\[\]]+)(?::([0-9]{1,5}))?\Z", re.IGNORECASE)
+
+#: Ports browsers leave out of an origin.
+_DEFAULT_PORTS = {"http": "80", "https": "443"}
+
+
+def _origins(value: Any, where: str) -> tuple[str, ...]:
+    """
+    Origins allowed to call the API from a browser: C{*}, or each as
+    C{scheme://host[:port]}. They are lower-cased and a default port is
+    left out, as browsers serialize an C{Origin} header.
+    """
+    origins = []
+    for origin in _strList(value, where):
+        if origin == "*":
+            origins.append(origin)
+            continue
+        match = _ORIGIN.match(origin)
+        if match is None or (match.group(3) is not None and not 0 < int(match.group(3)) < 65536):
+            raise ConfigError(
+                f"{where}: {origin!r} is not an origin; write scheme://host[:port]"
+                f" (such as 'http://localhost:3000', no path or trailing slash), or '*' for any"
+            )
+        scheme, host, port = match.group(1).lower(), match.group(2).lower(), match.group(3)
+        if port is None or _DEFAULT_PORTS.get(scheme) == port.lstrip("0"):
+            origins.append(f"{scheme}://{host}")
+        else:
+            origins.append(f"{scheme}://{host}:{int(port)}")
+    return tuple(origins)
+
+
 def _argList(value: Any, where: str) -> tuple[str, ...]:
     """
     Extra command-line arguments: numbers are accepted and turned into text.
@@ -214,12 +248,16 @@ class ServerConfig:
     @ivar api_keys: Bearer keys accepted on the OpenAI routes; empty means open.
     @ivar admin_api_keys: Bearer keys accepted on C{/admin}; when empty the
         client keys are accepted there too.
+    @ivar cors_origins: Origins whose web pages may call the API (CORS),
+        normalized (see L{dynllm.site.CORSPolicy}); C{*} allows every
+        origin; empty (the default) allows none.
     """
 
     host: str = _setting("127.0.0.1", _str)
     port: int = _setting(8000, _port)
     api_keys: tuple[str, ...] = _setting((), _strList)
     admin_api_keys: tuple[str, ...] = _setting((), _strList)
+    cors_origins: tuple[str, ...] = _setting((), _origins)
 
 
 @frozen

@@ -133,7 +133,9 @@ def makeService(config: Config, reactor: Any = None, listen: bool = True, persis
         host = config.server.host
         endpointType = TCP6ServerEndpoint if ":" in host else TCP4ServerEndpoint
         endpoint = endpointType(reactor, config.server.port, interface=host)
-        site = makeSite(routes.resource(), int(config.max_request_body_mb * 1024 * 1024))
+        site = makeSite(
+            routes.resource(), int(config.max_request_body_mb * 1024 * 1024), config.server.cors_origins
+        )
         http_service = StreamServerEndpointService(endpoint, site)
         http_service._raiseSynchronously = True
         http_service.setName("http")

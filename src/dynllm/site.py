@@ -1,72 +1,417 @@
 # -*- test-case-name: tests.test_site -*-
 """
-The twisted.web C{Site} that serves the API: multipart bodies are not parsed
-into memory, and bodies above the configured size are refused with 413
-before they are read.
+The twisted.web C{Site} that serves the API, and what it does to every
+request before and after the routes see it:
+
+  - bodies are never parsed into memory, and bodies above the configured
+    size are refused with 413 before they are read whole;
+  - bodies with C{Content-Encoding: gzip} or C{deflate} are decoded as they
+    arrive (L{dynllm.codings}), so that the routes see the decoded body and
+    no C{Content-Encoding}; the size limit applies to the body as sent and
+    as decoded, and other codings get 415;
+  - CORS (the Fetch standard, U{https://fetch.spec.whatwg.org/#http-cors-protocol}):
+    preflights are answered here, for every path and without a key, and
+    every answer to an allowed origin, errors included, carries
+    C{Access-Control-Allow-Origin}.
+
+Refusals found while the body arrives (413, 415, 400 for a corrupt coded
+body) are written straight to the connection, which is then closed: the
+rest of the body is not read and the routes never see the request.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import io
+import tempfile
+from typing import IO, Any, Iterable, Sequence, cast
 
-from twisted.web import server
+from attrs import evolve, frozen
+from twisted.web import http, server
+from twisted.web.http_headers import Headers
 
-from dynllm import errors
+from dynllm import codings, errors
+
+#: Bytes of decoded body kept in memory before it goes to a temporary file
+#: (the threshold twisted.web uses for bodies as sent, C{http._getContentFile}).
+SPOOL_THRESHOLD = 100000
+
+#: The methods a preflight is told the API accepts.
+ALLOW_METHODS = b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
+
+#: The request headers a preflight allows when it does not ask for any: what
+#: the OpenAI and Anthropic SDKs send from a browser.
+DEFAULT_ALLOW_HEADERS = (
+    b"authorization, content-type, x-api-key, api-key, anthropic-version, anthropic-beta,"
+    b" anthropic-dangerous-direct-browser-access, openai-organization, openai-project, openai-beta,"
+    b" x-stainless-arch, x-stainless-lang, x-stainless-os, x-stainless-package-version,"
+    b" x-stainless-retry-count, x-stainless-runtime, x-stainless-runtime-version,"
+    b" x-stainless-timeout, x-stainless-helper-method, x-stainless-async"
+)
+
+#: Seconds a browser may cache a preflight's answer (Chromium caps it at
+#: 7200, Firefox at 86400).
+MAX_AGE = b"7200"
+
+#: Response headers scripts may read without being told (Fetch's
+#: CORS-safelisted response-header names), and others not worth exposing.
+_NOT_EXPOSED = frozenset(
+    {
+        b"cache-control",
+        b"content-language",
+        b"content-length",
+        b"content-type",
+        b"expires",
+        b"last-modified",
+        b"pragma",
+        b"set-cookie",
+        b"vary",
+        b"connection",
+        b"keep-alive",
+        b"transfer-encoding",
+    }
+)
+
+#: The characters of an HTTP token (RFC 9110 5.6.2), for header names.
+_TOKEN = frozenset(b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+
+@frozen
+class CORSPolicy:
+    """
+    Which web origins may call the API from a browser.
+
+    @ivar origins: Allowed origins, lower-cased, as C{scheme://host[:port]}
+        without a default port (as L{dynllm.config} normalizes
+        C{server.cors_origins}); C{*} allows every origin. Empty allows
+        none.
+    """
+
+    origins: frozenset[str] = frozenset()
+
+    def allowOrigin(self, origin: Sequence[bytes] | None) -> bytes | None:
+        """
+        @param origin: The request's C{Origin} header values, if any.
+        @return: the C{Access-Control-Allow-Origin} value to answer with
+            (C{*}, or the origin itself), or C{None} when the request has no
+            single C{Origin} or it is not allowed.
+        """
+        if not origin or len(origin) != 1 or not self.origins:
+            return None
+        if "*" in self.origins:
+            return b"*"
+        if origin[0].decode("latin-1").lower() in self.origins:
+            return origin[0]
+        return None
+
+    def apply(self, requestHeaders: Headers, responseHeaders: Headers, expose: bool = True) -> bool:
+        """
+        Make the CORS headers of a response: remove any a backend sent
+        (dynllm alone decides who may read its answers: llama-server, for
+        one, echoes any C{Origin}), then add C{Vary: Origin} when any origin
+        is allowed, and for an allowed origin C{Access-Control-Allow-Origin}
+        and C{Access-Control-Expose-Headers} naming the response's headers
+        that scripts could not read otherwise (C{Retry-After},
+        C{X-DynLLM-Model-State}, ...).
+
+        @param expose: Whether to add C{Access-Control-Expose-Headers}.
+        @return: whether the request's origin is allowed.
+        """
+        for name, _ in list(responseHeaders.getAllRawHeaders()):
+            if name.lower().startswith(b"access-control-"):
+                responseHeaders.removeHeader(name)
+        if not self.origins:
+            return False
+        addVary(responseHeaders, b"Origin")
+        allowed = self.allowOrigin(requestHeaders.getRawHeaders(b"origin"))
+        if allowed is None:
+            return False
+        responseHeaders.setRawHeaders(b"Access-Control-Allow-Origin", [allowed])
+        if expose:
+            names = sorted(
+                {name for name, _ in responseHeaders.getAllRawHeaders() if name.lower() not in _NOT_EXPOSED}
+                - {b"Access-Control-Allow-Origin"}
+            )
+            if names:
+                responseHeaders.setRawHeaders(b"Access-Control-Expose-Headers", [b", ".join(names)])
+        return True
+
+
+def addVary(headers: Headers, name: bytes) -> None:
+    """
+    Add C{name} to the C{Vary} header of a response, unless it is there.
+    """
+    values = headers.getRawHeaders(b"vary", [])
+    present = {v.strip().lower() for value in values for v in value.split(b",")}
+    if name.lower() in present or b"*" in present:
+        return
+    headers.setRawHeaders(b"Vary", [b", ".join([v for v in values if v.strip()] + [name])])
+
+
+def isPreflight(method: bytes, requestHeaders: Headers) -> bool:
+    """
+    @return: whether a request is a CORS preflight: C{OPTIONS} with
+        C{Origin} and C{Access-Control-Request-Method}.
+    """
+    return (
+        method == b"OPTIONS"
+        and requestHeaders.hasHeader(b"origin")
+        and requestHeaders.hasHeader(b"access-control-request-method")
+    )
+
+
+def _headerList(values: Sequence[bytes] | None) -> bytes | None:
+    """
+    @return: the header names of C{Access-Control-Request-Headers} joined
+        again, or C{None} if there are none or one is not a token.
+    """
+    names = [n.strip() for value in values or [] for n in value.split(b",") if n.strip()]
+    if not names or not all(set(n) <= _TOKEN for n in names):
+        return None
+    return b", ".join(names)
 
 
 class LimitedRequest(server.Request):
     """
-    A request that refuses bodies larger than L{maxBodyBytes}, whether the
-    size is declared by C{Content-Length} or found while a chunked upload
-    arrives.
+    A request that refuses bodies larger than its site's C{maxBodyBytes},
+    whether the size is declared by C{Content-Length}, found while a chunked
+    upload arrives, or found while a compressed body is decoded; decodes
+    C{gzip} and C{deflate} bodies as they arrive; and does CORS.
+
+    It is made by a L{DynLLMSite}, whose C{maxBodyBytes} and C{cors} it
+    reads.
     """
 
-    maxBodyBytes: int = 64 * 1024 * 1024
     _received = 0
     _refused = False
+    _decoder: codings.BodyDecoder | None = None
+    _corsApplied = False
+
+    @property
+    def _dynllmSite(self) -> DynLLMSite:
+        return cast(DynLLMSite, cast(Any, self.channel).site)
+
+    # The body.
 
     def gotLength(self, length: int | None) -> None:
-        if length is not None and length > self.maxBodyBytes:
-            self._refuse()
-        super().gotLength(length)
+        """
+        All headers have arrived: refuse a coding that cannot be decoded
+        (415) or a declared size above the limit (413), and choose where
+        the body goes.
+
+        @param length: The declared C{Content-Length}, or C{None}.
+        """
+        site = self._dynllmSite
+        try:
+            found = codings.parseCodings(self.requestHeaders.getRawHeaders(b"content-encoding", []))
+        except codings.UnsupportedCoding as e:
+            self._refuse(
+                errors.APIError(415, str(e), "invalid_request_error", "unsupported_content_encoding", "Content-Encoding")
+            )
+            return
+        if length is not None and length > site.maxBodyBytes:
+            self._refuse(self._tooLarge())
+            return
+        if not found:
+            # Nothing to undo (no header, or only identity).
+            self.requestHeaders.removeHeader(b"content-encoding")
+            super().gotLength(length)
+            return
+        # The body as sent is decoded as it arrives and never kept.
+        self._decoder = codings.BodyDecoder(found, site.maxBodyBytes)
+        self.content = io.BytesIO()
 
     def handleContentChunk(self, data: bytes) -> None:
+        """
+        Keep the next piece of the body, decoded if it is coded; refuse the
+        request once the body as sent or as decoded passes the limit (413),
+        or when it cannot be decoded (400).
+        """
         if self._refused:
             return
         self._received += len(data)
-        if self._received > self.maxBodyBytes:
-            self._refuse()
+        if self._received > self._dynllmSite.maxBodyBytes:
+            self._refuse(self._tooLarge())
             return
-        super().handleContentChunk(data)
+        if self._decoder is None:
+            super().handleContentChunk(data)
+            return
+        try:
+            for piece in self._decoder.feed(data):
+                self._store(piece)
+        except codings.BodyTooLarge:
+            self._refuse(self._tooLarge(decoded=True))
+        except codings.CorruptBody as e:
+            self._refuse(errors.badRequest(str(e), "Content-Encoding", "invalid_content_encoding"))
 
-    def _refuse(self) -> None:
-        self._refused = True
-        limit = self.maxBodyBytes / (1024 * 1024)
-        error = errors.APIError(
+    def _store(self, piece: bytes) -> None:
+        """
+        Keep a piece of decoded body: in memory while the body is small, in
+        a temporary file once it passes L{SPOOL_THRESHOLD}, as twisted.web
+        keeps bodies as sent.
+        """
+        content = self.content
+        assert content is not None  # set by gotLength
+        if isinstance(content, io.BytesIO) and content.tell() + len(piece) > SPOOL_THRESHOLD:
+            spooled: IO[bytes] = tempfile.TemporaryFile()
+            spooled.write(content.getbuffer())
+            self.content = content = spooled
+        content.write(piece)
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        """
+        The body has all arrived: unless the request was refused, check
+        that a coded body ended properly (400 if not), make the headers
+        describe the decoded body, and let twisted.web dispatch it.
+        """
+        if self._refused:
+            # The refusal is written and the connection is closing; the
+            # routes must not see what arrived of the body.
+            return
+        if self._decoder is not None:
+            try:
+                self._decoder.finish()
+            except codings.CorruptBody as e:
+                self._refuse(errors.badRequest(str(e), "Content-Encoding", "invalid_content_encoding"))
+                return
+            # The routes and the relay see the body as decoded.
+            self.requestHeaders.removeHeader(b"content-encoding")
+            if self.requestHeaders.hasHeader(b"content-length"):
+                self.requestHeaders.setRawHeaders(b"content-length", [b"%d" % (self._decoder.length,)])
+        super().requestReceived(command, path, version)
+
+    def _tooLarge(self, decoded: bool = False) -> errors.APIError:
+        limit = self._dynllmSite.maxBodyBytes / (1024 * 1024)
+        what = "decoded request body" if decoded else "request body"
+        return errors.APIError(
             413,
-            f"the request body is larger than the limit of {limit:g} MB (max_request_body_mb)",
+            f"the {what} is larger than the limit of {limit:g} MB (max_request_body_mb)",
             "invalid_request_error",
             "request_too_large",
         )
+
+    def _refuse(self, error: errors.APIError) -> None:
+        """
+        Answer C{error} at once, straight on the connection (the request
+        has not been parsed to the end: twisted.web cannot answer it yet),
+        and close the connection. The answer is in Anthropic's shape for a
+        request with C{anthropic-version}, else in OpenAI's.
+        """
+        self._refused = True
+        # Do not let twisted.web invite the client to send the body.
+        self.requestHeaders.removeHeader(b"expect")
+        if self.requestHeaders.hasHeader(b"anthropic-version"):
+            # An Anthropic client (they all send it): answer in the shape
+            # it parses, as the routes of its API do.
+            error = evolve(error, shape=errors.ANTHROPIC)
         body = error.body()
-        head = (
-            b"HTTP/1.1 413 Payload Too Large\r\n"
-            b"Content-Type: application/json\r\n"
-            b"Content-Length: " + str(len(body)).encode() + b"\r\n"
-            b"Connection: close\r\n\r\n"
-        )
+        headers = Headers()
+        for name, value in error.headers().items():
+            headers.setRawHeaders(name, [value])
+        headers.setRawHeaders(b"Content-Length", [b"%d" % (len(body),)])
+        headers.setRawHeaders(b"Connection", [b"close"])
+        self._dynllmSite.cors.apply(self.requestHeaders, headers)
+        phrase = http.RESPONSES.get(error.status, b"Error")
+        lines = [b"HTTP/1.1 %d %s" % (error.status, phrase)]
+        lines += [name + b": " + value for name, values in headers.getAllRawHeaders() for value in values]
         transport = self.channel.transport
         assert transport is not None
-        transport.write(head + body)
+        transport.write(b"\r\n".join(lines) + b"\r\n\r\n" + body)
         transport.loseConnection()
 
+    # CORS.
 
-def makeSite(resource: Any, maxBodyBytes: int) -> server.Site:
+    def process(self) -> None:
+        """
+        Answer a CORS preflight here; pass any other request to the
+        resources.
+        """
+        if not isPreflight(self.method, self.requestHeaders):
+            super().process()
+            return
+        # A preflight, for any path: the routes never see it, and it needs
+        # no key (browsers send none with it).
+        self.site = self._dynllmSite
+        self.setHeader(b"Server", server.version)
+        self.setHeader(b"Date", http.datetimeToString())
+        policy = self._dynllmSite.cors
+        self._corsApplied = True
+        if not policy.apply(self.requestHeaders, self.responseHeaders, expose=False):
+            origin = (self.getHeader(b"origin") or b"").decode("latin-1")
+            error = errors.APIError(
+                403,
+                f"the origin {origin!r} is not allowed to call this API from a browser (server.cors_origins)",
+                "invalid_request_error",
+                "cors_origin_not_allowed",
+            )
+            self._answer(error.status, error.headers(), error.body())
+            return
+        headers = {
+            b"Access-Control-Allow-Methods": ALLOW_METHODS,
+            b"Access-Control-Allow-Headers": _headerList(
+                self.requestHeaders.getRawHeaders(b"access-control-request-headers")
+            )
+            or DEFAULT_ALLOW_HEADERS,
+            b"Access-Control-Max-Age": MAX_AGE,
+        }
+        # Chromium's Private Network Access: a public page calling a server
+        # on this machine or network asks for this, and the configured
+        # origin has been allowed by whoever runs the server.
+        if (self.getHeader(b"access-control-request-private-network") or b"").lower() == b"true":
+            headers[b"Access-Control-Allow-Private-Network"] = b"true"
+        addVary(self.responseHeaders, b"Access-Control-Request-Method")
+        addVary(self.responseHeaders, b"Access-Control-Request-Headers")
+        self._answer(http.NO_CONTENT, headers, b"")
+
+    def _answer(self, status: int, headers: dict[bytes, bytes], body: bytes) -> None:
+        self.setResponseCode(status)
+        for name, value in headers.items():
+            self.setHeader(name, value)
+        if body:
+            self.setHeader(b"Content-Length", b"%d" % (len(body),))
+            self.write(body)
+        self.finish()
+
+    def write(self, data: bytes) -> None:
+        """
+        Add the CORS headers before the response's headers go out, whatever
+        wrote them: a route, an error handler, the relay of a backend's
+        answer, or twisted.web itself.
+        """
+        if not self.startedWriting and not self._corsApplied:
+            self._corsApplied = True
+            self._dynllmSite.cors.apply(self.requestHeaders, self.responseHeaders)
+        super().write(data)
+
+
+class DynLLMSite(server.Site):
     """
-    @return: a C{Site} serving C{resource} with a body limit of
-        C{maxBodyBytes}.
+    The C{Site} of the API: L{LimitedRequest}s, no form parsing (uploads are
+    relayed, not parsed), no tracebacks in error pages.
+
+    @ivar maxBodyBytes: The largest request body accepted, as sent and as
+        decoded.
+    @ivar cors: Which web origins may call the API.
     """
-    request = type("LimitedRequest", (LimitedRequest,), {"maxBodyBytes": maxBodyBytes})
-    site = server.Site(resource, requestFactory=request, parsePOSTFormSubmission=False)
-    site.displayTracebacks = False
-    return site
+
+    def __init__(
+        self, resource: Any, maxBodyBytes: int, cors: CORSPolicy = CORSPolicy(), reactor: Any = None
+    ) -> None:
+        """
+        @param reactor: Times connections out; the global reactor by
+            default.
+        """
+        super().__init__(resource, requestFactory=LimitedRequest, parsePOSTFormSubmission=False, reactor=reactor)
+        self.maxBodyBytes = maxBodyBytes
+        self.cors = cors
+        self.displayTracebacks = False
+
+
+def makeSite(resource: Any, maxBodyBytes: int, corsOrigins: Iterable[str] = ()) -> DynLLMSite:
+    """
+    @param resource: What to serve.
+    @param maxBodyBytes: The body limit, in bytes.
+    @param corsOrigins: The allowed web origins, normalized as
+        C{server.cors_origins} is (L{CORSPolicy}).
+    @return: a L{DynLLMSite} serving C{resource}.
+    """
+    return DynLLMSite(resource, maxBodyBytes, CORSPolicy(frozenset(corsOrigins)))
