@@ -8,7 +8,7 @@ lost, and Twisted's C{HTTPConnectionPool} resends only bodiless requests
 with idempotent methods, so a chat completion would fail with
 C{ResponseNeverReceived([ConnectionDone])}. llama-server also closes a
 connection after a streamed response without saying C{Connection: close}.
-This pool makes such losses impossible to see from a client:
+This pool keeps such losses from reaching clients:
 
  - An idle connection is closed by dynllm after L{IDLE_TIMEOUT} seconds,
    before any backend's own keep-alive timeout ends it.
@@ -18,11 +18,13 @@ This pool makes such losses impossible to see from a client:
  - A request sent on a reused connection that fails before the first byte
    of a response arrived (L{RESENDABLE}) is sent once more, on a new
    connection, whatever its method, if its body can be produced again
-   (C{None}, or an L{IRewindableBodyProducer}). No byte of a response
-   means the backend did not act on it: cpp-httplib, uvicorn and drogon
-   read a request whole before handling it, and they close idle
-   connections only between requests. A request whose response had begun
-   is never resent, nor one sent on a new connection, nor a cancelled one.
+   (C{None}, or an L{IRewindableBodyProducer}). On a connection that the
+   backend closed while it was idle, the request was never read. Should a
+   backend have read it and closed without a byte of answer, running it
+   once more costs compute: an inference request changes nothing on the
+   backend. A request whose response had begun is never resent (its
+   client may have seen part of it), nor one sent on a new connection,
+   nor a cancelled one.
 
 L{BackendPool} is what C{twisted.web.client.Agent} needs of a pool
 (C{getConnection}, C{persistent}) plus C{closeCachedConnections}.
