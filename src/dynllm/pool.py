@@ -6,8 +6,10 @@ A backend may close an idle keep-alive connection at any moment, and its
 close can cross a request that dynllm sends on it: the request is then
 lost, and Twisted's C{HTTPConnectionPool} resends only bodiless requests
 with idempotent methods, so a chat completion would fail with
-C{ResponseNeverReceived([ConnectionDone])}. llama-server also closes a
-connection after a streamed response without saying C{Connection: close}.
+C{ResponseNeverReceived([ConnectionDone])}. llama-server (b11434) also
+closes the connection after every streamed response, although its headers
+said C{Keep-Alive: timeout=5, max=100} and not C{Connection: close}
+(measured: the next request on it gets no answer).
 This pool keeps such losses from reaching clients:
 
  - An idle connection is closed by dynllm after L{IDLE_TIMEOUT} seconds,
@@ -57,7 +59,8 @@ log = logger(__name__)
 
 #: Seconds an idle connection stays in the pool. Every backend's keep-alive
 #: timeout is longer: cpp-httplib, which llama-server serves HTTP with, has
-#: C{CPPHTTPLIB_KEEPALIVE_TIMEOUT_SECOND 5} (C{httplib.h}); uvicorn, under
+#: C{CPPHTTPLIB_KEEPALIVE_TIMEOUT_SECOND 5} (C{httplib.h}; llama-server's
+#: responses say C{Keep-Alive: timeout=5}); uvicorn, under
 #: C{transformers serve}, C{timeout_keep_alive = 5} (C{uvicorn/config.py});
 #: drogon, under OVMS, C{idleConnectionTimeout_{60}}
 #: (C{HttpAppFrameworkImpl.h}). 2 s leaves 3 s for a close that crosses
