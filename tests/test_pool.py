@@ -332,7 +332,8 @@ class IdleTests(PoolTestCase):
         protocols[1][0].dataReceived(RESPONSE)
         self.clock.advance(1)
         protocols[0][0].dataReceived(RESPONSE)
-        self.successResultOf(first), self.successResultOf(second)
+        self.successResultOf(first)
+        self.successResultOf(second)
         for _, transport in protocols:
             transport.clear()
         self.post()
@@ -369,6 +370,6 @@ class IdleTests(PoolTestCase):
         line per factory of a noisy one).
         """
         events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
-        _, transport = self.completeOne()
+        self.completeOne()
         self.clock.advance(IDLE_TIMEOUT)
         self.assertEqual(list(events), [])

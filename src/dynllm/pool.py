@@ -51,7 +51,6 @@ from twisted.python.failure import Failure
 from twisted.web._newclient import HTTP11ClientProtocol, RequestNotSent
 from twisted.web.client import RequestTransmissionFailed, ResponseNeverReceived
 from twisted.web.iweb import IBodyProducer, IResponse
-from zope.interface import Interface
 
 from dynllm.logs import logger
 
