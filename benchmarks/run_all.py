@@ -23,6 +23,7 @@ BENCHMARKS = [
     ("latency.py", ["-n", "200", "--warmup", "20"]),
     ("streaming.py", ["--runs", "3", "--paced-runs", "1"]),
     ("upload.py", ["-n", "3", "--sizes", "1"]),
+    ("soak.py", ["--seconds", "10", "--window", "2.5"]),
 ]
 
 

@@ -12,6 +12,7 @@ where told to misbehave through the environment:
   FAKE_IGNORE_TERM=1    ignore SIGTERM (so that only SIGKILL stops it)
   FAKE_FRAME_DELAY=S    seconds between stream frames (default 0.01)
   FAKE_FRAMES=N         frames per stream (default 5)
+  FAKE_HEADERS_WAIT=S   seconds between a stream's headers and its first frame
   FAKE_CHILD=1          start a child process in the same group (sleep 300)
   FAKE_CHATTY=N         print N lines of output per request (pipe draining)
   FAKE_PORT_TAKEN_ONCE=PATH   the first start (while PATH does not exist)
@@ -45,6 +46,7 @@ def main() -> None:
     loadDelay = float(os.environ.get("FAKE_LOAD_DELAY", "0"))
     frameDelay = float(os.environ.get("FAKE_FRAME_DELAY", "0.01"))
     frames = int(os.environ.get("FAKE_FRAMES", "5"))
+    headersWait = float(os.environ.get("FAKE_HEADERS_WAIT", "0"))
     chatty = int(os.environ.get("FAKE_CHATTY", "0"))
     if os.environ.get("FAKE_IGNORE_TERM"):
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -117,6 +119,7 @@ def main() -> None:
             self.send_header("Content-Type", "text/event-stream")
             self.send_header("Transfer-Encoding", "chunked")
             self.end_headers()
+            time.sleep(headersWait)
             for i in range(frames):
                 if mode == "die-mid-stream" and i == 2:
                     os._exit(3)

@@ -1,25 +1,32 @@
 """
-The streaming relay of L{dynllm.proxy}: header filtering, and backpressure
-and cancellation measured on real sockets, in one process.
+The streaming relay of L{dynllm.proxy}: header filtering, when the status
+line and headers go out (in memory, on a fake clock), request bodies that
+can be sent twice, and backpressure and cancellation measured on real
+sockets, in one process.
 """
 
 from __future__ import annotations
 
 import socket
+import tempfile
 
 from twisted.internet import defer, reactor, task
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IPushProducer
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web import resource, server
+from twisted.web.client import ResponseDone
 from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
 from twisted.web.test.requesthelper import DummyRequest
 
 from dynllm.errors import APIError
-from dynllm.proxy import CREDENTIALS, DROP_REQUEST, DROP_RESPONSE, endToEnd, forward, requestBody
+from dynllm.proxy import CREDENTIALS, DROP_REQUEST, DROP_RESPONSE, FileProducer, endToEnd, forward, requestBody
+from dynllm.rewrite import NameRewriter
 from dynllm.service import makeAgent
 
 CHUNK = b"x" * 65536
@@ -147,6 +154,233 @@ class CredentialTests(SynchronousTestCase):
         self.assertEqual(sent.getRawHeaders(b"authorization"), [b"Bearer backend-key"])
         self.assertEqual(sent.getRawHeaders(b"x-given"), [b"1"])
         self.assertFalse(given.hasHeader(b"authorization"))
+
+
+@implementer(IPushProducer)
+class BodyTransport:
+    """
+    The transport of a fake response body: a push producer that records
+    what the relay asks of it.
+    """
+
+    def __init__(self):
+        self.stopped = False
+
+    def pauseProducing(self):
+        pass
+
+    def resumeProducing(self):
+        pass
+
+    def stopProducing(self):
+        self.stopped = True
+
+
+class FakeResponse:
+    """
+    A backend's response whose body the test delivers by hand, through
+    C{self.body} (the relay's protocol) once C{deliverBody} was called.
+    """
+
+    def __init__(self, code, headers):
+        self.code = code
+        self.phrase = b"Whatever"
+        self.headers = Headers(headers)
+        self.body = None
+
+    def deliverBody(self, protocol):
+        self.body = protocol
+        protocol.makeConnection(BodyTransport())
+
+
+class FakeAgent:
+    """
+    An agent whose responses the test gives: C{self.responses} holds the
+    Deferred of every request.
+    """
+
+    def __init__(self):
+        self.responses = []
+
+    def request(self, method, uri, headers=None, bodyProducer=None):
+        d = defer.Deferred()
+        self.responses.append(d)
+        return d
+
+
+class ForwardingResource(resource.Resource):
+    """
+    Relays every request with L{forward} through a L{FakeAgent}, on a fake
+    clock, optionally renaming a model in the response.
+    """
+
+    isLeaf = True
+
+    def __init__(self, agent, clock, rewriter=None):
+        super().__init__()
+        self.agent = agent
+        self.clock = clock
+        self.rewriter = rewriter
+
+    def render(self, request):
+        d = defer.ensureDeferred(
+            forward(self.agent, request, b"http://127.0.0.1:1/x", None, clock=self.clock, rewriter=self.rewriter)
+        )
+        d.addCallback(lambda _: request.finish())
+        return server.NOT_DONE_YET
+
+
+class HeadersFirstTests(SynchronousTestCase):
+    """
+    The status line and headers reach the client as soon as the backend's
+    arrive, before any body byte, and responses without a body keep none.
+    """
+
+    def setUp(self):
+        self.clock = MemoryReactorClock()
+        self.agent = FakeAgent()
+        self.transport = StringTransport()
+
+    def send(self, method=b"POST", rewriter=None):
+        """
+        Send a request with C{method} to a relay in memory.
+        """
+        site = server.Site(ForwardingResource(self.agent, self.clock, rewriter), reactor=self.clock)
+        channel = site.buildProtocol(None)
+        channel.makeConnection(self.transport)
+        body = b"{}" if method == b"POST" else b""
+        channel.dataReceived(b"%s /x HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (method, len(body), body))
+        self.assertEqual(len(self.agent.responses), 1)
+
+    def respond(self, code, headers):
+        """
+        Give the backend's status and headers, and no body yet.
+
+        @return: the response.
+        """
+        response = FakeResponse(code, headers)
+        self.agent.responses[0].callback(response)
+        return response
+
+    def test_headersBeforeBody(self):
+        """
+        A streamed response's status line and headers are written when the
+        backend's headers arrive; its body follows as it comes.
+        """
+        self.send()
+        response = self.respond(200, {b"Content-Type": [b"text/event-stream"]})
+        head = self.transport.value()
+        self.assertTrue(head.startswith(b"HTTP/1.1 200 Whatever\r\n"), head)
+        self.assertIn(b"Content-Type: text/event-stream\r\n", head)
+        self.assertTrue(head.endswith(b"\r\n\r\n"), head)
+        response.body.dataReceived(b": ping\n\n")
+        self.clock.advance(0)
+        self.assertEqual(self.transport.value()[len(head) :], b"8\r\n: ping\n\n\r\n")
+        response.body.connectionLost(Failure(ResponseDone()))
+        self.assertTrue(self.transport.value().endswith(b"\r\n0\r\n\r\n"))
+
+    def test_renamedHeadersBeforeBody(self):
+        """
+        A response whose model is renamed goes out without the backend's
+        C{Content-Length}, chunked, its headers before its body.
+        """
+        self.send(rewriter=NameRewriter("/models/m", "m"))
+        response = self.respond(200, {b"Content-Type": [b"application/json"], b"Content-Length": [b"21"]})
+        head = self.transport.value()
+        self.assertIn(b"Transfer-Encoding: chunked\r\n", head)
+        self.assertNotIn(b"Content-Length", head)
+        self.assertTrue(head.endswith(b"\r\n\r\n"), head)
+        response.body.dataReceived(b'{"model":"/models/m"}')
+        response.body.connectionLost(Failure(ResponseDone()))
+        self.assertEqual(self.transport.value()[len(head) :], b'd\r\n{"model":"m"}\r\n0\r\n\r\n')
+
+    def test_head(self):
+        """
+        The answer to C{HEAD} keeps the backend's C{Content-Length} and has
+        no body.
+        """
+        self.send(b"HEAD")
+        response = self.respond(200, {b"Content-Type": [b"application/json"], b"Content-Length": [b"2"]})
+        head = self.transport.value()
+        self.assertIn(b"Content-Length: 2\r\n", head)
+        self.assertTrue(head.endswith(b"\r\n\r\n"), head)
+        response.body.connectionLost(Failure(ResponseDone()))
+        self.assertEqual(self.transport.value(), head)
+
+    def test_noContent(self):
+        """
+        A 204 or 304 answer has headers only: no chunked framing, no body.
+        """
+        for code in (204, 304):
+            self.transport = StringTransport()
+            self.agent.responses = []
+            self.send(b"GET")
+            response = self.respond(code, {})
+            response.body.connectionLost(Failure(ResponseDone()))
+            raw = self.transport.value()
+            self.assertTrue(raw.startswith(b"HTTP/1.1 %d " % code), raw)
+            self.assertNotIn(b"Transfer-Encoding", raw)
+            self.assertTrue(raw.endswith(b"\r\n\r\n"), raw)
+
+
+class Consumer:
+    """
+    Gathers what a body producer writes.
+    """
+
+    def __init__(self):
+        self.data = b""
+
+    def write(self, data):
+        self.data += data
+
+
+class FileProducerTests(SynchronousTestCase):
+    """
+    L{FileProducer} sends a spooled request body, and can send it again.
+    """
+
+    def setUp(self):
+        self.clock = MemoryReactorClock()
+        self.file = tempfile.TemporaryFile()
+        self.addCleanup(self.file.close)
+        self.body = bytes(range(256)) * 1000
+        self.file.write(self.body)
+
+    def test_wholeFileEachTime(self):
+        """
+        Each run writes the whole file from its first byte, whatever the
+        file's position, and the file stays open.
+        """
+        producer = FileProducer(self.file, self.clock)
+        self.assertEqual(producer.length, len(self.body))
+        for _ in range(2):
+            self.file.seek(1000)
+            consumer = Consumer()
+            d = producer.startProducing(consumer)
+            self.clock.advance(0)
+            self.successResultOf(d)
+            self.assertTrue(consumer.data == self.body)
+        self.assertFalse(self.file.closed)
+
+    def test_restartAfterStop(self):
+        """
+        A run stopped midway never finishes; the next run writes the whole
+        body to its own consumer.
+        """
+        producer = FileProducer(self.file, self.clock)
+        first, second = Consumer(), Consumer()
+        d = producer.startProducing(first)
+        producer.pauseProducing()
+        self.clock.advance(0)
+        producer.stopProducing()
+        again = producer.startProducing(second)
+        self.clock.advance(0)
+        self.assertNoResult(d)
+        self.successResultOf(again)
+        self.assertEqual(first.data, b"")
+        self.assertTrue(second.data == self.body)
+        self.assertFalse(self.file.closed)
 
 
 @implementer(IPushProducer)

@@ -2,7 +2,8 @@
 """
 Relaying one request to a backend and its response back, unbuffered.
 
-Bytes reach the client as the backend sends them (SSE frames included), the
+The status line and headers reach the client when the backend's arrive, and
+bytes reach the client as the backend sends them (SSE frames included), the
 backend is paused while the client is slow (the upstream transport is
 registered as the request's producer), and the upstream request is aborted
 when the client goes away (cancelling L{forward} aborts it).
@@ -17,22 +18,24 @@ through byte for byte.
 
 from __future__ import annotations
 
-from typing import Any, cast
+import io
+from typing import Any, Iterator, cast
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
-from twisted.internet.task import Cooperator
+from twisted.internet.task import CooperativeTask, Cooperator, NotPaused, TaskFinished, TaskStopped
 from twisted.python.failure import Failure
-from twisted.web.client import FileBodyProducer, ResponseDone, ResponseNeverReceived
+from twisted.web.client import ResponseDone, ResponseNeverReceived
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgent, IBodyProducer, IRequest
+from twisted.web.iweb import IAgent, IRequest
 from twisted.web.server import Request
 from zope.interface import implementer
 
 from dynllm import errors
 from dynllm.logs import logger
+from dynllm.pool import IRewindableBodyProducer
 from dynllm.rewrite import NameRewriter
 
 log = logger(__name__)
@@ -191,11 +194,12 @@ def relayBody(
     return done
 
 
-@implementer(IBodyProducer)
+@implementer(IRewindableBodyProducer)
 class BytesProducer:
     """
     A request body already in memory, written in one go (Twisted's
-    C{FileBodyProducer} would take a reactor turn per chunk).
+    C{FileBodyProducer} would take a reactor turn per chunk). It can be
+    sent again (see L{dynllm.pool}).
     """
 
     def __init__(self, body: bytes) -> None:
@@ -216,14 +220,100 @@ class BytesProducer:
         pass
 
 
-def fileProducer(file: Any, clock: IReactorTime) -> FileBodyProducer:
+@implementer(IRewindableBodyProducer)
+class FileProducer:
+    """
+    A request body in a seekable file, streamed from its start one block per
+    turn of a clock. Unlike Twisted's C{FileBodyProducer} it never closes
+    the file, which belongs to the request (twisted.web spooled the body to
+    it), and it can start again from the beginning, for a request that
+    L{dynllm.pool} sends a second time.
+
+    @ivar length: The size of the body in bytes (from C{seek}/C{tell}).
+    """
+
+    #: Bytes read and written per block.
+    blockSize = 65536
+
+    def __init__(self, file: Any, clock: IReactorTime) -> None:
+        self._file = file
+        file.seek(0, io.SEEK_END)
+        self.length = file.tell()
+        file.seek(0)
+        # One block per turn: other connections get their turns between.
+        self._cooperator = Cooperator(
+            terminationPredicateFactory=lambda: lambda: True,
+            scheduler=lambda work: clock.callLater(0, work),
+        )
+        self._task: CooperativeTask[Any] | None = None
+
+    def _blocks(self, consumer: Any) -> Iterator[None]:
+        sent = 0
+        while sent < self.length:
+            # Seek each time: nothing else then depends on the position.
+            self._file.seek(sent)
+            block = self._file.read(min(self.blockSize, self.length - sent))
+            if not block:
+                break
+            sent += len(block)
+            consumer.write(block)
+            yield None
+
+    def startProducing(self, consumer: Any) -> defer.Deferred[None]:
+        """
+        Write the body to C{consumer} from its first byte, stopping an
+        earlier run that is still going.
+
+        @return: a Deferred that fires when the whole body is written; it
+            never fires if L{stopProducing} stops this run.
+        """
+        self.stopProducing()
+        self._task = self._cooperator.cooperate(self._blocks(consumer))
+        done: defer.Deferred[None] = defer.Deferred()
+
+        def ended(result: Any) -> None:
+            if isinstance(result, Failure):
+                if not result.check(TaskStopped):
+                    done.errback(result)
+            else:
+                done.callback(None)
+
+        self._task.whenDone().addBoth(ended)
+        return done
+
+    def pauseProducing(self) -> None:
+        if self._task is not None:
+            try:
+                self._task.pause()
+            except TaskFinished:
+                pass  # the body is all written
+
+    def resumeProducing(self) -> None:
+        if self._task is not None:
+            try:
+                self._task.resume()
+            except (NotPaused, TaskFinished):
+                pass  # the body is all written, or the pause was for an earlier run
+
+    def stopProducing(self) -> None:
+        """
+        Stop the current run, if any; the file stays open.
+        """
+        task, self._task = self._task, None
+        if task is not None:
+            try:
+                task.stop()
+            except TaskFinished:
+                pass  # it had ended already
+
+
+def fileProducer(file: Any, clock: IReactorTime) -> FileProducer:
     """
     @return: a body producer that streams C{file} from its start, one block
-        per turn of C{clock} (so that tests can drive it with a fake clock).
+        per turn of C{clock} (so that tests can drive it with a fake clock),
+        and can start again.
     """
-    file.seek(0)
-    cooperator = Cooperator(scheduler=lambda work: clock.callLater(0, work))
-    return FileBodyProducer(file, cooperator=cooperator)
+    return FileProducer(file, clock)
 
 
 def requestBody(request: IRequest, clock: IReactorTime) -> Any:
@@ -304,6 +394,12 @@ async def forward(
         # Ask reverse proxies in front of us not to buffer the stream.
         request.responseHeaders.setRawHeaders(b"x-accel-buffering", [b"no"])
         request.responseHeaders.setRawHeaders(b"cache-control", [b"no-cache"])
+    # Send the status line and headers now, as the backend did, not with
+    # the first body byte: a client then sees a slow stream start (e.g.
+    # llama-server's SSE pings, every --sse-ping-interval seconds) as soon
+    # as it would directly, and its header timeout does not fire. For HEAD,
+    # 204 and 304, twisted.web writes no body after them.
+    request.write(b"")
     try:
         await relayBody(response, request, clock, rewriter)
     except defer.CancelledError:

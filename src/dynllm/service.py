@@ -18,12 +18,13 @@ from twisted.internet.endpoints import (
     TCP4ServerEndpoint,
     TCP6ServerEndpoint,
 )
-from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
+from twisted.web.client import Agent
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
 from dynllm import logs, torchinfo
 from dynllm.config import Config
+from dynllm.pool import BackendPool
 from dynllm.routes import DynLLMRoutes
 from dynllm.scheduler import ModelManager
 from dynllm.site import makeSite
@@ -44,7 +45,13 @@ class DynLLMService(MultiService):
     """
 
     def __init__(
-        self, config: Config, reactor: Any, manager: ModelManager, routes: DynLLMRoutes, http: HTTPClient, pool: Any
+        self,
+        config: Config,
+        reactor: Any,
+        manager: ModelManager,
+        routes: DynLLMRoutes,
+        http: HTTPClient,
+        pool: BackendPool,
     ) -> None:
         super().__init__()
         self.config = config
@@ -88,17 +95,13 @@ class LoopbackEndpoints:
         return TCP4ClientEndpoint(self.reactor, uri.host.decode("ascii"), uri.port, timeout=10)
 
 
-def makeAgent(reactor: Any) -> tuple[Agent, HTTPConnectionPool]:
+def makeAgent(reactor: Any) -> tuple[Agent, BackendPool]:
     """
     @return: an agent for backends on 127.0.0.1, with a pool of persistent
-        connections sized for a proxy, and the pool (to close it when
-        stopping).
+        connections that never loses a request to a connection the backend
+        closed (L{dynllm.pool}), and the pool (to close it when stopping).
     """
-    # One log line per backend connection would drown the useful ones.
-    _HTTP11ClientFactory.noisy = False
-    pool = HTTPConnectionPool(reactor, persistent=True)
-    pool.maxPersistentPerHost = 32
-    pool.retryAutomatically = False
+    pool = BackendPool(reactor)
     return Agent.usingEndpointFactory(reactor, LoopbackEndpoints(reactor), pool=pool), pool
 
 
