@@ -16,7 +16,7 @@ import time
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.support import FAKE_BACKEND, Daemon, llamaServer, tinyModels
+from tests.support import FAKE_BACKEND, Daemon, environmentOf, llamaServer, tinyModels
 
 #: Gaps, in seconds, between sequential requests: around llama-server's
 #: keep-alive timeout (cpp-httplib's CPPHTTPLIB_KEEPALIVE_TIMEOUT_SECOND, 5 s).
@@ -106,10 +106,12 @@ class KeepAliveTests(SynchronousTestCase):
         self.assertNotIn("backend_error", self.daemon.log())
 
 
-def readStream(port, body, timeout=30):
+def readStream(port, body, key=None, timeout=30):
     """
     Send a streamed chat completion to 127.0.0.1:C{port} and read until its
     response headers are complete, then until the first body byte.
+
+    @param key: A bearer key to send, if any (a backend's own).
 
     @return: C{(seconds to the end of the headers, body bytes that came with
         them, seconds to the first body byte)}.
@@ -117,9 +119,10 @@ def readStream(port, body, timeout=30):
     data = json.dumps(body).encode()
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
         started = time.monotonic()
+        authorization = b"Authorization: Bearer %s\r\n" % key.encode() if key else b""
         sock.sendall(
-            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(data), data)
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n%s"
+            b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (authorization, len(data), data)
         )
         received = b""
         while b"\r\n\r\n" not in received:
@@ -154,8 +157,9 @@ class HeadersFirstTests(SynchronousTestCase):
         status, _, body = daemon.post("/admin/models/load", {"model": "waits"})
         self.assertEqual(status, 200, body)
         stream = {"model": "waits", "messages": [{"role": "user", "content": "hi"}], "stream": True}
-        results = {name: readStream(port, stream)
-                   for name, port in (("direct", daemon.models()["waits"]["port"]), ("dynllm", daemon.port))}
+        backend = daemon.models()["waits"]
+        key = environmentOf(backend["pid"])["LLAMA_API_KEY"]
+        results = {"direct": readStream(backend["port"], stream, key), "dynllm": readStream(daemon.port, stream)}
         for name, (headersAt, early, firstByteAt) in results.items():
             self.assertEqual(early, b"", name)
             self.assertLess(headersAt, 0.5, (name, results))
