@@ -82,6 +82,19 @@ class FindFieldTests(SynchronousTestCase):
                 findField(io.BytesIO(encode(parts)), CT, "model")
             self.assertIn("more than once", str(raised.exception))
 
+    def test_ambiguousPart(self) -> None:
+        """
+        A part with two C{Content-Disposition} headers, or two C{name}
+        parameters, is refused: python-multipart takes the last of each,
+        dynllm would have taken the first.
+        """
+        for headers in (
+            b'Content-Disposition: form-data; name="x"\r\nContent-Disposition: form-data; name="model"',
+            b'Content-Disposition: form-data; name="x"; name="model"',
+        ):
+            body = b"--XyZ\r\n" + headers + b"\r\n\r\n/elsewhere\r\n--XyZ--\r\n"
+            self.assertRaises(MultipartError, findField, io.BytesIO(body), CT, "model")
+
     def test_fieldAfterLargeFile(self) -> None:
         """
         A field after a file larger than the read block is found, and the

@@ -687,6 +687,22 @@ class TableTests(EveryEndpointTests):
             error = self.assertEnvelope(self.call("GET", "/props" + query), 400)
             self.assertEqual(error["param"], "model")
 
+    def test_upstreamBackends(self):
+        """
+        C{/upstream} reaches llama.cpp and OVMS models, but not a
+        transformers model: its own API loads any local model a request
+        names (C{/load_model}), outside the configuration and the budget.
+        """
+        for model in ("llama", "ov-chat"):
+            self.assertEqual(self.call("GET", f"/upstream/{model}/health")[0], 200)
+        leases = len(self.manager.leases)
+        for model in ("hf-chat", "hf-whisper"):
+            error = self.assertEnvelope(
+                self.call("POST", f"/upstream/{model}/load_model", {"model": "/elsewhere"}), 400, "unsupported_endpoint"
+            )
+            self.assertIn("transformers", error["message"])
+        self.assertEqual(len(self.manager.leases), leases)
+
     def test_queryPassedOn(self):
         """
         The query string of a JSON request reaches the backend.
@@ -724,6 +740,17 @@ class AnthropicTests(EveryEndpointTests):
             self.assertAnthropic(self.call("POST", path, b"{"), 400, "invalid_request_error")
         self.manager.failure = errors.noCapacity("no room", 5)
         self.assertAnthropic(self.call("POST", "/v1/messages", {"model": "llama"}), 503, "overloaded_error")
+
+    def test_noRoute(self):
+        """
+        A request with C{anthropic-version} that matches no route (a wrong
+        method, an unknown path) is answered in Anthropic's shape.
+        """
+        headers = {"anthropic-version": "2023-06-01"}
+        for method, path, status in (("GET", "/v1/messages", 405), ("POST", "/v1/messages/batches", 404)):
+            result = self.call(method, path, None, headers)
+            self.assertEqual((result[0], json.loads(result[2])["type"]), (status, "error"))
+        self.assertEnvelope(self.call("GET", "/v1/messages"), 405)
 
     def test_key(self):
         """
@@ -844,6 +871,19 @@ class NamesTests(RoutesTestCase):
             status, _, body = self.call("GET", "/v1/models/" + quote(alias, safe=""))
             self.assertEqual((status, json.loads(body)["id"]), (200, alias))
 
+    def test_aliasRenamedInAnswers(self):
+        """
+        A KServe answer and a query-routed answer name the alias the client
+        used, not the model's name.
+        """
+        self.backend.body = json.dumps({"name": "org/ocr", "versions": ["1"]}).encode()
+        status, _, body = self.call("GET", "/v2/models/ocr%2Fv1")
+        self.assertEqual((status, json.loads(body)["name"]), (200, "ocr/v1"))
+        self.assertEqual(self.backend.uris[-1], b"/v2/models/org%2Focr")
+        self.backend.body = json.dumps({"model_alias": "chat"}).encode()
+        status, _, body = self.call("GET", "/props?model=gpt-4o")
+        self.assertEqual((status, json.loads(body)), (200, {"model_alias": "gpt-4o"}))
+
     def test_unlisted(self):
         """
         A model with C{listed: false} is not in C{/v1/models} but is served.
@@ -868,6 +908,16 @@ class AmbiguityTests(EveryEndpointTests):
         for body in (b'{"model": "llama", "model": "hf-chat"}', b'{"model": "llama", "x": {"a": 1, "a": 2}}'):
             self.assertEnvelope(self.call("POST", "/v1/chat/completions", body), 400, "duplicate_key")
         self.assertEqual(self.backend.requests, [])
+
+    def test_nestedTooDeeply(self):
+        """
+        JSON nested deeper than Python parses is a 400 C{invalid_json}, in
+        Anthropic's shape on its routes, never a 500 page.
+        """
+        body = b'{"model": "llama", "x": ' + b"[" * 100000 + b"]" * 100000 + b"}"
+        self.assertEnvelope(self.call("POST", "/v1/chat/completions", body), 400, "invalid_json")
+        status, _, answer = self.call("POST", "/v1/messages", body)
+        self.assertEqual((status, json.loads(answer)["type"]), (400, "error"))
 
     def test_duplicateFormField(self):
         """

@@ -451,7 +451,7 @@ def parseConfig(
     if modelsDir is not None:
         modelsDir = os.path.join(baseDir, os.path.expanduser(modelsDir))
     models = []
-    seen: set[str] = set()
+    seen: dict[str, str] = {}
     for index, rawModel in enumerate(rawModels):
         place = _modelPlace(index, rawModel)
         model: ModelConfig = _build(
@@ -461,7 +461,7 @@ def parseConfig(
             explicit=frozenset(rawModel) if isinstance(rawModel, dict) else frozenset(),
         )
         models.append(_checkModel(model, place, config, modelsDir or baseDir, seen, which))
-        seen.update(model.names)
+        seen.update({name: f"a name of model {model.name!r} ({place})" for name in model.names})
 
     byName = {n: m.name for m in models for n in m.names}
     for name in config.preload_models:
@@ -477,7 +477,7 @@ def _checkModel(
     place: str,
     config: Config,
     modelsDir: str,
-    seen: set[str],
+    seen: dict[str, str],
     which: Callable[[str], str | None],
 ) -> ModelConfig:
     """
@@ -488,10 +488,12 @@ def _checkModel(
     if model.name in seen:
         raise ConfigError(f"{place}: duplicate model name {model.name!r}")
     for alias in model.aliases:
-        if alias in seen or alias == model.name or model.aliases.count(alias) > 1:
+        if alias == model.name or model.aliases.count(alias) > 1:
+            raise ConfigError(f"{place}.aliases: {alias!r} is given twice (the name and aliases must differ)")
+        if alias in seen:
             raise ConfigError(
-                f"{place}.aliases: {alias!r} is already the name or an alias of a model"
-                " (names and aliases must be unique)"
+                f"{place}.aliases: {alias!r} is already {seen[alias]}"
+                " (names and aliases must be unique across all models)"
             )
     if model.backend not in config.enabled_backends:
         raise ConfigError(

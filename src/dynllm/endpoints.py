@@ -127,6 +127,12 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint("/v2/models/{name}/infer", KSERVE, PATH, KSERVE_TYPES, {"openvino": SAME_PATH}),
 )
 
+#: The backends that C{ANY /upstream/MODEL/PATH} passes requests to as they
+#: are. Not C{transformers serve}: its own API loads any model a request
+#: names (C{POST /load_model}, and transcriptions ignore the pinned model),
+#: which would bypass the configuration and the memory budget.
+PASSTHROUGH_BACKENDS = ("llamacpp", "openvino")
+
 #: The endpoints of each public path.
 BY_PATH: Mapping[str, Endpoint] = {p: e for e in ENDPOINTS for p in e.paths}
 

@@ -190,16 +190,30 @@ def findField(body: IO[bytes], contentType: bytes | None, name: str) -> FieldVal
 
 
 def _partName(headers: bytes) -> bytes | None:
-    for line in headers.split(b"\r\n"):
-        key, _, value = line.partition(b":")
-        if key.strip().lower() == b"content-disposition":
-            match = _NAME.search(value.strip().partition(b";")[2] or b"")
-            if match is None:
-                match = _NAME.search(value)
-            if match is not None:
-                found: bytes = match.group(1) if match.group(1) is not None else match.group(2)
-                return found
-    return None
+    """
+    @return: the C{name} of a part, from its C{Content-Disposition}.
+    @raise MultipartError: for a part with two C{Content-Disposition}
+        headers or two C{name} parameters: parsers differ on which one
+        counts (python-multipart, which C{transformers serve} uses, takes
+        the last of each), so the part could be one field here and another
+        there.
+    """
+    dispositions = [
+        line.partition(b":")[2]
+        for line in headers.split(b"\r\n")
+        if line.partition(b":")[0].strip().lower() == b"content-disposition"
+    ]
+    if len(dispositions) > 1:
+        raise MultipartError("a multipart part has more than one Content-Disposition header")
+    if not dispositions:
+        return None
+    names: list[tuple[bytes, bytes]] = _NAME.findall(dispositions[0].strip().partition(b";")[2])
+    if len(names) > 1:
+        raise MultipartError("a multipart part has more than one name")
+    if not names:
+        return None
+    quoted, plain = names[0]
+    return quoted or plain
 
 
 class SplicedFile(io.RawIOBase):

@@ -116,6 +116,8 @@ def parseJSON(body: bytes) -> dict[str, Any]:
         raise errors.badRequest(f"the request body is ambiguous: {e}", code="duplicate_key") from None
     except ValueError as e:
         raise errors.badRequest(f"the request body is not valid JSON: {e}", code="invalid_json") from None
+    except RecursionError:
+        raise errors.badRequest("the request body is nested too deeply", code="invalid_json") from None
     if not isinstance(value, dict):
         raise errors.badRequest("the request body must be a JSON object", code="invalid_json")
     return value
@@ -201,7 +203,10 @@ class DynLLMRoutes:
         e = cast(HTTPException, failure.value)
         kind = "not_found_error" if e.code == 404 else "invalid_request_error"
         message = f"{request.method.decode()} {request.path.decode('latin-1')}: {e.name}"
-        body: bytes = self.apiError(request, Failure(errors.APIError(e.code or 500, message, kind)))
+        # No route: the API is known only from the client's headers.
+        shape = errors.ANTHROPIC if request.getHeader(b"anthropic-version") else errors.OPENAI
+        error = errors.APIError(e.code or 500, message, kind, shape=shape)
+        body: bytes = self.apiError(request, Failure(error))
         return body
 
     # Models by name.
@@ -313,7 +318,7 @@ class DynLLMRoutes:
                 raise errors.badRequest(f"the request must name a model {problem}", param="model")
             name = values[0].decode("utf-8", "replace")
             model, backend, upstream = self._resolve(name, endpoint.path, endpoint)
-            upstreamName = name  # nothing to rename in a request without a body
+            upstreamName = backend.upstreamModel(model)  # for the answer: a query has no body to rename
             body = requestBody(request, self.clock) if request.method != b"GET" else None
         rewriter = nameRewriter(upstreamName, name) if upstreamName != name else None
         await self._proxy(request, endpoint.path, model, upstream + _query(request), body, rewriter)
@@ -346,7 +351,8 @@ class DynLLMRoutes:
         if operation == "/ready":
             return await self._kserveReady(request, model, upstream)
         body = requestBody(request, self.clock) if method == "POST" else None
-        await self._proxy(request, upstream, model, upstream, body, label=route)
+        rewriter = nameRewriter(model.name, name) if name != model.name else None
+        await self._proxy(request, upstream, model, upstream, body, rewriter, label=route)
         return None
 
     async def _kserveReady(self, request: Request, model: ModelConfig, upstream: str) -> bytes | None:
@@ -392,10 +398,19 @@ class DynLLMRoutes:
         server at C{/PATH} (with its query) as it is, the model loaded
         first: llama-server's C{/props}, C{/slots}, C{/metrics} or its web
         UI. Client keys apply; the body is not read or renamed.
+
+        Only for the backends of L{endpoints.PASSTHROUGH_BACKENDS}.
         """
         self._checkClientKey(request)
         name, tail = self._splitModelPath(rest)
         model = self._model(name)
+        if model.backend not in endpoints.PASSTHROUGH_BACKENDS:
+            raise errors.badRequest(
+                f"model {name!r} runs on the {model.backend} backend, whose own API can load any local"
+                " model, outside the configuration and the memory budget: /upstream does not reach it",
+                param="model",
+                code="unsupported_endpoint",
+            )
         upstream = quote(tail or "/", safe=PATH_SAFE) + _query(request)
         body = requestBody(request, self.clock)
         await self._proxy(request, "/upstream/{model}", model, upstream, body)
