@@ -304,12 +304,20 @@ def _readResponse(sock: socket.socket, resp: Response, buf: bytearray) -> bytear
     return bytearray()
 
 
-def buildRequest(method: str, path: str, port: int, body: bytes | None = None, keepAlive: bool = True) -> bytes:
+def buildRequest(
+    method: str,
+    path: str,
+    port: int,
+    body: bytes | None = None,
+    keepAlive: bool = True,
+    headers: dict[str, str] | None = None,
+) -> bytes:
     lines = [
         f"{method} {path} HTTP/1.1",
         f"Host: 127.0.0.1:{port}",
         "Accept: */*",
         "Connection: " + ("keep-alive" if keepAlive else "close"),
+        *(f"{name}: {value}" for name, value in (headers or {}).items()),
     ]
     if body is not None:
         lines.append("Content-Type: application/json")
@@ -317,9 +325,13 @@ def buildRequest(method: str, path: str, port: int, body: bytes | None = None, k
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (body or b"")
 
 
-def httpRequest(port: int, method: str, path: str, body: Any = None, timeout: float = 60) -> Response:
+def httpRequest(
+    port: int, method: str, path: str, body: Any = None, timeout: float = 60, headers: dict[str, str] | None = None
+) -> Response:
     """
     One request on a new connection to 127.0.0.1:C{port}.
+
+    @param headers: More request headers (such as a backend's key).
 
     @return: a L{Response} with C{firstByte} and C{done} as perf_counter()
         times.
@@ -328,7 +340,7 @@ def httpRequest(port: int, method: str, path: str, body: Any = None, timeout: fl
     resp = Response()
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.sendall(buildRequest(method, path, port, data, keepAlive=False))
+        sock.sendall(buildRequest(method, path, port, data, keepAlive=False, headers=headers))
         _readResponse(sock, resp, bytearray())
     return resp
 

@@ -43,9 +43,10 @@ class Path:
     The requests of one path (dynllm or direct) and what became of them.
     """
 
-    def __init__(self, name: str, port: int) -> None:
+    def __init__(self, name: str, port: int, headers: dict[str, str] | None = None) -> None:
         self.name = name
         self.port = port
+        self.headers = headers or {}
         self.lock = threading.Lock()
         self.seconds = 0.0  # time spent in this path's windows
         self.plain: list[float] = []  # non-streamed: request to last byte
@@ -78,7 +79,7 @@ def client(path: Path, stream: bool, maxTokens: int, until: float) -> None:
     while time.monotonic() < until:
         t0 = time.perf_counter()
         try:
-            resp = httpRequest(path.port, "POST", "/v1/chat/completions", body, timeout=60)
+            resp = httpRequest(path.port, "POST", "/v1/chat/completions", body, timeout=60, headers=path.headers)
         except Exception as e:
             with path.lock:
                 path.failures.append(f"{type(e).__name__}: {e}")
@@ -138,10 +139,10 @@ def main() -> int:
         if status != 200:
             raise RuntimeError(f"load failed: {status} {text!r}")
         proxy = Path("dynllm", bench.port)
-        direct = Path("direct", bench.models()["tiny"]["port"])
+        direct = Path("direct", bench.models()["tiny"]["port"], bench.backendHeaders("tiny"))
         # Warm up both paths.
         window(Path("warm-up", bench.port), args.clients, 1, args.max_tokens)
-        window(Path("warm-up", direct.port), args.clients, 1, args.max_tokens)
+        window(Path("warm-up", direct.port, direct.headers), args.clients, 1, args.max_tokens)
         windows = max(1, round(args.seconds / args.window / 2))
         for i in range(windows):
             order = [proxy, direct] if i % 2 == 0 else [direct, proxy]
