@@ -27,7 +27,8 @@ from twisted.web import resource
 
 from dynllm import codings, errors, multipart
 from dynllm.config import ConfigError, parseConfig
-from dynllm.site import DEFAULT_ALLOW_HEADERS, SPOOL_THRESHOLD, CORSPolicy, DynLLMSite, makeSite
+from dynllm.cors import DEFAULT_ALLOW_HEADERS, CORSPolicy
+from dynllm.site import SPOOL_THRESHOLD, DynLLMSite, makeSite
 from tests import fakeovms
 from tests.support import FAKE_BACKEND, Daemon, checkEnvelope, llamaServer, pidAlive, request, tinyModels, waitFor
 

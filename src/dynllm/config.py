@@ -249,7 +249,7 @@ class ServerConfig:
     @ivar admin_api_keys: Bearer keys accepted on C{/admin}; when empty the
         client keys are accepted there too.
     @ivar cors_origins: Origins whose web pages may call the API (CORS),
-        normalized (see L{dynllm.site.CORSPolicy}); C{*} allows every
+        normalized (see L{dynllm.cors.CORSPolicy}); C{*} allows every
         origin; empty (the default) allows none.
     """
 
