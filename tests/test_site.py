@@ -854,6 +854,28 @@ class RefusedBodyTests(SiteTestCase):
         self.assertEqual(response.header("access-control-allow-origin"), ORIGIN)
 
 
+class URLTests(SiteTestCase):
+    """
+    A URL the routes cannot read is refused in the envelope.
+    """
+
+    def test_notUTF8(self) -> None:
+        """
+        A path that is not UTF-8 once percent-decoded (C{%C3} alone) is a
+        400 C{invalid_url} in OpenAI's envelope, or Anthropic's shape with
+        C{anthropic-version}; the resources never see it.
+        """
+        self.serve(("http://page",))
+        for path in ("/echo/%C3", "/v1/models/%C3%28", "/%FF"):
+            answer = self.send("GET", path, {"Origin": "http://page"})
+            self.assertEqual(answer.status, 400)
+            self.assertEqual(json.loads(answer.body)["error"]["code"], "invalid_url")
+            self.assertEqual(answer.header("access-control-allow-origin"), "http://page")
+        answer = self.send("GET", "/echo/%C3", {"anthropic-version": "2023-06-01"})
+        self.assertEqual((answer.status, json.loads(answer.body)["type"]), (400, "error"))
+        self.assertEqual(self.send("GET", "/echo/%C3%A9").status, 200)
+
+
 class MakeSiteTests(SynchronousTestCase):
     """
     L{makeSite}.

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import io
 import tempfile
+from urllib.parse import unquote_to_bytes
 from typing import IO, Any, Iterable, cast
 
 from attrs import evolve
@@ -35,6 +36,19 @@ from dynllm.cors import CORSPolicy, isPreflight, preflightHeaders
 #: Bytes of decoded body kept in memory before it goes to a temporary file
 #: (the threshold twisted.web uses for bodies as sent, C{http._getContentFile}).
 SPOOL_THRESHOLD = 100000
+
+def _decodable(request: server.Request) -> bool:
+    """
+    @return: whether C{request}'s path, percent-decoded, and its host name
+        are UTF-8, which the routes (Klein) need.
+    """
+    try:
+        unquote_to_bytes(request.path).decode("utf-8")
+        request.getRequestHostname().decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
 
 class LimitedRequest(server.Request):
     """
@@ -192,6 +206,16 @@ class LimitedRequest(server.Request):
         resources.
         """
         if not isPreflight(self.method, self.requestHeaders):
+            if not _decodable(self):
+                # Klein would answer this in plain text, with a traceback in
+                # the log.
+                error = errors.badRequest(
+                    "the request's path and Host must be UTF-8 once percent-decoded", code="invalid_url"
+                )
+                if self.requestHeaders.hasHeader(b"anthropic-version"):
+                    error = evolve(error, shape=errors.ANTHROPIC)
+                self._answer(error.status, error.headers(), error.body())
+                return
             super().process()
             return
         # A preflight, for any path: the routes never see it, and it needs
