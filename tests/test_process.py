@@ -12,10 +12,11 @@ import sys
 import time
 
 from twisted.internet import defer, error, reactor, task
+from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from dynllm import process as process_module
-from dynllm.process import LogRing, ManagedProcess, processStartTime, signalGroup
+from dynllm.process import BackendProcessProtocol, LogRing, ManagedProcess, processStartTime, signalGroup
 
 
 async def pollUntil(predicate, seconds: float = 5.0) -> bool:
@@ -391,3 +392,28 @@ class LogRingTests(TestCase):
         for i in range(250):
             ring.append(str(i))
         self.assertEqual(ring.tail(1000), [str(i) for i in range(50, 250)])
+
+
+class ProtocolTests(TestCase):
+    """
+    L{BackendProcessProtocol} tells apart the exit of a process and the end
+    of its output.
+    """
+
+    def test_endedAfterLastOutput(self) -> None:
+        """
+        When the process is reaped before its last output has been read,
+        C{whenExited} fires at once but C{whenEnded} only once the pipes
+        have closed, with every line read.
+        """
+        lines: list[str] = []
+        protocol = BackendProcessProtocol("p", LogRing(), lines.append)
+        exited, ended = protocol.whenExited(), protocol.whenEnded()
+        protocol.processExited(Failure(error.ProcessTerminated(exitCode=3)))
+        self.assertEqual(self.successResultOf(exited).exitCode, 3)
+        self.assertNoResult(ended)
+        protocol.childDataReceived(2, b"oops\n")
+        protocol.processEnded(Failure(error.ProcessTerminated(exitCode=3)))
+        self.assertEqual(self.successResultOf(ended).exitCode, 3)
+        self.assertEqual(lines, ["oops"])
+        self.assertEqual(self.successResultOf(protocol.whenEnded()).exitCode, 3)

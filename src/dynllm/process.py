@@ -86,6 +86,8 @@ class BackendProcessProtocol(ProcessProtocol):
         self.exitReason: Exception | None = None
         self._buffers = {1: b"", 2: b""}
         self._waiters: list[defer.Deferred[Exception]] = []
+        self._endWaiters: list[defer.Deferred[Exception]] = []
+        self._ended = False
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
         buffered = self._buffers.get(childFD, b"") + data
@@ -123,11 +125,28 @@ class BackendProcessProtocol(ProcessProtocol):
         self._waiters.append(d)
         return d
 
-    def processExited(self, reason: Failure) -> None:
+    def whenEnded(self) -> defer.Deferred[Exception]:
+        """
+        @return: a fresh Deferred that fires with the exit reason once the
+            process has been reaped I{and} its output pipes have closed, so
+            that every line it wrote has been read. (A child it left behind
+            may hold the pipes open: L{whenExited} does not wait for that.)
+        """
+        if self._ended:
+            assert self.exitReason is not None
+            return defer.succeed(self.exitReason)
+        d: defer.Deferred[Exception] = defer.Deferred()
+        self._endWaiters.append(d)
+        return d
+
+    def _flush(self) -> None:
         for fd, rest in self._buffers.items():
             if rest:
                 self._lines([rest])
                 self._buffers[fd] = b""
+
+    def processExited(self, reason: Failure) -> None:
+        self._flush()
         # Always ProcessDone or ProcessTerminated.
         exitReason = cast(Exception, reason.value)
         self.exitReason = exitReason
@@ -135,6 +154,15 @@ class BackendProcessProtocol(ProcessProtocol):
         for d in waiters:
             # Not callback(reason): a Failure would take the errback path.
             d.callback(exitReason)
+
+    def processEnded(self, reason: Failure) -> None:
+        self._flush()
+        self._ended = True
+        if self.exitReason is None:
+            self.exitReason = cast(Exception, reason.value)
+        waiters, self._endWaiters = self._endWaiters, []
+        for d in waiters:
+            d.callback(self.exitReason)
 
 
 def processStartTime(pid: int) -> int | None:
@@ -232,6 +260,16 @@ class ManagedProcess:
         if self._proto is None:
             return defer.succeed(error.ProcessDone(0))
         return self._proto.whenExited()
+
+    def whenEnded(self) -> defer.Deferred[Exception]:
+        """
+        @return: a fresh Deferred firing with the exit reason once the
+            program has exited and all its output has been read (see
+            L{BackendProcessProtocol.whenEnded}).
+        """
+        if self._proto is None:
+            return defer.succeed(error.ProcessDone(0))
+        return self._proto.whenEnded()
 
     def _reapGroup(self, reason: Exception) -> Exception:
         # The leader is gone; anything it left in its group goes too.

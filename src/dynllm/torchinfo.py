@@ -110,10 +110,11 @@ async def torchBackends(reactor: Any, python: str, timeout: float = PROBE_TIMEOU
         name="torch-probe", argv=[python, "-c", PROBE], reactor=reactor, env=dict(os.environ), onLine=lines.append
     )
     child.start()
-    exited = child.whenExited()
+    # Ended, not only exited: the error message quotes its last output.
+    ended = child.whenEnded()
     timer = reactor.callLater(timeout, child.stop)
     try:
-        reason = await exited
+        reason = await ended
     except defer.CancelledError:
         await child.stop()
         raise
