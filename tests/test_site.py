@@ -28,7 +28,7 @@ from twisted.web import resource
 from dynllm import codings, errors, multipart
 from dynllm.config import ConfigError, parseConfig
 from dynllm.cors import DEFAULT_ALLOW_HEADERS, CORSPolicy
-from dynllm.site import SPOOL_THRESHOLD, DynLLMSite, makeSite
+from dynllm.site import LINGER_SECONDS, SPOOL_THRESHOLD, DynLLMSite, makeSite
 from tests import fakeovms
 from tests.support import FAKE_BACKEND, Daemon, checkEnvelope, llamaServer, pidAlive, request, tinyModels, waitFor
 
@@ -852,6 +852,66 @@ class RefusedBodyTests(SiteTestCase):
         response = self.send(headers={"Content-Encoding": "br", "Origin": ORIGIN}, body=b"x")
         self.assertRefused(response, 415, "unsupported_content_encoding")
         self.assertEqual(response.header("access-control-allow-origin"), ORIGIN)
+
+
+class HalfClosingTransport(StringTransport):
+    """
+    A transport that can stop writing and go on reading, as TCP can.
+    """
+
+    writeClosed = False
+
+    def loseWriteConnection(self) -> None:
+        self.writeClosed = True
+
+
+class LingerTests(SiteTestCase):
+    """
+    A refusal written while the client is still sending its body does not
+    close the connection under the client's feet: a TCP reset could lose
+    the answer (the client saw C{EPIPE} instead of the 413).
+    """
+
+    def start(self) -> tuple[Any, HalfClosingTransport]:
+        """
+        Send the head of a 2 MB request to a site with a 1 MB limit.
+        """
+        self.serve(maxBodyBytes=MB)
+        channel = self.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+        transport = HalfClosingTransport()
+        channel.makeConnection(transport)
+        self.addCleanup(channel.connectionLost, None)
+        channel.dataReceived(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (2 * MB,))
+        return channel, transport
+
+    def test_readsOnUntilBodyEnds(self) -> None:
+        """
+        The 413 is written and the writing side closed, the rest of the
+        body is read and discarded, and the connection is closed once it
+        has all arrived.
+        """
+        channel, transport = self.start()
+        self.assertEqual(Response(transport.value()).status, 413)
+        self.assertTrue(transport.writeClosed)
+        self.assertFalse(transport.disconnecting)
+        for _ in range(31):
+            channel.dataReceived(b"x" * 65536)
+        self.assertFalse(transport.disconnecting)
+        channel.dataReceived(b"x" * 65536)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.echo.seen, [])
+
+    def test_closesAfterLingering(self) -> None:
+        """
+        A client that stops sending is disconnected after
+        L{site.LINGER_SECONDS}.
+        """
+        channel, transport = self.start()
+        channel.dataReceived(b"x" * 1000)
+        self.site.lingerClock.advance(LINGER_SECONDS - 0.1)
+        self.assertFalse(transport.disconnecting)
+        self.site.lingerClock.advance(0.1)
+        self.assertTrue(transport.disconnecting)
 
 
 class URLTests(SiteTestCase):

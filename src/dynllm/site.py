@@ -37,6 +37,33 @@ from dynllm.cors import CORSPolicy, isPreflight, preflightHeaders
 #: (the threshold twisted.web uses for bodies as sent, C{http._getContentFile}).
 SPOOL_THRESHOLD = 100000
 
+#: Seconds a refused request's connection keeps reading (and discarding)
+#: what the client still sends before it is closed.
+LINGER_SECONDS = 2.0
+
+
+def lingerClose(transport: Any, clock: Any) -> None:
+    """
+    Close a connection whose answer is written while the client may still
+    be sending its body: stop writing (the answer is followed by a FIN),
+    go on reading and discarding for L{LINGER_SECONDS} at most (the request
+    closes it sooner once the whole body has arrived), then close. Closing
+    at once, with unread bytes, makes the kernel send a TCP reset, which
+    may lose the answer before the client reads it (RFC 9112 section 9.6,
+    "tear-down").
+
+    @param transport: The connection; closed at once if it cannot
+        half-close.
+    @param clock: Schedules the final close.
+    """
+    loseWriteConnection = getattr(transport, "loseWriteConnection", None)
+    if loseWriteConnection is None:
+        transport.loseConnection()
+        return
+    loseWriteConnection()
+    clock.callLater(LINGER_SECONDS, transport.loseConnection)
+
+
 def _decodable(request: server.Request) -> bool:
     """
     @return: whether C{request}'s path, percent-decoded, and its host name
@@ -144,8 +171,11 @@ class LimitedRequest(server.Request):
         describe the decoded body, and let twisted.web dispatch it.
         """
         if self._refused:
-            # The refusal is written and the connection is closing; the
-            # routes must not see what arrived of the body.
+            # The refusal is written; the routes must not see what arrived
+            # of the body. The client has sent it all, so it is reading the
+            # answer: close now.
+            assert self.channel.transport is not None
+            self.channel.transport.loseConnection()
             return
         if self._decoder is not None:
             try:
@@ -196,7 +226,7 @@ class LimitedRequest(server.Request):
         transport = self.channel.transport
         assert transport is not None
         transport.write(b"\r\n".join(lines) + b"\r\n\r\n" + body)
-        transport.loseConnection()
+        lingerClose(transport, self._dynllmSite.lingerClock)
 
     # CORS.
 
@@ -276,6 +306,9 @@ class DynLLMSite(server.Site):
             default.
         """
         super().__init__(resource, requestFactory=LimitedRequest, parsePOSTFormSubmission=False, reactor=reactor)
+        if reactor is None:
+            from twisted.internet import reactor
+        self.lingerClock = reactor
         self.maxBodyBytes = maxBodyBytes
         self.cors = cors
         self.displayTracebacks = False
