@@ -44,13 +44,18 @@ BACKEND_ONLY_FIELDS = {
 
 EVICTION_POLICIES = ("lifo", "lru")
 
-#: The model types OVMS serves as classic models, through KServe v2 only;
-#: it serves the others as MediaPipe graphs that C{--task} builds.
-OVMS_CLASSIC_TYPES = KSERVE_TYPES
-
 #: The file that makes a model directory a MediaPipe graph of its own, which
 #: OVMS then serves as it is (made by OVMS's export script or C{--pull}).
 OVMS_GRAPH_FILE = "graph.pbtxt"
+
+
+def hasOwnGraph(path: str) -> bool:
+    """
+    @param path: An OpenVINO model's directory.
+    @return: whether it holds its own L{OVMS_GRAPH_FILE}, which OVMS then
+        serves as it is (no C{--task}, no C{--target_device}).
+    """
+    return os.path.isfile(os.path.join(path, OVMS_GRAPH_FILE))
 
 
 class ConfigError(Exception):
@@ -537,8 +542,9 @@ def _checkModel(
 def _checkOVMSGraph(model: ModelConfig, place: str, path: str) -> None:
     """
     Refuse the single-model settings OVMS refuses for a model it serves as
-    a MediaPipe graph: one that C{--task} builds (every model type but
-    L{OVMS_CLASSIC_TYPES}) or one whose directory holds its own
+    a MediaPipe graph: one that C{--task} builds (every model type but the
+    KServe ones, L{KSERVE_TYPES}, which OVMS serves as classic models) or
+    one whose directory holds its own
     L{OVMS_GRAPH_FILE}. OVMS exits 64 at model start on C{--shape} there
     ("Starting mediapipe graph with unsupported model settings",
     C{src/modelmanager.cpp}), and on C{--target_device} with a ready-made
@@ -548,15 +554,15 @@ def _checkOVMSGraph(model: ModelConfig, place: str, path: str) -> None:
     @param path: The model's directory, resolved.
     @raise ConfigError: naming the model and the key.
     """
-    ownGraph = os.path.isfile(os.path.join(path, OVMS_GRAPH_FILE))
+    ownGraph = hasOwnGraph(path)
     if ownGraph:
         why = f"its directory holds its own {OVMS_GRAPH_FILE}"
     else:
         why = f"OVMS builds a MediaPipe graph for model_type {model.model_type!r}"
-    if model.ovms_shape is not None and (ownGraph or model.model_type not in OVMS_CLASSIC_TYPES):
+    if model.ovms_shape is not None and (ownGraph or model.model_type not in KSERVE_TYPES):
         raise ConfigError(
             f"{place}.ovms_shape: OVMS refuses --shape for a model served by a MediaPipe graph"
-            f" ({why}); only {', '.join(OVMS_CLASSIC_TYPES)} models without a graph take a shape"
+            f" ({why}); only {', '.join(KSERVE_TYPES)} models without a graph take a shape"
         )
     if ownGraph and "target_device" in model.explicit:
         raise ConfigError(

@@ -12,7 +12,6 @@ IR models served through KServe v2 only.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 from urllib.parse import quote
 
@@ -21,7 +20,7 @@ from twisted.internet import defer
 from zope.interface import implementer
 
 from dynllm.backends._http import getIsOK
-from dynllm.config import OVMS_GRAPH_FILE, ModelConfig
+from dynllm.config import ModelConfig, hasOwnGraph
 from dynllm.endpoints import KSERVE_TYPES, modelTypesOf, upstreamPath
 from dynllm.interfaces import IBackend
 from dynllm.owned import OPENVINO, OwnedSettings
@@ -35,17 +34,6 @@ TASKS = {
     "speech": "text2speech",
     "image_generation": "image_generation",
 }
-
-#: The file that makes a model directory a MediaPipe graph of its own.
-GRAPH_FILE = OVMS_GRAPH_FILE
-
-
-def hasOwnGraph(model: ModelConfig) -> bool:
-    """
-    @return: whether C{model}'s directory holds a C{graph.pbtxt} (made by
-        OVMS's export script or C{--pull}), which OVMS then serves as is.
-    """
-    return os.path.isfile(os.path.join(model.path, GRAPH_FILE))
 
 
 @implementer(IBackend)
@@ -83,7 +71,7 @@ class OpenVINOBackend:
             "--model_name", model.name,
             "--model_path", model.path,
         ]
-        ownGraph = hasOwnGraph(model)
+        ownGraph = hasOwnGraph(model.path)
         if not ownGraph:
             args += ["--target_device", model.target_device]
         if model.ovms_shape is not None:
