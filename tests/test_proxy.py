@@ -100,7 +100,7 @@ class CredentialTests(SynchronousTestCase):
         b"X-Kept": [b"1"],
     }
 
-    def send(self, upstreamKey=None, headers=None):
+    def send(self, upstreamHeaders=None, headers=None):
         """
         Forward a request carrying every kind of client credential.
 
@@ -112,7 +112,7 @@ class CredentialTests(SynchronousTestCase):
             request.requestHeaders.setRawHeaders(name, values)
         agent = RecordingAgent()
         d = defer.ensureDeferred(
-            forward(agent, request, b"http://127.0.0.1:1/v1/x", b"{}", headers, clock=task.Clock(), upstreamKey=upstreamKey)
+            forward(agent, request, b"http://127.0.0.1:1/v1/x", b"{}", headers, clock=task.Clock(), upstreamHeaders=upstreamHeaders)
         )
         self.failureResultOf(d, APIError)
         [sent] = agent.sent
@@ -136,10 +136,11 @@ class CredentialTests(SynchronousTestCase):
 
     def test_backendKeySent(self):
         """
-        With C{upstreamKey}, the backend gets C{Authorization: Bearer KEY}
-        and nothing of the client's credentials.
+        With a lease's C{upstreamHeaders}, the backend gets its key as
+        C{Authorization: Bearer KEY} and nothing of the client's
+        credentials.
         """
-        sent = self.send(upstreamKey="backend-key")
+        sent = self.send(upstreamHeaders={"Authorization": "Bearer backend-key"})
         self.assertEqual(sent.getRawHeaders(b"authorization"), [b"Bearer backend-key"])
         for name in CREDENTIALS - {b"authorization"}:
             self.assertFalse(sent.hasHeader(name), name)
@@ -150,7 +151,7 @@ class CredentialTests(SynchronousTestCase):
         caller's own object is not changed.
         """
         given = Headers({b"X-Given": [b"1"]})
-        sent = self.send(upstreamKey="backend-key", headers=given)
+        sent = self.send(upstreamHeaders={"Authorization": "Bearer backend-key"}, headers=given)
         self.assertEqual(sent.getRawHeaders(b"authorization"), [b"Bearer backend-key"])
         self.assertEqual(sent.getRawHeaders(b"x-given"), [b"1"])
         self.assertFalse(given.hasHeader(b"authorization"))

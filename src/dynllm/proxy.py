@@ -19,7 +19,7 @@ through byte for byte.
 from __future__ import annotations
 
 import io
-from typing import Any, Iterator, cast
+from typing import Any, Iterator, Mapping, cast
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
@@ -339,7 +339,7 @@ async def forward(
     clock: IReactorTime | None = None,
     rewriter: NameRewriter | None = None,
     *,
-    upstreamKey: str | None = None,
+    upstreamHeaders: Mapping[str, str] | None = None,
 ) -> None:
     """
     Send C{request} to C{url} and relay the response to the client.
@@ -353,16 +353,18 @@ async def forward(
     @param rewriter: Renames the model in the response body, for a backend
         that knows it by another name (the length then changes, so
         C{Content-Length} is dropped).
-    @param upstreamKey: The backend's own API key (the lease's), sent as
-        C{Authorization: Bearer KEY} in place of any the headers hold.
+    @param upstreamHeaders: Headers the backend requires, set in place of
+        any the headers hold: a lease's C{upstreamHeaders}, which carry the
+        backend's own key (L{dynllm.scheduler.Lease.upstreamHeaders}).
     @raise errors.APIError: 502 when the backend could not be reached or
         sent no response.
     """
     if headers is None:
         headers = endToEnd(request.requestHeaders, DROP_REQUEST)
-    if upstreamKey is not None:
+    if upstreamHeaders:
         headers = headers.copy()
-        headers.setRawHeaders(b"authorization", [b"Bearer " + upstreamKey.encode("ascii")])
+        for required, value in upstreamHeaders.items():
+            headers.setRawHeaders(required, [value])
     if clock is None:
         from twisted.internet import reactor
 

@@ -383,7 +383,7 @@ class DynLLMRoutes:
                 (lease.baseURL + upstream).encode("ascii"),
                 None,
                 clock=self.clock,
-                upstreamKey=lease.apiKey,
+                upstreamHeaders=lease.upstreamHeaders,
             )
         finally:
             lease.release()
@@ -475,7 +475,7 @@ class DynLLMRoutes:
         try:
             url = (lease.baseURL + upstream).encode("ascii")
             await forward(
-                self.agent, request, url, body, clock=self.clock, rewriter=rewriter, upstreamKey=lease.apiKey
+                self.agent, request, url, body, clock=self.clock, rewriter=rewriter, upstreamHeaders=lease.upstreamHeaders
             )
         finally:
             lease.release()
