@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import json
 
-from attrs import field, frozen
+from typing import Any
+
+from attrs import evolve, field, frozen
 
 #: The shapes of an error answer.
 OPENAI, ANTHROPIC = "openai", "anthropic"
@@ -83,6 +85,19 @@ class APIError(Exception):
         if self.retryAfter is not None:
             h[b"Retry-After"] = str(self.retryAfter).encode("ascii")
         return h
+
+
+def inShapeOf(error: APIError, requestHeaders: Any) -> APIError:
+    """
+    @param requestHeaders: The C{Headers} of a request that no route of a
+        known API has taken (a refused body, an unknown path).
+    @return: C{error} in Anthropic's shape if the request carries
+        C{anthropic-version}, which every Anthropic client sends, else as
+        it is.
+    """
+    if requestHeaders.hasHeader(b"anthropic-version"):
+        return evolve(error, shape=ANTHROPIC)
+    return error
 
 
 def badRequest(message: str, param: str | None = None, code: str | None = None) -> APIError:

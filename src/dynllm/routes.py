@@ -204,8 +204,7 @@ class DynLLMRoutes:
         kind = "not_found_error" if e.code == 404 else "invalid_request_error"
         message = f"{request.method.decode()} {request.path.decode('latin-1')}: {e.name}"
         # No route: the API is known only from the client's headers.
-        shape = errors.ANTHROPIC if request.getHeader(b"anthropic-version") else errors.OPENAI
-        error = errors.APIError(e.code or 500, message, kind, shape=shape)
+        error = errors.inShapeOf(errors.APIError(e.code or 500, message, kind), request.requestHeaders)
         body: bytes = self.apiError(request, Failure(error))
         return body
 

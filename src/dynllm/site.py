@@ -15,18 +15,18 @@ request before and after the routes see it:
     C{Access-Control-Allow-Origin}.
 
 Refusals found while the body arrives (413, 415, 400 for a corrupt coded
-body) are written straight to the connection, which is then closed: the
-rest of the body is not read and the routes never see the request.
+body) are written straight to the connection, which then stops writing,
+reads and discards the rest of the body for a while (L{lingerClose}) and
+closes: the routes never see the request.
 """
 
 from __future__ import annotations
 
 import io
 import tempfile
-from urllib.parse import unquote_to_bytes
 from typing import IO, Any, Iterable, cast
+from urllib.parse import unquote_to_bytes
 
-from attrs import evolve
 from twisted.web import http, server
 from twisted.web.http_headers import Headers
 
@@ -203,16 +203,14 @@ class LimitedRequest(server.Request):
         """
         Answer C{error} at once, straight on the connection (the request
         has not been parsed to the end: twisted.web cannot answer it yet),
-        and close the connection. The answer is in Anthropic's shape for a
-        request with C{anthropic-version}, else in OpenAI's.
+        and close the connection (L{lingerClose}). The answer is in
+        Anthropic's shape for a request with C{anthropic-version}, else in
+        OpenAI's (L{errors.inShapeOf}).
         """
         self._refused = True
         # Do not let twisted.web invite the client to send the body.
         self.requestHeaders.removeHeader(b"expect")
-        if self.requestHeaders.hasHeader(b"anthropic-version"):
-            # An Anthropic client (they all send it): answer in the shape
-            # it parses, as the routes of its API do.
-            error = evolve(error, shape=errors.ANTHROPIC)
+        error = errors.inShapeOf(error, self.requestHeaders)
         body = error.body()
         headers = Headers()
         for name, value in error.headers().items():
@@ -239,11 +237,10 @@ class LimitedRequest(server.Request):
             if not _decodable(self):
                 # Klein would answer this in plain text, with a traceback in
                 # the log.
-                error = errors.badRequest(
-                    "the request's path and Host must be UTF-8 once percent-decoded", code="invalid_url"
+                error = errors.inShapeOf(
+                    errors.badRequest("the request's path and Host must be UTF-8 once percent-decoded", code="invalid_url"),
+                    self.requestHeaders,
                 )
-                if self.requestHeaders.hasHeader(b"anthropic-version"):
-                    error = evolve(error, shape=errors.ANTHROPIC)
                 self._answer(error.status, error.headers(), error.body())
                 return
             super().process()
