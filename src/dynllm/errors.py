@@ -21,6 +21,16 @@ from typing import Any
 
 from attrs import evolve, field, frozen
 
+from dynllm.exceptions import (
+    LoadFailed,
+    LoadTimedOut,
+    ModelBusy,
+    NoCapacity,
+    SchedulerError,
+    ShuttingDown,
+    UnknownModel,
+)
+
 #: The shapes of an error answer.
 OPENAI, ANTHROPIC = "openai", "anthropic"
 
@@ -135,3 +145,31 @@ def loadTimedOut(message: str) -> APIError:
     @return: a 504 for a backend that did not become ready in time.
     """
     return APIError(504, message, "server_error", "load_timeout")
+
+
+def fromScheduler(error: SchedulerError) -> APIError:
+    """
+    The one mapping of the scheduler's exceptions to HTTP.
+
+    @return: the L{APIError} a client gets for C{error}: 404
+        C{model_not_found} for L{UnknownModel}, 409 C{model_busy} or
+        C{model_loading} for L{ModelBusy}, 502 C{backend_error} for
+        L{LoadFailed}, 504 C{load_timeout} for L{LoadTimedOut}, 503
+        C{model_capacity} with C{Retry-After} for L{NoCapacity}, 503
+        C{shutting_down} for L{ShuttingDown}, and 500 for any other.
+    """
+    message = str(error)
+    if isinstance(error, UnknownModel):
+        return modelNotFound(error.name)
+    if isinstance(error, ModelBusy):
+        code = "model_loading" if error.loading else "model_busy"
+        return APIError(409, message, "invalid_request_error", code)
+    if isinstance(error, LoadFailed):
+        return backendFailed(message)
+    if isinstance(error, LoadTimedOut):
+        return loadTimedOut(message)
+    if isinstance(error, NoCapacity):
+        return noCapacity(message, error.retryAfter)
+    if isinstance(error, ShuttingDown):
+        return APIError(503, message, "server_error", "shutting_down")
+    return APIError(500, message, "server_error")

@@ -86,3 +86,151 @@ class IBackend(Interface):
             requests and responses are renamed on the way (see
             L{dynllm.rewrite}).
         """
+
+
+class IStateStore(Interface):
+    """
+    Where the scheduler records each model's state, so that a daemon started
+    after a crash can find and stop the backends the crashed one left
+    behind (L{dynllm.store.reconcile}).
+
+    Rows are C{dict}s keyed by L{dynllm.store.COLUMNS}: C{name}, C{status},
+    C{backend}, C{pid}, C{pgid}, C{start_time}, C{port}, C{vram_mb},
+    C{loaded_at}, C{last_used_at}, C{load_seq}, C{last_error},
+    C{updated_at}. Implementations: L{dynllm.store.SQLiteStateStore} and
+    L{dynllm.store.MemoryStateStore}.
+    """
+
+    def open() -> None:
+        """
+        Take the store for this process; calling it again does nothing.
+
+        @raise dynllm.store.StateInUse: if another process holds it.
+        """
+
+    def close() -> None:
+        """
+        Let go of the store once the writes queued so far are done.
+        """
+
+    def rows() -> Deferred[list[dict[str, Any]]]:
+        """
+        @return: a Deferred firing with every row, ordered by name.
+        """
+
+    def save(row: Any) -> Deferred[None]:
+        """
+        Insert or replace the row of C{row["name"]}. Writes happen in the
+        order they are asked for.
+
+        @param row: A mapping keyed by column names; missing ones are null.
+        @return: a Deferred that fires once written. It never fails: a write
+            that fails is logged, and the daemon keeps serving.
+        """
+
+    def reset(names: list[str]) -> Deferred[None]:
+        """
+        Forget the rows of models not in C{names}, and mark the others
+        C{unloaded} with no process.
+        """
+
+
+class IModelManager(Interface):
+    """
+    What the routes, the metrics and programs that embed dynllm use of the
+    scheduler (L{dynllm.scheduler.ModelManager}; a stub for tests is
+    L{dynllm.testing.StubManager}).
+
+    Every method taking a model name accepts the model's configured name
+    only (the routes resolve aliases) and raises or fails with
+    L{dynllm.exceptions.UnknownModel} for any other.
+    """
+
+    started = Attribute(
+        "C{bool}: whether start-up (the reconciliation of what a previous run"
+        " left behind) is done, so that loads can start."
+    )
+
+    def whenStarted() -> Deferred[None]:
+        """
+        @return: a fresh Deferred that fires once L{started} is true.
+        """
+
+    def acquire(name: str, options: Any = None) -> Deferred[Any]:
+        """
+        Get a L{dynllm.lease.Lease} on a ready model, loading it first if
+        needed. Concurrent requests for a model share one load; cancelling
+        the returned Deferred withdraws that caller only.
+
+        @param options: A L{dynllm.lease.RequestOptions} (queue timeout,
+            priority, keep-alive for this request), or C{None} for the
+            configured defaults.
+        @return: a Deferred firing with the lease, or failing with a
+            L{dynllm.exceptions.SchedulerError}: L{UnknownModel
+            <dynllm.exceptions.UnknownModel>}, L{NoCapacity
+            <dynllm.exceptions.NoCapacity>}, L{LoadFailed
+            <dynllm.exceptions.LoadFailed>}, L{LoadTimedOut
+            <dynllm.exceptions.LoadTimedOut>} or L{ShuttingDown
+            <dynllm.exceptions.ShuttingDown>}.
+        """
+
+    def peek(name: str) -> Any:
+        """
+        @return: a L{dynllm.lease.Lease} on the model if it is loaded now,
+            else C{None}. Nothing is loaded for a peek, and its idle timer
+            is not reset by it.
+        """
+
+    def load(name: str) -> Deferred[None]:
+        """
+        Make sure the model is loaded, without holding it.
+
+        @return: a Deferred firing once it is loaded; failures as L{acquire}.
+        """
+
+    def unload(name: str) -> Deferred[None]:
+        """
+        Stop the model's backend now.
+
+        @return: a Deferred firing once its process has exited (at once if
+            it had none), or failing with L{dynllm.exceptions.ModelBusy} if
+            it is serving requests or loading.
+        """
+
+    def describe(name: str) -> dict[str, Any]:
+        """
+        @return: the model as C{/admin/models} shows it: C{name}, C{status}
+            (C{unloaded}, C{loading}, C{loaded}, C{unloading} or
+            C{failed}), C{backend}, C{model_type}, C{vram_mb}, C{pid},
+            C{port}, C{loaded_at}, C{last_used_at}, C{active_requests},
+            C{waiting_requests}, C{last_error}.
+        """
+
+    def models() -> list[dict[str, Any]]:
+        """
+        @return: L{describe} of every configured model, in configuration
+            order.
+        """
+
+    def counters(name: str) -> Any:
+        """
+        @return: the model's L{dynllm.lease.ModelCounters} since start-up,
+            for metrics.
+        """
+
+    def memoryInUse() -> int:
+        """
+        @return: megabytes of C{vram_mb} held by models loading, loaded or
+            still stopping.
+        """
+
+    def logTail(name: str, count: int) -> list[str]:
+        """
+        @return: the last C{count} lines the model's backends printed,
+            across restarts, oldest first.
+        """
+
+    def backendOf(name: str) -> IBackend:
+        """
+        @return: the backend kind that runs the model.
+        """

@@ -26,6 +26,7 @@ from werkzeug.routing import PathConverter
 from dynllm import endpoints, errors, multipart
 from dynllm.config import Config, ModelConfig
 from dynllm.endpoints import JSON, MULTIPART, PATH, Endpoint
+from dynllm.exceptions import SchedulerError
 from dynllm.interfaces import IBackend
 from dynllm.metrics import CONTENT_TYPE, Metrics
 from dynllm.proxy import fileProducer, forward, requestBody
@@ -197,6 +198,12 @@ class DynLLMRoutes:
         for name, value in error.headers().items():
             request.setHeader(name, value)
         return error.body()
+
+    @app.handle_errors(SchedulerError)
+    def schedulerError(self, request: IRequest, failure: Failure) -> bytes:
+        error = errors.fromScheduler(cast(SchedulerError, failure.value))
+        body: bytes = self.apiError(request, Failure(error))
+        return body
 
     @app.handle_errors(HTTPException)
     def httpError(self, request: IRequest, failure: Failure) -> bytes:
@@ -528,14 +535,14 @@ class DynLLMRoutes:
         self._checkAdminKey(request)
         name = self._model(requestedModel(parseJSON(readBody(request)))).name
         await self.manager.unload(name)
-        return _json(request, {"model": name, "status": self.manager.slots[name].state})
+        return _json(request, {"model": name, "status": self.manager.describe(name)["status"]})
 
     @app.route("/admin/models/load", methods=["POST"])
     async def adminLoad(self, request: IRequest) -> bytes:
         self._checkAdminKey(request)
         name = self._model(requestedModel(parseJSON(readBody(request)))).name
         await self.manager.load(name)
-        return _json(request, {"model": name, "status": self.manager.slots[name].state})
+        return _json(request, {"model": name, "status": self.manager.describe(name)["status"]})
 
 
 def _query(request: IRequest) -> str:
@@ -555,7 +562,10 @@ def _endpointRoute(endpoint: Endpoint) -> Callable[..., Any]:
 
     async def serve(self: DynLLMRoutes, request: Request) -> None:
         try:
-            await self._endpoint(request, endpoint)
+            try:
+                await self._endpoint(request, endpoint)
+            except SchedulerError as e:
+                raise errors.fromScheduler(e) from None
         except errors.APIError as e:
             if endpoint.api == endpoints.ANTHROPIC:
                 raise evolve(e, shape=errors.ANTHROPIC) from None
