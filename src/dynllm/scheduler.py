@@ -30,6 +30,7 @@ from dynllm import errors
 from dynllm.backends import backendFor
 from dynllm.config import Config, ModelConfig
 from dynllm.interfaces import IBackend
+from dynllm.lease import ModelCounters
 from dynllm.logs import logger
 from dynllm.process import LogRing
 from dynllm.runner import (
@@ -443,6 +444,20 @@ class ModelManager(Service):
         @return: every configured model's state, as C{/admin/models} shows.
         """
         return [slot.describe() for slot in self.slots.values()]
+
+    def counters(self, name: str) -> ModelCounters:
+        """
+        @return: model C{name}'s counters since start-up.
+        @raise errors.APIError: 404 for an unknown model.
+        """
+        slot = self._slot(name)
+        return ModelCounters(
+            loads=slot.loads,
+            loadFailures=slot.loadFailures,
+            loadSeconds=slot.loadSeconds,
+            unloads=dict(slot.unloads),
+            crashes=slot.crashes,
+        )
 
     def memoryInUse(self) -> int:
         """
