@@ -21,6 +21,7 @@ from dynllm import endpoints, errors
 from dynllm.backends import backendFor
 from dynllm.config import parseConfig
 from dynllm.routes import DynLLMRoutes
+from dynllm.lease import ModelCounters
 from dynllm.scheduler import Lease
 from tests.support import checkEnvelope
 
@@ -96,10 +97,15 @@ class StubManager:
         return defer.fail(self.unloadFailure) if self.unloadFailure else defer.succeed(None)
 
     def models(self):
-        return [{"name": m.name} for m in self.config.models]
+        return [
+            dict(self.describe(m.name), active_requests=0, waiting_requests=0) for m in self.config.models
+        ]
 
     def memoryInUse(self):
         return 0
+
+    def counters(self, name):
+        return ModelCounters()
 
     def logTail(self, name, count):
         return ["line one", "line two"][-count:]

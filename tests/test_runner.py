@@ -29,9 +29,7 @@ from dynllm.runner import (
     FIRST_PROBE_DELAY,
     MAX_PROBE_DELAY,
     PROBE_BACKOFF,
-    BackendExited,
     BackendRun,
-    LoadTimeout,
     NoFreePort,
     describeExit,
     findFreePort,
@@ -259,7 +257,7 @@ class BackendRunTests(SynchronousTestCase):
         """
         self.backend.env = {"FROM_BACKEND": "b", "SHARED": "backend", "HOME": None}
         run = self.makeRun(makeModel(env={"SHARED": "model"}))
-        run.start(60)
+        run.start()
         self.assertNotIn("HOME", self.reactor.spawned[0].env)
         [transport] = self.reactor.spawned
         self.assertEqual(transport.executable, "fake-server")
@@ -279,8 +277,8 @@ class BackendRunTests(SynchronousTestCase):
         self.patch(os, "environ", dict(os.environ, FAKE_KEY="daemon's"))
         first = self.makeRun(makeModel(env={"FAKE_KEY": "model's"}))
         second = self.makeRun()
-        first.start(60)
-        second.start(60)
+        first.start()
+        second.start()
         [one, two] = self.reactor.spawned
         assert first.apiKey is not None and second.apiKey is not None
         self.assertGreaterEqual(len(first.apiKey), 32)
@@ -296,7 +294,7 @@ class BackendRunTests(SynchronousTestCase):
         cannot reach a log by accident.
         """
         run = self.makeRun()
-        run.start(60)
+        run.start()
         assert run.apiKey is not None
         self.assertNotIn(run.apiKey, repr(run))
         self.assertNotIn(run.apiKey, repr(run.process))
@@ -308,7 +306,7 @@ class BackendRunTests(SynchronousTestCase):
         """
         self.backend.keyVariable = None
         run = self.makeRun()
-        run.start(60)
+        run.start()
         self.assertIsNone(run.apiKey)
         self.assertNotIn("FAKE_KEY", self.reactor.spawned[0].env)
 
@@ -319,7 +317,7 @@ class BackendRunTests(SynchronousTestCase):
         """
         self.reactor.spawnError = OSError(2, "No such file or directory")
         run = self.makeRun()
-        self.assertRaises(OSError, run.start, 60)
+        self.assertRaises(OSError, run.start)
         self.assertEqual(self.reactor.getDelayedCalls(), [])
 
     def test_probesBackOff(self) -> None:
@@ -329,7 +327,8 @@ class BackendRunTests(SynchronousTestCase):
         wait, up to L{MAX_PROBE_DELAY}.
         """
         run = self.makeRun()
-        loaded = run.start(1000)
+        run.start()
+        loaded = run.whenReady()
         count = 30
         while len(self.backend.probes) < count:
             self.advanceToNextCall()
@@ -349,7 +348,8 @@ class BackendRunTests(SynchronousTestCase):
         timeout is cancelled and no more probes are sent.
         """
         run = self.makeRun()
-        loaded = run.start(60)
+        run.start()
+        loaded = run.whenReady()
         self.reactor.advance(1)
         self.assertNoResult(loaded)
         self.backend.ready.add("m")
@@ -361,28 +361,42 @@ class BackendRunTests(SynchronousTestCase):
         self.reactor.advance(100)
         self.assertEqual(len(self.backend.probes), probes)
 
-    def test_exitWhileLoadingFails(self) -> None:
+    def test_exitWhileLoadingStopsProbing(self) -> None:
         """
-        A backend that exits before it is ready fails the load with
-        L{BackendExited}, which says how it exited and holds its last
-        L{FAILURE_LOG_LINES} lines of output; probing stops.
+        A backend that exits before it is ready is never reported ready,
+        probing stops, L{BackendRun.whenExited} fires with how it exited,
+        and L{BackendRun.logTail} keeps its last lines (the last one
+        flushed on exit).
         """
         run = self.makeRun()
-        loaded = run.start(60)
+        run.start()
+        loaded = run.whenReady()
         self.reactor.advance(0.5)
         [transport] = self.reactor.spawned
         transport.output(b"".join(b"line %d\n" % i for i in range(10)))
         transport.output(b"fatal: no memory")  # no newline: flushed on exit
         transport.exit(ProcessTerminated(exitCode=1))
-        reason = self.failureResultOf(loaded, BackendExited).value
-        self.assertIn("'m' exited with code 1 while loading", str(reason))
-        self.assertEqual(len(reason.logTail), FAILURE_LOG_LINES)
-        self.assertEqual(reason.logTail[-1], "fatal: no memory")
-        self.assertEqual(reason.logTail[0], "line 6")
+        self.assertEqual(describeExit(self.successResultOf(run.whenExited())), "exited with code 1")
+        self.assertNoResult(loaded)
+        tail = run.logTail()
+        self.assertEqual(len(tail), FAILURE_LOG_LINES)
+        self.assertEqual((tail[0], tail[-1]), ("line 6", "fatal: no memory"))
         probes = len(self.backend.probes)
         self.assertEqual(self.reactor.getDelayedCalls(), [])
         self.reactor.advance(100)
         self.assertEqual(len(self.backend.probes), probes)
+
+    def test_portTaken(self) -> None:
+        """
+        L{BackendRun.portTaken} is true when the backend's output says its
+        port was taken (llama-server's and the C library's messages).
+        """
+        for line in (b"couldn't bind HTTP server socket\n", b"OSError: [Errno 98] Address already in use\n"):
+            run = self.makeRun()
+            run.start()
+            self.assertFalse(run.portTaken())
+            self.reactor.spawned[-1].output(line)
+            self.assertTrue(run.portTaken())
 
     def test_probeAnsweringAfterExitIgnored(self) -> None:
         """
@@ -391,12 +405,13 @@ class BackendRunTests(SynchronousTestCase):
         """
         self.backend.manual = True
         run = self.makeRun()
-        loaded = run.start(60)
+        run.start()
+        loaded = run.whenReady()
         self.reactor.advance(FIRST_PROBE_DELAY)
         [probe] = self.backend.pendingProbes
         self.reactor.spawned[0].exit(ProcessTerminated(exitCode=1))
-        self.failureResultOf(loaded, BackendExited)
         probe.callback(True)
+        self.assertNoResult(loaded)
         self.assertFalse(run.ready)
         self.assertEqual(self.reactor.getDelayedCalls(), [])
 
@@ -406,7 +421,8 @@ class BackendRunTests(SynchronousTestCase):
         at once, without waiting for the scheduled one.
         """
         run = self.makeRun()
-        loaded = run.start(60)
+        run.start()
+        loaded = run.whenReady()
         self.backend.ready.add("m")
         self.reactor.spawned[0].output(b"not yet\n")
         self.assertEqual(self.backend.probes, [])
@@ -422,7 +438,7 @@ class BackendRunTests(SynchronousTestCase):
         """
         self.backend.manual = True
         run = self.makeRun()
-        run.start(60)
+        run.start()
         self.reactor.advance(FIRST_PROBE_DELAY)
         self.assertEqual(len(self.backend.pendingProbes), 1)
         self.reactor.spawned[0].output(b"READY\n")
@@ -435,7 +451,8 @@ class BackendRunTests(SynchronousTestCase):
         Ready hints after the run is ready send no probe.
         """
         run = self.makeRun()
-        loaded = run.start(60)
+        run.start()
+        loaded = run.whenReady()
         self.backend.ready.add("m")
         self.reactor.advance(FIRST_PROBE_DELAY)
         self.successResultOf(loaded)
@@ -443,48 +460,47 @@ class BackendRunTests(SynchronousTestCase):
         self.reactor.spawned[0].output(b"READY\n")
         self.assertEqual(len(self.backend.probes), probes)
 
-    def test_loadTimeout(self) -> None:
+    def test_stopStopsProbing(self) -> None:
         """
-        A backend not ready within the load timeout fails the load with
-        L{LoadTimeout} and gets TERM at once, KILL after C{killTime};
-        probing stops and L{BackendRun.whenExited} fires on the real exit.
+        L{BackendRun.stop} while loading sends TERM and stops probing; a
+        probe in flight that then answers C{True} does not make the run
+        ready.
         """
-        run = self.makeRun(killTime=5)
-        loaded = run.start(10)
-        [transport] = self.reactor.spawned
-        self.reactor.advance(9)
-        self.assertNoResult(loaded)
-        self.reactor.advance(1)
-        reason = self.failureResultOf(loaded, LoadTimeout).value
-        self.assertIn("load timeout of 10s", str(reason))
-        self.assertEqual(transport.signals, ["TERM"])
-        exited = run.whenExited()
-        probes = len(self.backend.probes)
-        self.reactor.advance(4.9)
-        self.assertEqual(transport.signals, ["TERM"])
-        self.assertEqual(len(self.backend.probes), probes)
-        self.reactor.advance(0.1)
-        self.assertEqual(transport.signals, ["TERM", "KILL"])
-        self.assertNoResult(exited)
-        transport.exit(ProcessTerminated(signal=9))
-        self.assertEqual(self.successResultOf(exited).signal, 9)
-        self.assertEqual(self.reactor.getDelayedCalls(), [])
-
-    def test_cancelStopsBackend(self) -> None:
-        """
-        Cancelling the load Deferred stops the backend (TERM) and stops
-        probing.
-        """
+        self.backend.manual = True
         run = self.makeRun()
-        loaded = run.start(60)
-        loaded.cancel()
-        self.failureResultOf(loaded, defer.CancelledError)
+        run.start()
+        loaded = run.whenReady()
+        self.reactor.advance(FIRST_PROBE_DELAY)
+        [probe] = self.backend.pendingProbes
+        run.stop()
         [transport] = self.reactor.spawned
         self.assertEqual(transport.signals, ["TERM"])
+        probe.callback(True)
+        self.assertNoResult(loaded)
+        self.assertFalse(run.ready)
         transport.exit()
         self.reactor.advance(10)
-        self.assertEqual(self.backend.probes, [])
+        self.assertEqual(len(self.backend.pendingProbes), 1)
         self.assertEqual(transport.signals, ["TERM"])
+
+    def test_secondStopJoinsFirst(self) -> None:
+        """
+        A second L{BackendRun.stop} while the first is pending sends no
+        second TERM and schedules no second KILL; both fire on the exit.
+        """
+        run = self.makeRun(killTime=3)
+        run.start()
+        [transport] = self.reactor.spawned
+        first = run.stop()
+        second = run.stop()
+        self.assertEqual(transport.signals, ["TERM"])
+        self.reactor.advance(3)
+        self.assertEqual(transport.signals, ["TERM", "KILL"])
+        transport.exit(ProcessTerminated(signal=9))
+        self.assertIsInstance(self.successResultOf(first), ProcessTerminated)
+        self.assertIsInstance(self.successResultOf(second), ProcessTerminated)
+        self.reactor.advance(10)
+        self.assertEqual(transport.signals, ["TERM", "KILL"])
 
     def test_stopFiresOnRealExit(self) -> None:
         """
@@ -493,7 +509,8 @@ class BackendRunTests(SynchronousTestCase):
         once it has exited.
         """
         run = self.makeRun(killTime=3)
-        loaded = run.start(60)
+        run.start()
+        loaded = run.whenReady()
         self.backend.ready.add("m")
         self.reactor.advance(FIRST_PROBE_DELAY)
         self.successResultOf(loaded)
@@ -512,7 +529,7 @@ class BackendRunTests(SynchronousTestCase):
         A backend that exits after TERM gets no KILL later.
         """
         run = self.makeRun(killTime=3)
-        run.start(60)
+        run.start()
         self.backend.ready.add("m")
         self.reactor.advance(FIRST_PROBE_DELAY)
         [transport] = self.reactor.spawned
@@ -528,7 +545,7 @@ class BackendRunTests(SynchronousTestCase):
         stdout and stderr, without empty lines.
         """
         run = self.makeRun()
-        run.start(60)
+        run.start()
         transport = self.reactor.spawned[0]
         transport.output(b"one\n\ntwo\r\n", fd=1)
         transport.output(b"three\n", fd=2)

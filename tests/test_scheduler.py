@@ -18,9 +18,10 @@ from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.trial.unittest import SynchronousTestCase
 
 from dynllm.config import Config, parseConfig
-from dynllm.errors import APIError
+from dynllm.exceptions import LoadFailed, LoadTimedOut, ModelBusy, NoCapacity, ShuttingDown, UnknownModel
 from dynllm.runner import FIRST_PROBE_DELAY, MAX_PROBE_DELAY
-from dynllm.scheduler import PORT_RETRIES, RETRY_AFTER, Lease, ModelManager
+from dynllm.lifecycle import PORT_RETRIES
+from dynllm.scheduler import Lease, ModelManager
 from dynllm.store import MemoryStateStore
 from tests.test_runner import FakeBackend, FakeProcessReactor, FakeProcessTransport
 
@@ -138,12 +139,11 @@ class AcquireTests(ManagerTestsMixin, SynchronousTestCase):
     def test_unknownModel(self) -> None:
         """
         Acquiring a model the configuration does not declare fails with a
-        404 L{APIError}.
+        L{UnknownModel} naming it.
         """
         manager = self.makeManager([{"name": "a", "vram_mb": 100}])
-        error = self.failureResultOf(manager.acquire("nope"), APIError).value
-        self.assertEqual(error.status, 404)
-        self.assertEqual(error.code, "model_not_found")
+        error = self.failureResultOf(manager.acquire("nope"), UnknownModel).value
+        self.assertEqual(error.name, "nope")
         self.assertEqual(self.reactor.spawned, [])
 
     def test_leaseCarriesRunKey(self) -> None:
@@ -178,15 +178,17 @@ class AcquireTests(ManagerTestsMixin, SynchronousTestCase):
     def test_lookupsOfUnknownModel(self) -> None:
         """
         L{ModelManager.backendOf}, L{ModelManager.describe},
-        L{ModelManager.peek} and L{ModelManager.logTail} raise a 404
-        L{APIError} for a model the configuration does not declare;
-        L{ModelManager.backendOf} names a known model's backend.
+        L{ModelManager.peek}, L{ModelManager.counters} and
+        L{ModelManager.logTail} raise L{UnknownModel} for a model the
+        configuration does not declare; L{ModelManager.backendOf} names a
+        known model's backend.
         """
         manager = self.makeManager([{"name": "a", "vram_mb": 100}])
-        self.assertIs(manager.backendOf("a"), manager.slots["a"].backend)
-        for lookup in (manager.backendOf, manager.describe, manager.peek, lambda n: manager.logTail(n, 1)):
-            error = self.assertRaises(APIError, lookup, "nope")
-            self.assertEqual(error.status, 404)
+        self.assertIs(manager.backendOf("a"), self.backend)
+        lookups = (manager.backendOf, manager.describe, manager.peek, manager.counters, lambda n: manager.logTail(n, 1))
+        for lookup in lookups:
+            error = self.assertRaises(UnknownModel, lookup, "nope")
+            self.assertEqual(error.name, "nope")
 
     def test_concurrentAcquiresShareOneLoad(self) -> None:
         """
@@ -454,8 +456,8 @@ class BudgetTests(ManagerTestsMixin, SynchronousTestCase):
     def test_queueTimeout(self) -> None:
         """
         When nothing can be evicted for C{queue_timeout_seconds}, the waiting
-        acquire fails with a 503 that has C{retryAfter} set and names the
-        busy models; nothing was spawned for it and nothing is evicted later
+        acquire fails with L{NoCapacity}, which has C{retryAfter} set and
+        names the busy models; nothing was spawned for it and nothing is evicted later
         on its behalf.
         """
         manager = self.makeManager(
@@ -467,22 +469,21 @@ class BudgetTests(ManagerTestsMixin, SynchronousTestCase):
         self.reactor.advance(19)
         self.assertNoResult(d)
         self.reactor.advance(1)
-        error = self.failureResultOf(d, APIError).value
-        self.assertEqual(error.status, 503)
-        self.assertEqual(error.retryAfter, RETRY_AFTER)
-        self.assertEqual(error.code, "model_capacity")
-        self.assertIn("busy models: a", error.message)
+        error = self.failureResultOf(d, NoCapacity).value
+        self.assertEqual(error.retryAfter, 1)
+        self.assertEqual(error.busyModels, ("a",))
+        self.assertIn("busy models: a", str(error))
         self.assertEqual(self.spawnedFor("b"), [])
         self.assertEqual(self.describe("b")["waiting_requests"], 0)
         lease.release()
         self.assertEqual(self.process("a").signals, [])
         self.assertEqual(self.status("a"), "loaded")
 
-    def test_loadWithoutWaitersLeftIsEvictable(self) -> None:
+    def test_abandonedLoadStoppedForWaitingLoad(self) -> None:
         """
-        A model that finishes loading after every acquire waiting for it
-        was cancelled is idle, so a load waiting for memory evicts it at
-        once rather than waiting out C{queue_timeout_seconds}.
+        A load whose every waiter was cancelled is abandoned: when another
+        load waits for its memory, it is stopped at once (not when it
+        becomes ready), and the waiting load starts once it has exited.
         """
         manager = self.makeManager(
             [{"name": "a", "vram_mb": 500}, {"name": "b", "vram_mb": 600}],
@@ -491,11 +492,48 @@ class BudgetTests(ManagerTestsMixin, SynchronousTestCase):
         forA = manager.acquire("a")
         forB = manager.acquire("b")
         self.assertEqual(self.spawnedFor("b"), [])
+        self.assertEqual(self.process("a").signals, [])
+        forA.cancel()
+        self.failureResultOf(forA, defer.CancelledError)
+        self.assertEqual(self.process("a").signals, ["TERM"])
+        self.assertEqual(self.status("a"), "unloading")
+        self.assertEqual(manager.counters("a").unloads, {"abandoned": 1})
+        self.process("a").exit()
+        self.makeReady("b")
+        self.assertEqual(self.successResultOf(forB).model.name, "b")
+
+    def test_abandonedLoadFinishesWithoutNeed(self) -> None:
+        """
+        A load whose every waiter was cancelled goes on when no other load
+        needs its memory, so that the next request for it is served at once.
+        """
+        manager = self.makeManager([{"name": "a", "vram_mb": 500}, {"name": "b", "vram_mb": 400}])
+        forA = manager.acquire("a")
+        forA.cancel()
+        self.failureResultOf(forA, defer.CancelledError)
+        self.loadIdle("b")
+        self.assertEqual(self.process("a").signals, [])
+        self.makeReady("a")
+        self.assertEqual(self.status("a"), "loaded")
+        self.successResultOf(manager.acquire("a")).release()
+
+    def test_loadWithoutWaitersLeftIsEvictable(self) -> None:
+        """
+        A model that finished loading after every acquire waiting for it
+        was cancelled is idle, so a load that later waits for memory evicts
+        it at once rather than waiting out C{queue_timeout_seconds}.
+        """
+        manager = self.makeManager(
+            [{"name": "a", "vram_mb": 500}, {"name": "b", "vram_mb": 600}],
+            queue_timeout_seconds=20,
+        )
+        forA = manager.acquire("a")
         forA.cancel()
         self.failureResultOf(forA, defer.CancelledError)
         self.makeReady("a")
+        self.assertEqual(self.status("a"), "loaded")
+        forB = manager.acquire("b")
         self.assertEqual(self.process("a").signals, ["TERM"])
-        self.assertEqual(self.status("a"), "unloading")
         self.process("a").exit()
         self.makeReady("b")
         self.assertEqual(self.successResultOf(forB).model.name, "b")
@@ -515,7 +553,7 @@ class BudgetTests(ManagerTestsMixin, SynchronousTestCase):
         self.reactor.spawnErrorFor["b"] = OSError(2, "No such file or directory")
         lease.release()
         self.process("a").exit()
-        self.assertEqual(self.failureResultOf(forB, APIError).value.status, 502)
+        self.failureResultOf(forB, LoadFailed)
         self.assertEqual(self.status("b"), "failed")
         self.assertEqual(len(self.spawnedFor("c")), 1)
         self.makeReady("c")
@@ -541,8 +579,8 @@ class LoadFailureTests(ManagerTestsMixin, SynchronousTestCase):
 
     def test_exitWhileLoading(self) -> None:
         """
-        A backend that exits while loading fails every waiter with a 502
-        quoting its last output lines; the model is C{failed}, its memory is
+        A backend that exits while loading fails every waiter with
+        L{LoadFailed} quoting its last output lines; the model is C{failed}, its memory is
         released, and the next acquire spawns it again.
         """
         manager = self.makeManager([{"name": "a", "vram_mb": 600}])
@@ -552,10 +590,9 @@ class LoadFailureTests(ManagerTestsMixin, SynchronousTestCase):
         process.output(b"loading model\nerror: out of memory\n")
         process.exit(ProcessTerminated(exitCode=1))
         for d in (first, second):
-            error = self.failureResultOf(d, APIError).value
-            self.assertEqual(error.status, 502)
-            self.assertIn("exited with code 1 while loading", error.message)
-            self.assertIn("loading model\nerror: out of memory", error.message)
+            error = self.failureResultOf(d, LoadFailed).value
+            self.assertIn("exited with code 1 while loading", str(error))
+            self.assertIn("loading model\nerror: out of memory", str(error))
         self.assertEqual(self.status("a"), "failed")
         self.assertIn("error: out of memory", self.describe("a")["last_error"])
         self.assertIsNone(self.describe("a")["pid"])
@@ -588,7 +625,7 @@ class LoadFailureTests(ManagerTestsMixin, SynchronousTestCase):
     def test_portTakenGivesUp(self) -> None:
         """
         After L{PORT_RETRIES} port conflicts in a row, the waiters get the
-        502 of the last one.
+        L{LoadFailed} of the last one.
         """
         manager = self.makeManager([{"name": "a", "vram_mb": 600}])
         d = manager.acquire("a")
@@ -596,9 +633,8 @@ class LoadFailureTests(ManagerTestsMixin, SynchronousTestCase):
             self.process("a").output(b"OSError: [Errno 98] Address already in use\n")
             self.process("a").exit(ProcessTerminated(exitCode=1))
         self.assertEqual(len(self.spawnedFor("a")), PORT_RETRIES + 1)
-        error = self.failureResultOf(d, APIError).value
-        self.assertEqual(error.status, 502)
-        self.assertIn("Address already in use", error.message)
+        error = self.failureResultOf(d, LoadFailed).value
+        self.assertIn("Address already in use", str(error))
 
     def test_exitWhileLoadingFreesMemoryForOthers(self) -> None:
         """
@@ -610,28 +646,27 @@ class LoadFailureTests(ManagerTestsMixin, SynchronousTestCase):
         db = manager.acquire("b")
         self.assertEqual(self.spawnedFor("b"), [])
         self.process("a").exit(ProcessTerminated(exitCode=1))
-        self.failureResultOf(da, APIError)
+        self.failureResultOf(da, LoadFailed)
         self.assertEqual(len(self.spawnedFor("b")), 1)
         self.makeReady("b")
         self.successResultOf(db)
 
     def test_spawnFailure(self) -> None:
         """
-        A backend program that cannot be spawned fails the waiters with a
-        502 and leaves the model C{failed}, holding no memory.
+        A backend program that cannot be spawned fails the waiters with
+        L{LoadFailed} and leaves the model C{failed}, holding no memory.
         """
         manager = self.makeManager([{"name": "a", "vram_mb": 600}])
         self.reactor.spawnError = OSError(2, "No such file or directory")
-        error = self.failureResultOf(manager.acquire("a"), APIError).value
-        self.assertEqual(error.status, 502)
-        self.assertIn("No such file or directory", error.message)
+        error = self.failureResultOf(manager.acquire("a"), LoadFailed).value
+        self.assertIn("No such file or directory", str(error))
         self.assertEqual(self.status("a"), "failed")
         self.assertEqual(manager.memoryInUse(), 0)
 
     def test_noFreePort(self) -> None:
         """
-        When no port of the range can be used, the acquire fails with a 502
-        and the model is C{failed}.
+        When no port of the range can be used, the acquire fails with
+        L{LoadFailed} and the model is C{failed}.
         """
         s = socket.socket()
         self.addCleanup(s.close)
@@ -641,16 +676,15 @@ class LoadFailureTests(ManagerTestsMixin, SynchronousTestCase):
             [{"name": "a", "vram_mb": 600}],
             backend={"port_range_start": port, "port_range_end": port},
         )
-        error = self.failureResultOf(manager.acquire("a"), APIError).value
-        self.assertEqual(error.status, 502)
-        self.assertIn("no free port", error.message)
+        error = self.failureResultOf(manager.acquire("a"), LoadFailed).value
+        self.assertIn("no free port", str(error))
         self.assertEqual(self.status("a"), "failed")
         self.assertEqual(self.reactor.spawned, [])
 
     def test_loadTimeout(self) -> None:
         """
         A backend not ready within its load timeout gets TERM; its waiters
-        fail with a 504 at once, but its memory stays counted (C{unloading})
+        fail with L{LoadTimedOut} at once, but its memory stays counted (C{unloading})
         until it exits; KILL follows after C{killTime}, and once it has
         exited the model is C{failed}.
         """
@@ -662,9 +696,8 @@ class LoadFailureTests(ManagerTestsMixin, SynchronousTestCase):
         self.reactor.advance(9)
         self.assertNoResult(d)
         self.reactor.advance(1)
-        error = self.failureResultOf(d, APIError).value
-        self.assertEqual(error.status, 504)
-        self.assertEqual(error.code, "load_timeout")
+        error = self.failureResultOf(d, LoadTimedOut).value
+        self.assertEqual(error.seconds, 10)
         self.assertEqual(process.signals, ["TERM"])
         self.assertEqual(self.status("a"), "unloading")
         self.assertEqual(manager.memoryInUse(), 600)
@@ -690,7 +723,7 @@ class LoadFailureTests(ManagerTestsMixin, SynchronousTestCase):
         manager = self.makeManager([{"name": "a", "vram_mb": 600, "load_timeout_seconds": 10}])
         first = manager.acquire("a")
         self.reactor.advance(10)
-        self.failureResultOf(first, APIError)
+        self.failureResultOf(first, LoadTimedOut)
         second = manager.acquire("a")
         self.assertEqual(len(self.spawnedFor("a")), 1)
         self.spawnedFor("a")[0].exit()
@@ -892,32 +925,30 @@ class UnloadTests(ManagerTestsMixin, SynchronousTestCase):
 
     def test_unknownModel(self) -> None:
         """
-        Unloading a model that is not configured fails with a 404.
+        Unloading a model that is not configured fails with
+        L{UnknownModel}.
         """
-        error = self.failureResultOf(self.manager.unload("nope"), APIError).value
-        self.assertEqual(error.status, 404)
+        self.failureResultOf(self.manager.unload("nope"), UnknownModel)
 
     def test_busy(self) -> None:
         """
-        Unloading a model with a lease out fails with a 409 and leaves it
-        running.
+        Unloading a model with a lease out fails with L{ModelBusy}, which
+        counts the requests, and leaves it running.
         """
         self.loadedLease("a")
-        error = self.failureResultOf(self.manager.unload("a"), APIError).value
-        self.assertEqual(error.status, 409)
-        self.assertEqual(error.code, "model_busy")
+        error = self.failureResultOf(self.manager.unload("a"), ModelBusy).value
+        self.assertEqual((error.activeRequests, error.loading), (1, False))
         self.assertEqual(self.process("a").signals, [])
         self.assertEqual(self.status("a"), "loaded")
 
     def test_loading(self) -> None:
         """
-        Unloading a model that is loading fails with a 409 and lets the load
-        go on.
+        Unloading a model that is loading fails with L{ModelBusy} (loading)
+        and lets the load go on.
         """
         d = self.manager.acquire("a")
-        error = self.failureResultOf(self.manager.unload("a"), APIError).value
-        self.assertEqual(error.status, 409)
-        self.assertEqual(error.code, "model_loading")
+        error = self.failureResultOf(self.manager.unload("a"), ModelBusy).value
+        self.assertTrue(error.loading)
         self.assertEqual(self.process("a").signals, [])
         self.makeReady("a")
         self.successResultOf(d)
@@ -988,8 +1019,7 @@ class ServiceTests(ManagerTestsMixin, SynchronousTestCase):
 
         stopped = manager.stopService()
         for d in (loadingC, waitingD):
-            error = self.failureResultOf(d, APIError).value
-            self.assertEqual(error.status, 503)
+            self.failureResultOf(d, ShuttingDown)
         for name in "abc":
             self.assertEqual(self.process(name).signals, ["TERM"])
             self.assertEqual(self.status(name), "unloading")
@@ -1015,22 +1045,23 @@ class ServiceTests(ManagerTestsMixin, SynchronousTestCase):
         manager = self.makeManager([{"name": "a", "vram_mb": 300}])
         d = manager.acquire("a")
         stopped = manager.stopService()
-        self.assertEqual(self.failureResultOf(d, APIError).value.status, 503)
+        self.failureResultOf(d, ShuttingDown)
         self.process("a").exit(ProcessTerminated(signal=15))
         self.assertIsNone(self.successResultOf(stopped))
         self.assertIsNone(self.describe("a")["last_error"])
-        self.assertEqual(manager.slots["a"].loadFailures, 0)
+        self.assertEqual(manager.counters("a").loadFailures, 0)
 
     def test_stopServiceDrains(self) -> None:
         """
         L{ModelManager.stopService} lets requests in flight finish before
-        it stops the backends: new acquires get a 503 at once, and TERM is
+        it stops the backends: new acquires fail with L{ShuttingDown} at
+        once, and TERM is
         sent only when the last lease is released.
         """
         manager = self.makeManager([{"name": "a", "vram_mb": 300}])
         lease = self.loadedLease("a")
         stopped = manager.stopService()
-        self.assertEqual(self.failureResultOf(manager.acquire("a"), APIError).value.status, 503)
+        self.failureResultOf(manager.acquire("a"), ShuttingDown)
         self.reactor.advance(10)
         self.assertEqual(self.process("a").signals, [])
         self.assertEqual(self.status("a"), "loaded")
@@ -1057,13 +1088,12 @@ class ServiceTests(ManagerTestsMixin, SynchronousTestCase):
 
     def test_acquireAfterStop(self) -> None:
         """
-        Acquires after L{ModelManager.stopService} fail with a 503 and start
-        nothing.
+        Acquires after L{ModelManager.stopService} fail with
+        L{ShuttingDown} and start nothing.
         """
         manager = self.makeManager([{"name": "a", "vram_mb": 100}])
         self.successResultOf(manager.stopService())
-        error = self.failureResultOf(manager.acquire("a"), APIError).value
-        self.assertEqual(error.status, 503)
+        self.failureResultOf(manager.acquire("a"), ShuttingDown)
         self.assertEqual(self.reactor.spawned, [])
 
     def test_preload(self) -> None:
@@ -1148,7 +1178,7 @@ class StoreTests(ManagerTestsMixin, SynchronousTestCase):
         manager = self.makeManager([{"name": "a", "vram_mb": 600}])
         d = manager.acquire("a")
         self.process("a").exit(ProcessTerminated(exitCode=2))
-        self.failureResultOf(d, APIError)
+        self.failureResultOf(d, LoadFailed)
         self.assertEqual(self.store.saved["a"]["status"], "failed")
         self.assertIn("exited with code 2", self.store.saved["a"]["last_error"])
 

@@ -310,6 +310,9 @@ class ModelConfig:
         C{None} defers to the global C{idle_timeout_seconds}.
     @ivar load_timeout_seconds: How long a load may take; C{None} defers to
         the global setting.
+    @ivar priority: Its requests' place in the queue for memory (higher is
+        served first; a request's C{X-DynLLM-Priority} overrides it), and
+        its place when idle models are evicted (lowest first).
     @ivar extra_args: Appended to the backend's command line.
     @ivar env: Added to the backend's environment.
     @ivar created: When the model file (or directory) was last modified, in
@@ -325,6 +328,7 @@ class ModelConfig:
     listed: bool = _setting(True, _bool)
     unload_time: float | None = _setting(None, _timeout)
     load_timeout_seconds: float | None = _setting(None, _positiveNumber)
+    priority: int = _setting(0, _int)
     extra_args: tuple[str, ...] = _setting((), _argList)
     env: Mapping[str, str] = _setting({}, _envMapping)
     # llama.cpp

@@ -146,6 +146,7 @@ class IModelManager(Interface):
     L{dynllm.exceptions.UnknownModel} for any other.
     """
 
+    config = Attribute("The L{dynllm.config.Config} whose models it runs.")
     started = Attribute(
         "C{bool}: whether start-up (the reconciliation of what a previous run"
         " left behind) is done, so that loads can start."

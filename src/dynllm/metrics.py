@@ -4,7 +4,7 @@ Prometheus metrics, served at C{GET /metrics}.
 
 The state of the models (loaded, memory, requests in flight or waiting) and
 their counters (loads, failures, unloads by cause, crashes) are read from
-the L{ModelManager} when the metrics are scraped, so nothing is kept twice;
+the L{IModelManager} when the metrics are scraped, so nothing is kept twice;
 request counts and durations are observed by the routes.
 """
 
@@ -16,26 +16,27 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from dynllm.scheduler import ModelManager
+from dynllm.interfaces import IModelManager
+from dynllm.lifecycle import STATUSES, STOP_CAUSES
 
 #: The content type of L{Metrics.render}'s output.
 CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 
 #: States a model can be in (one gauge series each).
-STATES = ("unloaded", "loading", "loaded", "unloading", "failed")
+STATES = STATUSES
 
 
 class ModelCollector(Collector):
     """
-    Reads the models' state and counters from a L{ModelManager}.
+    Reads the models' state and counters from a L{IModelManager}.
     """
 
-    def __init__(self, manager: ModelManager) -> None:
+    def __init__(self, manager: IModelManager) -> None:
         self.manager = manager
 
     def collect(self) -> Iterator[Metric]:
         manager = self.manager
-        slots = list(manager.slots.values())
+        models = manager.models()
         total = GaugeMetricFamily("dynllm_vram_total_mb", "The memory budget, total_vram_mb.")
         total.add_metric([], manager.config.total_vram_mb)
         used = GaugeMetricFamily(
@@ -56,17 +57,19 @@ class ModelCollector(Collector):
             "dynllm_model_unloads", "Backends stopped, by cause.", labels=["model", "cause"]
         )
         crashes = CounterMetricFamily("dynllm_model_crashes", "Backends that died while loaded.", labels=["model"])
-        for slot in slots:
-            for name in STATES:
-                state.add_metric([slot.name, name], 1 if slot.state == name else 0)
-            active.add_metric([slot.name], slot.active)
-            waiting.add_metric([slot.name], len(slot.waiters))
-            loads.add_metric([slot.name], slot.loads)
-            failures.add_metric([slot.name], slot.loadFailures)
-            loadSeconds.add_metric([slot.name], slot.loadSeconds)
-            for cause in ("idle", "evicted", "request", "shutdown"):
-                unloads.add_metric([slot.name, cause], slot.unloads.get(cause, 0))
-            crashes.add_metric([slot.name], slot.crashes)
+        for model in models:
+            name = model["name"]
+            counters = manager.counters(name)
+            for status in STATUSES:
+                state.add_metric([name, status], 1 if model["status"] == status else 0)
+            active.add_metric([name], model["active_requests"])
+            waiting.add_metric([name], model["waiting_requests"])
+            loads.add_metric([name], counters.loads)
+            failures.add_metric([name], counters.loadFailures)
+            loadSeconds.add_metric([name], counters.loadSeconds)
+            for cause in STOP_CAUSES:
+                unloads.add_metric([name, cause], counters.unloads.get(cause, 0))
+            crashes.add_metric([name], counters.crashes)
         yield from (total, used, state, active, waiting, loads, failures, loadSeconds, unloads, crashes)
 
 
@@ -77,7 +80,7 @@ class Metrics:
     @ivar registry: Where they are registered.
     """
 
-    def __init__(self, manager: ModelManager) -> None:
+    def __init__(self, manager: IModelManager) -> None:
         self.registry = CollectorRegistry()
         self.registry.register(ModelCollector(manager))
         self._requests = Counter(

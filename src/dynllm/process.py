@@ -20,7 +20,7 @@ from typing import Callable, cast
 
 from attrs import define, field
 from twisted.internet import defer, error
-from twisted.internet.interfaces import IReactorProcess, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorProcess, IReactorTime
 from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
 
@@ -226,6 +226,7 @@ class ManagedProcess:
     startTime: int | None = field(default=None, init=False)
     _proto: BackendProcessProtocol | None = field(default=None, init=False)
     _transport: object = field(default=None, init=False)
+    _murder: IDelayedCall | None = field(default=None, init=False)
 
     def start(self) -> int:
         """
@@ -292,23 +293,25 @@ class ManagedProcess:
 
     def stop(self) -> defer.Deferred[Exception]:
         """
-        Send TERM to the program's group, and KILL after L{killTime}.
+        Send TERM to the program's group, and KILL after L{killTime}. A stop
+        asked while one is pending joins it: no second TERM, no second KILL.
 
         @return: a Deferred firing with the exit reason after the real exit.
         """
         if not self.running:
             return self.whenExited()
-        exited = self.whenExited()
-        self._signal("TERM")
-        clock = IReactorTime(self.reactor)
-        murder = clock.callLater(self.killTime, self._kill)
+        if self._murder is None:
+            self._signal("TERM")
+            clock = IReactorTime(self.reactor)
+            self._murder = clock.callLater(self.killTime, self._kill)
 
-        def cancelMurder(reason: Exception) -> Exception:
-            if murder.active():
-                murder.cancel()
-            return reason
+            def cancelMurder(reason: Exception) -> Exception:
+                if self._murder is not None and self._murder.active():
+                    self._murder.cancel()
+                return reason
 
-        return exited.addCallback(cancelMurder)
+            self.whenExited().addCallback(cancelMurder)
+        return self.whenExited()
 
     def _kill(self) -> None:
         if self.running:

@@ -84,27 +84,6 @@ def findFreePort(start: int, end: int, taken: Container[int], after: int | None 
 PORT_IN_USE = re.compile(r"couldn't bind|address already in use", re.IGNORECASE)
 
 
-class BackendExited(Exception):
-    """
-    The backend exited before it was ready.
-
-    @ivar logTail: Its last lines of output.
-    @ivar portInUse: Whether its output says that its port was taken (a
-        race with another program since the port was found free).
-    """
-
-    def __init__(self, message: str, logTail: list[str]) -> None:
-        super().__init__(message)
-        self.logTail = logTail
-        self.portInUse = any(PORT_IN_USE.search(line) for line in logTail)
-
-
-class LoadTimeout(Exception):
-    """
-    The backend was not ready within its load timeout.
-    """
-
-
 def describeExit(reason: Exception) -> str:
     """
     @return: "exited with code N" or "was killed by signal N".
@@ -152,7 +131,8 @@ class BackendRun:
     _probeCall: IDelayedCall | None = field(default=None, init=False)
     _probing: bool = field(default=False, init=False)
     _probeAgain: bool = field(default=False, init=False)
-    _loaded: defer.Deferred[None] | None = field(default=None, init=False)
+    _readyWaiters: list[defer.Deferred[None]] = field(factory=list, init=False)
+    _stopped: bool = field(default=False, init=False)
     apiKey: str | None = field(default=None, init=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
@@ -184,18 +164,14 @@ class BackendRun:
         """
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, loadTimeout: float) -> defer.Deferred[None]:
+    def start(self) -> None:
         """
-        Spawn the backend and wait until it is ready.
+        Spawn the backend and probe it until it is ready (see L{whenReady}).
+        How long a load may take is not the run's business: its owner stops
+        it when it has waited long enough.
 
-        @return: a Deferred that fires when the backend is ready, or fails
-            with L{BackendExited} (it exited first; it is reaped) or
-            L{LoadTimeout} (it is being stopped; L{whenExited} tells when
-            it is gone). Cancelling it stops the backend.
         @raise OSError: if the program could not be spawned.
         """
-        loaded: defer.Deferred[None] = defer.Deferred(lambda d: self._abandon())
-        self._loaded = loaded
         self.process.start()
         log.info(
             "[{model}] started {argv} as pid {pid}",
@@ -203,19 +179,30 @@ class BackendRun:
             argv=" ".join(self.process.argv),
             pid=self.process.pid,
         )
-        self.process.whenExited().addCallback(self._exitedWhileLoading)
-        timeout = self.reactor.callLater(loadTimeout, self._timedOut, loadTimeout)
-        loaded.addBoth(lambda r: (timeout.cancel() if timeout.active() else None, r)[1])
+        self.process.whenExited().addCallback(lambda _: self._stopProbing())
         self._scheduleProbe(FIRST_PROBE_DELAY)
-        return loaded
+
+    def whenReady(self) -> defer.Deferred[None]:
+        """
+        @return: a fresh Deferred that fires once a probe has found the
+            backend ready (at once if it was). It never fires for a run
+            that exited or was stopped first: L{whenExited} tells of that.
+        """
+        if self.ready:
+            return defer.succeed(None)
+        d: defer.Deferred[None] = defer.Deferred()
+        self._readyWaiters.append(d)
+        return d
 
     def stop(self) -> defer.Deferred[Exception]:
         """
-        Stop the backend.
+        Stop probing and stop the backend (see L{ManagedProcess.stop}: a
+        second call joins the first and sends no second signal).
 
         @return: a Deferred that fires with the exit reason after the real
             exit of the backend's whole process group.
         """
+        self._stopped = True
         self._stopProbing()
         return self.process.stop()
 
@@ -224,6 +211,13 @@ class BackendRun:
         @return: a fresh Deferred that fires with the exit reason on exit.
         """
         return self.process.whenExited()
+
+    def portTaken(self) -> bool:
+        """
+        @return: whether the backend's output says that its port was taken
+            (a race with another program since the port was found free).
+        """
+        return any(PORT_IN_USE.search(line) for line in self.logTail())
 
     def logTail(self, count: int = FAILURE_LOG_LINES) -> list[str]:
         """
@@ -234,7 +228,7 @@ class BackendRun:
     # Readiness.
 
     def _line(self, line: str) -> None:
-        if not self.ready and self._loaded is not None and self.backend.readyHint(line):
+        if not self.ready and not self._stopped and self.backend.readyHint(line):
             self._probeNow()
 
     def _scheduleProbe(self, delay: float) -> None:
@@ -265,49 +259,16 @@ class BackendRun:
 
     def _probed(self, isReady: bool, delay: float) -> None:
         self._probing = False
-        loaded = self._loaded
-        if loaded is None or loaded.called or not self.process.running:
+        if self.ready or self._stopped or not self.process.running:
             return
         if isReady:
             self.ready = True
-            self._loaded = None
-            loaded.callback(None)
+            waiters, self._readyWaiters = self._readyWaiters, []
+            for d in waiters:
+                d.callback(None)
         elif self._probeAgain:
             self._probeAgain = False
             self._probe(FIRST_PROBE_DELAY)
         else:
             nextDelay = min(delay * PROBE_BACKOFF, MAX_PROBE_DELAY)
             self._scheduleProbe(nextDelay)
-
-    # Failures while loading.
-
-    def _fail(self, failure: Exception) -> None:
-        self._stopProbing()
-        loaded, self._loaded = self._loaded, None
-        if loaded is not None and not loaded.called:
-            loaded.errback(failure)
-
-    def _exitedWhileLoading(self, reason: Exception) -> None:
-        if self.ready:
-            return
-        tail = self.logTail()
-        message = f"backend for model {self.model.name!r} {describeExit(reason)} while loading"
-        self._fail(BackendExited(message, tail))
-
-    def _timedOut(self, seconds: float) -> None:
-        loaded = self._loaded
-        if loaded is None or loaded.called:
-            return
-        self._loaded = None
-        log.warn(
-            "[{model}] not ready after {seconds}s; stopping it", model=self.model.name, seconds=seconds
-        )
-        self._stopProbing()
-        message = f"model {self.model.name!r} was not ready within its load timeout of {seconds:g}s"
-        self.stop()
-        loaded.errback(LoadTimeout(message))
-
-    def _abandon(self) -> None:
-        # The load was cancelled: stop the backend (nobody waits for it).
-        self._loaded = None
-        self.stop()

@@ -1,6 +1,8 @@
 # -*- test-case-name: tests.test_scheduler -*-
 """
-Which models run: loads on demand, the memory budget, eviction, leases.
+Which models run: a thin service that wires each model's lifecycle machine
+(L{dynllm.lifecycle}), the planner (L{dynllm.planner}), the state store and
+the clock.
 
 A request calls L{ModelManager.acquire} and gets a L{Lease} on a ready model;
 it holds the lease until its response is fully written or its client has
@@ -8,11 +10,11 @@ gone. A model with a lease out is never stopped: not by eviction, the idle
 reaper or an admin unload.
 
 Memory: the C{vram_mb} of every model that is loading, loaded or still
-unloading (its process has not exited yet) counts against C{total_vram_mb}.
-A load that does not fit waits in a FIFO queue. The first waiting load evicts
-idle models, in the order of C{eviction_policy}, until it fits; when there
-is nothing it may evict, its requests wait up to C{queue_timeout_seconds}
-for busy models to finish, then get a 503.
+stopping counts against C{total_vram_mb}. What starts, what is stopped to
+make room, and which busy models stop taking new requests so that a waiting
+load gets its turn is the planner's decision, made again after every change.
+A request waits for memory up to its queue timeout, then fails with
+L{NoCapacity}.
 """
 
 from __future__ import annotations
@@ -23,169 +25,59 @@ from typing import Any, Callable
 from attrs import define, field
 from twisted.application.service import Service
 from twisted.internet import defer
-from twisted.internet.interfaces import IDelayedCall
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
-from dynllm import errors
+from dynllm import planner
 from dynllm.backends import backendFor
-from dynllm.config import Config, ModelConfig
-from dynllm.interfaces import IBackend
-from dynllm.lease import ModelCounters
-from dynllm.logs import logger
-from dynllm.process import LogRing
-from dynllm.runner import (
-    BackendExited,
-    BackendRun,
-    LoadTimeout,
-    NoFreePort,
-    describeExit,
-    findFreePort,
+from dynllm.config import Config
+from dynllm.exceptions import (
+    LoadFailed,
+    ModelBusy,
+    NoCapacity,
+    SchedulerError,
+    ShuttingDown,
+    UnknownModel,
 )
+from dynllm.interfaces import IBackend, IModelManager, IStateStore
+from dynllm.lease import Lease, ModelCounters, RequestOptions
+from dynllm.lifecycle import (
+    ABANDONED,
+    FAILED,
+    HOLDS_MEMORY,
+    IDLE,
+    LOADED,
+    LOADING,
+    REQUEST,
+    SHUTDOWN,
+    UNLOADED,
+    UNLOADING,
+    ModelCore,
+    ModelLifecycle,
+    Tenancy,
+    Waiter,
+    makeLifecycle,
+)
+from dynllm.logs import logger
+from dynllm.runner import BackendRun, NoFreePort, findFreePort
 from dynllm.store import MemoryStateStore, reconcile
+
+__all__ = ["Lease", "ModelManager", "UNLOADED", "LOADING", "LOADED", "UNLOADING", "FAILED", "HOLDS_MEMORY"]
 
 log = logger(__name__)
 
-UNLOADED = "unloaded"
-LOADING = "loading"
-LOADED = "loaded"
-UNLOADING = "unloading"
-FAILED = "failed"
-
-#: States whose model holds memory.
-HOLDS_MEMORY = (LOADING, LOADED, UNLOADING)
-
-#: Seconds suggested to a client in C{Retry-After} when memory is short.
-RETRY_AFTER = 5
-
-#: Loads retried on another port when a backend finds its port taken.
-PORT_RETRIES = 3
-
 
 @define(eq=False)
-class Lease:
+class _Model:
     """
-    The right to send requests to a ready model, until L{release}d.
-
-    @ivar model: The model's configuration.
-    @ivar backend: The kind of server that runs it.
-    @ivar baseURL: The server's address, C{http://127.0.0.1:PORT}.
-    @ivar apiKey: The key the server requires, which the relay sends as
-        C{Authorization: Bearer KEY}; C{None} when it requires none (see
-        L{dynllm.runner.BackendRun.apiKey}).
+    One configured model: its shared data and its machine.
     """
 
-    model: ModelConfig
-    backend: IBackend
-    baseURL: str
-    _onRelease: Callable[[Lease], None]
-    released: bool = False
-    apiKey: str | None = field(default=None, repr=False)
-
-    @property
-    def upstreamHeaders(self) -> dict[str, str]:
-        """
-        The headers every request to the server must carry: its key as
-        C{Authorization: Bearer KEY}, or none for a server without keys.
-        """
-        if self.apiKey is None:
-            return {}
-        return {"Authorization": "Bearer " + self.apiKey}
-
-    def release(self) -> None:
-        """
-        Give the model back; calling this again does nothing.
-        """
-        if not self.released:
-            self.released = True
-            self._onRelease(self)
-
-    def __enter__(self) -> Lease:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
+    core: ModelCore
+    machine: ModelLifecycle
 
 
-@define(eq=False)
-class _Waiter:
-    """
-    A request waiting for a model to be ready.
-    """
-
-    deferred: defer.Deferred[Lease]
-    queueTimer: IDelayedCall | None = None
-
-    def stopTimer(self) -> None:
-        if self.queueTimer is not None and self.queueTimer.active():
-            self.queueTimer.cancel()
-        self.queueTimer = None
-
-
-@define(eq=False)
-class ModelSlot:
-    """
-    The runtime state of one configured model.
-
-    @ivar state: One of C{unloaded}, C{loading}, C{loaded}, C{unloading},
-        C{failed}.
-    @ivar run: The backend process, while there is one.
-    @ivar active: Leases out on the current run.
-    @ivar loadSeq: Increases with each load (the order for LIFO eviction).
-    @ivar log: The last lines its backends printed, across restarts.
-    """
-
-    config: ModelConfig
-    backend: IBackend
-    state: str = UNLOADED
-    run: BackendRun | None = None
-    active: int = 0
-    loadedAt: float | None = None
-    lastUsedAt: float | None = None
-    loadSeq: int = 0
-    lastError: str | None = None
-    waiters: list[_Waiter] = field(factory=list)
-    log: LogRing = field(factory=LogRing)
-    #: The current run failed to load and is being stopped.
-    failing: bool = False
-    #: Loads in a row whose backend found its port taken.
-    portConflicts: int = 0
-    #: Counters since start-up, for metrics: loads that succeeded and
-    #: failed, seconds spent in successful loads, unloads by cause, and
-    #: backends that died while loaded.
-    loads: int = 0
-    loadFailures: int = 0
-    loadSeconds: float = 0.0
-    unloads: dict[str, int] = field(factory=dict)
-    crashes: int = 0
-    loadStartedAt: float | None = None
-    #: C{lastUsedAt} changed since the row was last written.
-    dirty: bool = False
-
-    @property
-    def name(self) -> str:
-        return self.config.name
-
-    def describe(self) -> dict[str, Any]:
-        """
-        @return: this model as C{/admin/models} shows it.
-        """
-        process = self.run.process if self.run is not None else None
-        return {
-            "name": self.name,
-            "status": self.state,
-            "backend": self.config.backend,
-            "model_type": self.config.model_type,
-            "vram_mb": self.config.vram_mb,
-            "pid": process.pid if process is not None else None,
-            "port": self.run.port if self.run is not None else None,
-            "loaded_at": self.loadedAt,
-            "last_used_at": self.lastUsedAt,
-            "active_requests": self.active,
-            "waiting_requests": len(self.waiters),
-            "last_error": self.lastError,
-        }
-
-
+@implementer(IModelManager)
 @define(eq=False)
 class ModelManager(Service):
     """
@@ -202,23 +94,33 @@ class ModelManager(Service):
     config: Config
     reactor: Any
     http: Any
-    store: Any = field(factory=MemoryStateStore)
+    store: IStateStore = field(factory=MemoryStateStore)
     killTime: float = 5.0
     newSession: bool = True
     backendFor: Callable[[str], IBackend] = backendFor
-    slots: dict[str, ModelSlot] = field(init=False)
-    _pending: list[ModelSlot] = field(factory=list, init=False)
+    _models: dict[str, _Model] = field(init=False)
+    _held: frozenset[str] = field(default=frozenset(), init=False)
     _loadCounter: int = field(default=0, init=False)
     _lastPort: int | None = field(default=None, init=False)
     _readyWaiters: list[defer.Deferred[None]] = field(factory=list, init=False)
     _started: bool = field(default=False, init=False)
     _stopping: bool = field(default=False, init=False)
+    _planning: bool = field(default=False, init=False)
+    _replan: bool = field(default=False, init=False)
     _drained: defer.Deferred[None] | None = field(default=None, init=False)
 
     def __attrs_post_init__(self) -> None:
-        self.slots = {
-            m.name: ModelSlot(m, self.backendFor(m.backend)) for m in self.config.models
-        }
+        self._models = {}
+        for model in self.config.models:
+            core = ModelCore(
+                config=model,
+                backend=self.backendFor(model.backend),
+                clock=self.reactor,
+                loadTimeout=self.config.loadTimeout(model),
+                record=self._record,
+                changed=self._schedule,
+            )
+            self._models[model.name] = _Model(core, makeLifecycle(core))
 
     # Service.
 
@@ -241,11 +143,11 @@ class ModelManager(Service):
 
     async def _start(self) -> None:
         try:
-            await reconcile(self.store, list(self.slots), self.reactor)
+            await reconcile(self.store, list(self._models), self.reactor)
         except Exception:
             log.failure("could not reconcile the state database; carrying on")
-        for slot in self.slots.values():
-            self._record(slot)
+        for model in self._models.values():
+            self._record(model.core)
         self._started = True
         waiters, self._readyWaiters = self._readyWaiters, []
         for d in waiters:
@@ -271,28 +173,36 @@ class ModelManager(Service):
         self._readyWaiters.append(d)
         return d
 
+    @property
+    def started(self) -> bool:
+        """
+        Whether start-up reconciliation is done and requests are served.
+        """
+        return self._started
+
     def stopService(self) -> defer.Deferred[None]:
         """
         Drain, then stop every backend: new requests and those waiting for a
-        model get a 503 at once, and requests in flight may finish (up to
-        C{shutdown_timeout_seconds}) before the backends are stopped.
+        model fail with L{ShuttingDown} at once, and requests in flight may
+        finish (up to C{shutdown_timeout_seconds}) before the backends are
+        stopped.
 
         @return: a Deferred that fires once every backend has really exited
             and its state is recorded.
         """
         Service.stopService(self)
         self._stopping = True
-        shutdown = errors.APIError(503, "dynllm is shutting down", "server_error", "shutting_down")
-        for slot in self.slots.values():
-            self._failWaiters(slot, shutdown)
-        self._pending.clear()
+        for model in self._models.values():
+            model.core.failWaiters(ShuttingDown())
         return defer.ensureDeferred(self._shutdown())
 
     async def _shutdown(self) -> None:
         await self._drain(self.config.shutdown_timeout_seconds)
-        exits = [
-            self._unload(slot, "shutting down", "shutdown") for slot in self.slots.values() if slot.run is not None
-        ]
+        exits = []
+        for model in self._models.values():
+            done: defer.Deferred[None] = defer.Deferred()
+            model.machine.stop(SHUTDOWN, done)
+            exits.append(done)
         await defer.DeferredList(exits, consumeErrors=True)
         self.store.close()
 
@@ -300,7 +210,7 @@ class ModelManager(Service):
         """
         Wait until no request is in flight, or C{timeout} seconds.
         """
-        inFlight = sum(slot.active for slot in self.slots.values())
+        inFlight = sum(model.core.active for model in self._models.values())
         if not inFlight or timeout <= 0:
             return
         log.info(
@@ -323,12 +233,12 @@ class ModelManager(Service):
             drained.callback(None)
 
     def _checkDrained(self) -> None:
-        if self._drained is not None and not any(slot.active for slot in self.slots.values()):
+        if self._drained is not None and not any(model.core.active for model in self._models.values()):
             self._drainedNow()
 
     # Requests.
 
-    def acquire(self, name: str) -> defer.Deferred[Lease]:
+    def acquire(self, name: str, options: RequestOptions | None = None) -> defer.Deferred[Lease]:
         """
         Get a lease on model C{name}, loading it first if it is not running.
 
@@ -336,57 +246,53 @@ class ModelManager(Service):
         Each caller gets its own Deferred; cancelling it withdraws that
         caller only.
 
-        @return: a Deferred that fires with a L{Lease}, or fails with an
-            L{errors.APIError}: 404 for an unknown model, 502 if the backend
-            died while loading, 503 if memory could not be freed within
-            C{queue_timeout_seconds}, 504 if the load timed out.
+        @param options: This request's queue timeout, priority and
+            keep-alive (see L{RequestOptions}); C{None}: the configured ones.
+        @return: a Deferred that fires with a L{Lease}, or fails with a
+            L{SchedulerError}: L{UnknownModel}, L{ShuttingDown},
+            L{LoadFailed} if the backend could not start or died while
+            loading, L{LoadTimedOut}, or L{NoCapacity} if memory could not
+            be freed within the queue timeout.
         """
-        slot = self.slots.get(name)
-        if slot is None:
-            return defer.fail(errors.modelNotFound(name))
+        model = self._models.get(name)
+        if model is None:
+            return defer.fail(UnknownModel(name))
         if self._stopping:
-            return defer.fail(errors.APIError(503, "dynllm is shutting down", "server_error"))
-        if slot.state == LOADED:
-            return defer.succeed(self._lease(slot))
-        waiter = _Waiter(defer.Deferred(lambda d: self._withdraw(slot, waiter)))
-        slot.waiters.append(waiter)
-        if slot.state != LOADING:
-            if slot not in self._pending:
-                self._pending.append(slot)
-            waiter.queueTimer = self.reactor.callLater(
-                self.config.queue_timeout_seconds, self._queueTimedOut, slot, waiter
-            )
-            self._schedule()
-        return waiter.deferred
+            return defer.fail(ShuttingDown())
+        options = options or RequestOptions()
+        core = model.core
+        if options.keepAlive is not None:
+            core.keepAlive = options.keepAlive
+        if core.status == LOADED and name not in self._held:
+            return defer.succeed(self._lease(core))
+        queueTimeout = self.config.queue_timeout_seconds if options.queueTimeout is None else options.queueTimeout
+        priority = core.config.priority if options.priority is None else options.priority
+        d: defer.Deferred[Any] = defer.Deferred(lambda d: self._withdraw(core, waiter))
+        waiter = Waiter(d, self.reactor.seconds(), priority, queueTimeout)
+        core.waiters.append(waiter)
+        if core.status != LOADING and queueTimeout > 0:
+            waiter.timer = self.reactor.callLater(queueTimeout, self._queueTimedOut, core, waiter)
+        self._schedule()
+        if queueTimeout == 0 and waiter in core.waiters and core.status != LOADING:
+            # For gateways that fail over: no wait at all.
+            self._refuse(core, waiter)
+        result: defer.Deferred[Lease] = d
+        return result
 
     def peek(self, name: str) -> Lease | None:
         """
         Get a lease on model C{name} only if it is loaded now, for a look
         that is not a use: the model is not loaded for it, and its idle
-        timer is not reset by it (a readiness check must not
-        keep a model loaded forever).
+        timer is not reset by it (a readiness check must not keep a model
+        loaded forever).
 
         @return: a L{Lease}, or C{None} if the model is not loaded.
-        @raise errors.APIError: 404 for an unknown model.
+        @raise UnknownModel: for an unknown model.
         """
-        slot = self._slot(name)
-        if slot.state != LOADED or self._stopping:
+        core = self._core(name)
+        if core.status != LOADED or self._stopping:
             return None
-        return self._lease(slot, use=False)
-
-    def describe(self, name: str) -> dict[str, Any]:
-        """
-        @return: model C{name}'s state, as C{/admin/models} shows it.
-        @raise errors.APIError: 404 for an unknown model.
-        """
-        return self._slot(name).describe()
-
-    def backendOf(self, name: str) -> IBackend:
-        """
-        @return: the backend that runs model C{name}.
-        @raise errors.APIError: 404 for an unknown model.
-        """
-        return self._slot(name).backend
+        return self._lease(core, use=False)
 
     def load(self, name: str) -> defer.Deferred[None]:
         """
@@ -400,363 +306,296 @@ class ModelManager(Service):
         """
         Stop model C{name} now.
 
-        @return: a Deferred that fires once its backend has exited, or
-            fails with an L{errors.APIError}: 404 for an unknown model, 409
+        @return: a Deferred that fires once its backend has exited (at once
+            if it had none), or fails with L{UnknownModel}, or L{ModelBusy}
             if it has requests in flight or is loading.
         """
-        slot = self.slots.get(name)
-        if slot is None:
-            return defer.fail(errors.modelNotFound(name))
-        if slot.active:
-            return defer.fail(
-                errors.APIError(
-                    409,
-                    f"model {name!r} has {slot.active} request(s) in flight",
-                    "invalid_request_error",
-                    "model_busy",
-                )
-            )
-        if slot.state == LOADING:
-            return defer.fail(
-                errors.APIError(409, f"model {name!r} is loading", "invalid_request_error", "model_loading")
-            )
-        if slot.run is None:
-            return defer.succeed(None)
-        return self._unload(slot, "unloaded on request", "request").addCallback(lambda _: None)
+        model = self._models.get(name)
+        if model is None:
+            return defer.fail(UnknownModel(name))
+        core = model.core
+        if core.active:
+            return defer.fail(ModelBusy(name, activeRequests=core.active))
+        if core.status == LOADING:
+            return defer.fail(ModelBusy(name, loading=True))
+        done: defer.Deferred[None] = defer.Deferred()
+        model.machine.stop(REQUEST, done)
+        return done
 
-    @property
-    def started(self) -> bool:
-        """
-        Whether start-up reconciliation is done and requests are served.
-        """
-        return self._started
+    # Reading.
 
-    def logTail(self, name: str, count: int) -> list[str]:
+    def describe(self, name: str) -> dict[str, Any]:
         """
-        @return: the last C{count} lines that model C{name}'s backends
-            printed (across restarts).
-        @raise errors.APIError: 404 for an unknown model.
+        @return: model C{name}'s state, as C{/admin/models} shows it (see
+            L{IModelManager.describe}).
+        @raise UnknownModel: for an unknown model.
         """
-        return self._slot(name).log.tail(count)
+        core = self._core(name)
+        process = core.run.process if core.run is not None else None
+        return {
+            "name": core.name,
+            "status": core.status,
+            "backend": core.config.backend,
+            "model_type": core.config.model_type,
+            "vram_mb": core.config.vram_mb,
+            "pid": process.pid if process is not None else None,
+            "port": core.run.port if core.run is not None else None,
+            "loaded_at": core.loadedAt,
+            "last_used_at": core.lastUsedAt,
+            "active_requests": core.active,
+            "waiting_requests": len(core.waiters),
+            "last_error": core.lastError,
+        }
 
     def models(self) -> list[dict[str, Any]]:
         """
         @return: every configured model's state, as C{/admin/models} shows.
         """
-        return [slot.describe() for slot in self.slots.values()]
+        return [self.describe(name) for name in self._models]
 
     def counters(self, name: str) -> ModelCounters:
         """
         @return: model C{name}'s counters since start-up.
-        @raise errors.APIError: 404 for an unknown model.
+        @raise UnknownModel: for an unknown model.
         """
-        slot = self._slot(name)
+        core = self._core(name)
         return ModelCounters(
-            loads=slot.loads,
-            loadFailures=slot.loadFailures,
-            loadSeconds=slot.loadSeconds,
-            unloads=dict(slot.unloads),
-            crashes=slot.crashes,
+            loads=core.loads,
+            loadFailures=core.loadFailures,
+            loadSeconds=core.loadSeconds,
+            unloads=dict(core.unloads),
+            crashes=core.crashes,
         )
+
+    def backendOf(self, name: str) -> IBackend:
+        """
+        @return: the backend that runs model C{name}.
+        @raise UnknownModel: for an unknown model.
+        """
+        return self._core(name).backend
+
+    def logTail(self, name: str, count: int) -> list[str]:
+        """
+        @return: the last C{count} lines that model C{name}'s backends
+            printed (across restarts).
+        @raise UnknownModel: for an unknown model.
+        """
+        return self._core(name).log.tail(count)
 
     def memoryInUse(self) -> int:
         """
         @return: the C{vram_mb} held by models loading, loaded or unloading.
         """
-        return sum(s.config.vram_mb for s in self.slots.values() if s.state in HOLDS_MEMORY)
+        return sum(m.core.config.vram_mb for m in self._models.values() if m.core.status in HOLDS_MEMORY)
 
     def reapIdle(self) -> None:
         """
-        Stop every loaded model idle for longer than its idle timeout, and
+        Stop every loaded model idle for longer than its idle timeout (a
+        request's C{X-DynLLM-Keep-Alive}, else the configured one), and
         record when models were last used.
         """
         now = self.reactor.seconds()
-        for slot in self.slots.values():
-            if slot.dirty:
-                self._record(slot)
-            if slot.state != LOADED or slot.active:
+        for model in self._models.values():
+            core = model.core
+            if core.dirty:
+                self._record(core)
+            if core.status != LOADED or core.active or core.lastUsedAt is None:
                 continue
-            timeout = self.config.idleTimeout(slot.config)
-            if math.isinf(timeout) or slot.lastUsedAt is None:
-                continue
-            if now - slot.lastUsedAt >= timeout:
-                self._unload(slot, f"idle for {now - slot.lastUsedAt:.0f}s", "idle")
+            timeout = self._idleTimeout(core)
+            if not math.isinf(timeout) and now - core.lastUsedAt >= timeout:
+                model.machine.stop(IDLE, defer.Deferred())
 
-    def _slot(self, name: str) -> ModelSlot:
+    def _idleTimeout(self, core: ModelCore) -> float:
+        if core.keepAlive is None:
+            return self.config.idleTimeout(core.config)
+        return math.inf if core.keepAlive < 0 else core.keepAlive
+
+    def _core(self, name: str) -> ModelCore:
         """
-        @return: the slot of model C{name}.
-        @raise errors.APIError: 404 for an unknown model.
+        @raise UnknownModel: for an unknown model.
         """
-        slot = self.slots.get(name)
-        if slot is None:
-            raise errors.modelNotFound(name)
-        return slot
+        model = self._models.get(name)
+        if model is None:
+            raise UnknownModel(name)
+        return model.core
 
     # Leases.
 
-    def _lease(self, slot: ModelSlot, use: bool = True) -> Lease:
-        assert slot.run is not None
-        slot.active += 1
+    def _lease(self, core: ModelCore, use: bool = True) -> Lease:
+        run, tenancy = core.run, core.tenancy
+        assert run is not None and tenancy is not None
+        tenancy.active += 1
         if use:
-            slot.lastUsedAt = self.reactor.seconds()
-        run = slot.run
+            core.lastUsedAt = self.reactor.seconds()
         return Lease(
-            slot.config,
-            slot.backend,
+            core.config,
+            core.backend,
             run.baseURL,
-            lambda lease: self._release(slot, run, use),
+            lambda lease: self._release(core, tenancy, use),
             apiKey=run.apiKey,
         )
 
-    def _release(self, slot: ModelSlot, run: BackendRun, use: bool = True) -> None:
-        if slot.run is not run:
-            return  # that backend is gone already
-        slot.active -= 1
+    def _release(self, core: ModelCore, tenancy: Tenancy, use: bool) -> None:
+        # A lease counts down the tenancy it was given on: one on a run
+        # that has since stopped changes nothing that is read.
+        tenancy.active -= 1
         if use:
-            slot.lastUsedAt = self.reactor.seconds()
-            slot.dirty = True
-        if slot.active == 0:
-            if self._pending:
-                self._schedule()
+            core.lastUsedAt = self.reactor.seconds()
+            core.dirty = True
+        if core.active == 0:
+            if use and core.status == LOADED and self._idleTimeout(core) == 0:
+                self._models[core.name].machine.stop(IDLE, defer.Deferred())
+            self._schedule()
             self._checkDrained()
 
     # Waiting.
 
-    def _withdraw(self, slot: ModelSlot, waiter: _Waiter) -> None:
+    def _withdraw(self, core: ModelCore, waiter: Waiter) -> None:
         waiter.stopTimer()
-        if waiter in slot.waiters:
-            slot.waiters.remove(waiter)
-        if not slot.waiters and slot in self._pending:
-            self._pending.remove(slot)
+        if waiter in core.waiters:
+            core.waiters.remove(waiter)
             self._schedule()
 
-    def _queueTimedOut(self, slot: ModelSlot, waiter: _Waiter) -> None:
-        waiter.queueTimer = None
-        if waiter not in slot.waiters:
-            return
-        busy = [s.name for s in self.slots.values() if s.active]
-        message = (
-            f"not enough memory to load model {slot.name!r} ({slot.config.vram_mb} MB needed,"
-            f" {self.config.total_vram_mb - self.memoryInUse()} MB free of"
-            f" {self.config.total_vram_mb} MB) within {self.config.queue_timeout_seconds:g}s;"
-            f" busy models: {', '.join(busy) or 'none'}"
-        )
-        self._withdraw(slot, waiter)
-        waiter.deferred.errback(errors.noCapacity(message, RETRY_AFTER))
+    def _queueTimedOut(self, core: ModelCore, waiter: Waiter) -> None:
+        waiter.timer = None
+        if waiter in core.waiters and core.status != LOADING:
+            self._refuse(core, waiter)
 
-    def _failWaiters(self, slot: ModelSlot, error: Exception) -> None:
-        waiters, slot.waiters = slot.waiters, []
-        for waiter in waiters:
-            waiter.stopTimer()
-            if not waiter.deferred.called:
-                waiter.deferred.errback(error)
+    def _refuse(self, core: ModelCore, waiter: Waiter) -> None:
+        """
+        Fail C{waiter} with L{NoCapacity}: its queue timeout has passed.
+        """
+        error = NoCapacity(
+            name=core.name,
+            neededMB=core.config.vram_mb,
+            freeMB=self.config.total_vram_mb - self.memoryInUse(),
+            totalMB=self.config.total_vram_mb,
+            waitedSeconds=waiter.queueTimeout,
+            busyModels=tuple(m.core.name for m in self._models.values() if m.core.active),
+            retryAfter=planner.retryAfter(self._views(), core.name, self.config.total_vram_mb, self.config.eviction_policy),
+        )
+        self._withdraw(core, waiter)
+        waiter.deferred.errback(error)
 
     # Scheduling.
 
-    def _evictable(self, exclude: ModelSlot) -> list[ModelSlot]:
-        idle = [
-            s for s in self.slots.values() if s.state == LOADED and not s.active and s is not exclude
-        ]
-        if self.config.eviction_policy == "lru":
-            return sorted(idle, key=lambda s: s.lastUsedAt or 0.0)
-        return sorted(idle, key=lambda s: s.loadSeq, reverse=True)
+    def _views(self) -> list[planner.ModelView]:
+        now = self.reactor.seconds()
+        views = []
+        for model in self._models.values():
+            core = model.core
+            waiters = core.waiters
+            views.append(
+                planner.ModelView(
+                    name=core.name,
+                    vramMB=core.config.vram_mb,
+                    status=core.status,
+                    active=core.active,
+                    waiting=len(waiters),
+                    priority=max((w.priority for w in waiters), default=core.config.priority),
+                    since=min((w.since for w in waiters), default=None),
+                    modelPriority=core.config.priority,
+                    lastUsedAt=core.lastUsedAt or 0.0,
+                    loadSeq=core.loadSeq,
+                    loadSeconds=core.loadSeconds / core.loads if core.loads else None,
+                    loadingFor=now - core.loadStartedAt
+                    if core.status == LOADING and core.loadStartedAt is not None
+                    else 0.0,
+                )
+            )
+        return views
 
     def _schedule(self) -> None:
         """
-        Start the waiting loads that fit, in order; evict for the first one
-        that does not. Nothing starts before start-up reconciliation is done.
+        Ask the planner what to do, do it, and hand leases to the waiters of
+        loaded models it does not hold; again while anything changed.
+        Nothing starts before start-up reconciliation is done.
         """
         if self._stopping or not self._started:
             return
-        total = self.config.total_vram_mb
-        free = total - self.memoryInUse()
-        releasing = sum(s.config.vram_mb for s in self.slots.values() if s.state == UNLOADING)
-        # Once one load is blocked, only it may evict; later loads may use
-        # only memory that is free beyond what it waits for.
-        blocked = False
-        for slot in list(self._pending):
-            if slot.state in HOLDS_MEMORY and slot.state != UNLOADING:
-                self._pending.remove(slot)
-                continue
-            need = slot.config.vram_mb
-            if slot.state != UNLOADING and need <= free:
-                self._pending.remove(slot)
-                if self._startLoad(slot):
-                    free -= need
-                continue
-            if not blocked and need > free + releasing:
-                victims = []
-                freeable = free + releasing
-                for victim in self._evictable(exclude=slot):
-                    if need <= freeable:
-                        break
-                    victims.append(victim)
-                    freeable += victim.config.vram_mb
-                if need <= freeable:
-                    for victim in victims:
-                        self._unload(victim, f"evicted to make room for {slot.name}", "evicted")
-            blocked = True
-            free -= need
+        if self._planning:
+            self._replan = True
+            return
+        self._planning = True
+        try:
+            self._replan = True
+            while self._replan:
+                self._replan = False
+                self._apply(planner.plan(self._views(), self.config.total_vram_mb, self.config.eviction_policy))
+        finally:
+            self._planning = False
 
-    def _startLoad(self, slot: ModelSlot) -> bool:
-        """
-        Start loading C{slot}'s model.
+    def _apply(self, plan: planner.Plan) -> None:
+        self._held = plan.hold
+        for name, cause in plan.stop:
+            log.info("stopping {name} to make room ({cause})", name=name, cause=cause)
+            self._models[name].machine.stop(cause, defer.Deferred())
+        for name in plan.start:
+            self._startLoad(self._models[name])
+        for model in self._models.values():
+            core = model.core
+            if core.status == LOADED and core.waiters and core.name not in self._held:
+                waiters, core.waiters = core.waiters, []
+                for waiter in waiters:
+                    waiter.stopTimer()
+                    if not waiter.deferred.called:
+                        waiter.deferred.callback(self._lease(core))
 
-        @return: whether its backend was started (if not, its waiters have
-            been failed with a 502).
+    def _startLoad(self, model: _Model) -> None:
         """
-        for waiter in slot.waiters:
+        Spawn model's backend on a free port, and tell its machine.
+        """
+        core = model.core
+        for waiter in core.waiters:
             waiter.stopTimer()
-        model = slot.config
         try:
             port = findFreePort(
                 self.config.backend.port_range_start,
                 self.config.backend.port_range_end,
-                {s.run.port for s in self.slots.values() if s.run is not None},
+                {m.core.run.port for m in self._models.values() if m.core.run is not None},
                 self._lastPort,
             )
         except NoFreePort as e:
-            self._loadFailed(slot, errors.backendFailed(f"cannot start model {slot.name!r}: {e}"))
-            return False
+            model.machine.spawnFailed(LoadFailed(core.name, f"cannot start model {core.name!r}: {e}"))
+            return
         self._lastPort = port
         run = BackendRun(
-            model=model,
-            backend=slot.backend,
+            model=core.config,
+            backend=core.backend,
             port=port,
             reactor=self.reactor,
             http=self.http,
-            binary=self.config.backend.binaryFor(model.backend),
+            binary=self.config.backend.binaryFor(core.config.backend),
             killTime=self.killTime,
             newSession=self.newSession,
-            ring=slot.log,
+            ring=core.log,
         )
         try:
-            loaded = run.start(self.config.loadTimeout(model))
+            run.start()
         except OSError as e:
-            self._loadFailed(slot, errors.backendFailed(f"cannot start model {slot.name!r}: {e}"))
-            return False
+            model.machine.spawnFailed(LoadFailed(core.name, f"cannot start model {core.name!r}: {e}"))
+            return
         self._loadCounter += 1
-        slot.run = run
-        slot.state = LOADING
-        slot.loadStartedAt = self.reactor.seconds()
-        slot.loadSeq = self._loadCounter
-        slot.lastError = None
-        slot.failing = False
-        self._record(slot)
-        run.whenExited().addCallback(self._exited, slot, run)
-        loaded.addCallbacks(self._loaded, self._loadError, callbackArgs=(slot, run), errbackArgs=(slot, run))
-        return True
+        core.loadSeq = self._loadCounter
+        model.machine.load(run)
 
-    def _loaded(self, _: None, slot: ModelSlot, run: BackendRun) -> None:
-        if slot.run is not run:
-            return
-        now = self.reactor.seconds()
-        slot.state = LOADED
-        slot.portConflicts = 0
-        slot.loadedAt = slot.lastUsedAt = now
-        slot.loads += 1
-        if slot.loadStartedAt is not None:
-            slot.loadSeconds += now - slot.loadStartedAt
-        log.info("{name} is ready on port {port}", name=slot.name, port=run.port)
-        self._record(slot)
-        waiters, slot.waiters = slot.waiters, []
-        for waiter in waiters:
-            if not waiter.deferred.called:
-                waiter.deferred.callback(self._lease(slot))
-        if slot.active == 0 and self._pending:
-            # Every waiter withdrew: it is idle now, so a load waiting for
-            # memory may evict it.
-            self._schedule()
-
-    def _loadError(self, failure: Any, slot: ModelSlot, run: BackendRun) -> None:
-        reason = failure.value
-        if self._stopping or isinstance(reason, defer.CancelledError):
-            # Stopped on purpose; its waiters have had their answer.
-            return
-        if isinstance(reason, BackendExited) and reason.portInUse and slot.portConflicts < PORT_RETRIES:
-            # Another program took the port after we found it free: the
-            # waiters stay, and the exit puts the load back in the queue,
-            # where it gets the next free port.
-            slot.portConflicts += 1
-            log.warn("{name}: port {port} was taken; trying another", name=slot.name, port=run.port)
-            return
-        if isinstance(reason, BackendExited):
-            tail = "\n".join(reason.logTail)
-            error = errors.backendFailed(f"{reason}; last output:\n{tail}" if tail else str(reason))
-        elif isinstance(reason, LoadTimeout):
-            error = errors.loadTimedOut(str(reason))
-        else:
-            error = errors.backendFailed(f"model {slot.name!r} failed to load: {reason}")
-        self._loadFailed(slot, error)
-
-    def _loadFailed(self, slot: ModelSlot, error: errors.APIError) -> None:
-        log.error("{name}: {message}", name=slot.name, message=error.message)
-        slot.lastError = error.message
-        slot.loadFailures += 1
-        if slot.run is None:
-            slot.state = FAILED
-        elif slot.run.process.running:
-            # Timed out: it holds its memory until it has exited.
-            slot.failing = True
-            slot.state = UNLOADING
-        self._record(slot)
-        self._failWaiters(slot, error)
-
-    def _unload(self, slot: ModelSlot, why: str, cause: str) -> defer.Deferred[Exception]:
-        """
-        Stop C{slot}'s backend.
-
-        @param why: For the log.
-        @param cause: For metrics: C{idle}, C{evicted}, C{request} or
-            C{shutdown}.
-        """
-        assert slot.run is not None
-        if slot.state != UNLOADING:
-            slot.unloads[cause] = slot.unloads.get(cause, 0) + 1
-            log.info("stopping {name}: {why}", name=slot.name, why=why)
-            slot.state = UNLOADING
-            self._record(slot)
-        return slot.run.stop()
-
-    def _exited(self, reason: Exception, slot: ModelSlot, run: BackendRun) -> None:
-        if slot.run is not run:
-            return
-        if slot.state == UNLOADING and not slot.failing:
-            slot.state = UNLOADED
-        else:
-            if slot.state == LOADED:
-                slot.lastError = f"backend {describeExit(reason)} while loaded"
-                slot.crashes += 1
-                log.error("{name}: {error}", name=slot.name, error=slot.lastError)
-            slot.state = FAILED
-        slot.run = None
-        slot.active = 0
-        slot.loadedAt = None
-        slot.failing = False
-        self._record(slot)
-        self._checkDrained()
-        if slot.waiters and slot not in self._pending and not self._stopping:
-            # Requests arrived while it was stopping: load it again.
-            self._pending.append(slot)
-        self._schedule()
-
-    def _record(self, slot: ModelSlot) -> None:
-        slot.dirty = False
-        process = slot.run.process if slot.run is not None else None
+    def _record(self, core: ModelCore) -> None:
+        core.dirty = False
+        process = core.run.process if core.run is not None else None
         self.store.save(
             {
-                "name": slot.name,
-                "status": slot.state,
-                "backend": slot.config.backend,
+                "name": core.name,
+                "status": core.status,
+                "backend": core.config.backend,
                 "pid": process.pid if process is not None else None,
                 "pgid": process.pid if process is not None and self.newSession else None,
                 "start_time": process.startTime if process is not None else None,
-                "port": slot.run.port if slot.run is not None else None,
-                "vram_mb": slot.config.vram_mb,
-                "loaded_at": slot.loadedAt,
-                "last_used_at": slot.lastUsedAt,
-                "load_seq": slot.loadSeq,
-                "last_error": slot.lastError,
+                "port": core.run.port if core.run is not None else None,
+                "vram_mb": core.config.vram_mb,
+                "loaded_at": core.loadedAt,
+                "last_used_at": core.lastUsedAt,
+                "load_seq": core.loadSeq,
+                "last_error": core.lastError,
                 "updated_at": self.reactor.seconds(),
             }
         )

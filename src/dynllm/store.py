@@ -12,9 +12,11 @@ import sqlite3
 from typing import Any, Callable, Mapping
 
 from attrs import define, field
+from zope.interface import implementer
 from twisted.enterprise import adbapi
 from twisted.internet import defer, task
 
+from dynllm.interfaces import IStateStore
 from dynllm.logs import logger
 from dynllm.process import processStartTime, signalGroup
 
@@ -102,6 +104,7 @@ def _lockDatabase(database: str) -> int:
     return fd
 
 
+@implementer(IStateStore)
 @define
 class SQLiteStateStore:
     """
@@ -188,6 +191,7 @@ class SQLiteStateStore:
         return d
 
 
+@implementer(IStateStore)
 @define
 class MemoryStateStore:
     """
