@@ -21,7 +21,8 @@ from dynllm import endpoints, errors
 from dynllm.backends import backendFor
 from dynllm.config import parseConfig
 from dynllm.routes import DynLLMRoutes
-from dynllm.lease import ModelCounters
+from dynllm import exceptions
+from dynllm.lease import ModelCounters, RequestOptions
 from dynllm.scheduler import Lease
 from tests.support import checkEnvelope
 
@@ -61,6 +62,7 @@ class StubManager:
     started: bool = True
     failure: Exception | None = None
     leases: list = field(factory=list)
+    options: list = field(factory=list)
     released: int = 0
     unloadFailure: Exception | None = None
     states: dict = field(factory=dict)
@@ -71,7 +73,8 @@ class StubManager:
         model = self.config.model(name)
         return Lease(model, backendFor(model.backend), "http://backend", self._release, apiKey=self.apiKey)
 
-    def acquire(self, name):
+    def acquire(self, name, options=None):
+        self.options.append(options)
         if self.failure is not None:
             return defer.fail(self.failure)
         lease = self._newLease(name)
@@ -297,6 +300,64 @@ class RoutesTests(RoutesTestCase):
         status, headers, _ = result = self.call("POST", "/v1/chat/completions", {"model": "chat"})
         self.assertEnvelope(result, 503, "model_capacity")
         self.assertEqual(headers.getRawHeaders("retry-after"), ["5"])
+
+    def test_domainErrorsMapped(self):
+        """
+        Each exception of the scheduler is answered with its status and
+        code in the envelope, in one place: unknown model 404, busy 409,
+        load failed 502, load timed out 504, no capacity 503 with its
+        C{Retry-After}, shutting down 503.
+        """
+        cases = [
+            (exceptions.UnknownModel("chat"), 404, "model_not_found"),
+            (exceptions.LoadFailed("chat", "it died", ("last line",)), 502, "backend_error"),
+            (exceptions.LoadTimedOut("chat", 30), 504, "load_timeout"),
+            (exceptions.NoCapacity("chat", 600, 400, 1000, 60, ("a",), 7), 503, "model_capacity"),
+            (exceptions.ShuttingDown(), 503, "shutting_down"),
+        ]
+        for error, status, code in cases:
+            self.manager.failure = error
+            result = self.call("POST", "/v1/chat/completions", {"model": "chat"})
+            self.assertEqual(self.assertEnvelope(result, status, code)["message"], str(error))
+        self.assertEqual(result[1].getRawHeaders("retry-after"), None)
+        self.manager.failure = cases[3][0]
+        self.assertEqual(self.call("POST", "/v1/chat/completions", {"model": "chat"})[1].getRawHeaders("retry-after"), ["7"])
+        self.manager.unloadFailure = exceptions.ModelBusy("chat", activeRequests=2)
+        self.assertEnvelope(self.call("POST", "/admin/models/unload", {"model": "chat"}, {"Authorization": "Bearer admin"}), 409, "model_busy")
+        self.manager.unloadFailure = exceptions.ModelBusy("chat", loading=True)
+        self.assertEnvelope(self.call("POST", "/admin/models/unload", {"model": "chat"}, {"Authorization": "Bearer admin"}), 409, "model_loading")
+
+    def test_controlHeaders(self):
+        """
+        C{X-DynLLM-Queue-Timeout}, C{X-DynLLM-Priority} and
+        C{X-DynLLM-Keep-Alive} reach the scheduler as the request's
+        L{RequestOptions}, and never reach the backend.
+        """
+        headers = {"X-DynLLM-Queue-Timeout": "0", "X-DynLLM-Priority": "-3", "X-DynLLM-Keep-Alive": "-1"}
+        status, _, _ = self.call("POST", "/v1/chat/completions", {"model": "chat"}, headers)
+        self.assertEqual(status, 200)
+        self.assertEqual(self.manager.options[-1], RequestOptions(queueTimeout=0.0, priority=-3, keepAlive=-1.0))
+        sent = {name.lower() for name in self.backend.requests[-1][2]}
+        self.assertFalse(sent & {b"x-dynllm-queue-timeout", b"x-dynllm-priority", b"x-dynllm-keep-alive"})
+        self.call("POST", "/v1/chat/completions", {"model": "chat"})
+        self.assertEqual(self.manager.options[-1], RequestOptions())
+
+    def test_badControlHeader(self):
+        """
+        A control header with a bad value is a 400 naming the header, and
+        nothing is acquired for the request.
+        """
+        for name, value in [
+            ("X-DynLLM-Queue-Timeout", "soon"),
+            ("X-DynLLM-Queue-Timeout", "-1"),
+            ("X-DynLLM-Priority", "1.5"),
+            ("X-DynLLM-Keep-Alive", "-2"),
+            ("X-DynLLM-Keep-Alive", "inf"),
+        ]:
+            before = len(self.manager.options)
+            result = self.call("POST", "/v1/chat/completions", {"model": "chat"}, {name: value})
+            self.assertEqual(self.assertEnvelope(result, 400, "invalid_header")["param"], name)
+            self.assertEqual(len(self.manager.options), before)
 
     def test_unknownRouteAndMethod(self):
         """

@@ -21,6 +21,7 @@ from dynllm.config import Config, parseConfig
 from dynllm.exceptions import LoadFailed, LoadTimedOut, ModelBusy, NoCapacity, ShuttingDown, UnknownModel
 from dynllm.runner import FIRST_PROBE_DELAY, MAX_PROBE_DELAY
 from dynllm.lifecycle import PORT_RETRIES
+from dynllm.lease import RequestOptions
 from dynllm.scheduler import Lease, ModelManager
 from dynllm.store import MemoryStateStore
 from tests.test_runner import FakeBackend, FakeProcessReactor, FakeProcessTransport
@@ -1211,3 +1212,231 @@ class ProcessDoneTests(ManagerTestsMixin, SynchronousTestCase):
         self.process("a").exit(ProcessDone(0))
         self.assertEqual(self.status("a"), "failed")
         self.assertEqual(self.describe("a")["last_error"], "backend exited with code 0 while loaded")
+
+
+class FairnessTests(ManagerTestsMixin, SynchronousTestCase):
+    """
+    A load waiting for memory that busy models hold gets its turn.
+    """
+
+    def test_busyModelHeldForWaitingLoad(self) -> None:
+        """
+        While a load waits for memory held by a busy model, new requests for
+        that model queue behind it; once the model drains it is evicted,
+        the waiting load runs, and the queued requests are served after
+        (the starvation of issue 8: back-to-back requests kept A busy until
+        B's queue timeout).
+        """
+        manager = self.makeManager(
+            [{"name": n, "vram_mb": 600} for n in "abc"], queue_timeout_seconds=60
+        )
+        first = self.loadedLease("a")
+        forB = manager.acquire("b")
+        nextA = manager.acquire("a")
+        self.assertNoResult(nextA)
+        self.assertEqual(self.describe("a")["waiting_requests"], 1)
+        first.release()
+        self.assertEqual(self.process("a").signals, ["TERM"])
+        self.process("a").exit()
+        self.makeReady("b")
+        leaseB = self.successResultOf(forB)
+        self.assertNoResult(nextA)
+        leaseB.release()
+        self.process("b").exit()
+        self.makeReady("a")
+        self.successResultOf(nextA).release()
+        self.assertWithinBudget()
+
+    def test_holdEndsWhenLoadGivesUp(self) -> None:
+        """
+        When the load a busy model was held for is no longer wanted (its
+        requests timed out or left), the requests that queued for the held
+        model are served by it at once.
+        """
+        manager = self.makeManager([{"name": n, "vram_mb": 600} for n in "ab"], queue_timeout_seconds=60)
+        lease = self.loadedLease("a")
+        forB = manager.acquire("b")
+        nextA = manager.acquire("a")
+        self.assertNoResult(nextA)
+        forB.cancel()
+        self.failureResultOf(forB, defer.CancelledError)
+        self.successResultOf(nextA).release()
+        lease.release()
+        self.assertEqual(self.process("a").signals, [])
+
+    def test_heldRequestQueueTimeout(self) -> None:
+        """
+        A request that queues behind a held model waits no longer than its
+        queue timeout.
+        """
+        manager = self.makeManager([{"name": n, "vram_mb": 600} for n in "ab"], queue_timeout_seconds=10)
+        lease = self.loadedLease("a")
+        manager.acquire("b", RequestOptions(queueTimeout=60)).addErrback(lambda f: None)
+        nextA = manager.acquire("a")
+        self.reactor.advance(10)
+        self.failureResultOf(nextA, NoCapacity)
+        lease.release()
+
+    def test_priorityServedFirst(self) -> None:
+        """
+        Of two loads waiting for the same memory, the one whose request has
+        the higher priority runs first, whatever their order.
+        """
+        manager = self.makeManager([{"name": n, "vram_mb": 600} for n in "abc"])
+        lease = self.loadedLease("a")
+        forB = manager.acquire("b")
+        forC = manager.acquire("c", RequestOptions(priority=5))
+        lease.release()
+        self.process("a").exit()
+        self.assertEqual((len(self.spawnedFor("b")), len(self.spawnedFor("c"))), (0, 1))
+        self.makeReady("c")
+        self.successResultOf(forC).release()
+        self.process("c").exit()
+        self.makeReady("b")
+        self.successResultOf(forB).release()
+
+    def test_configuredPriority(self) -> None:
+        """
+        A model's configured C{priority} orders the queue when requests do
+        not say, and its idle model is evicted after those of lower
+        priority.
+        """
+        manager = self.makeManager(
+            [
+                {"name": "keep", "vram_mb": 400, "priority": 9},
+                {"name": "cheap", "vram_mb": 400},
+                {"name": "new", "vram_mb": 400},
+            ]
+        )
+        self.loadIdle("cheap")
+        self.loadIdle("keep")
+        manager.acquire("new")
+        self.assertEqual(self.process("cheap").signals, ["TERM"])
+        self.assertEqual(self.process("keep").signals, [])
+        self.process("cheap").exit()
+        self.makeReady("new")
+
+
+class RequestOptionsTests(ManagerTestsMixin, SynchronousTestCase):
+    """
+    Tests for the per-request L{RequestOptions}.
+    """
+
+    def test_queueTimeoutZeroRefusesAtOnce(self) -> None:
+        """
+        A request with a queue timeout of 0 for a model that cannot be
+        loaded now fails with L{NoCapacity} at once, with a C{retryAfter}
+        of at least 1; nothing is spawned or held for it.
+        """
+        manager = self.makeManager([{"name": n, "vram_mb": 600} for n in "ab"])
+        lease = self.loadedLease("a")
+        error = self.failureResultOf(manager.acquire("b", RequestOptions(queueTimeout=0)), NoCapacity).value
+        self.assertGreaterEqual(error.retryAfter, 1)
+        self.assertEqual(self.spawnedFor("b"), [])
+        self.successResultOf(manager.acquire("a")).release()
+        lease.release()
+
+    def test_queueTimeoutZeroLoadsWhatFits(self) -> None:
+        """
+        A queue timeout of 0 does not refuse a model that can be loaded
+        now: the request waits for the load.
+        """
+        manager = self.makeManager([{"name": "a", "vram_mb": 600}])
+        d = manager.acquire("a", RequestOptions(queueTimeout=0))
+        self.makeReady("a")
+        self.successResultOf(d).release()
+
+    def test_queueTimeoutPerRequest(self) -> None:
+        """
+        A request's queue timeout replaces C{queue_timeout_seconds}.
+        """
+        manager = self.makeManager([{"name": n, "vram_mb": 600} for n in "ab"], queue_timeout_seconds=60)
+        lease = self.loadedLease("a")
+        d = manager.acquire("b", RequestOptions(queueTimeout=2))
+        self.reactor.advance(2)
+        self.assertEqual(self.failureResultOf(d, NoCapacity).value.waitedSeconds, 2)
+        lease.release()
+
+    def test_keepAliveNever(self) -> None:
+        """
+        A keep-alive of -1 keeps the model loaded past its idle timeout.
+        """
+        manager = self.makeManager([{"name": "a", "vram_mb": 600, "unload_time": 10}])
+        d = manager.acquire("a", RequestOptions(keepAlive=-1))
+        self.makeReady("a")
+        self.successResultOf(d).release()
+        self.reactor.advance(1000)
+        manager.reapIdle()
+        self.assertEqual(self.status("a"), "loaded")
+
+    def test_keepAliveZeroUnloadsWhenIdle(self) -> None:
+        """
+        A keep-alive of 0 stops the model as soon as its last request is
+        done.
+        """
+        manager = self.makeManager([{"name": "a", "vram_mb": 600}])
+        d = manager.acquire("a", RequestOptions(keepAlive=0))
+        self.makeReady("a")
+        other = self.successResultOf(manager.acquire("a"))
+        self.successResultOf(d).release()
+        self.assertEqual(self.process("a").signals, [])
+        other.release()
+        self.assertEqual(self.process("a").signals, ["TERM"])
+        self.assertEqual(manager.counters("a").unloads, {"idle": 1})
+
+    def test_keepAliveShortens(self) -> None:
+        """
+        A keep-alive replaces the model's idle timeout from that request on.
+        """
+        manager = self.makeManager([{"name": "a", "vram_mb": 600}], idle_timeout_seconds=3600)
+        self.loadIdle("a")
+        self.successResultOf(manager.acquire("a", RequestOptions(keepAlive=5))).release()
+        self.reactor.advance(5)
+        manager.reapIdle()
+        self.assertEqual(self.status("a"), "unloading")
+
+
+class DefectTests(ManagerTestsMixin, SynchronousTestCase):
+    """
+    The defects issue 8 names, as the manager shows them.
+    """
+
+    def test_shutdownDuringEvictionSignalsOnce(self) -> None:
+        """
+        A shutdown that arrives while a model is being evicted sends it one
+        TERM and one KILL, not two of each.
+        """
+        manager = self.makeManager([{"name": n, "vram_mb": 600} for n in "ab"])
+        self.loadIdle("a")
+        manager.acquire("b").addErrback(lambda f: None)
+        self.assertEqual(self.process("a").signals, ["TERM"])
+        stopped = manager.stopService()
+        self.reactor.advance(5)
+        self.assertEqual(self.process("a").signals, ["TERM", "KILL"])
+        self.process("a").exit(ProcessTerminated(signal=9))
+        self.successResultOf(stopped)
+        self.reactor.advance(60)
+        self.assertEqual(self.process("a").signals, ["TERM", "KILL"])
+
+    def test_portRetryNotRecordedAsFailure(self) -> None:
+        """
+        A load retried on another port is never written to the store as
+        C{failed}.
+        """
+        statuses: list[str] = []
+
+        class Recording(MemoryStateStore):
+            def save(self, row: Any) -> defer.Deferred[None]:
+                statuses.append(row["status"])
+                return super().save(row)
+
+        manager = self.makeManager([{"name": "a", "vram_mb": 600}], start=False)
+        manager.store = Recording()
+        manager.startService()
+        d = manager.acquire("a")
+        self.process("a").output(b"couldn't bind HTTP server socket\n")
+        self.process("a").exit(ProcessTerminated(exitCode=1))
+        self.makeReady("a")
+        self.successResultOf(d).release()
+        self.assertNotIn("failed", statuses)
+        self.assertEqual(statuses[-1], "loaded")

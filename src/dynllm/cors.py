@@ -24,7 +24,8 @@ DEFAULT_ALLOW_HEADERS = (
     b" anthropic-dangerous-direct-browser-access, openai-organization, openai-project, openai-beta,"
     b" x-stainless-arch, x-stainless-lang, x-stainless-os, x-stainless-package-version,"
     b" x-stainless-retry-count, x-stainless-runtime, x-stainless-runtime-version,"
-    b" x-stainless-timeout, x-stainless-helper-method, x-stainless-async"
+    b" x-stainless-timeout, x-stainless-helper-method, x-stainless-async,"
+    b" x-dynllm-queue-timeout, x-dynllm-priority, x-dynllm-keep-alive"
 )
 
 #: Seconds a browser may cache a preflight's answer (Chromium caps it at

@@ -146,6 +146,8 @@ class Waiter:
     @ivar deferred: Fires with the lease, or fails with a
         L{dynllm.exceptions.SchedulerError}.
     @ivar since: When it began waiting, in reactor seconds.
+    @ivar arrival: Its place in the order of all requests' arrivals (ties
+        of C{since} are common on a coarse clock).
     @ivar priority: Its place in the queue: higher first.
     @ivar queueTimeout: Seconds it may wait for memory.
     @ivar timer: Fails it when its queue timeout has passed.
@@ -155,6 +157,7 @@ class Waiter:
     since: float
     priority: int
     queueTimeout: float
+    arrival: int = 0
     timer: IDelayedCall | None = None
 
     def stopTimer(self) -> None:

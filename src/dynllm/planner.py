@@ -53,8 +53,9 @@ class ModelView:
     @ivar waiting: Requests waiting for it.
     @ivar priority: Its place in the queue: the highest priority of its
         waiters, or its configured C{priority} when none waits.
-    @ivar since: When its longest-waiting request arrived (reactor
-        seconds); C{None} when none waits.
+    @ivar since: When its longest-waiting request arrived, as any number
+        that increases with each arrival (the scheduler gives an arrival
+        count); C{None} when none waits.
     @ivar modelPriority: Its configured C{priority}: the lowest are evicted
         first.
     @ivar lastUsedAt: When a request last used it (for C{lru}).

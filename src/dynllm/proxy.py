@@ -33,7 +33,7 @@ from twisted.web.iweb import IAgent, IRequest
 from twisted.web.server import Request
 from zope.interface import implementer
 
-from dynllm import errors
+from dynllm import controls, errors
 from dynllm.logs import logger
 from dynllm.pool import IRewindableBodyProducer
 from dynllm.rewrite import NameRewriter
@@ -65,9 +65,11 @@ CREDENTIALS = frozenset(
 )
 
 #: Request headers not passed to a backend: the body is re-framed, the
-#: client's credentials are not the backend's business, and compression
-#: would delay SSE.
-DROP_REQUEST = HOP_BY_HOP | CREDENTIALS | {b"host", b"content-length", b"expect", b"accept-encoding"}
+#: client's credentials and dynllm's own controls (L{controls.HEADERS}) are
+#: not the backend's business, and compression would delay SSE.
+DROP_REQUEST = (
+    HOP_BY_HOP | CREDENTIALS | controls.HEADERS | {b"host", b"content-length", b"expect", b"accept-encoding"}
+)
 
 #: Response headers not passed back: twisted.web sets its own C{Date} and
 #: C{Server}. (C{Content-Length} is kept: the body is relayed unchanged.)

@@ -25,6 +25,7 @@ from werkzeug.routing import PathConverter
 
 from dynllm import endpoints, errors, multipart
 from dynllm.config import Config, ModelConfig
+from dynllm.controls import requestOptions
 from dynllm.endpoints import JSON, MULTIPART, PATH, Endpoint
 from dynllm.exceptions import SchedulerError
 from dynllm.interfaces import IBackend
@@ -477,7 +478,7 @@ class DynLLMRoutes:
         @param label: The route as metrics name it, if not C{route}.
         """
         self.metrics.observe(request, model.name, label or route, self.clock.seconds(), self.clock)
-        lease = await self.manager.acquire(model.name)
+        lease = await self.manager.acquire(model.name, requestOptions(request.requestHeaders))
         try:
             url = (lease.baseURL + upstream).encode("ascii")
             await forward(

@@ -101,6 +101,7 @@ class ModelManager(Service):
     _models: dict[str, _Model] = field(init=False)
     _held: frozenset[str] = field(default=frozenset(), init=False)
     _loadCounter: int = field(default=0, init=False)
+    _arrivals: int = field(default=0, init=False)
     _lastPort: int | None = field(default=None, init=False)
     _readyWaiters: list[defer.Deferred[None]] = field(factory=list, init=False)
     _started: bool = field(default=False, init=False)
@@ -268,7 +269,8 @@ class ModelManager(Service):
         queueTimeout = self.config.queue_timeout_seconds if options.queueTimeout is None else options.queueTimeout
         priority = core.config.priority if options.priority is None else options.priority
         d: defer.Deferred[Any] = defer.Deferred(lambda d: self._withdraw(core, waiter))
-        waiter = Waiter(d, self.reactor.seconds(), priority, queueTimeout)
+        self._arrivals += 1
+        waiter = Waiter(d, self.reactor.seconds(), priority, queueTimeout, self._arrivals)
         core.waiters.append(waiter)
         if core.status != LOADING and queueTimeout > 0:
             waiter.timer = self.reactor.callLater(queueTimeout, self._queueTimedOut, core, waiter)
@@ -493,7 +495,7 @@ class ModelManager(Service):
                     active=core.active,
                     waiting=len(waiters),
                     priority=max((w.priority for w in waiters), default=core.config.priority),
-                    since=min((w.since for w in waiters), default=None),
+                    since=min((w.arrival for w in waiters), default=None),
                     modelPriority=core.config.priority,
                     lastUsedAt=core.lastUsedAt or 0.0,
                     loadSeq=core.loadSeq,
