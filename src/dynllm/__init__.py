@@ -9,9 +9,12 @@ Embedding it in a Twisted program::
 
     service = makeService(loadConfig("dynllm.yaml"))
     service.startService()
-    lease = await service.manager.acquire("my-model")
     try:
-        ...  # send requests to lease.baseURL
+        lease = await service.manager.acquire("my-model")
+    except NoCapacity as e:
+        ...  # memory is held by busy models; try again in e.retryAfter s
+    try:
+        ...  # send requests to lease.baseURL with lease.upstreamHeaders
     finally:
         lease.release()
 """
@@ -19,8 +22,18 @@ Embedding it in a Twisted program::
 from dynllm._version import __version__
 from dynllm.config import Config, ConfigError, ModelConfig, loadConfig, parseConfig
 from dynllm.errors import APIError
-from dynllm.interfaces import IBackend
-from dynllm.scheduler import Lease, ModelManager
+from dynllm.exceptions import (
+    LoadFailed,
+    LoadTimedOut,
+    ModelBusy,
+    NoCapacity,
+    SchedulerError,
+    ShuttingDown,
+    UnknownModel,
+)
+from dynllm.interfaces import IBackend, IModelManager, IStateStore
+from dynllm.lease import Lease, RequestOptions
+from dynllm.scheduler import ModelManager
 from dynllm.service import DynLLMService, makeService
 
 __all__ = [
@@ -30,9 +43,19 @@ __all__ = [
     "ConfigError",
     "DynLLMService",
     "IBackend",
+    "IModelManager",
+    "IStateStore",
     "Lease",
+    "LoadFailed",
+    "LoadTimedOut",
+    "ModelBusy",
     "ModelConfig",
     "ModelManager",
+    "NoCapacity",
+    "RequestOptions",
+    "SchedulerError",
+    "ShuttingDown",
+    "UnknownModel",
     "loadConfig",
     "makeService",
     "parseConfig",
