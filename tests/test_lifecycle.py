@@ -72,7 +72,7 @@ class LifecycleTestCase(SynchronousTestCase):
             ring=self.core.log,
         )
         run.start()
-        self.machine.load(run)
+        self.core.outbox.send(self.machine.load, run)
         return self.reactor.spawned[-1]
 
     def makeReady(self) -> None:
@@ -86,7 +86,7 @@ class LifecycleTestCase(SynchronousTestCase):
 
     def stop(self, cause: str = "request") -> defer.Deferred[None]:
         done: defer.Deferred[None] = defer.Deferred()
-        self.machine.stop(cause, done)
+        self.core.outbox.send(self.machine.stop, cause, done)
         return done
 
 
@@ -156,7 +156,7 @@ class LoadTests(LifecycleTestCase):
         """
         waiter = self.addWaiter()
         error = LoadFailed("m", "cannot start model 'm': no free port")
-        self.machine.spawnFailed(error)
+        self.core.outbox.send(self.machine.spawnFailed, error)
         self.assertIs(self.failureResultOf(waiter, LoadFailed).value, error)
         self.assertEqual(self.statuses(), ["failed"])
         self.assertEqual(self.core.loadFailures, 1)

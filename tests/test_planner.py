@@ -162,6 +162,30 @@ class PlanTests(SynchronousTestCase):
         models[1] = view("busy", 300, status="loaded")
         self.assertEqual(set(plan(models, 1000, "lifo").stop), {("idle", "evicted"), ("busy", "evicted")})
 
+    def test_servesWaitersAheadFirst(self) -> None:
+        """
+        A model that requests ahead of the head still wait for (it just
+        loaded for them) is not evicted: it is held, and the plan lets it
+        serve those requests first.
+        """
+        models = [
+            view("b", status="loaded", waiting=1, since=1.0),
+            view("a", waiting=1, since=2.0),
+        ]
+        result = plan(models, 1000, "lifo")
+        self.assertEqual((result.stop, result.hold, result.admitBefore), ((), frozenset({"b"}), (0, 2.0)))
+
+    def test_waitersBehindHeadDoNotProtect(self) -> None:
+        """
+        An idle model whose waiting requests all came after the head's is
+        evicted for it (they wait behind the head), and so is one whose
+        requests are of lower priority.
+        """
+        models = [view("b", status="loaded", waiting=1, since=3.0), view("a", waiting=1, since=2.0)]
+        self.assertEqual(plan(models, 1000, "lifo").stop, (("b", "evicted"),))
+        models = [view("b", status="loaded", waiting=1, since=1.0), view("a", waiting=1, since=2.0, priority=1)]
+        self.assertEqual(plan(models, 1000, "lifo").stop, (("b", "evicted"),))
+
     def test_abandonedStoppedForHead(self) -> None:
         """
         A load nobody waits for any more is stopped at once when the head

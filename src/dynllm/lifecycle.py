@@ -39,7 +39,9 @@ stop's joiners in Unloading and Failing.
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from collections import deque
+from functools import partial
+from typing import Any, Callable, Protocol
 
 from attrs import define, field
 from automat import TypeMachineBuilder
@@ -125,6 +127,49 @@ class ModelLifecycle(Protocol):
 
 
 @define(eq=False)
+class Outbox:
+    """
+    Runs what a transition must not run itself, once the input that caused
+    it has returned: the answers to waiters (code of the requests, which
+    may call the scheduler again) and the scheduler's turn. Every input,
+    from the scheduler or from a backend, is sent through L{send}, so no
+    input ever reaches a machine while one of its transitions is running,
+    and what a transition asks for happens in order, after it.
+    """
+
+    _pending: deque[Callable[[], object]] = field(factory=deque)
+    _depth: int = 0
+
+    def later(self, work: Callable[[], object]) -> None:
+        """
+        Run C{work} once the input being handled has returned.
+        """
+        self._pending.append(work)
+        if self._depth == 0:
+            self._flush()
+
+    def send(self, input: Callable[..., None], *args: Any) -> None:
+        """
+        Give an input to a machine, then run what its transition asked for.
+        """
+        self._depth += 1
+        try:
+            input(*args)
+        finally:
+            self._depth -= 1
+        if self._depth == 0:
+            self._flush()
+
+    def _flush(self) -> None:
+        while self._pending and self._depth == 0:
+            work = self._pending.popleft()
+            try:
+                work()
+            except Exception:
+                log.failure("while answering a transition")
+
+
+@define(eq=False)
 class Tenancy:
     """
     The requests on one loaded run: the data of the Loaded state. A lease
@@ -160,6 +205,13 @@ class Waiter:
     arrival: int = 0
     timer: IDelayedCall | None = None
 
+    @property
+    def queueKey(self) -> tuple[float, float]:
+        """
+        Its place in the queue: lower is served first.
+        """
+        return (-self.priority, self.arrival)
+
     def stopTimer(self) -> None:
         if self.timer is not None and self.timer.active():
             self.timer.cancel()
@@ -177,8 +229,10 @@ class ModelCore:
     @ivar loadTimeout: Seconds a load may take.
     @ivar record: Called once per transition, after the status and run
         changed: writes the model's row.
-    @ivar changed: Called after each transition that may change what the
-        scheduler should do (memory freed, a load done or failed).
+    @ivar changed: Called after each transition, once the input has
+        returned (through L{outbox}): the scheduler's turn.
+    @ivar outbox: Where inputs are sent and answers wait for the end of
+        a transition (one for all the models of a scheduler).
     @ivar status: One of L{STATUSES}.
     @ivar run: The backend process, while there is one.
     @ivar tenancy: The requests on the run, while loaded.
@@ -192,6 +246,7 @@ class ModelCore:
     loadTimeout: float
     record: Callable[[ModelCore], None]
     changed: Callable[[], None]
+    outbox: Outbox = field(factory=Outbox)
     status: str = UNLOADED
     run: BackendRun | None = None
     tenancy: Tenancy | None = None
@@ -234,17 +289,23 @@ class ModelCore:
         """
         self.status = status
         self.record(self)
-        self.changed()
+        self.outbox.later(self.changed)
 
     def failWaiters(self, error: SchedulerError) -> None:
         """
-        Answer every waiter with C{error}.
+        Take every waiter off the model, and answer each with C{error} once
+        the input being handled has returned.
         """
         waiters, self.waiters = self.waiters, []
         for waiter in waiters:
             waiter.stopTimer()
-            if not waiter.deferred.called:
-                waiter.deferred.errback(error)
+
+        def answer() -> None:
+            for waiter in waiters:
+                if not waiter.deferred.called:
+                    waiter.deferred.errback(error)
+
+        self.outbox.later(answer)
 
     def loadFailed(self, error: SchedulerError) -> None:
         """
@@ -273,10 +334,10 @@ class Stopping:
 
     joiners: list[defer.Deferred[None]] = field(factory=list)
 
-    def finish(self) -> None:
+    def finish(self, outbox: Outbox) -> None:
         joiners, self.joiners = self.joiners, []
         for d in joiners:
-            d.callback(None)
+            outbox.later(partial(d.callback, None))
 
 
 def _watch(c: ModelLifecycle, s: ModelCore, run: BackendRun) -> None:
@@ -286,16 +347,16 @@ def _watch(c: ModelLifecycle, s: ModelCore, run: BackendRun) -> None:
 
     def exited(reason: Exception) -> None:
         if not run.ready and run.portTaken() and s.portConflicts < PORT_RETRIES:
-            c._portTaken(reason)
+            s.outbox.send(c._portTaken, reason)
         else:
-            c._exited(reason)
+            s.outbox.send(c._exited, reason)
 
-    run.whenReady().addCallback(lambda _: c._ready())
+    run.whenReady().addCallback(lambda _: s.outbox.send(c._ready))
     run.whenExited().addCallback(exited)
 
 
 def _loadTimer(c: ModelLifecycle, s: ModelCore, run: BackendRun) -> IDelayedCall:
-    return s.clock.callLater(s.loadTimeout, c._timedOut)
+    return s.clock.callLater(s.loadTimeout, s.outbox.send, c._timedOut)
 
 
 def _tenancy(c: ModelLifecycle, s: ModelCore) -> Tenancy:
@@ -341,7 +402,7 @@ def _makeMachine() -> Callable[[ModelCore], ModelLifecycle]:
     @Unloaded.upon(ModelLifecycle.stop).loop()
     @Failed.upon(ModelLifecycle.stop).loop()
     def nothingToStop(c: ModelLifecycle, s: ModelCore, cause: str, done: defer.Deferred[None]) -> None:
-        done.callback(None)
+        s.outbox.later(lambda: done.callback(None))
 
     # Loading.
 
@@ -425,7 +486,7 @@ def _makeMachine() -> Callable[[ModelCore], ModelLifecycle]:
         s.loadedAt = None
         s.keepAlive = None
         s.enter(UNLOADED)
-        stopping.finish()
+        stopping.finish(s.outbox)
 
     @Failing.upon(ModelLifecycle._exited).to(Failed)
     @Failing.upon(ModelLifecycle._portTaken).to(Failed)
@@ -433,7 +494,7 @@ def _makeMachine() -> Callable[[ModelCore], ModelLifecycle]:
         s.run = None
         s.loadedAt = None
         s.enter(FAILED)
-        stopping.finish()
+        stopping.finish(s.outbox)
 
     return machine.build()
 

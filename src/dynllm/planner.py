@@ -20,11 +20,15 @@ The rules, in order:
     C{priority} first, then by C{eviction_policy} (C{lifo}: the most
     recently loaded first; C{lru}: the least recently used first). Nothing
     is stopped unless the head then fits (counting memory that models
-    already stopping will free).
+    already stopping will free); abandoned loads are stopped whenever a head
+    waits.
  5. If the head would fit only once some busy models are stopped too, the
-    idle and busy models it needs are I{held}: they take no new requests
-    (those queue), so they drain, become idle, and rule 4 stops them. A
-    busy model is never stopped.
+    idle and busy models it needs are I{held}: they take no request that
+    arrived after the head's (those queue), so they drain, become idle,
+    and rule 4 stops them. A busy model is never stopped, nor one that
+    requests which arrived before the head's still wait for (it serves
+    them first: a model that just loaded for its requests is not evicted
+    before it has served them).
 """
 
 from __future__ import annotations
@@ -51,11 +55,12 @@ class ModelView:
     @ivar status: One of L{dynllm.lifecycle.STATUSES}.
     @ivar active: Requests in flight on it.
     @ivar waiting: Requests waiting for it.
-    @ivar priority: Its place in the queue: the highest priority of its
-        waiters, or its configured C{priority} when none waits.
-    @ivar since: When its longest-waiting request arrived, as any number
-        that increases with each arrival (the scheduler gives an arrival
-        count); C{None} when none waits.
+    @ivar priority: The priority of its first waiting request in queue
+        order (the highest priority, the earliest of those), or its
+        configured C{priority} when none waits.
+    @ivar since: When that request arrived, as any number that increases
+        with each arrival (the scheduler gives an arrival count); C{None}
+        when none waits.
     @ivar modelPriority: Its configured C{priority}: the lowest are evicted
         first.
     @ivar lastUsedAt: When a request last used it (for C{lru}).
@@ -95,8 +100,27 @@ class ModelView:
         return self.status == LOADING and self.waiting == 0
 
     @property
+    def queueKey(self) -> tuple[float, float]:
+        """
+        Its first waiting request's place in the queue: lower is served
+        first.
+        """
+        return (-self.priority, self.since if self.since is not None else 0.0)
+
+    @property
     def idle(self) -> bool:
         return self.status == LOADED and self.active == 0
+
+    def evictableFor(self, head: ModelView) -> bool:
+        """
+        Whether it may be stopped to make room for C{head}: it is loaded,
+        serves no request, and no request waits for it that arrived before
+        C{head}'s in queue order (those it must serve first; later ones
+        queue behind C{head} and load it again in their turn).
+        """
+        if not self.idle:
+            return False
+        return self.waiting == 0 or self.queueKey > head.queueKey
 
 
 @frozen
@@ -109,6 +133,9 @@ class Plan:
         (L{ABANDONED} or L{EVICTED}).
     @ivar hold: Loaded models that take no new requests until the next
         plan: their requests queue behind the load that waits for them.
+    @ivar admitBefore: The place in the queue (see L{ModelView.queueKey})
+        of that load's first request: held models still serve the requests
+        ahead of it. C{None} when nothing is held.
     @ivar queue: The models that wait for a load, in queue order (those
         started now included).
     """
@@ -117,6 +144,7 @@ class Plan:
     stop: tuple[tuple[str, str], ...] = ()
     hold: frozenset[str] = frozenset()
     queue: tuple[str, ...] = ()
+    admitBefore: tuple[float, float] | None = None
 
 
 def queueOrder(models: Iterable[ModelView]) -> list[ModelView]:
@@ -124,7 +152,7 @@ def queueOrder(models: Iterable[ModelView]) -> list[ModelView]:
     @return: the models that wait for a load, first served first (rule 1).
     """
     waiting = [m for m in models if m.wantsLoad]
-    return sorted(waiting, key=lambda m: (-m.priority, m.since if m.since is not None else 0.0))
+    return sorted(waiting, key=lambda m: m.queueKey)
 
 
 def evictionOrder(models: Iterable[ModelView], policy: str) -> list[ModelView]:
@@ -154,19 +182,25 @@ def plan(models: Sequence[ModelView], totalMB: int, policy: str) -> Plan:
     start: list[str] = []
     stop: list[tuple[str, str]] = []
     hold: set[str] = set()
-    headSeen = False
+    head: ModelView | None = None
     for model in queue:
         need = model.vramMB
         if model.status != UNLOADING and need <= free:
             start.append(model.name)
             free -= need
             continue
-        if not headSeen:
-            headSeen = True
+        if head is None:
+            head = model
             stop, hold = _makeRoom(model, models, free + releasing, policy)
         # Loads behind the head use only memory beyond what it needs.
         free -= need
-    return Plan(tuple(start), tuple(stop), frozenset(hold), tuple(m.name for m in queue))
+    return Plan(
+        tuple(start),
+        tuple(stop),
+        frozenset(hold),
+        tuple(m.name for m in queue),
+        head.queueKey if hold and head is not None else None,
+    )
 
 
 def _makeRoom(
@@ -188,7 +222,7 @@ def _makeRoom(
     for model in order:
         if need <= freeable:
             break
-        if model.idle:
+        if model.evictableFor(head):
             victims.append((model.name, EVICTED))
             freeable += model.vramMB
     if need <= freeable:
@@ -197,7 +231,7 @@ def _makeRoom(
     for model in order:
         if need <= freeable:
             break
-        if not model.idle:
+        if not model.evictableFor(head):
             held.add(model.name)
             freeable += model.vramMB
     if need <= freeable:

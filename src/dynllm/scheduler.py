@@ -54,6 +54,7 @@ from dynllm.lifecycle import (
     UNLOADING,
     ModelCore,
     ModelLifecycle,
+    Outbox,
     Tenancy,
     Waiter,
     makeLifecycle,
@@ -99,6 +100,7 @@ class ModelManager(Service):
     newSession: bool = True
     backendFor: Callable[[str], IBackend] = backendFor
     _models: dict[str, _Model] = field(init=False)
+    _outbox: Outbox = field(factory=Outbox, init=False)
     _held: frozenset[str] = field(default=frozenset(), init=False)
     _loadCounter: int = field(default=0, init=False)
     _arrivals: int = field(default=0, init=False)
@@ -120,6 +122,7 @@ class ModelManager(Service):
                 loadTimeout=self.config.loadTimeout(model),
                 record=self._record,
                 changed=self._schedule,
+                outbox=self._outbox,
             )
             self._models[model.name] = _Model(core, makeLifecycle(core))
 
@@ -202,7 +205,7 @@ class ModelManager(Service):
         exits = []
         for model in self._models.values():
             done: defer.Deferred[None] = defer.Deferred()
-            model.machine.stop(SHUTDOWN, done)
+            self._outbox.send(model.machine.stop, SHUTDOWN, done)
             exits.append(done)
         await defer.DeferredList(exits, consumeErrors=True)
         self.store.close()
@@ -321,7 +324,7 @@ class ModelManager(Service):
         if core.status == LOADING:
             return defer.fail(ModelBusy(name, loading=True))
         done: defer.Deferred[None] = defer.Deferred()
-        model.machine.stop(REQUEST, done)
+        self._outbox.send(model.machine.stop, REQUEST, done)
         return done
 
     # Reading.
@@ -405,7 +408,7 @@ class ModelManager(Service):
                 continue
             timeout = self._idleTimeout(core)
             if not math.isinf(timeout) and now - core.lastUsedAt >= timeout:
-                model.machine.stop(IDLE, defer.Deferred())
+                self._outbox.send(model.machine.stop, IDLE, defer.Deferred())
 
     def _idleTimeout(self, core: ModelCore) -> float:
         if core.keepAlive is None:
@@ -445,8 +448,8 @@ class ModelManager(Service):
             core.lastUsedAt = self.reactor.seconds()
             core.dirty = True
         if core.active == 0:
-            if use and core.status == LOADED and self._idleTimeout(core) == 0:
-                self._models[core.name].machine.stop(IDLE, defer.Deferred())
+            if use and core.status == LOADED and core.keepAlive == 0:
+                self._outbox.send(self._models[core.name].machine.stop, IDLE, defer.Deferred())
             self._schedule()
             self._checkDrained()
 
@@ -487,6 +490,7 @@ class ModelManager(Service):
         for model in self._models.values():
             core = model.core
             waiters = core.waiters
+            first = min(waiters, key=lambda w: w.queueKey, default=None)
             views.append(
                 planner.ModelView(
                     name=core.name,
@@ -494,8 +498,8 @@ class ModelManager(Service):
                     status=core.status,
                     active=core.active,
                     waiting=len(waiters),
-                    priority=max((w.priority for w in waiters), default=core.config.priority),
-                    since=min((w.arrival for w in waiters), default=None),
+                    priority=first.priority if first is not None else core.config.priority,
+                    since=first.arrival if first is not None else None,
                     modelPriority=core.config.priority,
                     lastUsedAt=core.lastUsedAt or 0.0,
                     loadSeq=core.loadSeq,
@@ -531,17 +535,26 @@ class ModelManager(Service):
         self._held = plan.hold
         for name, cause in plan.stop:
             log.info("stopping {name} to make room ({cause})", name=name, cause=cause)
-            self._models[name].machine.stop(cause, defer.Deferred())
+            self._outbox.send(self._models[name].machine.stop, cause, defer.Deferred())
         for name in plan.start:
             self._startLoad(self._models[name])
         for model in self._models.values():
             core = model.core
-            if core.status == LOADED and core.waiters and core.name not in self._held:
-                waiters, core.waiters = core.waiters, []
-                for waiter in waiters:
-                    waiter.stopTimer()
-                    if not waiter.deferred.called:
-                        waiter.deferred.callback(self._lease(core))
+            if core.status != LOADED or not core.waiters:
+                continue
+            if core.name in self._held:
+                # It serves the requests that arrived before the load it is
+                # held for; later ones wait behind that load.
+                admitted = [
+                    w for w in core.waiters if plan.admitBefore is not None and w.queueKey < plan.admitBefore
+                ]
+            else:
+                admitted = list(core.waiters)
+            core.waiters = [w for w in core.waiters if w not in admitted]
+            for waiter in admitted:
+                waiter.stopTimer()
+                if not waiter.deferred.called:
+                    waiter.deferred.callback(self._lease(core))
 
     def _startLoad(self, model: _Model) -> None:
         """
@@ -558,7 +571,7 @@ class ModelManager(Service):
                 self._lastPort,
             )
         except NoFreePort as e:
-            model.machine.spawnFailed(LoadFailed(core.name, f"cannot start model {core.name!r}: {e}"))
+            self._outbox.send(model.machine.spawnFailed, LoadFailed(core.name, f"cannot start model {core.name!r}: {e}"))
             return
         self._lastPort = port
         run = BackendRun(
@@ -575,11 +588,11 @@ class ModelManager(Service):
         try:
             run.start()
         except OSError as e:
-            model.machine.spawnFailed(LoadFailed(core.name, f"cannot start model {core.name!r}: {e}"))
+            self._outbox.send(model.machine.spawnFailed, LoadFailed(core.name, f"cannot start model {core.name!r}: {e}"))
             return
         self._loadCounter += 1
         core.loadSeq = self._loadCounter
-        model.machine.load(run)
+        self._outbox.send(model.machine.load, run)
 
     def _record(self, core: ModelCore) -> None:
         core.dirty = False
