@@ -14,7 +14,9 @@ from typing import Any, Callable, Mapping
 from attrs import define, field
 from twisted.enterprise import adbapi
 from twisted.internet import defer, task
+from zope.interface import implementer
 
+from dynllm.interfaces import IStateStore
 from dynllm.logs import logger
 from dynllm.process import processStartTime, signalGroup
 
@@ -102,6 +104,7 @@ def _lockDatabase(database: str) -> int:
     return fd
 
 
+@implementer(IStateStore)
 @define
 class SQLiteStateStore:
     """
@@ -188,11 +191,14 @@ class SQLiteStateStore:
         return d
 
 
+@implementer(IStateStore)
 @define
 class MemoryStateStore:
     """
     Model rows kept in a dict: for programs that embed dynllm without a
-    database, and for tests.
+    database, and for tests (also public as L{dynllm.testing.MemoryStateStore}).
+
+    @ivar saved: Every row written, by model name, keyed by L{COLUMNS}.
     """
 
     saved: dict[str, dict[str, Any]] = field(factory=dict)
@@ -220,7 +226,7 @@ class MemoryStateStore:
 
 
 async def reconcile(
-    store: Any,
+    store: IStateStore,
     names: list[str],
     clock: Any,
     startTimeOf: Callable[[int], int | None] = processStartTime,
@@ -236,7 +242,7 @@ async def reconcile(
     program is left alone. Ours get TERM to their process group, then KILL
     after C{killTime}, and this waits until they are gone.
 
-    @param store: A state store (L{SQLiteStateStore} or L{MemoryStateStore}).
+    @param store: Where the previous run recorded its models.
     @param names: The models configured now.
     @return: the names of the models whose leftover backends were stopped.
     """
