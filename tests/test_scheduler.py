@@ -22,7 +22,7 @@ from dynllm.errors import APIError
 from dynllm.runner import FIRST_PROBE_DELAY, MAX_PROBE_DELAY
 from dynllm.scheduler import PORT_RETRIES, RETRY_AFTER, Lease, ModelManager
 from dynllm.store import MemoryStateStore
-from tests.test_runner import FakeBackend, FakeProcessReactor, FakeProcessTransport
+from dynllm.testing import FakeBackend, FakeProcessReactor, FakeProcessTransport
 
 
 class ManagerTestsMixin:
