@@ -14,12 +14,14 @@ Embedding it in a Twisted program::
         ...  # send requests to lease.baseURL
     finally:
         lease.release()
+
+Fakes for testing such a program without processes are in L{dynllm.testing}.
 """
 
 from dynllm._version import __version__
 from dynllm.config import Config, ConfigError, ModelConfig, loadConfig, parseConfig
 from dynllm.errors import APIError
-from dynllm.interfaces import IBackend
+from dynllm.interfaces import IBackend, IModelManager, IStateStore
 from dynllm.scheduler import Lease, ModelManager
 from dynllm.service import DynLLMService, makeService
 
@@ -30,6 +32,8 @@ __all__ = [
     "ConfigError",
     "DynLLMService",
     "IBackend",
+    "IModelManager",
+    "IStateStore",
     "Lease",
     "ModelConfig",
     "ModelManager",
