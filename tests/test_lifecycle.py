@@ -19,7 +19,7 @@ from dynllm.lifecycle import (
     makeLifecycle,
 )
 from dynllm.runner import MAX_PROBE_DELAY, BackendRun
-from tests.test_runner import FakeBackend, FakeProcessReactor, FakeProcessTransport
+from dynllm.testing import FakeBackend, FakeProcessReactor, FakeProcessTransport
 
 
 class LifecycleTestCase(SynchronousTestCase):

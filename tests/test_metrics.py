@@ -15,7 +15,7 @@ from dynllm.config import parseConfig
 from dynllm.metrics import Metrics
 from dynllm.scheduler import ModelManager
 from dynllm.store import MemoryStateStore
-from tests.test_runner import FakeBackend, FakeProcessReactor
+from dynllm.testing import FakeBackend, FakeProcessReactor
 
 
 def samples(metrics: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -58,7 +58,7 @@ class ModelCollectorTests(SynchronousTestCase):
             newSession=False, backendFor=lambda kind: self.backend,
         )
         self.manager.startService()
-        self.metrics = Metrics(self.manager)
+        self.metrics = Metrics(self.manager, config.total_vram_mb)
 
     def load(self, name: str) -> Any:
         """

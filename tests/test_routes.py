@@ -10,20 +10,19 @@ import json
 import os
 from urllib.parse import quote
 
-from attrs import define, evolve, field
+from attrs import evolve
 from treq.testing import RequestTraversalAgent, StubTreq
-from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web import resource
 
-from dynllm import endpoints, errors
-from dynllm.backends import backendFor
+from dynllm import endpoints
 from dynllm.config import parseConfig
+from dynllm.exceptions import ModelBusy, NoCapacity
 from dynllm.routes import DynLLMRoutes
 from dynllm import exceptions
-from dynllm.lease import ModelCounters, RequestOptions
-from dynllm.scheduler import Lease
+from dynllm.lease import RequestOptions
+from dynllm.testing import StubManager
 from tests.support import checkEnvelope
 
 
@@ -51,73 +50,6 @@ class FakeBackendResource(resource.Resource):
         return self.body
 
 
-@define
-class StubManager:
-    """
-    Stands in for L{dynllm.scheduler.ModelManager}: hands out leases on
-    C{http://backend}, or fails as told.
-    """
-
-    config: object
-    started: bool = True
-    failure: Exception | None = None
-    leases: list = field(factory=list)
-    options: list = field(factory=list)
-    released: int = 0
-    unloadFailure: Exception | None = None
-    states: dict = field(factory=dict)
-    peeks: int = 0
-    apiKey: str | None = "backend-key"
-
-    def _newLease(self, name):
-        model = self.config.model(name)
-        return Lease(model, backendFor(model.backend), "http://backend", self._release, apiKey=self.apiKey)
-
-    def acquire(self, name, options=None):
-        self.options.append(options)
-        if self.failure is not None:
-            return defer.fail(self.failure)
-        lease = self._newLease(name)
-        self.leases.append(lease)
-        return defer.succeed(lease)
-
-    def peek(self, name):
-        self.peeks += 1
-        if self.states.get(name, "unloaded") != "loaded":
-            return None
-        return self._newLease(name)
-
-    def backendOf(self, name):
-        return backendFor(self.config.model(name).backend)
-
-    def describe(self, name):
-        return {"name": name, "status": self.states.get(name, "unloaded"), "last_error": "it broke"}
-
-    def _release(self, lease):
-        self.released += 1
-
-    def unload(self, name):
-        return defer.fail(self.unloadFailure) if self.unloadFailure else defer.succeed(None)
-
-    def models(self):
-        return [
-            dict(self.describe(m.name), active_requests=0, waiting_requests=0) for m in self.config.models
-        ]
-
-    def memoryInUse(self):
-        return 0
-
-    def counters(self, name):
-        return ModelCounters()
-
-    def logTail(self, name, count):
-        return ["line one", "line two"][-count:]
-
-    @property
-    def slots(self):
-        return {}
-
-
 class RoutesTestCase(SynchronousTestCase):
     """
     Routes on a configuration, in front of a L{FakeBackendResource} and a
@@ -131,6 +63,7 @@ class RoutesTestCase(SynchronousTestCase):
         self.config = config
         self.backend = FakeBackendResource()
         self.manager = StubManager(self.config)
+        self.manager.logs = {model.name: ["line one", "line two"] for model in self.config.models}
         self.clock = Clock()
         self.agent = RequestTraversalAgent(self.backend)
         self.routes = DynLLMRoutes(config=self.config, manager=self.manager, agent=self.agent, clock=self.clock)
@@ -296,7 +229,7 @@ class RoutesTests(RoutesTestCase):
         An error from the scheduler (here a 503) is answered in the envelope
         with its C{Retry-After}.
         """
-        self.manager.failure = errors.noCapacity("no room", 5)
+        self.manager.failure = NoCapacity("chat", 1, 0, 1, 5.0, ("emb",), retryAfter=5)
         status, headers, _ = result = self.call("POST", "/v1/chat/completions", {"model": "chat"})
         self.assertEnvelope(result, 503, "model_capacity")
         self.assertEqual(headers.getRawHeaders("retry-after"), ["5"])
@@ -336,11 +269,11 @@ class RoutesTests(RoutesTestCase):
         headers = {"X-DynLLM-Queue-Timeout": "0", "X-DynLLM-Priority": "-3", "X-DynLLM-Keep-Alive": "-1"}
         status, _, _ = self.call("POST", "/v1/chat/completions", {"model": "chat"}, headers)
         self.assertEqual(status, 200)
-        self.assertEqual(self.manager.options[-1], RequestOptions(queueTimeout=0.0, priority=-3, keepAlive=-1.0))
+        self.assertEqual(self.manager.options[-1], ("chat", RequestOptions(queueTimeout=0.0, priority=-3, keepAlive=-1.0)))
         sent = {name.lower() for name in self.backend.requests[-1][2]}
         self.assertFalse(sent & {b"x-dynllm-queue-timeout", b"x-dynllm-priority", b"x-dynllm-keep-alive"})
         self.call("POST", "/v1/chat/completions", {"model": "chat"})
-        self.assertEqual(self.manager.options[-1], RequestOptions())
+        self.assertEqual(self.manager.options[-1], ("chat", RequestOptions()))
 
     def test_badControlHeader(self):
         """
@@ -388,9 +321,33 @@ class RoutesTests(RoutesTestCase):
         """
         An unload refused by the scheduler (409) is answered in the envelope.
         """
-        self.manager.unloadFailure = errors.APIError(409, "busy", code="model_busy")
+        self.manager.unloadFailure = ModelBusy("chat", activeRequests=1)
         result = self.call("POST", "/admin/models/unload", {"model": "chat"}, {"Authorization": "Bearer admin"})
         self.assertEnvelope(result, 409, "model_busy")
+
+    def test_adminUnload(self):
+        """
+        C{POST /admin/models/unload} of a loaded model unloads it and
+        answers with its new state.
+        """
+        self.manager.states["chat"] = "loaded"
+        status, _, body = self.call(
+            "POST", "/admin/models/unload", {"model": "chat"}, {"Authorization": "Bearer admin"}
+        )
+        self.assertEqual((status, json.loads(body)), (200, {"model": "chat", "status": "unloaded"}))
+        self.assertEqual(self.manager.unloaded, ["chat"])
+        self.assertEqual(self.manager.describe("chat")["status"], "unloaded")
+
+    def test_adminLoad(self):
+        """
+        C{POST /admin/models/load} loads the model and answers with its new
+        state.
+        """
+        status, _, body = self.call(
+            "POST", "/admin/models/load", {"model": "chat"}, {"Authorization": "Bearer admin"}
+        )
+        self.assertEqual((status, json.loads(body)), (200, {"model": "chat", "status": "loaded"}))
+        self.assertEqual(self.manager.loaded, ["chat"])
 
     def test_metrics(self):
         """
@@ -652,6 +609,7 @@ class EveryEndpointTests(RoutesTestCase):
         says why.
         """
         self.manager.states["ov-ocr"] = "failed"
+        self.manager.lastErrors["ov-ocr"] = "it broke"
         error = self.assertEnvelope(self.call("GET", "/v2/models/ov-ocr/ready"), 503, "model_failed")
         self.assertIn("it broke", error["message"])
 
@@ -805,7 +763,7 @@ class AnthropicTests(EveryEndpointTests):
             self.assertAnthropic(self.call("POST", path, {"model": "ov-chat"}), 400, "invalid_request_error")
             self.assertAnthropic(self.call("POST", path, {"model": "ov-emb"}), 400, "invalid_request_error")
             self.assertAnthropic(self.call("POST", path, b"{"), 400, "invalid_request_error")
-        self.manager.failure = errors.noCapacity("no room", 5)
+        self.manager.failure = NoCapacity("llama", 1, 0, 1, 5.0, (), retryAfter=5)
         self.assertAnthropic(self.call("POST", "/v1/messages", {"model": "llama"}), 503, "overloaded_error")
 
     def test_noRoute(self):
@@ -903,7 +861,8 @@ class NamesTests(RoutesTestCase):
             self.assertEqual(self.call("GET", f"/v2/models/{spelled}")[0], 200)
             self.assertEqual(self.backend.uris[-1], b"/v2/models/org%2Focr")
             status, headers, _ = self.call("GET", f"/v2/models/{spelled}/ready")
-            self.assertEqual(headers.getRawHeaders("x-dynllm-model-state"), ["unloaded"])
+            self.assertEqual(headers.getRawHeaders("x-dynllm-model-state"), ["loaded"])
+            self.assertEqual(self.backend.uris[-1], b"/v2/models/org%2Focr/ready")
         self.assertEnvelope(self.call("GET", "/v2/models/org/ocr/infer"), 405)
         self.assertEnvelope(self.call("GET", "/v2/models/org/ocr/nothing"), 404)
 

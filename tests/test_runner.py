@@ -2,8 +2,8 @@
 Tests for L{dynllm.runner}: one backend run (spawn, readiness probes, load
 timeout, stop), the port finder and the description of exits.
 
-The fakes defined here (a reactor that spawns fake processes, and a backend
-whose readiness the test decides) are used by L{tests.test_scheduler} too.
+The fakes (a reactor that spawns fake processes, and a backend whose readiness
+the test decides) are those of L{dynllm.testing}.
 """
 
 from __future__ import annotations
@@ -13,17 +13,12 @@ import socket
 from typing import Any
 
 from twisted.internet import defer
-from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated
-from twisted.internet.interfaces import IProcessTransport
-from twisted.internet.testing import MemoryReactorClock
-from twisted.python.failure import Failure
+from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.trial.unittest import SynchronousTestCase
-from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from dynllm.config import ModelConfig
 from dynllm.interfaces import IBackend
-from dynllm.owned import LLAMACPP
 from dynllm.runner import (
     FAILURE_LOG_LINES,
     FIRST_PROBE_DELAY,
@@ -34,164 +29,8 @@ from dynllm.runner import (
     describeExit,
     findFreePort,
 )
+from dynllm.testing import FakeBackend, FakeProcessReactor
 from tests.support import freePortRange
-
-
-@implementer(IProcessTransport)
-class FakeProcessTransport:  # type: ignore[misc]
-    """
-    The transport of a process that is not really running: it records the
-    signals it is sent, and exits only when the test calls L{exit}.
-
-    @ivar signals: The names of the signals sent, in order.
-    @ivar exited: Whether L{exit} was called.
-    """
-
-    def __init__(
-        self, proto: Any, executable: str, args: list[str], env: Any, childFDs: Any, pid: int
-    ) -> None:
-        self.proto = proto
-        self.executable = executable
-        self.args = args
-        self.env = env
-        self.childFDs = childFDs
-        self.pid = pid
-        self.signals: list[str] = []
-        self.exited = False
-
-    def signalProcess(self, signalID: str) -> None:
-        """
-        Record C{signalID}; raise like a real transport once exited.
-        """
-        if self.exited:
-            raise ProcessExitedAlready()
-        self.signals.append(signalID)
-
-    def output(self, data: bytes, fd: int = 2) -> None:
-        """
-        Make the process print C{data} on C{fd}.
-        """
-        self.proto.childDataReceived(fd, data)
-
-    def exit(self, reason: Exception | None = None) -> None:
-        """
-        Make the process exit with C{reason} (by default, code 0).
-        """
-        if reason is None:
-            reason = ProcessDone(0)
-        self.exited = True
-        self.pid = None
-        self.proto.processExited(Failure(reason))
-        self.proto.processEnded(Failure(reason))
-
-    def closeStdin(self) -> None:
-        pass
-
-    def closeChildFD(self, descriptor: int) -> None:
-        pass
-
-    def writeToChild(self, childFD: int, data: bytes) -> None:
-        pass
-
-    def loseConnection(self) -> None:
-        pass
-
-
-class FakeProcessReactor(MemoryReactorClock):
-    """
-    A memory reactor and clock that also "spawns" processes.
-
-    @ivar spawned: The L{FakeProcessTransport} of every spawn, in order.
-    @ivar spawnError: If set, raised by the next spawns.
-    @ivar spawnErrorFor: Exceptions to raise instead of spawning, by the
-        second argument of the command line (the model's name for
-        L{FakeBackend}).
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.spawned: list[FakeProcessTransport] = []
-        self.spawnError: Exception | None = None
-        self.spawnErrorFor: dict[str, Exception] = {}
-        self._nextPid = 1000
-
-    def spawnProcess(
-        self,
-        processProtocol: Any,
-        executable: Any,
-        args: Any = (),
-        env: Any = None,
-        path: Any = None,
-        uid: Any = None,
-        gid: Any = None,
-        usePTY: bool = False,
-        childFDs: Any = None,
-    ) -> FakeProcessTransport:
-        """
-        Record the spawn and connect C{processProtocol} to a fake transport.
-        """
-        if self.spawnError is not None:
-            raise self.spawnError
-        args = list(args)
-        if len(args) > 1 and args[1] in self.spawnErrorFor:
-            raise self.spawnErrorFor[args[1]]
-        self._nextPid += 1
-        transport = FakeProcessTransport(
-            processProtocol, executable, list(args), env, childFDs, self._nextPid
-        )
-        processProtocol.makeConnection(transport)
-        self.spawned.append(transport)
-        return transport
-
-
-@implementer(IBackend)
-class FakeBackend:
-    """
-    A backend whose readiness the test decides.
-
-    @ivar ready: Names of the models whose probes answer C{True}.
-    @ivar manual: If true, probes return Deferreds kept in L{pendingProbes}
-        for the test to fire.
-    @ivar probes: C{(model name, time)} of every probe, in order.
-    """
-
-    kind = "llamacpp"
-    modelTypes = ("llm",)
-    owned = LLAMACPP
-
-    def __init__(
-        self, clock: Any = None, env: dict[str, str] | None = None, keyVariable: str | None = "FAKE_KEY"
-    ) -> None:
-        self.clock = clock
-        self.keyVariable = keyVariable
-        self.env = env or {}
-        self.ready: set[str] = set()
-        self.manual = False
-        self.pendingProbes: list[defer.Deferred[bool]] = []
-        self.probes: list[tuple[str, float | None]] = []
-
-    def argv(self, model: ModelConfig, binary: str, port: int) -> list[str]:
-        return [binary, model.name, str(port)]
-
-    def environment(self, model: ModelConfig) -> dict[str, str | None]:
-        return dict(self.env)
-
-    def probe(self, http: Any, baseURL: str, model: ModelConfig) -> defer.Deferred[bool]:
-        self.probes.append((model.name, self.clock.seconds() if self.clock is not None else None))
-        if self.manual:
-            d: defer.Deferred[bool] = defer.Deferred()
-            self.pendingProbes.append(d)
-            return d
-        return defer.succeed(model.name in self.ready)
-
-    def readyHint(self, line: str) -> bool:
-        return "READY" in line
-
-    def upstreamPath(self, route: str, model: ModelConfig) -> str:
-        return route
-
-    def upstreamModel(self, model: ModelConfig) -> str:
-        return model.name
 
 
 def makeModel(name: str = "m", **kw: Any) -> ModelConfig:

@@ -24,7 +24,7 @@ from dynllm.lifecycle import PORT_RETRIES
 from dynllm.lease import RequestOptions
 from dynllm.scheduler import Lease, ModelManager
 from dynllm.store import MemoryStateStore
-from tests.test_runner import FakeBackend, FakeProcessReactor, FakeProcessTransport
+from dynllm.testing import FakeBackend, FakeProcessReactor, FakeProcessTransport
 
 
 class ManagerTestsMixin:

@@ -14,7 +14,9 @@ from typing import Any
 
 from twisted.internet import defer, reactor, task
 from twisted.trial.unittest import TestCase
+from zope.interface.verify import verifyObject
 
+from dynllm.interfaces import IStateStore
 from dynllm.process import processStartTime
 from dynllm.store import (
     COLUMNS,
@@ -66,6 +68,13 @@ class SQLiteStateStoreTests(TestCase):
         store.open()
         self.addCleanup(store.close)
         return store
+
+    def test_providesIStateStore(self) -> None:
+        """
+        L{SQLiteStateStore} provides L{IStateStore}, so the scheduler and
+        L{reconcile} take it or the memory store alike.
+        """
+        self.assertTrue(verifyObject(IStateStore, self.store))
 
     def test_inUse(self) -> None:
         """
@@ -173,6 +182,13 @@ class MemoryStateStoreTests(TestCase):
     """
     L{MemoryStateStore} behaves as the SQLite one does.
     """
+
+    def test_providesIStateStore(self) -> None:
+        """
+        L{MemoryStateStore} provides L{IStateStore}, so it can stand in for
+        the SQLite store.
+        """
+        self.assertTrue(verifyObject(IStateStore, MemoryStateStore()))
 
     def test_roundTripAndReset(self) -> None:
         """

@@ -17,6 +17,8 @@ Embedding it in a Twisted program::
         ...  # send requests to lease.baseURL with lease.upstreamHeaders
     finally:
         lease.release()
+
+Fakes for testing such a program without processes are in L{dynllm.testing}.
 """
 
 from dynllm._version import __version__

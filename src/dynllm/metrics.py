@@ -4,8 +4,8 @@ Prometheus metrics, served at C{GET /metrics}.
 
 The state of the models (loaded, memory, requests in flight or waiting) and
 their counters (loads, failures, unloads by cause, crashes) are read from
-the L{IModelManager} when the metrics are scraped, so nothing is kept twice;
-request counts and durations are observed by the routes.
+the manager (an L{IModelManager}) when the metrics are scraped, so nothing
+is kept twice; request counts and durations are observed by the routes.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from dynllm.interfaces import IModelManager
+from dynllm.lease import ModelCounters
 from dynllm.lifecycle import STATUSES, STOP_CAUSES
 
 #: The content type of L{Metrics.render}'s output.
@@ -25,20 +26,28 @@ CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 #: States a model can be in (one gauge series each).
 STATES = STATUSES
 
+#: Causes of unloads, each always reported (0 until it happens; see
+#: L{ModelCounters.unloads}); any other cause is reported once counted.
+UNLOAD_CAUSES = STOP_CAUSES
+
 
 class ModelCollector(Collector):
     """
-    Reads the models' state and counters from a L{IModelManager}.
+    Reads the models' state (L{IModelManager.models}) and counters
+    (L{IModelManager.counters}) from a manager.
+
+    @ivar manager: The manager.
+    @ivar totalMB: The memory budget, C{total_vram_mb}.
     """
 
-    def __init__(self, manager: IModelManager) -> None:
+    def __init__(self, manager: IModelManager, totalMB: int) -> None:
         self.manager = manager
+        self.totalMB = totalMB
 
     def collect(self) -> Iterator[Metric]:
         manager = self.manager
-        models = manager.models()
         total = GaugeMetricFamily("dynllm_vram_total_mb", "The memory budget, total_vram_mb.")
-        total.add_metric([], manager.config.total_vram_mb)
+        total.add_metric([], self.totalMB)
         used = GaugeMetricFamily(
             "dynllm_vram_used_mb", "Memory held by models loading, loaded or still stopping."
         )
@@ -57,17 +66,18 @@ class ModelCollector(Collector):
             "dynllm_model_unloads", "Backends stopped, by cause.", labels=["model", "cause"]
         )
         crashes = CounterMetricFamily("dynllm_model_crashes", "Backends that died while loaded.", labels=["model"])
-        for model in models:
+        for model in manager.models():
             name = model["name"]
-            counters = manager.counters(name)
-            for status in STATUSES:
-                state.add_metric([name, status], 1 if model["status"] == status else 0)
+            counters: ModelCounters = manager.counters(name)
+            for stateName in STATES:
+                state.add_metric([name, stateName], 1 if model["status"] == stateName else 0)
             active.add_metric([name], model["active_requests"])
             waiting.add_metric([name], model["waiting_requests"])
             loads.add_metric([name], counters.loads)
             failures.add_metric([name], counters.loadFailures)
             loadSeconds.add_metric([name], counters.loadSeconds)
-            for cause in STOP_CAUSES:
+            causes = UNLOAD_CAUSES + tuple(sorted(set(counters.unloads) - set(UNLOAD_CAUSES)))
+            for cause in causes:
                 unloads.add_metric([name, cause], counters.unloads.get(cause, 0))
             crashes.add_metric([name], counters.crashes)
         yield from (total, used, state, active, waiting, loads, failures, loadSeconds, unloads, crashes)
@@ -80,9 +90,13 @@ class Metrics:
     @ivar registry: Where they are registered.
     """
 
-    def __init__(self, manager: IModelManager) -> None:
+    def __init__(self, manager: IModelManager, totalMB: int) -> None:
+        """
+        @param manager: Whose models are reported.
+        @param totalMB: The memory budget, C{total_vram_mb}.
+        """
         self.registry = CollectorRegistry()
-        self.registry.register(ModelCollector(manager))
+        self.registry.register(ModelCollector(manager, totalMB))
         self._requests = Counter(
             "dynllm_requests",
             "Requests to the OpenAI routes, by model, route and status.",

@@ -3,7 +3,7 @@
 The HTTP API: OpenAI-compatible routes that lease a model from the
 scheduler and relay the request to it, plus health and admin routes.
 
-Data flows one way: route -> scheduler (L{ModelManager.acquire}) -> backend
+Data flows one way: route -> scheduler (L{IModelManager.acquire}) -> backend
 (L{IBackend.upstreamPath}) -> proxy (L{forward}).
 """
 
@@ -28,11 +28,11 @@ from dynllm.config import Config, ModelConfig
 from dynllm.controls import requestOptions
 from dynllm.endpoints import JSON, MULTIPART, PATH, Endpoint
 from dynllm.exceptions import SchedulerError
-from dynllm.interfaces import IBackend
+from dynllm.interfaces import IBackend, IModelManager
 from dynllm.metrics import CONTENT_TYPE, Metrics
 from dynllm.proxy import fileProducer, forward, requestBody
 from dynllm.rewrite import NameRewriter, renameInRequest
-from dynllm.scheduler import FAILED, ModelManager
+from dynllm.scheduler import FAILED
 
 #: Header that tells a KServe readiness check the model's state in dynllm.
 STATE_HEADER = b"X-DynLLM-Model-State"
@@ -150,7 +150,7 @@ class DynLLMRoutes:
     """
 
     config: Config
-    manager: ModelManager
+    manager: IModelManager
     agent: Any
     clock: Any = None
     metrics: Metrics = field(default=None)
@@ -161,7 +161,7 @@ class DynLLMRoutes:
 
             self.clock = reactor
         if self.metrics is None:
-            self.metrics = Metrics(self.manager)
+            self.metrics = Metrics(self.manager, self.config.total_vram_mb)
     app = Klein()
     app.url_map.converters["name"] = NamePath
 

@@ -24,6 +24,7 @@ from zope.interface import implementer
 
 from dynllm import logs, torchinfo
 from dynllm.config import Config
+from dynllm.interfaces import IModelManager, IStateStore
 from dynllm.pool import BackendPool
 from dynllm.routes import DynLLMRoutes
 from dynllm.scheduler import ModelManager
@@ -37,8 +38,8 @@ class DynLLMService(MultiService):
     program.
 
     @ivar config: The configuration it runs.
-    @ivar manager: The L{ModelManager}; its C{acquire(name)} gives a lease
-        on a ready model to code in the same process.
+    @ivar manager: The models, as an L{IModelManager}: its C{acquire(name)}
+        gives a lease on a ready model to code in the same process.
     @ivar routes: The HTTP API (its C{resource()} can be mounted elsewhere).
     @ivar http: A C{treq} client for backends (it shares the connection
         pool of the relay).
@@ -48,7 +49,7 @@ class DynLLMService(MultiService):
         self,
         config: Config,
         reactor: Any,
-        manager: ModelManager,
+        manager: IModelManager,
         routes: DynLLMRoutes,
         http: HTTPClient,
         pool: BackendPool,
@@ -112,7 +113,7 @@ def makeService(config: Config, reactor: Any = None, listen: bool = True, persis
     @param config: A L{Config}, e.g. from L{dynllm.config.loadConfig}.
     @param reactor: The reactor; the global one by default.
     @param listen: Serve the HTTP API on C{server.host:server.port}. Turn off
-        to use only L{ModelManager.acquire} or to mount
+        to use only L{IModelManager.acquire} or to mount
         C{service.routes.resource()} in a site of your own.
     @param persist: Keep state in C{db_path}; off keeps it in memory.
     @return: a L{DynLLMService}, not yet started.
@@ -122,7 +123,7 @@ def makeService(config: Config, reactor: Any = None, listen: bool = True, persis
     logs.setLevel(config.log_level)
     agent, pool = makeAgent(reactor)
     http = HTTPClient(agent)
-    store = SQLiteStateStore(config.db_path, reactor) if persist else MemoryStateStore()
+    store: IStateStore = SQLiteStateStore(config.db_path, reactor) if persist else MemoryStateStore()
     manager = ModelManager(config=config, reactor=reactor, http=http, store=store)
     routes = DynLLMRoutes(config=config, manager=manager, agent=agent, clock=reactor)
     service = DynLLMService(config, reactor, manager, routes, http, pool)

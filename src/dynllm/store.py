@@ -15,6 +15,7 @@ from attrs import define, field
 from zope.interface import implementer
 from twisted.enterprise import adbapi
 from twisted.internet import defer, task
+from zope.interface import implementer
 
 from dynllm.interfaces import IStateStore
 from dynllm.logs import logger
@@ -196,7 +197,9 @@ class SQLiteStateStore:
 class MemoryStateStore:
     """
     Model rows kept in a dict: for programs that embed dynllm without a
-    database, and for tests.
+    database, and for tests (also public as L{dynllm.testing.MemoryStateStore}).
+
+    @ivar saved: Every row written, by model name, keyed by L{COLUMNS}.
     """
 
     saved: dict[str, dict[str, Any]] = field(factory=dict)
@@ -224,7 +227,7 @@ class MemoryStateStore:
 
 
 async def reconcile(
-    store: Any,
+    store: IStateStore,
     names: list[str],
     clock: Any,
     startTimeOf: Callable[[int], int | None] = processStartTime,
@@ -240,7 +243,7 @@ async def reconcile(
     program is left alone. Ours get TERM to their process group, then KILL
     after C{killTime}, and this waits until they are gone.
 
-    @param store: A state store (L{SQLiteStateStore} or L{MemoryStateStore}).
+    @param store: Where the previous run recorded its models.
     @param names: The models configured now.
     @return: the names of the models whose leftover backends were stopped.
     """
