@@ -5,23 +5,30 @@ One model's lifecycle, as an automat machine.
 Its states, and the public status each shows (in C{/admin/models}, the state
 database and metrics)::
 
-                 load                 _ready
-    Unloaded ----------> Loading -------------> Loaded
-       ^  ^               |  |  |                 |  |
-       |  |   _portTaken  |  |  | stop       stop |  | _exited (crash)
-       |  +---------------+  |  +-----> Unloading <+  |
-       |        _exited   |  |             |          v
-       +------------------|--|-------------+        Failed <--+
-              _exited     |  | _timedOut                      |
-                          |  +--------> Failing ------------- + _exited
-                          +-------------------------------------^
-
     Unloaded   "unloaded"   no process
     Loading    "loading"    its backend is starting; it holds its memory
     Loaded     "loaded"     ready; requests hold leases on it
     Unloading  "unloading"  being stopped; it holds its memory until it exits
     Failing    "unloading"  a load that timed out, being stopped
     Failed     "failed"     no process; the last load failed or it crashed
+
+Its transitions (L{_makeMachine} declares exactly these; any other input in a
+state is a bug, and automat raises)::
+
+    state              input                 next       what happens
+    Unloaded, Failed   load(run)             Loading    watch the run; start the load timer
+    Unloaded, Failed   spawnFailed(error)    Failed     waiters get the error
+    Unloaded, Failed   stop                  (same)     done at once
+    Loading            _ready                Loaded     count the load; open a tenancy
+    Loading            _exited               Failed     waiters get LoadFailed with its last lines
+    Loading            _portTaken            Unloaded   waiters stay: the scheduler loads it again
+    Loading            _timedOut             Failing    waiters get LoadTimedOut; TERM
+    Loading, Loaded    stop                  Unloading  TERM (KILL after killTime); cause counted
+    Loaded             _exited               Failed     a crash: counted, last error set
+    Unloading          stop                  Unloading  joins the pending stop: no signal
+    Failing            stop                  Failing    joins the pending stop: no signal
+    Unloading          _exited, _portTaken   Unloaded   the stops are done
+    Failing            _exited, _portTaken   Failed     the stops are done
 
 Inputs are the methods of L{ModelLifecycle}: the scheduler's (C{load},
 C{spawnFailed}, C{stop}) and the backend's (C{_ready}, C{_exited},
