@@ -49,6 +49,7 @@ from attrs import evolve
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
+from twisted.python.failure import Failure
 from twisted.web.server import Request
 
 from dynllm import errors
@@ -212,7 +213,7 @@ class LoadingStream:
             elif isinstance(reason, errors.APIError):
                 error = reason
             else:
-                log.failure("a stream that waited for {model} failed", model=self._model)
+                log.failure("a stream that waited for {model} failed", Failure(reason), model=self._model)
                 error = errors.APIError(500, f"internal error: {reason}", "server_error")
             event = errorEvent(evolve(error, shape=self._shape))
         if self._request.channel is not None:
