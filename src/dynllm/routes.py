@@ -493,11 +493,36 @@ class DynLLMRoutes:
         if streamed is not None and not acquiring.called:
             await self._streamWhileLoading(request, model, acquiring, upstream, body, rewriter, streamed)
             return
-        lease = await acquiring
+        await self._relay(request, await acquiring, upstream, body, rewriter)
+
+    async def _relay(
+        self,
+        request: Request,
+        lease: Any,
+        upstream: str,
+        body: Any,
+        rewriter: NameRewriter | None,
+        started: bool = False,
+    ) -> None:
+        """
+        Relay the request to the backend of C{lease} (a
+        L{dynllm.lease.Lease}) with L{forward}, and release the lease once
+        the response has been written or the client has gone.
+
+        @param started: Whether the response has begun already (see
+            L{forward}).
+        """
         try:
             url = (lease.baseURL + upstream).encode("ascii")
             await forward(
-                self.agent, request, url, body, clock=self.clock, rewriter=rewriter, upstreamHeaders=lease.upstreamHeaders
+                self.agent,
+                request,
+                url,
+                body,
+                clock=self.clock,
+                rewriter=rewriter,
+                upstreamHeaders=lease.upstreamHeaders,
+                started=started,
             )
         finally:
             lease.release()
@@ -529,20 +554,7 @@ class DynLLMRoutes:
         stream.begin()
         try:
             lease = await stream.wait(acquiring)
-            try:
-                url = (lease.baseURL + upstream).encode("ascii")
-                await forward(
-                    self.agent,
-                    request,
-                    url,
-                    body,
-                    clock=self.clock,
-                    rewriter=rewriter,
-                    upstreamHeaders=lease.upstreamHeaders,
-                    started=True,
-                )
-            finally:
-                lease.release()
+            await self._relay(request, lease, upstream, body, rewriter, started=True)
         except defer.CancelledError:
             raise
         except Exception as e:
