@@ -6,7 +6,8 @@ llama-server's command line and behaves like it (binds at once, answers 503
 where told to misbehave through the environment:
 
   FAKE_LOAD_DELAY=S     seconds of "loading" before /health answers 200
-  FAKE_MODE=crash       print a few lines and exit 1 while loading
+  FAKE_MODE=crash       print a few lines and exit 1 while loading (after
+                        FAKE_LOAD_DELAY seconds)
   FAKE_MODE=hang        never finish loading
   FAKE_MODE=die-mid-stream   exit after the second frame of a stream
   FAKE_IGNORE_TERM=1    ignore SIGTERM (so that only SIGKILL stops it)
@@ -17,6 +18,9 @@ where told to misbehave through the environment:
   FAKE_CHATTY=N         print N lines of output per request (pipe draining)
   FAKE_PORT_TAKEN_ONCE=PATH   the first start (while PATH does not exist)
                         creates PATH and fails as if its port were taken
+
+A streamed POST to /v1/messages is answered with Anthropic's events (text
+deltas "0", "1", ...), any other streamed POST with OpenAI chat chunks.
 
 Like llama-server, it requires the key in LLAMA_API_KEY (when set) as
 ``Authorization: Bearer KEY`` or ``X-Api-Key: KEY`` on every request but
@@ -32,6 +36,13 @@ import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+def _event(name, data):
+    """
+    @return: one SSE event named C{name} with C{data} as JSON.
+    """
+    return f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()
 
 
 def main() -> None:
@@ -120,15 +131,35 @@ def main() -> None:
             self.send_header("Transfer-Encoding", "chunked")
             self.end_headers()
             time.sleep(headersWait)
+            anthropic = self.path == "/v1/messages"
+            if anthropic:
+                self._chunk(_event("message_start", {"type": "message_start", "message": {
+                    "id": "msg_fake", "type": "message", "role": "assistant", "model": body.get("model"),
+                    "content": [], "stop_reason": None, "stop_sequence": None,
+                    "usage": {"input_tokens": 1, "output_tokens": 0}}}))
+                self._chunk(_event("content_block_start", {"type": "content_block_start", "index": 0,
+                                                           "content_block": {"type": "text", "text": ""}}))
             for i in range(frames):
                 if mode == "die-mid-stream" and i == 2:
                     os._exit(3)
-                frame = f"data: {json.dumps({'choices': [{'index': 0, 'delta': {'content': str(i)}}]})}\n\n".encode()
-                self.wfile.write(b"%x\r\n%s\r\n" % (len(frame), frame))
-                self.wfile.flush()
+                if anthropic:
+                    self._chunk(_event("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                                               "delta": {"type": "text_delta", "text": str(i)}}))
+                else:
+                    self._chunk(f"data: {json.dumps({'choices': [{'index': 0, 'delta': {'content': str(i)}}]})}\n\n".encode())
                 time.sleep(frameDelay)
-            frame = b"data: [DONE]\n\n"
+            if anthropic:
+                self._chunk(_event("content_block_stop", {"type": "content_block_stop", "index": 0}))
+                self._chunk(_event("message_delta", {"type": "message_delta", "delta": {
+                    "stop_reason": "end_turn", "stop_sequence": None}, "usage": {"output_tokens": frames}}))
+                frame = _event("message_stop", {"type": "message_stop"})
+            else:
+                frame = b"data: [DONE]\n\n"
             self.wfile.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(frame), frame))
+            self.wfile.flush()
+
+        def _chunk(self, frame):
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(frame), frame))
             self.wfile.flush()
 
     # The default listen backlog (5) drops connections when dynllm opens many
@@ -141,6 +172,7 @@ def main() -> None:
 
     def load():
         if mode == "crash":
+            time.sleep(loadDelay)
             sys.stderr.write("fake: load_model: failed to load model\n")
             sys.stderr.write("fake: exiting due to model loading error\n")
             sys.stderr.flush()

@@ -25,7 +25,16 @@ from zope.interface import implementer
 from twisted.web.test.requesthelper import DummyRequest
 
 from dynllm.errors import APIError
-from dynllm.proxy import CREDENTIALS, DROP_REQUEST, DROP_RESPONSE, FileProducer, endToEnd, forward, requestBody
+from dynllm.proxy import (
+    CREDENTIALS,
+    DROP_REQUEST,
+    DROP_RESPONSE,
+    BackendStatus,
+    FileProducer,
+    endToEnd,
+    forward,
+    requestBody,
+)
 from dynllm.rewrite import NameRewriter
 from dynllm.service import makeAgent
 
@@ -322,6 +331,84 @@ class HeadersFirstTests(SynchronousTestCase):
             self.assertTrue(raw.startswith(b"HTTP/1.1 %d " % code), raw)
             self.assertNotIn(b"Transfer-Encoding", raw)
             self.assertTrue(raw.endswith(b"\r\n\r\n"), raw)
+
+
+class StartedResource(resource.Resource):
+    """
+    Begins its response itself (200, C{text/event-stream}, a comment), then
+    relays with L{forward} in its C{started} mode, renaming C{/models/m} to
+    C{m}; what L{forward} raises is kept in C{self.raised}.
+    """
+
+    isLeaf = True
+
+    def __init__(self, agent, clock):
+        super().__init__()
+        self.agent = agent
+        self.clock = clock
+        self.raised = []
+
+    def render(self, request):
+        request.setResponseCode(200)
+        request.setHeader(b"Content-Type", b"text/event-stream")
+        request.write(b": waiting\n\n")
+        d = defer.ensureDeferred(
+            forward(self.agent, request, b"http://127.0.0.1:1/x", None, clock=self.clock,
+                    rewriter=NameRewriter("/models/m", "m"), started=True)
+        )
+        d.addErrback(lambda f: self.raised.append(f.value))
+        d.addBoth(lambda _: request.finish())
+        return server.NOT_DONE_YET
+
+
+class StartedTests(SynchronousTestCase):
+    """
+    L{forward} into a response whose status line and headers were sent
+    already: only a 2xx answer's body goes out; other answers are raised.
+    """
+
+    def setUp(self):
+        self.clock = MemoryReactorClock()
+        self.agent = FakeAgent()
+        self.transport = StringTransport()
+        self.resource = StartedResource(self.agent, self.clock)
+        site = server.Site(self.resource, reactor=self.clock)
+        channel = site.buildProtocol(None)
+        channel.makeConnection(self.transport)
+        channel.dataReceived(b"POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+        self.head = self.transport.value()
+
+    def respond(self, code, headers):
+        response = FakeResponse(code, headers)
+        self.agent.responses[0].callback(response)
+        return response
+
+    def test_bodyOnly(self):
+        """
+        A 200 answer's body follows what was written, renamed, without the
+        backend's status line and headers.
+        """
+        response = self.respond(200, {b"Content-Type": [b"text/event-stream"], b"X-Backend": [b"1"]})
+        response.body.dataReceived(b'data: {"model":"/models/m"}\n\n')
+        response.body.connectionLost(Failure(ResponseDone()))
+        raw = self.transport.value()
+        self.assertEqual(raw.count(b"HTTP/1.1"), 1)
+        self.assertNotIn(b"X-Backend", raw)
+        self.assertTrue(raw.endswith(b'data: {"model":"m"}\n\n\r\n0\r\n\r\n'), raw)
+        self.assertEqual(self.resource.raised, [])
+
+    def test_errorStatusRaised(self):
+        """
+        An answer that is not 2xx is not written: L{forward} raises
+        L{BackendStatus} with its status and its whole body, renamed.
+        """
+        response = self.respond(400, {b"Content-Type": [b"application/json"]})
+        response.body.dataReceived(b'{"error": {"message": "no", "model": "/models/m"}}')
+        response.body.connectionLost(Failure(ResponseDone()))
+        (raised,) = self.resource.raised
+        self.assertIsInstance(raised, BackendStatus)
+        self.assertEqual((raised.status, raised.body), (400, b'{"error": {"message": "no", "model": "m"}}'))
+        self.assertNotIn(b"error", self.transport.value())
 
 
 class Consumer:

@@ -2,7 +2,8 @@
 """
 Relaying one request to a backend and its response back, unbuffered.
 
-The status line and headers reach the client when the backend's arrive, and
+The status line and headers reach the client when the backend's arrive (or
+earlier, for a stream that waited for its model: see L{dynllm.feedback}), and
 bytes reach the client as the backend sends them (SSE frames included), the
 backend is paused while the client is slow (the upstream transport is
 registered as the request's producer), and the upstream request is aborted
@@ -19,14 +20,14 @@ through byte for byte.
 from __future__ import annotations
 
 import io
-from typing import Any, Iterator, Mapping, cast
+from typing import Any, Callable, Iterator, Mapping, cast
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.task import CooperativeTask, Cooperator, NotPaused, TaskFinished, TaskStopped
 from twisted.python.failure import Failure
-from twisted.web.client import ResponseDone, ResponseNeverReceived
+from twisted.web.client import PartialDownloadError, ResponseDone, ResponseFailed, ResponseNeverReceived, readBody
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IRequest
@@ -81,6 +82,23 @@ TEXT_TYPES = (b"application/json", b"text/")
 
 #: Bytes of relayed body gathered before they are written (see L{_Relay}).
 MAX_BATCH = 16384
+
+
+class BackendStatus(Exception):
+    """
+    A backend answered a request whose client's status line and headers
+    were sent already (see L{forward}'s C{started}) with a status that is
+    not 2xx: the caller tells the client in the body.
+
+    @ivar status: The backend's status code.
+    @ivar body: The backend's body, the model renamed in it as the client
+        named it.
+    """
+
+    def __init__(self, status: int, body: bytes) -> None:
+        super().__init__(status, body)
+        self.status = status
+        self.body = body
 
 
 def _connectionTokens(headers: Headers) -> set[bytes]:
@@ -342,6 +360,8 @@ async def forward(
     rewriter: NameRewriter | None = None,
     *,
     upstreamHeaders: Mapping[str, str] | None = None,
+    started: bool = False,
+    onResponse: Callable[[], object] | None = None,
 ) -> None:
     """
     Send C{request} to C{url} and relay the response to the client.
@@ -357,9 +377,18 @@ async def forward(
         C{Content-Length} is dropped).
     @param upstreamHeaders: Headers the backend requires, set in place of
         any the headers hold: a lease's C{upstreamHeaders}, which carry the
-        backend's own key (L{dynllm.scheduler.Lease.upstreamHeaders}).
+        backend's own key (L{dynllm.lease.Lease.upstreamHeaders}).
+    @param started: Whether the client's status line and headers were sent
+        already (a stream that waited for its model, see
+        L{dynllm.feedback}): then a 2xx answer's body is relayed into the
+        response as it is, without its status and headers, and any other
+        answer raises L{BackendStatus} instead of being relayed.
+    @param onResponse: Called when the backend's status and headers have
+        arrived, before anything of the answer is written.
     @raise errors.APIError: 502 when the backend could not be reached or
         sent no response.
+    @raise BackendStatus: with C{started}, for an answer that is not 2xx,
+        once its whole body has arrived.
     """
     if headers is None:
         headers = endToEnd(request.requestHeaders, DROP_REQUEST)
@@ -383,8 +412,9 @@ async def forward(
         raise
     except Exception as e:
         raise errors.backendFailed(f"could not reach the backend: {e}") from None
+    if onResponse is not None:
+        onResponse()
 
-    request.setResponseCode(response.code, response.phrase)
     out = endToEnd(response.headers, DROP_RESPONSE)
     contentType = out.getRawHeaders(b"content-type", [b""])[0]
     if rewriter is not None:
@@ -392,18 +422,11 @@ async def forward(
             out.removeHeader(b"content-length")
         else:
             rewriter = None  # audio, images: nothing to rename
-    for name, values in out.getAllRawHeaders():
-        request.responseHeaders.setRawHeaders(name, values)
-    if contentType.startswith(b"text/event-stream"):
-        # Ask reverse proxies in front of us not to buffer the stream.
-        request.responseHeaders.setRawHeaders(b"x-accel-buffering", [b"no"])
-        request.responseHeaders.setRawHeaders(b"cache-control", [b"no-cache"])
-    # Send the status line and headers now, as the backend did, not with
-    # the first body byte: a client then sees a slow stream start (e.g.
-    # llama-server's SSE pings, every --sse-ping-interval seconds) as soon
-    # as it would directly, and its header timeout does not fire. For HEAD,
-    # 204 and 304, twisted.web writes no body after them.
-    request.write(b"")
+    if started:
+        if not 200 <= response.code < 300:
+            raise BackendStatus(response.code, await _errorBody(response, rewriter))
+    else:
+        _sendHead(request, response, out, contentType)
     try:
         await relayBody(response, request, clock, rewriter)
     except defer.CancelledError:
@@ -423,3 +446,40 @@ async def forward(
             except Exception:
                 pass
         raise defer.CancelledError() from None
+
+
+def _sendHead(request: Request, response: Any, out: Headers, contentType: bytes) -> None:
+    """
+    Send the backend's status and the headers C{out} to the client now, as
+    the backend did, not with the first body byte: a client then sees a
+    slow stream start (e.g. llama-server's SSE pings, every
+    C{--sse-ping-interval} seconds) as soon as it would directly, and its
+    header timeout does not fire. For HEAD, 204 and 304, twisted.web writes
+    no body after them.
+    """
+    request.setResponseCode(response.code, response.phrase)
+    for name, values in out.getAllRawHeaders():
+        request.responseHeaders.setRawHeaders(name, values)
+    if contentType.startswith(b"text/event-stream"):
+        # Ask reverse proxies in front of us not to buffer the stream.
+        request.responseHeaders.setRawHeaders(b"x-accel-buffering", [b"no"])
+        request.responseHeaders.setRawHeaders(b"cache-control", [b"no-cache"])
+    request.write(b"")
+
+
+async def _errorBody(response: Any, rewriter: NameRewriter | None) -> bytes:
+    """
+    @return: the whole body of C{response}, an error answer (small), with
+        the model renamed by C{rewriter}; what arrived of it if the backend
+        closed early (nothing if the connection failed). Cancelling the
+        wait aborts the backend's connection (C{readBody}).
+    """
+    try:
+        body: bytes = await readBody(response)
+    except PartialDownloadError as e:
+        body = e.response or b""
+    except ResponseFailed:
+        body = b""
+    if rewriter is not None:
+        body = rewriter.feed(body) + rewriter.flush()
+    return body

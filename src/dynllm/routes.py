@@ -4,7 +4,9 @@ The HTTP API: OpenAI-compatible routes that lease a model from the
 scheduler and relay the request to it, plus health and admin routes.
 
 Data flows one way: route -> scheduler (L{IModelManager.acquire}) -> backend
-(L{IBackend.upstreamPath}) -> proxy (L{forward}).
+(L{IBackend.upstreamPath}) -> proxy (L{forward}). A streamed request whose
+model is not ready gets its headers and loading comments meanwhile
+(L{dynllm.feedback}).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from urllib.parse import quote
 
 from attrs import define, evolve, field
 from klein import Klein
+from twisted.internet import defer
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.server import Request
@@ -28,7 +31,9 @@ from dynllm.config import Config, ModelConfig
 from dynllm.controls import requestOptions
 from dynllm.endpoints import JSON, MULTIPART, PATH, Endpoint
 from dynllm.exceptions import SchedulerError
+from dynllm.feedback import LoadingStream
 from dynllm.interfaces import IBackend, IModelManager
+from dynllm.lease import Lease
 from dynllm.metrics import CONTENT_TYPE, Metrics
 from dynllm.proxy import fileProducer, forward, requestBody
 from dynllm.rewrite import NameRewriter, renameInRequest
@@ -328,7 +333,10 @@ class DynLLMRoutes:
             upstreamName = backend.upstreamModel(model)  # for the answer: a query has no body to rename
             body = requestBody(request, self.clock) if request.method != b"GET" else None
         rewriter = nameRewriter(upstreamName, name) if upstreamName != name else None
-        await self._proxy(request, endpoint.path, model, upstream + _query(request), body, rewriter)
+        streamed = None
+        if endpoint.modelIn == JSON and parsed.get("stream") is True:
+            streamed = errors.ANTHROPIC if endpoint.api == endpoints.ANTHROPIC else errors.OPENAI
+        await self._proxy(request, endpoint.path, model, upstream + _query(request), body, rewriter, streamed=streamed)
 
     # KServe v2.
 
@@ -465,6 +473,7 @@ class DynLLMRoutes:
         body: Any,
         rewriter: NameRewriter | None = None,
         label: str | None = None,
+        streamed: str | None = None,
     ) -> None:
         """
         Lease C{model}, relay the request to it, and hold the lease until
@@ -476,16 +485,87 @@ class DynLLMRoutes:
             C{None}.
         @param rewriter: Renames the model in the response, if needed.
         @param label: The route as metrics name it, if not C{route}.
+        @param streamed: For a request that asked for a stream, the shape
+            of its API's errors (L{errors.OPENAI} or L{errors.ANTHROPIC}):
+            if the lease is not there at once, the stream starts while it
+            waits (see L{_streamWhileLoading}). C{None} for any other.
         """
         self.metrics.observe(request, model.name, label or route, self.clock.seconds(), self.clock)
-        lease = await self.manager.acquire(model.name, requestOptions(request.requestHeaders))
+        acquiring = self.manager.acquire(model.name, requestOptions(request.requestHeaders))
+        if streamed is not None and not acquiring.called:
+            await self._streamWhileLoading(request, model, acquiring, upstream, body, rewriter, streamed)
+            return
+        await self._relay(request, await acquiring, upstream, body, rewriter)
+
+    async def _relay(
+        self,
+        request: Request,
+        lease: Lease,
+        upstream: str,
+        body: Any,
+        rewriter: NameRewriter | None,
+        started: bool = False,
+        onResponse: Callable[[], object] | None = None,
+    ) -> None:
+        """
+        Relay the request to the backend of C{lease} (a
+        L{dynllm.lease.Lease}) with L{forward}, and release the lease once
+        the response has been written or the client has gone.
+
+        @param started: Whether the response has begun already (see
+            L{forward}).
+        @param onResponse: See L{forward}.
+        """
         try:
             url = (lease.baseURL + upstream).encode("ascii")
             await forward(
-                self.agent, request, url, body, clock=self.clock, rewriter=rewriter, upstreamHeaders=lease.upstreamHeaders
+                self.agent,
+                request,
+                url,
+                body,
+                clock=self.clock,
+                rewriter=rewriter,
+                upstreamHeaders=lease.upstreamHeaders,
+                started=started,
+                onResponse=onResponse,
             )
         finally:
             lease.release()
+
+    async def _streamWhileLoading(
+        self,
+        request: Request,
+        model: ModelConfig,
+        acquiring: defer.Deferred[Lease],
+        upstream: str,
+        body: Any,
+        rewriter: NameRewriter | None,
+        shape: str,
+    ) -> None:
+        """
+        Serve a streamed request whose lease is not there yet: its SSE
+        headers now and a loading comment a second (L{LoadingStream}),
+        then the backend's body relayed into the same response. A failure
+        to load, a backend that cannot be reached or that answers an error
+        status ends the stream with an error event in C{shape}. A client
+        that leaves cancels C{acquiring} (Klein cancels the route), which
+        withdraws it from the scheduler.
+
+        @param acquiring: The Deferred of the L{dynllm.lease.Lease}, not
+            fired yet.
+        @param shape: L{errors.OPENAI} or L{errors.ANTHROPIC}.
+        """
+        stream = LoadingStream(request, model.name, self.clock, shape)
+        stream.begin()
+        try:
+            lease = await stream.wait(acquiring)
+            await self._relay(request, lease, upstream, body, rewriter, started=True, onResponse=stream.stopComments)
+        except defer.CancelledError:
+            raise
+        except Exception as e:
+            stream.fail(e)
+        finally:
+            stream.stopComments()
 
     # Health and administration.
 
