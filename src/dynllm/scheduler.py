@@ -450,7 +450,9 @@ class ModelManager(Service):
         if core.active == 0:
             if use and core.status == LOADED and core.keepAlive == 0:
                 self._outbox.send(self._models[core.name].machine.stop, IDLE, defer.Deferred())
-            self._schedule()
+            elif any(m.core.waiters for m in self._models.values()):
+                # An idle model may be what a waiting load needs.
+                self._schedule()
             self._checkDrained()
 
     # Waiting.
