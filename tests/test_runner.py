@@ -12,7 +12,6 @@ import os
 import socket
 from typing import Any
 
-from twisted.internet import defer
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject

@@ -35,14 +35,12 @@ from dynllm.exceptions import (
     LoadFailed,
     ModelBusy,
     NoCapacity,
-    SchedulerError,
     ShuttingDown,
     UnknownModel,
 )
 from dynllm.interfaces import IBackend, IModelManager, IStateStore
 from dynllm.lease import Lease, ModelCounters, RequestOptions
 from dynllm.lifecycle import (
-    ABANDONED,
     FAILED,
     HOLDS_MEMORY,
     IDLE,
