@@ -258,6 +258,32 @@ class StopTests(LifecycleTestCase):
         self.successResultOf(self.stop())
         self.assertEqual(self.records, [])
 
+    def test_stopFailed(self) -> None:
+        """
+        A stop of a failed model fires at once, records nothing and keeps
+        its last error.
+        """
+        self.startLoad().exit(ProcessTerminated(exitCode=1))
+        records = list(self.records)
+        self.successResultOf(self.stop())
+        self.assertEqual(self.records, records)
+        self.assertEqual(self.core.status, "failed")
+        self.assertIsNotNone(self.core.lastError)
+
+    def test_stoppedLoadWithPortMessage(self) -> None:
+        """
+        A load stopped before it was ready whose output says its port was
+        taken ends C{unloaded} like any stopped load: the stop is done, and
+        no retry or failure follows.
+        """
+        process = self.startLoad()
+        process.output(b"couldn't bind HTTP server socket\n")
+        done = self.stop("abandoned")
+        process.exit(ProcessTerminated(exitCode=1))
+        self.successResultOf(done)
+        self.assertEqual(self.statuses(), ["loading", "unloading", "unloaded"])
+        self.assertEqual((self.core.portConflicts, self.core.loadFailures), (0, 0))
+
     def test_stopLoaded(self) -> None:
         """
         A stop of a loaded model sends TERM, records C{unloading} and counts
