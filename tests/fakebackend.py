@@ -14,6 +14,8 @@ where told to misbehave through the environment:
   FAKE_FRAME_DELAY=S    seconds between stream frames (default 0.01)
   FAKE_FRAMES=N         frames per stream (default 5)
   FAKE_HEADERS_WAIT=S   seconds between a stream's headers and its first frame
+  FAKE_RESPONSE_DELAY=S seconds a completion takes before its answer (plain or
+                        streamed) begins, as a model's generation would
   FAKE_CHILD=1          start a child process in the same group (sleep 300)
   FAKE_CHATTY=N         print N lines of output per request (pipe draining)
   FAKE_PORT_TAKEN_ONCE=PATH   the first start (while PATH does not exist)
@@ -58,6 +60,7 @@ def main() -> None:
     frameDelay = float(os.environ.get("FAKE_FRAME_DELAY", "0.01"))
     frames = int(os.environ.get("FAKE_FRAMES", "5"))
     headersWait = float(os.environ.get("FAKE_HEADERS_WAIT", "0"))
+    responseDelay = float(os.environ.get("FAKE_RESPONSE_DELAY", "0"))
     chatty = int(os.environ.get("FAKE_CHATTY", "0"))
     if os.environ.get("FAKE_IGNORE_TERM"):
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -120,6 +123,7 @@ def main() -> None:
                 return self._send(400, {"error": {"message": "bad json", "type": "invalid_request_error", "code": 400}})
             if body.get("teapot"):
                 return self._send(418, {"error": {"message": "teapot", "type": "invalid_request_error", "code": 418}})
+            time.sleep(responseDelay)
             if not body.get("stream"):
                 return self._send(200, {
                     "object": "chat.completion", "model": body.get("model"),
