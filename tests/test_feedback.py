@@ -164,9 +164,13 @@ class LoadingFeedbackTests(SynchronousTestCase):
         directory = self.mktemp()
         os.makedirs(directory)
         open(os.path.join(directory, "chat.gguf"), "w").close()
+        open(os.path.join(directory, "embed.gguf"), "w").close()
         raw = {
             "enabled_backends": ["llamacpp"],
-            "models": [{"name": "chat", "path": "chat.gguf", "backend": "llamacpp", "vram_mb": 1}],
+            "models": [
+                {"name": "chat", "path": "chat.gguf", "backend": "llamacpp", "vram_mb": 1},
+                {"name": "embed", "path": "embed.gguf", "backend": "llamacpp", "vram_mb": 1, "model_type": "embedding"},
+            ],
         }
         self.config = parseConfig(raw, directory, which=lambda name: "/bin/true")
         self.manager = SlowManager(self.config)
@@ -294,6 +298,23 @@ class LoadingFeedbackTests(SynchronousTestCase):
             chunks, [b": dynllm: loading chat, 1 s\n\n", b": dynllm: loading chat, 2 s\n\n", b"data: [DONE]\n\n", b""]
         )
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_notAStreamingEndpoint(self):
+        """
+        C{"stream": true} on an endpoint that never streams (embeddings)
+        gets no SSE headers or comments while its model loads: its answer
+        is the backend's own, as when the model is loaded.
+        """
+        self.send({"model": "embed", "input": "hi", "stream": True}, b"/v1/embeddings")
+        self.clock.advance(3)
+        self.assertEqual(self.transport.value(), b"")
+        (d,) = self.manager.pending
+        d.callback(self.manager.lease("embed"))
+        response = self.answer(200, {b"Content-Type": [b"application/json"]})
+        response.finish(b'{"data": []}')
+        head, chunks = split(self.transport.value())
+        self.assertIn(b"application/json", head)
+        self.assertNotIn(b"dynllm: loading", self.transport.value())
 
     def test_failedAcquireOpenAI(self):
         """

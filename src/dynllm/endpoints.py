@@ -69,6 +69,11 @@ class Endpoint:
         llama-server's unversioned ones (C{/chat/completions}), which clients
         configured with a base URL without C{/v1} send.
     @ivar method: The HTTP method.
+    @ivar streams: Whether C{"stream": true} in its JSON body asks for a
+        Server-Sent Events answer (OpenAI's chat, completions and
+        responses, Anthropic's messages, llama.cpp's C{/completion} and
+        C{/infill}); only those get loading comments while their model
+        loads (L{dynllm.feedback}).
     """
 
     path: str
@@ -78,6 +83,7 @@ class Endpoint:
     upstream: Mapping[str, str]
     spellings: tuple[str, ...] = ()
     method: str = "POST"
+    streams: bool = False
 
     @property
     def paths(self) -> tuple[str, ...]:
@@ -98,9 +104,11 @@ _LLAMA_TYPES = ("llm", "embedding", "rerank")
 #: Every endpoint, in the order the README lists them.
 ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint("/v1/chat/completions", OPENAI, JSON, ("llm",), _everywhere("/v3/chat/completions"),
-             ("/chat/completions",)),
-    Endpoint("/v1/completions", OPENAI, JSON, ("llm",), _everywhere("/v3/completions"), ("/completions",)),
-    Endpoint("/v1/responses", OPENAI, JSON, ("llm",), _everywhere("/v3/responses"), ("/responses",)),
+             ("/chat/completions",), streams=True),
+    Endpoint("/v1/completions", OPENAI, JSON, ("llm",), _everywhere("/v3/completions"), ("/completions",),
+             streams=True),
+    Endpoint("/v1/responses", OPENAI, JSON, ("llm",), _everywhere("/v3/responses"), ("/responses",),
+             streams=True),
     Endpoint("/v1/embeddings", OPENAI, JSON, ("embedding",), {"llamacpp": SAME_PATH, "openvino": "/v3/embeddings"},
              ("/embeddings",)),
     Endpoint("/v1/rerank", OPENAI, JSON, ("rerank",), {"llamacpp": SAME_PATH, "openvino": "/v3/rerank"},
@@ -114,10 +122,10 @@ ENDPOINTS: tuple[Endpoint, ...] = (
              {"openvino": "/v3/images/generations"}),
     Endpoint("/v1/images/edits", OPENAI, MULTIPART, ("image_generation",), {"openvino": "/v3/images/edits"}),
     Endpoint("/v1/tokenize", OPENAI, JSON, _LLAMA_TYPES, {"openvino": "/v3/tokenize"}),
-    Endpoint("/v1/messages", ANTHROPIC, JSON, ("llm",), {"llamacpp": SAME_PATH}),
+    Endpoint("/v1/messages", ANTHROPIC, JSON, ("llm",), {"llamacpp": SAME_PATH}, streams=True),
     Endpoint("/v1/messages/count_tokens", ANTHROPIC, JSON, ("llm",), {"llamacpp": SAME_PATH}),
-    Endpoint("/completion", LLAMACPP, JSON, ("llm",), {"llamacpp": SAME_PATH}),
-    Endpoint("/infill", LLAMACPP, JSON, ("llm",), {"llamacpp": SAME_PATH}),
+    Endpoint("/completion", LLAMACPP, JSON, ("llm",), {"llamacpp": SAME_PATH}, streams=True),
+    Endpoint("/infill", LLAMACPP, JSON, ("llm",), {"llamacpp": SAME_PATH}, streams=True),
     Endpoint("/apply-template", LLAMACPP, JSON, ("llm",), {"llamacpp": SAME_PATH}),
     Endpoint("/tokenize", LLAMACPP, JSON, _LLAMA_TYPES, {"llamacpp": SAME_PATH}),
     Endpoint("/detokenize", LLAMACPP, JSON, _LLAMA_TYPES, {"llamacpp": SAME_PATH}),

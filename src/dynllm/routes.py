@@ -334,7 +334,7 @@ class DynLLMRoutes:
             body = requestBody(request, self.clock) if request.method != b"GET" else None
         rewriter = nameRewriter(upstreamName, name) if upstreamName != name else None
         streamed = None
-        if endpoint.modelIn == JSON and parsed.get("stream") is True:
+        if endpoint.streams and parsed.get("stream") is True:
             streamed = errors.ANTHROPIC if endpoint.api == endpoints.ANTHROPIC else errors.OPENAI
         await self._proxy(request, endpoint.path, model, upstream + _query(request), body, rewriter, streamed=streamed)
 
