@@ -123,7 +123,7 @@ class PlanTests(SynchronousTestCase):
             view("loading", 600, status="loading", waiting=1),
             view("b", 600, waiting=1, since=1.0),
         ]
-        self.assertEqual(plan(models, 1000, "lifo"), Plan(queue=("b",)))
+        self.assertEqual(plan(models, 1000, "lifo"), Plan(queue=("b",), head="b"))
 
     def test_waitForStopping(self) -> None:
         """
@@ -145,12 +145,13 @@ class PlanTests(SynchronousTestCase):
         """
         models = [view("a", status="loaded", active=1), view("b", waiting=1, since=1.0)]
         result = plan(models, 1000, "lifo")
-        self.assertEqual((result.stop, result.hold), ((), frozenset({"a"})))
+        self.assertEqual((result.stop, result.hold, result.head, result.clearing), ((), frozenset({"a"}), "b", None))
 
-    def test_heldIdleThenEvicted(self) -> None:
+    def test_idleNotHeldWithBusy(self) -> None:
         """
-        Idle models the head needs together with busy ones are held too, and
-        once the busy ones are idle all of them are stopped.
+        When the head needs an idle model and a busy one, only the busy one
+        is held (the idle one goes on serving), nothing is stopped yet, and
+        once the busy one is idle both are stopped.
         """
         models = [
             view("idle", 300, status="loaded"),
@@ -158,9 +159,11 @@ class PlanTests(SynchronousTestCase):
             view("c", 800, waiting=1, since=1.0),
         ]
         result = plan(models, 1000, "lifo")
-        self.assertEqual((result.stop, result.hold), ((), frozenset({"idle", "busy"})))
+        self.assertEqual((result.stop, result.hold, result.clearing), ((), frozenset({"busy"}), None))
         models[1] = view("busy", 300, status="loaded")
-        self.assertEqual(set(plan(models, 1000, "lifo").stop), {("idle", "evicted"), ("busy", "evicted")})
+        result = plan(models, 1000, "lifo")
+        self.assertEqual(set(result.stop), {("idle", "evicted"), ("busy", "evicted")})
+        self.assertEqual(result.clearing, "c")
 
     def test_servesWaitersAheadFirst(self) -> None:
         """

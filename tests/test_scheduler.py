@@ -1440,3 +1440,92 @@ class DefectTests(ManagerTestsMixin, SynchronousTestCase):
         self.successResultOf(d).release()
         self.assertNotIn("failed", statuses)
         self.assertEqual(statuses[-1], "loaded")
+
+
+class QueueTimeoutTests(ManagerTestsMixin, SynchronousTestCase):
+    """
+    No request waits for memory longer than its queue timeout, whatever
+    happens to its model meanwhile.
+    """
+
+    def test_waitedThroughLoadThenEvicted(self) -> None:
+        """
+        A request whose queue timeout passed while its model loaded, and
+        whose model is then given to a load ahead of it (a higher priority)
+        instead of serving it, is refused at once, not left waiting.
+        """
+        manager = self.makeManager([{"name": n, "vram_mb": 600} for n in "ab"], queue_timeout_seconds=3)
+        forA = manager.acquire("a")
+        self.reactor.advance(0.5)
+        forB = manager.acquire("b", RequestOptions(priority=10, queueTimeout=60))
+        self.reactor.advance(4)
+        self.assertNoResult(forA)
+        self.makeReady("a")
+        error = self.failureResultOf(forA, NoCapacity).value
+        self.assertEqual(error.waitedSeconds, 3)
+        self.assertEqual(self.process("a").signals, ["TERM"])
+        self.process("a").exit()
+        self.makeReady("b")
+        self.successResultOf(forB).release()
+
+    def test_heldRefusalSaysWhy(self) -> None:
+        """
+        A request refused because its loaded model gives way to a waiting
+        load says so, naming that load's model.
+        """
+        manager = self.makeManager([{"name": n, "vram_mb": 600} for n in "ab"], queue_timeout_seconds=2)
+        lease = self.loadedLease("a")
+        manager.acquire("b", RequestOptions(queueTimeout=60)).addErrback(lambda f: None)
+        forA = manager.acquire("a")
+        self.reactor.advance(2)
+        error = self.failureResultOf(forA, NoCapacity).value
+        self.assertEqual(error.givingWayTo, "b")
+        self.assertIn("gives way to model 'b'", str(error))
+        lease.release()
+
+    def test_zeroWaitsForIdleEviction(self) -> None:
+        """
+        A queue timeout of 0 for a model that fits once idle models are
+        stopped is not refused: the idle ones are stopped and it loads.
+        """
+        manager = self.makeManager([{"name": n, "vram_mb": 600} for n in "ab"])
+        self.loadIdle("a")
+        d = manager.acquire("b", RequestOptions(queueTimeout=0))
+        self.assertNoResult(d)
+        self.assertEqual(self.process("a").signals, ["TERM"])
+        self.process("a").exit()
+        self.makeReady("b")
+        self.successResultOf(d).release()
+
+    def test_zeroWaitsForOwnExit(self) -> None:
+        """
+        A queue timeout of 0 for a model whose previous backend is still
+        exiting is not refused: it loads again once that one is gone.
+        """
+        manager = self.makeManager([{"name": "a", "vram_mb": 600}])
+        d = manager.acquire("a", RequestOptions(keepAlive=0))
+        self.makeReady("a")
+        self.successResultOf(d).release()
+        self.assertEqual(self.status("a"), "unloading")
+        again = manager.acquire("a", RequestOptions(queueTimeout=0))
+        self.assertNoResult(again)
+        self.process("a").exit()
+        self.makeReady("a")
+        self.successResultOf(again).release()
+
+    def test_refusedKeepAliveForgotten(self) -> None:
+        """
+        The keep-alive of a request that was refused does not become the
+        model's idle timeout: only a served request's does.
+        """
+        manager = self.makeManager([{"name": n, "vram_mb": 600, "unload_time": 3} for n in "ab"])
+        lease = self.loadedLease("a")
+        self.failureResultOf(manager.acquire("b", RequestOptions(queueTimeout=0, keepAlive=-1)), NoCapacity)
+        lease.release()
+        forB = manager.acquire("b")
+        self.process("a").exit()
+        self.makeReady("b")
+        self.successResultOf(forB).release()
+        self.reactor.advance(5)
+        manager.reapIdle()
+        self.assertEqual(self.status("b"), "unloading")

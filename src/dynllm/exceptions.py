@@ -104,6 +104,9 @@ class NoCapacity(SchedulerError):
     @ivar busyModels: Models that had requests in flight, by name.
     @ivar retryAfter: Whole seconds until memory is expected to free, at
         least 1 (see L{dynllm.planner.retryAfter}).
+    @ivar givingWayTo: When the model is loaded but gives way to a load
+        that waits for its memory (its new requests queue behind that
+        load), that load's model; else C{None}.
     """
 
     name: str
@@ -113,8 +116,14 @@ class NoCapacity(SchedulerError):
     waitedSeconds: float
     busyModels: tuple[str, ...]
     retryAfter: int
+    givingWayTo: str | None = None
 
     def __str__(self) -> str:
+        if self.givingWayTo is not None:
+            return (
+                f"model {self.name!r} is loaded but gives way to model {self.givingWayTo!r}, which waits"
+                f" for the memory it holds; not served within {self.waitedSeconds:g}s"
+            )
         return (
             f"not enough memory to load model {self.name!r} ({self.neededMB} MB needed,"
             f" {self.freeMB} MB free of {self.totalMB} MB) within {self.waitedSeconds:g}s;"

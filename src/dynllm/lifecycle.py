@@ -202,7 +202,10 @@ class Waiter:
         of C{since} are common on a coarse clock).
     @ivar priority: Its place in the queue: higher first.
     @ivar queueTimeout: Seconds it may wait for memory.
-    @ivar timer: Fails it when its queue timeout has passed.
+    @ivar keepAlive: Its C{X-DynLLM-Keep-Alive}, applied once it is served.
+    @ivar timer: Marks it L{expired} when its queue timeout has passed.
+    @ivar expired: Its queue timeout has passed (or was 0): it is served if
+        its model is loading or can be loaded at once, else refused.
     """
 
     deferred: defer.Deferred[object]
@@ -210,7 +213,9 @@ class Waiter:
     priority: int
     queueTimeout: float
     arrival: int = 0
+    keepAlive: float | None = None
     timer: IDelayedCall | None = None
+    expired: bool = False
 
     @property
     def queueKey(self) -> tuple[float, float]:

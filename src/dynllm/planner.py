@@ -25,10 +25,11 @@ The rules, in order:
  5. If the head would fit only once some busy models are stopped too, the
     idle and busy models it needs are I{held}: they take no request that
     arrived after the head's (those queue), so they drain, become idle,
-    and rule 4 stops them. A busy model is never stopped, nor one that
-    requests which arrived before the head's still wait for (it serves
-    them first: a model that just loaded for its requests is not evicted
-    before it has served them).
+    and rule 4 stops them. Idle models it needs are not held: they serve
+    until it fits. A busy model is never stopped, nor one that requests
+    which arrived before the head's still wait for (it serves them first:
+    a model that just loaded for its requests is not evicted before it has
+    served them).
 """
 
 from __future__ import annotations
@@ -138,6 +139,10 @@ class Plan:
         ahead of it. C{None} when nothing is held.
     @ivar queue: The models that wait for a load, in queue order (those
         started now included).
+    @ivar head: The first model of the queue that could not start, if any.
+    @ivar clearing: The head, when the memory it needs is being freed now
+        (by models stopping: no busy model stands in its way), so that its
+        requests will see it load without waiting for anyone.
     """
 
     start: tuple[str, ...] = ()
@@ -145,6 +150,8 @@ class Plan:
     hold: frozenset[str] = frozenset()
     queue: tuple[str, ...] = ()
     admitBefore: tuple[float, float] | None = None
+    head: str | None = None
+    clearing: str | None = None
 
 
 def queueOrder(models: Iterable[ModelView]) -> list[ModelView]:
@@ -183,6 +190,7 @@ def plan(models: Sequence[ModelView], totalMB: int, policy: str) -> Plan:
     stop: list[tuple[str, str]] = []
     hold: set[str] = set()
     head: ModelView | None = None
+    fits = False
     for model in queue:
         need = model.vramMB
         if model.status != UNLOADING and need <= free:
@@ -191,7 +199,7 @@ def plan(models: Sequence[ModelView], totalMB: int, policy: str) -> Plan:
             continue
         if head is None:
             head = model
-            stop, hold = _makeRoom(model, models, free + releasing, policy)
+            stop, hold, fits = _makeRoom(model, models, free + releasing, policy)
         # Loads behind the head use only memory beyond what it needs.
         free -= need
     return Plan(
@@ -200,19 +208,22 @@ def plan(models: Sequence[ModelView], totalMB: int, policy: str) -> Plan:
         frozenset(hold),
         tuple(m.name for m in queue),
         head.queueKey if hold and head is not None else None,
+        head.name if head is not None else None,
+        head.name if head is not None and fits else None,
     )
 
 
 def _makeRoom(
     head: ModelView, models: Sequence[ModelView], freeable: int, policy: str
-) -> tuple[list[tuple[str, str]], set[str]]:
+) -> tuple[list[tuple[str, str]], set[str], bool]:
     """
     @param freeable: Memory free now or once the models stopping now exit.
-    @return: what to stop for C{head}, and what to hold (rules 4 and 5).
+    @return: what to stop for C{head}, what to hold (rules 4 and 5), and
+        whether C{head} fits once the models stopping now have exited.
     """
     need = head.vramMB
     if need <= freeable:
-        return [], set()
+        return [], set(), True
     victims: list[tuple[str, str]] = []
     for model in models:
         if model.abandoned and need > freeable:
@@ -226,18 +237,19 @@ def _makeRoom(
             victims.append((model.name, EVICTED))
             freeable += model.vramMB
     if need <= freeable:
-        return victims, set()
-    held = {name for name, cause in victims if cause == EVICTED}
+        return victims, set(), True
+    # Idle models stay in service until the busy ones are done: holding
+    # them too would only keep their requests waiting for nothing.
+    held: set[str] = set()
     for model in order:
         if need <= freeable:
             break
         if not model.evictableFor(head):
             held.add(model.name)
             freeable += model.vramMB
-    if need <= freeable:
-        # Stop the abandoned loads now: nobody wants them.
-        return [v for v in victims if v[1] == ABANDONED], held
-    return [v for v in victims if v[1] == ABANDONED], set()
+    # Stop the abandoned loads now: nobody wants them.
+    abandoned = [v for v in victims if v[1] == ABANDONED]
+    return abandoned, held if need <= freeable else set(), False
 
 
 def retryAfter(models: Sequence[ModelView], name: str, totalMB: int, policy: str) -> int:

@@ -100,6 +100,7 @@ class ModelManager(Service):
     _models: dict[str, _Model] = field(init=False)
     _outbox: Outbox = field(factory=Outbox, init=False)
     _held: frozenset[str] = field(default=frozenset(), init=False)
+    _plan: planner.Plan = field(factory=planner.Plan, init=False)
     _loadCounter: int = field(default=0, init=False)
     _arrivals: int = field(default=0, init=False)
     _lastPort: int | None = field(default=None, init=False)
@@ -263,22 +264,23 @@ class ModelManager(Service):
             return defer.fail(ShuttingDown())
         options = options or RequestOptions()
         core = model.core
-        if options.keepAlive is not None:
-            core.keepAlive = options.keepAlive
         if core.status == LOADED and name not in self._held:
-            return defer.succeed(self._lease(core))
+            return defer.succeed(self._lease(core, keepAlive=options.keepAlive))
         queueTimeout = self.config.queue_timeout_seconds if options.queueTimeout is None else options.queueTimeout
         priority = core.config.priority if options.priority is None else options.priority
         d: defer.Deferred[Any] = defer.Deferred(lambda d: self._withdraw(core, waiter))
         self._arrivals += 1
-        waiter = Waiter(d, self.reactor.seconds(), priority, queueTimeout, self._arrivals)
+        waiter = Waiter(d, self.reactor.seconds(), priority, queueTimeout, self._arrivals, keepAlive=options.keepAlive)
         core.waiters.append(waiter)
-        if core.status != LOADING and queueTimeout > 0:
+        if queueTimeout > 0:
             waiter.timer = self.reactor.callLater(queueTimeout, self._queueTimedOut, core, waiter)
+        else:
+            # For gateways that fail over: served if its model is loading
+            # or can be loaded now, else refused at once.
+            waiter.expired = True
         self._schedule()
-        if queueTimeout == 0 and waiter in core.waiters and core.status != LOADING:
-            # For gateways that fail over: no wait at all.
-            self._refuse(core, waiter)
+        if waiter.expired and not self._planning:
+            self._refuseExpired()
         result: defer.Deferred[Lease] = d
         return result
 
@@ -424,10 +426,16 @@ class ModelManager(Service):
 
     # Leases.
 
-    def _lease(self, core: ModelCore, use: bool = True) -> Lease:
+    def _lease(self, core: ModelCore, use: bool = True, keepAlive: float | None = None) -> Lease:
+        """
+        @param keepAlive: The request's C{X-DynLLM-Keep-Alive}, which
+            becomes the model's idle timeout once it is served.
+        """
         run, tenancy = core.run, core.tenancy
         assert run is not None and tenancy is not None
         tenancy.active += 1
+        if keepAlive is not None:
+            core.keepAlive = keepAlive
         if use:
             core.lastUsedAt = self.reactor.seconds()
         return Lease(
@@ -463,8 +471,26 @@ class ModelManager(Service):
 
     def _queueTimedOut(self, core: ModelCore, waiter: Waiter) -> None:
         waiter.timer = None
-        if waiter in core.waiters and core.status != LOADING:
-            self._refuse(core, waiter)
+        waiter.expired = True
+        if not self._planning:
+            self._refuseExpired()
+
+    def _refuseExpired(self) -> None:
+        """
+        Refuse the requests whose queue timeout has passed, unless their
+        model is loading (the load decides: it is bounded by its own
+        timeout) or the memory it needs is being freed now (no busy model
+        stands in its way). A request that waited through a load and is
+        not then served (its model was held or evicted for a load ahead of
+        it) is refused at once.
+        """
+        for model in self._models.values():
+            core = model.core
+            if core.status == LOADING or core.name == self._plan.clearing:
+                continue
+            for waiter in [w for w in core.waiters if w.expired]:
+                if waiter in core.waiters:
+                    self._refuse(core, waiter)
 
     def _refuse(self, core: ModelCore, waiter: Waiter) -> None:
         """
@@ -478,6 +504,7 @@ class ModelManager(Service):
             waitedSeconds=waiter.queueTimeout,
             busyModels=tuple(m.core.name for m in self._models.values() if m.core.active),
             retryAfter=planner.retryAfter(self._views(), core.name, self.config.total_vram_mb, self.config.eviction_policy),
+            givingWayTo=self._plan.head if core.status == LOADED else None,
         )
         self._withdraw(core, waiter)
         waiter.deferred.errback(error)
@@ -532,6 +559,7 @@ class ModelManager(Service):
             self._planning = False
 
     def _apply(self, plan: planner.Plan) -> None:
+        self._plan = plan
         self._held = plan.hold
         for name, cause in plan.stop:
             log.info("stopping {name} to make room ({cause})", name=name, cause=cause)
@@ -554,15 +582,14 @@ class ModelManager(Service):
             for waiter in admitted:
                 waiter.stopTimer()
                 if not waiter.deferred.called:
-                    waiter.deferred.callback(self._lease(core))
+                    waiter.deferred.callback(self._lease(core, keepAlive=waiter.keepAlive))
+        self._refuseExpired()
 
     def _startLoad(self, model: _Model) -> None:
         """
         Spawn model's backend on a free port, and tell its machine.
         """
         core = model.core
-        for waiter in core.waiters:
-            waiter.stopTimer()
         try:
             port = findFreePort(
                 self.config.backend.port_range_start,
