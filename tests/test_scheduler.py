@@ -1448,11 +1448,11 @@ class QueueTimeoutTests(ManagerTestsMixin, SynchronousTestCase):
     happens to its model meanwhile.
     """
 
-    def test_waitedThroughLoadThenEvicted(self) -> None:
+    def test_waitedThroughLoadThatEndedUnserved(self) -> None:
         """
         A request whose queue timeout passed while its model loaded, and
-        whose model is then given to a load ahead of it (a higher priority)
-        instead of serving it, is refused at once, not left waiting.
+        whose load then ended without serving it (its port was taken) while
+        another load took the memory, is refused at once, not left waiting.
         """
         manager = self.makeManager([{"name": n, "vram_mb": 600} for n in "ab"], queue_timeout_seconds=3)
         forA = manager.acquire("a")
@@ -1460,9 +1460,26 @@ class QueueTimeoutTests(ManagerTestsMixin, SynchronousTestCase):
         forB = manager.acquire("b", RequestOptions(priority=10, queueTimeout=60))
         self.reactor.advance(4)
         self.assertNoResult(forA)
+        self.process("a").output(b"couldn't bind HTTP server socket\n")
+        self.process("a").exit(ProcessTerminated(exitCode=1))
+        self.assertEqual(self.failureResultOf(forA, NoCapacity).value.waitedSeconds, 3)
+        self.makeReady("b")
+        self.successResultOf(forB).release()
+
+    def test_loadServesItsWaitersFirst(self) -> None:
+        """
+        A model that loaded for waiting requests serves them before a load
+        of higher priority that waits for its memory can evict it: a load
+        is never wasted.
+        """
+        manager = self.makeManager([{"name": n, "vram_mb": 600} for n in "ab"], queue_timeout_seconds=3)
+        forA = manager.acquire("a")
+        forB = manager.acquire("b", RequestOptions(priority=10, queueTimeout=60))
+        self.reactor.advance(4)
         self.makeReady("a")
-        error = self.failureResultOf(forA, NoCapacity).value
-        self.assertEqual(error.waitedSeconds, 3)
+        lease = self.successResultOf(forA)
+        self.assertEqual(self.process("a").signals, [])
+        lease.release()
         self.assertEqual(self.process("a").signals, ["TERM"])
         self.process("a").exit()
         self.makeReady("b")

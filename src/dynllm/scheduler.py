@@ -540,9 +540,13 @@ class ModelManager(Service):
 
     def _schedule(self) -> None:
         """
-        Ask the planner what to do, do it, and hand leases to the waiters of
-        loaded models it does not hold; again while anything changed.
-        Nothing starts before start-up reconciliation is done.
+        Serve the waiters of loaded models that are not held, ask the
+        planner what to do, do it, and serve again; again while anything
+        changed. Nothing starts before start-up reconciliation is done.
+
+        Serving first means that a model that has just loaded is busy with
+        the requests it was loaded for when the planner looks for idle
+        models to evict: a load is never wasted.
         """
         if self._stopping or not self._started:
             return
@@ -554,6 +558,7 @@ class ModelManager(Service):
             self._replan = True
             while self._replan:
                 self._replan = False
+                self._serve()
                 self._apply(planner.plan(self._views(), self.config.total_vram_mb, self.config.eviction_policy))
         finally:
             self._planning = False
@@ -566,16 +571,22 @@ class ModelManager(Service):
             self._outbox.send(self._models[name].machine.stop, cause, defer.Deferred())
         for name in plan.start:
             self._startLoad(self._models[name])
+        self._serve()
+        self._refuseExpired()
+
+    def _serve(self) -> None:
+        """
+        Give leases to the waiters of loaded models: all of them for a model
+        not held; for a held one, those ahead of the load it is held for
+        (later ones wait behind that load).
+        """
+        admitBefore = self._plan.admitBefore
         for model in self._models.values():
             core = model.core
             if core.status != LOADED or not core.waiters:
                 continue
             if core.name in self._held:
-                # It serves the requests that arrived before the load it is
-                # held for; later ones wait behind that load.
-                admitted = [
-                    w for w in core.waiters if plan.admitBefore is not None and w.queueKey < plan.admitBefore
-                ]
+                admitted = [w for w in core.waiters if admitBefore is not None and w.queueKey < admitBefore]
             else:
                 admitted = list(core.waiters)
             core.waiters = [w for w in core.waiters if w not in admitted]
@@ -583,7 +594,6 @@ class ModelManager(Service):
                 waiter.stopTimer()
                 if not waiter.deferred.called:
                     waiter.deferred.callback(self._lease(core, keepAlive=waiter.keepAlive))
-        self._refuseExpired()
 
     def _startLoad(self, model: _Model) -> None:
         """

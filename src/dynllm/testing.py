@@ -90,6 +90,9 @@ class FakeProcessTransport:
     @ivar pid: The process id, until it exits; then C{None}.
     @ivar signals: The names of the signals sent (C{"TERM"}, C{"KILL"}), in
         order.
+    @ivar lateSignals: The names of the signals sent after the process
+        exited (each raised L{ProcessExitedAlready}, as a real transport
+        does), in order: a correct owner sends none.
     @ivar exited: Whether L{exit} was called.
     @ivar written: C{(fd, bytes)} of everything written to the process, in
         order (C{fd} 0 for its standard input).
@@ -112,6 +115,7 @@ class FakeProcessTransport:
         self.childFDs = childFDs
         self.pid: int | None = pid
         self.signals: list[str] = []
+        self.lateSignals: list[str] = []
         self.exited = False
         self.written: list[tuple[int, bytes]] = []
         self.closed: list[int] = []
@@ -124,6 +128,7 @@ class FakeProcessTransport:
             transport does.
         """
         if self.exited:
+            self.lateSignals.append(str(signalID))
             raise ProcessExitedAlready()
         self.signals.append(str(signalID))
 
