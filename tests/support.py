@@ -24,6 +24,11 @@ import urllib.request
 from typing import Any
 
 import yaml
+from twisted.internet.interfaces import IPushProducer
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
+from twisted.web.http_headers import Headers
+from zope.interface import implementer
 
 from dynllm.runner import portIsFree
 
@@ -386,3 +391,64 @@ class Daemon:
         self.process.kill()
         self.process.wait()
         _running.discard(self.process)
+
+
+def fakeModel(name: str, vram: int = 400, **env: Any) -> dict[str, Any]:
+    """
+    @return: a model served by the fake backend (L{FAKE_BACKEND}), with
+        C{env} telling it how to behave (C{fake_load_delay=3} sets
+        C{FAKE_LOAD_DELAY=3}).
+    """
+    return {
+        "name": name,
+        "path": tinyModels()["tiny-llama.gguf"],
+        "backend": "llamacpp",
+        "vram_mb": vram,
+        "env": {k.upper(): str(v) for k, v in env.items()},
+    }
+
+
+@implementer(IPushProducer)
+class BodyTransport:
+    """
+    The transport of a fake backend response's body: a push producer that
+    records whether the relay stopped it.
+    """
+
+    def __init__(self) -> None:
+        self.stopped = False
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        self.stopped = True
+
+
+class FakeResponse:
+    """
+    A backend's response whose body the test writes by hand, through
+    C{self.body} (the relay's protocol) once C{deliverBody} was called.
+    """
+
+    def __init__(self, code: int, headers: dict[bytes, list[bytes]], phrase: bytes = b"Whatever") -> None:
+        self.code = code
+        self.phrase = phrase
+        self.headers = Headers(headers)
+        self.length = None
+        self.body: Any = None
+
+    def deliverBody(self, protocol: Any) -> None:
+        self.body = protocol
+        protocol.makeConnection(BodyTransport())
+
+    def finish(self, data: bytes = b"") -> None:
+        """
+        Write C{data} and end the body.
+        """
+        if data:
+            self.body.dataReceived(data)
+        self.body.connectionLost(Failure(ResponseDone()))

@@ -20,26 +20,12 @@ from tests.support import (
     FAKE_BACKEND,
     Daemon,
     checkEnvelope,
+    fakeModel,
     pidAlive,
-    tinyModels,
     waitFor,
 )
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}]}
-
-
-def fakeModel(name, vram=400, **env):
-    """
-    @return: a model served by the fake backend, with C{env} telling it how
-        to behave.
-    """
-    return {
-        "name": name,
-        "path": tinyModels()["tiny-llama.gguf"],
-        "backend": "llamacpp",
-        "vram_mb": vram,
-        "env": {k.upper(): str(v) for k, v in env.items()},
-    }
 
 
 def fakeDaemon(*models, **settings):

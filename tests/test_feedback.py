@@ -14,14 +14,10 @@ import re
 from attrs import define, field
 from twisted.internet import defer
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError
-from twisted.internet.interfaces import IPushProducer
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web import server
-from twisted.web.client import ResponseDone
-from twisted.web.http_headers import Headers
-from zope.interface import implementer
 
 from dynllm import errors, feedback
 from dynllm.backends import backendFor
@@ -30,6 +26,7 @@ from dynllm.exceptions import LoadFailed, NoCapacity
 from dynllm.lease import Lease
 from dynllm.proxy import BackendStatus
 from dynllm.routes import DynLLMRoutes
+from tests.support import FakeResponse
 
 CHAT = {"model": "chat", "messages": [{"role": "user", "content": "hi"}], "stream": True}
 MESSAGES = {"model": "chat", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}], "stream": True}
@@ -75,51 +72,6 @@ class SlowManager:
 
     def backendOf(self, name):
         return backendFor(self.config.model(name).backend)
-
-
-@implementer(IPushProducer)
-class BodyTransport:
-    """
-    The transport of a fake backend body.
-    """
-
-    def __init__(self):
-        self.stopped = False
-
-    def pauseProducing(self):
-        pass
-
-    def resumeProducing(self):
-        pass
-
-    def stopProducing(self):
-        self.stopped = True
-
-
-class FakeResponse:
-    """
-    A backend's answer whose body the test writes through C{self.body} (the
-    relay's protocol).
-    """
-
-    def __init__(self, code, headers, phrase=b"Whatever"):
-        self.code = code
-        self.phrase = phrase
-        self.headers = Headers(headers)
-        self.length = None
-        self.body = None
-
-    def deliverBody(self, protocol):
-        self.body = protocol
-        protocol.makeConnection(BodyTransport())
-
-    def finish(self, data=b""):
-        """
-        Write C{data} and end the body.
-        """
-        if data:
-            self.body.dataReceived(data)
-        self.body.connectionLost(Failure(ResponseDone()))
 
 
 class FakeAgent:

@@ -15,26 +15,12 @@ import anthropic
 import openai
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.support import FAKE_BACKEND, Daemon, pidAlive, tinyModels, waitFor
+from tests.support import FAKE_BACKEND, Daemon, fakeModel, pidAlive, waitFor
 
 #: Seconds the slow fake backend takes to load.
 LOAD_SECONDS = 3
 
 MESSAGES = [{"role": "user", "content": "hi"}]
-
-
-def fakeModel(name, **env):
-    """
-    @return: a model served by the fake backend, with C{env} telling it how
-        to behave.
-    """
-    return {
-        "name": name,
-        "path": tinyModels()["tiny-llama.gguf"],
-        "backend": "llamacpp",
-        "vram_mb": 100,
-        "env": {k.upper(): str(v) for k, v in env.items()},
-    }
 
 
 class LoadingTestCase(SynchronousTestCase):
@@ -49,8 +35,8 @@ class LoadingTestCase(SynchronousTestCase):
             "enabled_backends": ["llamacpp"],
             "backend": {"llamacpp_binary": FAKE_BACKEND},
             "models": [
-                fakeModel("slow", fake_load_delay=LOAD_SECONDS),
-                fakeModel("crashy", fake_mode="crash", fake_load_delay=2),
+                fakeModel("slow", vram=100, fake_load_delay=LOAD_SECONDS),
+                fakeModel("crashy", vram=100, fake_mode="crash", fake_load_delay=2),
             ],
         }
         self.daemon = Daemon(config).start()

@@ -37,6 +37,7 @@ from dynllm.proxy import (
 )
 from dynllm.rewrite import NameRewriter
 from dynllm.service import makeAgent
+from tests.support import FakeResponse
 
 CHUNK = b"x" * 65536
 
@@ -164,43 +165,6 @@ class CredentialTests(SynchronousTestCase):
         self.assertEqual(sent.getRawHeaders(b"authorization"), [b"Bearer backend-key"])
         self.assertEqual(sent.getRawHeaders(b"x-given"), [b"1"])
         self.assertFalse(given.hasHeader(b"authorization"))
-
-
-@implementer(IPushProducer)
-class BodyTransport:
-    """
-    The transport of a fake response body: a push producer that records
-    what the relay asks of it.
-    """
-
-    def __init__(self):
-        self.stopped = False
-
-    def pauseProducing(self):
-        pass
-
-    def resumeProducing(self):
-        pass
-
-    def stopProducing(self):
-        self.stopped = True
-
-
-class FakeResponse:
-    """
-    A backend's response whose body the test delivers by hand, through
-    C{self.body} (the relay's protocol) once C{deliverBody} was called.
-    """
-
-    def __init__(self, code, headers):
-        self.code = code
-        self.phrase = b"Whatever"
-        self.headers = Headers(headers)
-        self.body = None
-
-    def deliverBody(self, protocol):
-        self.body = protocol
-        protocol.makeConnection(BodyTransport())
 
 
 class FakeAgent:
