@@ -37,7 +37,7 @@ from dynllm.lease import Lease
 from dynllm.metrics import CONTENT_TYPE, Metrics
 from dynllm.proxy import fileProducer, forward, requestBody
 from dynllm.rewrite import NameRewriter, renameInRequest
-from dynllm.scheduler import FAILED
+from dynllm.lifecycle import FAILED
 
 #: Header that tells a KServe readiness check the model's state in dynllm.
 STATE_HEADER = b"X-DynLLM-Model-State"

@@ -41,15 +41,12 @@ from dynllm.exceptions import (
 from dynllm.interfaces import IBackend, IModelManager, IStateStore
 from dynllm.lease import Lease, ModelCounters, RequestOptions
 from dynllm.lifecycle import (
-    FAILED,
     HOLDS_MEMORY,
     IDLE,
     LOADED,
     LOADING,
     REQUEST,
     SHUTDOWN,
-    UNLOADED,
-    UNLOADING,
     ModelCore,
     ModelLifecycle,
     Outbox,
@@ -61,7 +58,7 @@ from dynllm.logs import logger
 from dynllm.runner import BackendRun, NoFreePort, findFreePort
 from dynllm.store import MemoryStateStore, reconcile
 
-__all__ = ["Lease", "ModelManager", "UNLOADED", "LOADING", "LOADED", "UNLOADING", "FAILED", "HOLDS_MEMORY"]
+__all__ = ["Lease", "ModelManager"]
 
 log = logger(__name__)
 

@@ -12,7 +12,6 @@ import sqlite3
 from typing import Any, Callable, Mapping
 
 from attrs import define, field
-from zope.interface import implementer
 from twisted.enterprise import adbapi
 from twisted.internet import defer, task
 from zope.interface import implementer
