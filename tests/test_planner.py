@@ -58,16 +58,20 @@ class PlanTests(SynchronousTestCase):
         ]
         self.assertEqual(plan(models, 1000, "lifo").start, ())
 
-    def test_behindStoppingHeadInWhatIsLeft(self) -> None:
+    def test_behindStoppingModelInWhatIsFree(self) -> None:
         """
-        A load behind a model that waits to load again once it has stopped
-        may use the memory that model will not need.
+        A model that waits to load again once its backend has stopped keeps
+        the memory it holds for that; loads behind it start in the memory
+        that is free (it is not counted twice), and its requests see it
+        load without waiting for anyone.
         """
         models = [
             view("restarting", 300, status="unloading", waiting=1, since=1.0),
-            view("small", 100, waiting=1, since=2.0),
+            view("busy", 100, status="loaded", active=1),
+            view("big", 600, waiting=1, since=2.0),
         ]
-        self.assertEqual(plan(models, 1000, "lifo").start, ("small",))
+        result = plan(models, 1000, "lifo")
+        self.assertEqual((result.start, result.clearing), (("big",), frozenset({"restarting"})))
 
     def test_evictIdleForHead(self) -> None:
         """
@@ -145,7 +149,7 @@ class PlanTests(SynchronousTestCase):
         """
         models = [view("a", status="loaded", active=1), view("b", waiting=1, since=1.0)]
         result = plan(models, 1000, "lifo")
-        self.assertEqual((result.stop, result.hold, result.head, result.clearing), ((), frozenset({"a"}), "b", None))
+        self.assertEqual((result.stop, result.hold, result.head, result.clearing), ((), frozenset({"a"}), "b", frozenset()))
 
     def test_idleNotHeldWithBusy(self) -> None:
         """
@@ -159,11 +163,11 @@ class PlanTests(SynchronousTestCase):
             view("c", 800, waiting=1, since=1.0),
         ]
         result = plan(models, 1000, "lifo")
-        self.assertEqual((result.stop, result.hold, result.clearing), ((), frozenset({"busy"}), None))
+        self.assertEqual((result.stop, result.hold, result.clearing), ((), frozenset({"busy"}), frozenset()))
         models[1] = view("busy", 300, status="loaded")
         result = plan(models, 1000, "lifo")
         self.assertEqual(set(result.stop), {("idle", "evicted"), ("busy", "evicted")})
-        self.assertEqual(result.clearing, "c")
+        self.assertEqual(result.clearing, frozenset({"c"}))
 
     def test_servesWaitersAheadFirst(self) -> None:
         """

@@ -140,9 +140,11 @@ class Plan:
     @ivar queue: The models that wait for a load, in queue order (those
         started now included).
     @ivar head: The first model of the queue that could not start, if any.
-    @ivar clearing: The head, when the memory it needs is being freed now
-        (by models stopping: no busy model stands in its way), so that its
-        requests will see it load without waiting for anyone.
+    @ivar clearing: The models whose requests will see them load without
+        waiting for anyone: the head, when the memory it needs is being
+        freed now (by models stopping; no busy model stands in its way),
+        and models that load again once their own stopping backend has
+        exited.
     """
 
     start: tuple[str, ...] = ()
@@ -151,7 +153,7 @@ class Plan:
     queue: tuple[str, ...] = ()
     admitBefore: tuple[float, float] | None = None
     head: str | None = None
-    clearing: str | None = None
+    clearing: frozenset[str] = frozenset()
 
 
 def queueOrder(models: Iterable[ModelView]) -> list[ModelView]:
@@ -191,9 +193,13 @@ def plan(models: Sequence[ModelView], totalMB: int, policy: str) -> Plan:
     hold: set[str] = set()
     head: ModelView | None = None
     fits = False
+    clearing = {m.name for m in queue if m.status == UNLOADING}
     for model in queue:
         need = model.vramMB
-        if model.status != UNLOADING and need <= free:
+        if model.status == UNLOADING:
+            # It loads again once it has exited, in the memory it holds now.
+            continue
+        if need <= free:
             start.append(model.name)
             free -= need
             continue
@@ -209,7 +215,7 @@ def plan(models: Sequence[ModelView], totalMB: int, policy: str) -> Plan:
         tuple(m.name for m in queue),
         head.queueKey if hold and head is not None else None,
         head.name if head is not None else None,
-        head.name if head is not None and fits else None,
+        frozenset(clearing | ({head.name} if head is not None and fits else set())),
     )
 
 

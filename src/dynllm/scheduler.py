@@ -483,7 +483,7 @@ class ModelManager(Service):
         """
         for model in self._models.values():
             core = model.core
-            if core.status == LOADING or core.name == self._plan.clearing:
+            if core.status == LOADING or core.name in self._plan.clearing:
                 continue
             for waiter in [w for w in core.waiters if w.expired]:
                 if waiter in core.waiters:
