@@ -233,14 +233,14 @@ class RetryAfterTests(SynchronousTestCase):
         The answer is never below one second.
         """
         models = [view("a", loadSeconds=0.01)]
-        self.assertEqual(retryAfter(models, "a", 1000, "lifo"), 1)
+        self.assertEqual(retryAfter(models, "a"), 1)
 
     def test_defaultWhenNothingSeen(self) -> None:
         """
         With no load seen, a load is expected to take
         L{DEFAULT_LOAD_SECONDS}.
         """
-        self.assertEqual(retryAfter([view("a")], "a", 1000, "lifo"), DEFAULT_LOAD_SECONDS)
+        self.assertEqual(retryAfter([view("a")], "a"), DEFAULT_LOAD_SECONDS)
 
     def test_queueAheadAndLoadsInProgress(self) -> None:
         """
@@ -255,4 +255,4 @@ class RetryAfterTests(SynchronousTestCase):
             view("behind", waiting=1, since=3.0, loadSeconds=100.0),
         ]
         # 6 left of "loading", 3 for "ahead", (10 + 3 + 100) / 3 for "me".
-        self.assertEqual(retryAfter(models, "me", 1000, "lifo"), 47)
+        self.assertEqual(retryAfter(models, "me"), 47)

@@ -258,7 +258,7 @@ def _makeRoom(
     return abandoned, held if need <= freeable else set(), False
 
 
-def retryAfter(models: Sequence[ModelView], name: str, totalMB: int, policy: str) -> int:
+def retryAfter(models: Sequence[ModelView], name: str) -> int:
     """
     The C{Retry-After} for a request for C{name} that could not be served:
     how long until memory for it is expected to be free. The remaining time

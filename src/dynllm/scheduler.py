@@ -500,7 +500,7 @@ class ModelManager(Service):
             totalMB=self.config.total_vram_mb,
             waitedSeconds=waiter.queueTimeout,
             busyModels=tuple(m.core.name for m in self._models.values() if m.core.active),
-            retryAfter=planner.retryAfter(self._views(), core.name, self.config.total_vram_mb, self.config.eviction_policy),
+            retryAfter=planner.retryAfter(self._views(), core.name),
             givingWayTo=self._plan.head if core.status == LOADED else None,
         )
         self._withdraw(core, waiter)
