@@ -43,10 +43,9 @@ it the request, the Deferred of the lease, and the failures to report.
 from __future__ import annotations
 
 import json
-from typing import Any, TypeVar
+from typing import Any
 
 from attrs import evolve
-from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
@@ -59,7 +58,6 @@ from dynllm.proxy import BackendStatus
 
 log = logger(__name__)
 
-_T = TypeVar("_T")
 
 #: Seconds between two loading comments.
 INTERVAL = 1.0
@@ -143,11 +141,13 @@ class LoadingStream:
     headers at once, a loading comment every L{INTERVAL} seconds while it
     waits, and an error event if it fails.
 
-    Use: L{begin}, then C{lease = await stream.wait(acquiring)}, then relay
+    Use: L{begin}; await the lease (the comments go on meanwhile, and
+    after it until L{stopComments}: the backend may still take a while to
+    answer, a llama-server sends its headers with its first token); relay
     the backend's body into the request (L{dynllm.proxy.forward} with
     C{started=True} and C{onResponse=stream.stopComments}); on a failure,
-    L{fail}. The request is finished by its caller (Klein, when the route
-    returns).
+    L{fail}; in any case L{stopComments} at the end. The request is
+    finished by its caller (Klein, when the route returns).
     """
 
     def __init__(self, request: Request, model: str, clock: IReactorTime, shape: str) -> None:
@@ -181,24 +181,6 @@ class LoadingStream:
         if self._request.channel is not None:
             waited = int(self._clock.seconds() - self._began)
             self._request.write(loadingComment(self._model, waited))
-
-    async def wait(self, acquiring: Deferred[_T]) -> _T:
-        """
-        Wait for C{acquiring}, commenting meanwhile. The comments go on
-        after it has fired, until L{stopComments}: the backend may still
-        take a while to answer (a llama-server sends its headers with the
-        first token, after the prompt).
-
-        @param acquiring: The Deferred of the lease. Cancelling this wait
-            (the client has gone: Klein cancels the route) cancels it,
-            which withdraws the request from the scheduler.
-        @return: its result.
-        """
-        try:
-            return await acquiring
-        except BaseException:
-            self.stopComments()
-            raise
 
     def stopComments(self) -> None:
         """

@@ -548,8 +548,8 @@ class DynLLMRoutes:
         then the backend's body relayed into the same response. A failure
         to load, a backend that cannot be reached or that answers an error
         status ends the stream with an error event in C{shape}. A client
-        that leaves cancels C{acquiring} (Klein cancels the route), which
-        withdraws it from the scheduler.
+        that leaves cancels C{acquiring} (Klein cancels the route, and so
+        the await), which withdraws it from the scheduler.
 
         @param acquiring: The Deferred of the L{dynllm.lease.Lease}, not
             fired yet.
@@ -558,7 +558,7 @@ class DynLLMRoutes:
         stream = LoadingStream(request, model.name, self.clock, shape)
         stream.begin()
         try:
-            lease = await stream.wait(acquiring)
+            lease = await acquiring
             await self._relay(request, lease, upstream, body, rewriter, started=True, onResponse=stream.stopComments)
         except defer.CancelledError:
             raise
