@@ -604,24 +604,20 @@ class ModelManager(Service):
                 {m.core.run.port for m in self._models.values() if m.core.run is not None},
                 self._lastPort,
             )
-        except NoFreePort as e:
-            self._outbox.send(model.machine.spawnFailed, LoadFailed(core.name, f"cannot start model {core.name!r}: {e}"))
-            return
-        self._lastPort = port
-        run = BackendRun(
-            model=core.config,
-            backend=core.backend,
-            port=port,
-            reactor=self.reactor,
-            http=self.http,
-            binary=self.config.backend.binaryFor(core.config.backend),
-            killTime=self.killTime,
-            newSession=self.newSession,
-            ring=core.log,
-        )
-        try:
+            self._lastPort = port
+            run = BackendRun(
+                model=core.config,
+                backend=core.backend,
+                port=port,
+                reactor=self.reactor,
+                http=self.http,
+                binary=self.config.backend.binaryFor(core.config.backend),
+                killTime=self.killTime,
+                newSession=self.newSession,
+                ring=core.log,
+            )
             run.start()
-        except OSError as e:
+        except (NoFreePort, OSError) as e:
             self._outbox.send(model.machine.spawnFailed, LoadFailed(core.name, f"cannot start model {core.name!r}: {e}"))
             return
         self._loadCounter += 1
