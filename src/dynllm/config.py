@@ -133,6 +133,40 @@ def _timeout(value: Any, where: str) -> float | None:
     return float(value)
 
 
+def _optionalTimeout(value: Any, where: str) -> float | None:
+    """
+    A timeout in seconds where C{-1} (or C{inf}) turns it off: off is
+    C{math.inf}; C{None} (only when the key is absent) defers elsewhere.
+    """
+    seconds = _timeout(value, where)
+    if seconds == 0:
+        raise ConfigError(f"{where} must be more than 0 seconds (or -1 for never), not {value!r}")
+    return seconds
+
+
+def _keyList(value: Any, where: str) -> tuple[str, ...]:
+    """
+    Bearer keys: each a string with no white space at its ends and at least
+    one character, since an empty key would let a request without one in.
+    """
+    keys = _strList(value, where)
+    for index, key in enumerate(keys):
+        if not key.strip():
+            raise ConfigError(f"{where}[{index}] is empty or white space; a key must have characters")
+        if key != key.strip():
+            raise ConfigError(f"{where}[{index}] begins or ends with white space, which an Authorization header cannot carry")
+    return keys
+
+
+def _optionalPositiveInt(value: Any, where: str) -> int | None:
+    if value is None:
+        return None
+    number = _int(value, where)
+    if number < 1:
+        raise ConfigError(f"{where} must be 1 or more, not {value!r}")
+    return number
+
+
 def _strList(value: Any, where: str, nonEmpty: bool = False) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) and (v or not nonEmpty) for v in value):
         kind = "non-empty strings" if nonEmpty else "strings"
@@ -256,13 +290,29 @@ class ServerConfig:
     @ivar cors_origins: Origins whose web pages may call the API (CORS),
         normalized (see L{dynllm.cors.CORSPolicy}); C{*} allows every
         origin; empty (the default) allows none.
+    @ivar allowed_hosts: C{Host} header values accepted besides loopback
+        addresses and C{localhost} when no keys are set (against DNS
+        rebinding); C{*} accepts any.
+    @ivar metrics_api_keys: Bearer keys that may read C{/metrics} (and
+        nothing else), so that Prometheus needs no admin key.
+    @ivar metrics_public: Whether C{/metrics} needs no key at all.
+    @ivar request_timeout_seconds: How long a client has to send a request's
+        head and body, in seconds, counted from its first byte.
+    @ivar max_connections: How many client connections are open at once;
+        beyond it new ones are answered 503 and closed. C{None} (the
+        default) is half the process's open-file limit, at most 1024.
     """
 
     host: str = _setting("127.0.0.1", _str)
     port: int = _setting(8000, _port)
-    api_keys: tuple[str, ...] = _setting((), _strList)
-    admin_api_keys: tuple[str, ...] = _setting((), _strList)
+    api_keys: tuple[str, ...] = _setting((), _keyList)
+    admin_api_keys: tuple[str, ...] = _setting((), _keyList)
+    metrics_api_keys: tuple[str, ...] = _setting((), _keyList)
+    metrics_public: bool = _setting(False, _bool)
     cors_origins: tuple[str, ...] = _setting((), _origins)
+    allowed_hosts: tuple[str, ...] = _setting((), lambda v, w: _strList(v, w, nonEmpty=True))
+    request_timeout_seconds: float = _setting(30.0, _positiveNumber)
+    max_connections: int | None = _setting(None, _optionalPositiveInt)
 
 
 @frozen
@@ -310,6 +360,9 @@ class ModelConfig:
         C{None} defers to the global C{idle_timeout_seconds}.
     @ivar load_timeout_seconds: How long a load may take; C{None} defers to
         the global setting.
+    @ivar backend_idle_timeout_seconds: How long a relayed request may wait
+        for its backend's next byte before it is ended (C{math.inf}: never);
+        C{None} defers to the global setting.
     @ivar priority: Its requests' place in the queue for memory (higher is
         served first; a request's C{X-DynLLM-Priority} overrides it), and
         its place when idle models are evicted (lowest first).
@@ -328,6 +381,7 @@ class ModelConfig:
     listed: bool = _setting(True, _bool)
     unload_time: float | None = _setting(None, _timeout)
     load_timeout_seconds: float | None = _setting(None, _positiveNumber)
+    backend_idle_timeout_seconds: float | None = _setting(None, _optionalTimeout)
     priority: int = _setting(0, _int)
     extra_args: tuple[str, ...] = _setting((), _argList)
     env: Mapping[str, str] = _setting({}, _envMapping)
@@ -374,6 +428,7 @@ class Config:
     idle_check_interval_seconds: float = _setting(1.0, _positiveNumber)
     load_timeout_seconds: float = _setting(300.0, _positiveNumber)
     queue_timeout_seconds: float = _setting(60.0, _positiveNumber)
+    backend_idle_timeout_seconds: float = _setting(300.0, lambda v, w: _optionalTimeout(v, w) or math.inf)
     eviction_policy: str = _setting("lifo", _oneOf(*EVICTION_POLICIES))
     max_request_body_mb: float = _setting(64.0, _positiveNumber)
     shutdown_timeout_seconds: float = _setting(30.0, _nonNegativeNumber)
@@ -381,6 +436,7 @@ class Config:
     models_dir: str | None = _setting(None, _optionalStr)
     db_path: str = _setting("dynllm_state.db", _str)
     log_level: str = _setting("info", _oneOf("debug", "info", "warning", "error"))
+    log_format: str = _setting("text", _oneOf("text", "json"))
     preload_models: tuple[str, ...] = _setting((), _strList)
     backend: BackendSettings = _setting(
         BackendSettings(), lambda v, w: _build(BackendSettings, v, w)
@@ -402,6 +458,15 @@ class Config:
         @return: seconds of idleness after which C{model} is stopped.
         """
         return self.idle_timeout_seconds if model.unload_time is None else model.unload_time
+
+    def backendIdleTimeout(self, model: ModelConfig) -> float:
+        """
+        @return: seconds a relayed request to C{model} may wait for its
+            backend's next byte (C{math.inf}: for ever).
+        """
+        if model.backend_idle_timeout_seconds is None:
+            return self.backend_idle_timeout_seconds
+        return model.backend_idle_timeout_seconds
 
     def loadTimeout(self, model: ModelConfig) -> float:
         """
