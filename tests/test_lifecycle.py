@@ -362,7 +362,7 @@ class CrashTests(LifecycleTestCase):
         self.makeReady()
         tenancy = self.core.tenancy
         assert tenancy is not None
-        tenancy.active = 2
+        tenancy.leases.update({object(), object()})
         process.exit(ProcessTerminated(exitCode=139))
         self.assertEqual(self.statuses(), ["loading", "loaded", "failed"])
         self.assertEqual(self.core.lastError, "backend exited with code 139 while loaded")

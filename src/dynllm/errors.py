@@ -25,10 +25,12 @@ from dynllm.exceptions import (
     LoadFailed,
     LoadTimedOut,
     ModelBusy,
+    ModelUnloaded,
     NoCapacity,
     SchedulerError,
     ShuttingDown,
     UnknownModel,
+    UpstreamTimeout,
 )
 
 #: The shapes of an error answer.
@@ -156,7 +158,9 @@ def fromScheduler(error: SchedulerError) -> APIError:
         C{model_loading} for L{ModelBusy}, 502 C{backend_error} for
         L{LoadFailed}, 504 C{load_timeout} for L{LoadTimedOut}, 503
         C{model_capacity} with C{Retry-After} for L{NoCapacity}, 503
-        C{shutting_down} for L{ShuttingDown}, and 500 for any other.
+        C{shutting_down} for L{ShuttingDown}, 503 C{model_unloaded} for
+        L{ModelUnloaded}, 504 C{upstream_timeout} for L{UpstreamTimeout},
+        and 500 for any other.
     """
     message = str(error)
     if isinstance(error, UnknownModel):
@@ -172,4 +176,8 @@ def fromScheduler(error: SchedulerError) -> APIError:
         return noCapacity(message, error.retryAfter)
     if isinstance(error, ShuttingDown):
         return APIError(503, message, "server_error", "shutting_down")
+    if isinstance(error, ModelUnloaded):
+        return APIError(503, message, "server_error", "model_unloaded")
+    if isinstance(error, UpstreamTimeout):
+        return APIError(504, message, "server_error", "upstream_timeout")
     return APIError(500, message, "server_error")

@@ -140,3 +140,43 @@ class ShuttingDown(SchedulerError):
 
     def __str__(self) -> str:
         return "dynllm is shutting down"
+
+
+@frozen(auto_exc=True)
+class ModelUnloaded(SchedulerError):
+    """
+    A request's model was stopped while the request waited for it or was
+    being served: an administrator unloaded it with C{"force": true}, or a
+    configuration reload removed it.
+
+    @ivar name: The model's name.
+    @ivar cause: C{"forced"} or C{"removed"}.
+    """
+
+    name: str
+    cause: str = "forced"
+
+    def __str__(self) -> str:
+        if self.cause == "removed":
+            return f"model {self.name!r} was removed from the configuration"
+        return f"model {self.name!r} was unloaded by an administrator (forced) while this request was in flight"
+
+
+@frozen(auto_exc=True)
+class UpstreamTimeout(SchedulerError):
+    """
+    A backend sent nothing for C{backend_idle_timeout_seconds} while a
+    request was relayed to it: it stalled, or is frozen.
+
+    @ivar name: The model's name.
+    @ivar seconds: The timeout that passed.
+    """
+
+    name: str
+    seconds: float
+
+    def __str__(self) -> str:
+        return (
+            f"model {self.name!r}: its backend sent nothing for {self.seconds:g}s"
+            " (backend_idle_timeout_seconds); the request was ended"
+        )

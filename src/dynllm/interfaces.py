@@ -189,13 +189,16 @@ class IModelManager(Interface):
         @return: a Deferred firing once it is loaded; failures as L{acquire}.
         """
 
-    def unload(name: str) -> Deferred[None]:
+    def unload(name: str, force: bool = False) -> Deferred[None]:
         """
         Stop the model's backend now.
 
+        @param force: Stop it even while it serves requests or loads; they
+            fail with L{dynllm.exceptions.ModelUnloaded} (leases are
+            revoked: L{dynllm.lease.Lease.revoke}).
         @return: a Deferred firing once its process has exited (at once if
             it had none), or failing with L{dynllm.exceptions.ModelBusy} if
-            it is serving requests or loading.
+            it is serving requests or loading and C{force} is false.
         """
 
     def describe(name: str) -> dict[str, Any]:

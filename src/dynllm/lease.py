@@ -34,6 +34,8 @@ class Lease:
     _onRelease: Callable[[Lease], None]
     released: bool = False
     apiKey: str | None = field(default=None, repr=False)
+    revokedBy: Exception | None = None
+    _onRevoke: list[Callable[[Exception], object]] = field(factory=list, repr=False)
 
     @property
     def upstreamHeaders(self) -> dict[str, str]:
@@ -52,6 +54,39 @@ class Lease:
         if not self.released:
             self.released = True
             self._onRelease(self)
+
+    def revoke(self, reason: Exception) -> None:
+        """
+        Take the model back while the lease is held (a forced unload): the
+        lease is released at once, and what L{whenRevoked} registered is
+        called with C{reason} (the holder then ends its request). Nothing
+        happens for a lease released already.
+
+        @param reason: Why, a L{dynllm.exceptions.SchedulerError} such as
+            L{dynllm.exceptions.ModelUnloaded}.
+        """
+        if self.released:
+            return
+        self.revokedBy = reason
+        self.release()
+        handlers, self._onRevoke = self._onRevoke, []
+        for handler in handlers:
+            handler(reason)
+
+    def whenRevoked(self, handler: Callable[[Exception], object]) -> Callable[[], None]:
+        """
+        Call C{handler} with the reason if the lease is revoked before it is
+        released (see L{revoke}).
+
+        @return: a function that withdraws C{handler}.
+        """
+        self._onRevoke.append(handler)
+
+        def withdraw() -> None:
+            if handler in self._onRevoke:
+                self._onRevoke.remove(handler)
+
+        return withdraw
 
     def __enter__(self) -> Lease:
         return self

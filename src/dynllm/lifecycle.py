@@ -77,8 +77,9 @@ STATUSES = (UNLOADED, LOADING, LOADED, UNLOADING, FAILED)
 HOLDS_MEMORY = (LOADING, LOADED, UNLOADING)
 
 #: Why a backend is stopped, for metrics (C{dynllm_model_unloads}).
-IDLE, EVICTED, ABANDONED, REQUEST, SHUTDOWN = "idle", "evicted", "abandoned", "request", "shutdown"
-STOP_CAUSES = (IDLE, EVICTED, ABANDONED, REQUEST, SHUTDOWN)
+IDLE, EVICTED, ABANDONED, REQUEST, FORCED, SHUTDOWN = "idle", "evicted", "abandoned", "request", "forced", "shutdown"
+RECONFIGURED, REMOVED = "reconfigured", "removed"
+STOP_CAUSES = (IDLE, EVICTED, ABANDONED, REQUEST, FORCED, RECONFIGURED, REMOVED, SHUTDOWN)
 
 #: Loads in a row that may be retried on another port when a backend finds
 #: its port taken.
@@ -180,13 +181,21 @@ class Outbox:
 class Tenancy:
     """
     The requests on one loaded run: the data of the Loaded state. A lease
-    counts down the tenancy it was given on, so a lease on a run that has
+    leaves the tenancy it was given on, so a lease on a run that has
     since died changes nothing that is read.
 
-    @ivar active: Leases out.
+    @ivar leases: The leases out (L{dynllm.lease.Lease}), so that a forced
+        stop can revoke them.
     """
 
-    active: int = 0
+    leases: set[Any] = field(factory=set)
+
+    @property
+    def active(self) -> int:
+        """
+        Leases out.
+        """
+        return len(self.leases)
 
 
 @define(eq=False)

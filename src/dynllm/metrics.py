@@ -110,6 +110,19 @@ class Metrics:
             buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
             registry=self.registry,
         )
+        self._upstreamTimeouts = Counter(
+            "dynllm_upstream_timeouts",
+            "Relays ended because the backend sent nothing for backend_idle_timeout_seconds.",
+            ["model"],
+            registry=self.registry,
+        )
+
+    def upstreamTimeout(self, model: str) -> None:
+        """
+        Count a relay to C{model} ended because its backend sent nothing for
+        C{backend_idle_timeout_seconds}.
+        """
+        self._upstreamTimeouts.labels(model).inc()
 
     def observe(self, request: Any, model: str, route: str, started: float, clock: Any) -> None:
         """

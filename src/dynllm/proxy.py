@@ -20,6 +20,7 @@ through byte for byte.
 from __future__ import annotations
 
 import io
+import math
 from typing import Any, Callable, Iterator, Mapping, cast
 
 from twisted.internet import defer
@@ -125,6 +126,126 @@ def endToEnd(headers: Headers, drop: frozenset[bytes]) -> Headers:
     return kept
 
 
+class RelayGuard:
+    """
+    Ends one relay early: when its backend has sent nothing for
+    C{idleTimeout} seconds (a backend that stalls before its headers or
+    mid-body, or is frozen), or when told to (L{end}: a lease revoked by a
+    forced unload). Time while the client holds the backend back (the relay
+    paused for backpressure) does not count.
+
+    L{forward} points it at what it awaits (L{watch}) and reports bytes
+    (L{touch}); when it ends, what is awaited is cancelled and L{reason}
+    says why.
+
+    @ivar reason: Why the relay was ended, or C{None}.
+    """
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        idleTimeout: float = math.inf,
+        stalled: Callable[[], Exception] | None = None,
+    ) -> None:
+        """
+        @param clock: Times the backend's silence.
+        @param idleTimeout: Seconds of silence allowed; C{math.inf}: any.
+        @param stalled: Makes the reason for a stall (and may count it);
+            by default a 504 L{errors.APIError}.
+        """
+        self.reason: Exception | None = None
+        self._clock = clock
+        self._idleTimeout = idleTimeout
+        self._stalled = stalled
+        self._target: defer.Deferred[Any] | None = None
+        self._timer: IDelayedCall | None = None
+        self._paused = False
+        self._done = False
+
+    def watch(self, target: defer.Deferred[Any]) -> None:
+        """
+        Cancel C{target} when the relay ends early (at once if it has).
+        """
+        self._target = target
+        if self.reason is not None:
+            target.cancel()
+
+    def touch(self) -> None:
+        """
+        The backend sent something: its silence starts again.
+        """
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not (self._paused or self._done or math.isinf(self._idleTimeout)):
+            self._timer = self._clock.callLater(self._idleTimeout, self._timedOut)
+
+    def pause(self) -> None:
+        """
+        The client is slow and the backend is held back: not its silence.
+        """
+        self._paused = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def resume(self) -> None:
+        self._paused = False
+        self.touch()
+
+    def finish(self) -> None:
+        """
+        The relay is over: stop timing.
+        """
+        self._done = True
+        self.pause()
+
+    def end(self, reason: Exception) -> None:
+        """
+        End the relay now because of C{reason} (ignored once ended or
+        finished).
+        """
+        if self.reason is not None or self._done:
+            return
+        self.reason = reason
+        self.finish()
+        if self._target is not None:
+            self._target.cancel()
+
+    def _timedOut(self) -> None:
+        self._timer = None
+        if self._stalled is not None:
+            reason = self._stalled()
+        else:
+            reason = errors.APIError(
+                504, f"the backend sent nothing for {self._idleTimeout:g}s", "server_error", "upstream_timeout"
+            )
+        self.end(reason)
+
+
+@implementer(IPushProducer)
+class _GuardedProducer:
+    """
+    The backend's body transport as the client's request sees it: pausing
+    it (backpressure) also pauses the guard's clock.
+    """
+
+    def __init__(self, transport: Any, guard: RelayGuard) -> None:
+        self._transport = transport
+        self._guard = guard
+
+    def pauseProducing(self) -> None:
+        self._guard.pause()
+        self._transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self._guard.resume()
+        self._transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self._transport.stopProducing()
+
+
 class _Relay(Protocol):
     """
     Writes a response body to a request as it arrives, with backpressure.
@@ -143,11 +264,13 @@ class _Relay(Protocol):
         done: defer.Deferred[None],
         clock: IReactorTime,
         rewriter: NameRewriter | None = None,
+        guard: RelayGuard | None = None,
     ) -> None:
         self._request = request
         self._done = done
         self._clock = clock
         self._rewriter = rewriter
+        self._guard = guard
         self._pending: list[bytes] = []
         self._pendingSize = 0
         self._flushCall: IDelayedCall | None = None
@@ -155,9 +278,14 @@ class _Relay(Protocol):
     def connectionMade(self) -> None:
         # The body transport is an IPushProducer: pause it while the client
         # does not keep up.
-        self._request.registerProducer(self.transport, True)
+        producer: Any = self.transport
+        if self._guard is not None:
+            producer = _GuardedProducer(producer, self._guard)
+        self._request.registerProducer(producer, True)
 
     def dataReceived(self, data: bytes) -> None:
+        if self._guard is not None:
+            self._guard.touch()
         if self._rewriter is not None:
             data = self._rewriter.feed(data)
         self._pending.append(data)
@@ -194,7 +322,11 @@ class _Relay(Protocol):
 
 
 def relayBody(
-    response: Any, request: Request, clock: IReactorTime, rewriter: NameRewriter | None = None
+    response: Any,
+    request: Request,
+    clock: IReactorTime,
+    rewriter: NameRewriter | None = None,
+    guard: RelayGuard | None = None,
 ) -> defer.Deferred[None]:
     """
     Write the body of C{response} (a C{twisted.web.iweb.IResponse}) to
@@ -202,6 +334,7 @@ def relayBody(
 
     @param clock: Schedules the writes (see L{_Relay}).
     @param rewriter: Renames the model in the body, if it must be.
+    @param guard: Told of each piece of the body, and of backpressure.
     @return: a Deferred that fires when the body has been relayed; cancelling
         it aborts the upstream connection.
     """
@@ -209,7 +342,7 @@ def relayBody(
     done: defer.Deferred[None] = defer.Deferred(
         lambda d: cast(IPushProducer, relays[0].transport).stopProducing()
     )
-    relays.append(_Relay(request, done, clock, rewriter))
+    relays.append(_Relay(request, done, clock, rewriter, guard))
     response.deliverBody(relays[0])
     return done
 
@@ -362,6 +495,7 @@ async def forward(
     upstreamHeaders: Mapping[str, str] | None = None,
     started: bool = False,
     onResponse: Callable[[], object] | None = None,
+    guard: RelayGuard | None = None,
 ) -> None:
     """
     Send C{request} to C{url} and relay the response to the client.
@@ -385,6 +519,10 @@ async def forward(
         answer raises L{BackendStatus} instead of being relayed.
     @param onResponse: Called when the backend's status and headers have
         arrived, before anything of the answer is written.
+    @param guard: Ends the relay early (a stalled backend, a revoked
+        lease): before the client's status line is sent, its C{reason} is
+        raised; after, the client's connection is closed where the body
+        stood (a cut stream) and C{CancelledError} is raised.
     @raise errors.APIError: 502 when the backend could not be reached or
         sent no response.
     @raise BackendStatus: with C{started}, for an answer that is not 2xx,
@@ -402,16 +540,28 @@ async def forward(
         clock = cast(IReactorTime, reactor)
     if isinstance(body, bytes):
         body = BytesProducer(body) if body else None
+    if guard is None:
+        guard = RelayGuard(clock)
     try:
-        response = await agent.request(request.method, url, headers, body)
-    except ResponseNeverReceived as e:
-        if any(f.check(defer.CancelledError) for f in e.reasons):
-            raise defer.CancelledError() from None
-        raise errors.backendFailed(f"the backend sent no response: {e.reasons[0].getErrorMessage()}")
-    except (defer.CancelledError, errors.APIError):
+        try:
+            requesting = agent.request(request.method, url, headers, body)
+            guard.watch(requesting)
+            guard.touch()
+            response = await requesting
+        except ResponseNeverReceived as e:
+            if any(f.check(defer.CancelledError) for f in e.reasons):
+                raise defer.CancelledError() from None
+            raise errors.backendFailed(f"the backend sent no response: {e.reasons[0].getErrorMessage()}")
+        except (defer.CancelledError, errors.APIError):
+            raise
+        except Exception as e:
+            raise errors.backendFailed(f"could not reach the backend: {e}") from None
+    except defer.CancelledError:
+        if guard.reason is not None:
+            raise guard.reason from None
         raise
-    except Exception as e:
-        raise errors.backendFailed(f"could not reach the backend: {e}") from None
+    finally:
+        guard.pause()
     if onResponse is not None:
         onResponse()
 
@@ -424,28 +574,57 @@ async def forward(
             rewriter = None  # audio, images: nothing to rename
     if started:
         if not 200 <= response.code < 300:
-            raise BackendStatus(response.code, await _errorBody(response, rewriter))
+            reading = defer.ensureDeferred(_errorBody(response, rewriter))
+            guard.watch(reading)
+            guard.resume()
+            try:
+                errorBody = await reading
+            except defer.CancelledError:
+                if guard.reason is not None:
+                    raise guard.reason from None
+                raise
+            finally:
+                guard.finish()
+            raise BackendStatus(response.code, errorBody)
     else:
         _sendHead(request, response, out, contentType)
+    relaying = relayBody(response, request, clock, rewriter, guard)
+    guard.watch(relaying)
+    guard.resume()
     try:
-        await relayBody(response, request, clock, rewriter)
+        await relaying
     except defer.CancelledError:
-        raise
+        if guard.reason is None:
+            raise
+        # Ended early (a stall, a revoked lease): cut the response as for a
+        # backend that went away.
+        log.warn("ended the relay of {url}: {reason}", url=url, reason=str(guard.reason))
+        await _cut(request)
+        raise defer.CancelledError() from None
     except Exception:
         # The backend went away mid-body. The status line is gone already,
         # so the only honest signal left is an incomplete response: close
         # the connection after what was relayed, without the final chunk.
         log.warn("the backend closed {url} before the end of its response", url=url)
-        # Wait for the close, so that nothing (such as an error page and
-        # the last chunk) is written after it.
-        transport = getattr(request.channel, "transport", None)
-        if transport is not None:
-            transport.loseConnection()
-            try:
-                await request.notifyFinish()
-            except Exception:
-                pass
+        await _cut(request)
         raise defer.CancelledError() from None
+    finally:
+        guard.finish()
+
+
+async def _cut(request: Request) -> None:
+    """
+    Close the client's connection after what was relayed, without the final
+    chunk, and wait for the close, so that nothing (such as an error page
+    and the last chunk) is written after it.
+    """
+    transport = getattr(request.channel, "transport", None)
+    if transport is not None:
+        transport.loseConnection()
+        try:
+            await request.notifyFinish()
+        except Exception:
+            pass
 
 
 def _sendHead(request: Request, response: Any, out: Headers, contentType: bytes) -> None:

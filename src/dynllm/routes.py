@@ -30,12 +30,13 @@ from dynllm import endpoints, errors, multipart
 from dynllm.config import Config, ModelConfig
 from dynllm.controls import requestOptions
 from dynllm.endpoints import JSON, MULTIPART, PATH, Endpoint
-from dynllm.exceptions import SchedulerError
+from dynllm.exceptions import SchedulerError, UpstreamTimeout
 from dynllm.feedback import LoadingStream
 from dynllm.interfaces import IBackend, IModelManager
 from dynllm.lease import Lease
 from dynllm.metrics import CONTENT_TYPE, Metrics
-from dynllm.proxy import fileProducer, forward, requestBody
+from dynllm.logs import logger
+from dynllm.proxy import RelayGuard, fileProducer, forward, requestBody
 from dynllm.rewrite import NameRewriter, renameInRequest
 from dynllm.lifecycle import FAILED
 
@@ -49,6 +50,8 @@ KSERVE_ROUTE = "the KServe v2 API"
 #: C{pchar} and C{/}).
 PATH_SAFE = "/:@!$&'()*+,;=-._~"
 
+
+log = logger(__name__)
 
 class NamePath(PathConverter):
     """
@@ -512,11 +515,28 @@ class DynLLMRoutes:
         L{dynllm.lease.Lease}) with L{forward}, and release the lease once
         the response has been written or the client has gone.
 
+        The relay ends early with L{UpstreamTimeout} when the backend sends
+        nothing for the model's C{backend_idle_timeout_seconds}, and with
+        L{dynllm.exceptions.ModelUnloaded} when the lease is revoked (a
+        forced unload): see L{RelayGuard}.
+
         @param started: Whether the response has begun already (see
             L{forward}).
         @param onResponse: See L{forward}.
         """
+        name = lease.model.name
+        timeout = self.config.backendIdleTimeout(lease.model)
+
+        def stalled() -> Exception:
+            self.metrics.upstreamTimeout(name)
+            log.warn("{model}: the backend sent nothing for {seconds}s; ending the request", model=name, seconds=timeout)
+            return UpstreamTimeout(name, timeout)
+
+        guard = RelayGuard(self.clock, timeout, stalled)
+        withdraw = lease.whenRevoked(guard.end)
         try:
+            if lease.revokedBy is not None:
+                raise lease.revokedBy
             url = (lease.baseURL + upstream).encode("ascii")
             await forward(
                 self.agent,
@@ -528,8 +548,10 @@ class DynLLMRoutes:
                 upstreamHeaders=lease.upstreamHeaders,
                 started=started,
                 onResponse=onResponse,
+                guard=guard,
             )
         finally:
+            withdraw()
             lease.release()
 
     async def _streamWhileLoading(
@@ -613,9 +635,19 @@ class DynLLMRoutes:
 
     @app.route("/admin/models/unload", methods=["POST"])
     async def adminUnload(self, request: IRequest) -> bytes:
+        """
+        C{POST /admin/models/unload} with C{{"model": NAME}}: stop the model
+        once idle (409 while it serves requests or loads), or, with
+        C{"force": true}, now: its requests in flight and waiting fail with
+        503 C{model_unloaded}.
+        """
         self._checkAdminKey(request)
-        name = self._model(requestedModel(parseJSON(readBody(request)))).name
-        await self.manager.unload(name)
+        parsed = parseJSON(readBody(request))
+        force = parsed.get("force", False)
+        if not isinstance(force, bool):
+            raise errors.badRequest("force must be true or false", param="force")
+        name = self._model(requestedModel(parsed)).name
+        await self.manager.unload(name, force=force)
         return _json(request, {"model": name, "status": self.manager.describe(name)["status"]})
 
     @app.route("/admin/models/load", methods=["POST"])

@@ -34,6 +34,7 @@ from dynllm.config import Config
 from dynllm.exceptions import (
     LoadFailed,
     ModelBusy,
+    ModelUnloaded,
     NoCapacity,
     ShuttingDown,
     UnknownModel,
@@ -41,6 +42,7 @@ from dynllm.exceptions import (
 from dynllm.interfaces import IBackend, IModelManager, IStateStore
 from dynllm.lease import Lease, ModelCounters, RequestOptions
 from dynllm.lifecycle import (
+    FORCED,
     HOLDS_MEMORY,
     IDLE,
     LOADED,
@@ -304,25 +306,53 @@ class ModelManager(Service):
         """
         return self.acquire(name).addCallback(Lease.release)
 
-    def unload(self, name: str) -> defer.Deferred[None]:
+    def unload(self, name: str, force: bool = False) -> defer.Deferred[None]:
         """
         Stop model C{name} now.
 
+        @param force: Stop it even while it serves requests or loads: the
+            requests in flight have their leases revoked and the requests
+            waiting for it fail, both with L{ModelUnloaded}.
         @return: a Deferred that fires once its backend has exited (at once
-            if it had none), or fails with L{UnknownModel}, or L{ModelBusy}
-            if it has requests in flight or is loading.
+            if it had none), or fails with L{UnknownModel}, or (without
+            C{force}) L{ModelBusy} if it has requests in flight or is
+            loading.
         """
         model = self._models.get(name)
         if model is None:
             return defer.fail(UnknownModel(name))
         core = model.core
-        if core.active:
-            return defer.fail(ModelBusy(name, activeRequests=core.active))
-        if core.status == LOADING:
-            return defer.fail(ModelBusy(name, loading=True))
         done: defer.Deferred[None] = defer.Deferred()
-        self._outbox.send(model.machine.stop, REQUEST, done)
+        if not force:
+            if core.active:
+                return defer.fail(ModelBusy(name, activeRequests=core.active))
+            if core.status == LOADING:
+                return defer.fail(ModelBusy(name, loading=True))
+            self._outbox.send(model.machine.stop, REQUEST, done)
+            return done
+        self._outbox.send(self._force, model, done)
         return done
+
+    def _force(self, model: _Model, done: defer.Deferred[None]) -> None:
+        """
+        Stop C{model} whatever it is doing (see L{unload}): stop first, so
+        that the leases revoked next find it stopping and nothing plans
+        with it, then revoke them and fail its waiters.
+        """
+        core = model.core
+        error = ModelUnloaded(core.name, FORCED)
+        tenancy = core.tenancy
+        log.warn(
+            "{name}: forced unload with {active} requests in flight and {waiting} waiting",
+            name=core.name,
+            active=core.active,
+            waiting=len(core.waiters),
+        )
+        model.machine.stop(FORCED if core.status in (LOADING, LOADED) else REQUEST, done)
+        core.failWaiters(error)
+        if tenancy is not None:
+            for lease in list(tenancy.leases):
+                lease.revoke(error)
 
     # Reading.
 
@@ -430,23 +460,24 @@ class ModelManager(Service):
         """
         run, tenancy = core.run, core.tenancy
         assert run is not None and tenancy is not None
-        tenancy.active += 1
         if keepAlive is not None:
             core.keepAlive = keepAlive
         if use:
             core.lastUsedAt = self.reactor.seconds()
-        return Lease(
+        lease = Lease(
             core.config,
             core.backend,
             run.baseURL,
-            lambda lease: self._release(core, tenancy, use),
+            lambda lease: self._release(core, tenancy, lease, use),
             apiKey=run.apiKey,
         )
+        tenancy.leases.add(lease)
+        return lease
 
-    def _release(self, core: ModelCore, tenancy: Tenancy, use: bool) -> None:
-        # A lease counts down the tenancy it was given on: one on a run
-        # that has since stopped changes nothing that is read.
-        tenancy.active -= 1
+    def _release(self, core: ModelCore, tenancy: Tenancy, lease: Lease, use: bool) -> None:
+        # A lease leaves the tenancy it was given on: one on a run that has
+        # since stopped changes nothing that is read.
+        tenancy.leases.discard(lease)
         if use:
             core.lastUsedAt = self.reactor.seconds()
             core.dirty = True

@@ -48,7 +48,7 @@ from zope.interface import implementer
 
 from dynllm.backends import backendFor as realBackendFor
 from dynllm.config import Config, ModelConfig
-from dynllm.exceptions import ModelBusy, SchedulerError, UnknownModel
+from dynllm.exceptions import ModelBusy, ModelUnloaded, SchedulerError, UnknownModel
 from dynllm.interfaces import IBackend, IModelManager
 from dynllm.lease import Lease, ModelCounters, RequestOptions
 from dynllm.owned import LLAMACPP
@@ -526,12 +526,14 @@ class StubManager:
         self.loaded.append(name)
         return self._ready(name)
 
-    def unload(self, name: str) -> defer.Deferred[None]:
+    def unload(self, name: str, force: bool = False) -> defer.Deferred[None]:
         """
-        Fail with L{unloadFailure} if set, or with L{ModelBusy} if the
-        model has leases out or is loading; else make a loaded (or
-        unloading) model C{unloaded}, and count an unload of cause
-        C{request}. Other models are left as they are.
+        Fail with L{unloadFailure} if set, or (unless C{force}) with
+        L{ModelBusy} if the model has leases out or is loading; else make a
+        loaded, loading or unloading model C{unloaded}, and count an unload
+        of cause C{request} (C{forced} with C{force}). With C{force}, the
+        leases out are revoked and the waiting requests fail, both with
+        L{ModelUnloaded}. Other models are left as they are.
         """
         try:
             self._model(name)
@@ -540,16 +542,23 @@ class StubManager:
         if self.unloadFailure is not None:
             return defer.fail(self.unloadFailure)
         active = self._active.get(name, 0)
-        if active:
-            return defer.fail(ModelBusy(name, activeRequests=active))
         state = self._state(name)
-        if state == "loading":
-            return defer.fail(ModelBusy(name, loading=True))
-        if state in ("loaded", "unloading"):
+        if not force:
+            if active:
+                return defer.fail(ModelBusy(name, activeRequests=active))
+            if state == "loading":
+                return defer.fail(ModelBusy(name, loading=True))
+        if state in ("loaded", "loading", "unloading"):
             self.states[name] = "unloaded"
             self._loadedAt.pop(name, None)
             self.unloaded.append(name)
-            self._count(name, unload="request")
+            self._count(name, unload="forced" if force else "request")
+        if force:
+            error = ModelUnloaded(name, "forced")
+            for lease in [lease for lease in self.leases if lease.model.name == name and not lease.released]:
+                lease.revoke(error)
+            for d in self._waiting.pop(name, []):
+                d.errback(error)
         return defer.succeed(None)
 
     # Descriptions.
