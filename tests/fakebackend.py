@@ -16,6 +16,9 @@ where told to misbehave through the environment:
   FAKE_HEADERS_WAIT=S   seconds between a stream's headers and its first frame
   FAKE_RESPONSE_DELAY=S seconds a completion takes before its answer (plain or
                         streamed) begins, as a model's generation would
+  A request body's "fake_stall" makes that request stall for an hour: "headers"
+  (before the status line), "mid-body" (a plain answer's first half sent),
+  "mid-stream" (after two frames of a stream).
   FAKE_CHILD=1          start a child process in the same group (sleep 300)
   FAKE_CHATTY=N         print N lines of output per request (pipe draining)
   FAKE_PORT_TAKEN_ONCE=PATH   the first start (while PATH does not exist)
@@ -124,6 +127,18 @@ def main() -> None:
             if body.get("teapot"):
                 return self._send(418, {"error": {"message": "teapot", "type": "invalid_request_error", "code": 418}})
             time.sleep(responseDelay)
+            stall = body.get("fake_stall")
+            if stall == "headers":
+                time.sleep(3600)
+            if stall == "mid-body":
+                answer = json.dumps({"object": "chat.completion", "model": body.get("model"), "choices": []}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(answer)))
+                self.end_headers()
+                self.wfile.write(answer[: len(answer) // 2])
+                self.wfile.flush()
+                time.sleep(3600)
             if not body.get("stream"):
                 return self._send(200, {
                     "object": "chat.completion", "model": body.get("model"),
@@ -146,6 +161,8 @@ def main() -> None:
             for i in range(frames):
                 if mode == "die-mid-stream" and i == 2:
                     os._exit(3)
+                if stall == "mid-stream" and i == 2:
+                    time.sleep(3600)
                 if anthropic:
                     self._chunk(_event("content_block_delta", {"type": "content_block_delta", "index": 0,
                                                                "delta": {"type": "text_delta", "text": str(i)}}))

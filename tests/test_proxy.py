@@ -31,6 +31,7 @@ from dynllm.proxy import (
     DROP_RESPONSE,
     BackendStatus,
     FileProducer,
+    RelayGuard,
     endToEnd,
     forward,
     requestBody,
@@ -546,3 +547,133 @@ class BackpressureTests(TestCase):
         reason = await self.upstream.stopped
         self.assertIsInstance(reason, ConnectionDone)
         self.assertLess(self.upstream.written, 512 * 1024 * 1024)
+
+
+class GuardedResource(resource.Resource):
+    """
+    Relays every request with L{forward} through a L{FakeAgent}, on a fake
+    clock, with a L{RelayGuard} of one second; what L{forward} raises is kept
+    in C{self.raised}, and a raised L{APIError} is answered.
+    """
+
+    isLeaf = True
+
+    def __init__(self, agent, clock):
+        super().__init__()
+        self.agent = agent
+        self.clock = clock
+        self.raised = []
+        self.stalls = []
+        self.guard = RelayGuard(clock, 1.0, self.stalled)
+
+    def stalled(self):
+        self.stalls.append(self.clock.seconds())
+        return APIError(504, "stalled", "server_error", "upstream_timeout")
+
+    def render(self, request):
+        d = defer.ensureDeferred(forward(self.agent, request, b"http://127.0.0.1:1/x", None, clock=self.clock,
+                                         guard=self.guard))
+
+        def failed(f):
+            self.raised.append(f.value)
+            if isinstance(f.value, APIError):
+                request.setResponseCode(f.value.status)
+                request.write(f.value.body())
+
+        d.addErrback(failed)
+        d.addBoth(lambda _: request.finish() if not request.finished and request.channel is not None else None)
+        return server.NOT_DONE_YET
+
+
+class RelayGuardTests(SynchronousTestCase):
+    """
+    L{RelayGuard} ends a relay whose backend has sent nothing for its idle
+    timeout, or that it is told to end, and not one that a slow client
+    holds back.
+    """
+
+    def setUp(self):
+        self.clock = MemoryReactorClock()
+        self.agent = FakeAgent()
+        self.transport = StringTransport()
+        self.resource = GuardedResource(self.agent, self.clock)
+        site = server.Site(self.resource, reactor=self.clock)
+        self.channel = site.buildProtocol(None)
+        self.channel.makeConnection(self.transport)
+        self.channel.dataReceived(b"POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+        self.assertEqual(len(self.agent.responses), 1)
+
+    def respond(self):
+        response = FakeResponse(200, {b"Content-Type": [b"text/event-stream"]})
+        self.agent.responses[0].callback(response)
+        return response
+
+    def test_noHeaders(self):
+        """
+        A backend that sends no status line for the idle timeout: the
+        upstream request is cancelled and L{forward} raises the guard's
+        reason, which the client gets as its answer.
+        """
+        self.clock.advance(0.9)
+        self.assertEqual(self.resource.raised, [])
+        self.clock.advance(0.2)
+        [raised] = self.resource.raised
+        self.assertEqual((raised.status, raised.code), (504, "upstream_timeout"))
+        self.assertEqual(len(self.resource.stalls), 1)
+        self.assertTrue(self.transport.value().startswith(b"HTTP/1.1 504 "), self.transport.value())
+
+    def test_silentBody(self):
+        """
+        A body that stops coming: each piece starts the silence again; once
+        the timeout passes, the backend's transport is stopped and the
+        client's connection closed without the last chunk.
+        """
+        response = self.respond()
+        for _ in range(3):
+            self.clock.advance(0.9)
+            response.body.dataReceived(b"data: x\n\n")
+        self.clock.advance(0.9)
+        self.assertFalse(response.body.transport.stopped)
+        self.clock.advance(0.2)
+        self.assertTrue(response.body.transport.stopped)
+        self.assertTrue(self.transport.disconnecting)
+        self.assertFalse(self.transport.value().endswith(b"0\r\n\r\n"))
+        self.assertEqual(len(self.resource.stalls), 1)
+
+    def test_backpressureNotSilence(self):
+        """
+        While the client holds the relay back (the backend's transport
+        paused), no time counts; after it resumes, the timeout counts
+        again from nothing.
+        """
+        response = self.respond()
+        producer = self.channel._channel.requests[0].producer
+        producer.pauseProducing()
+        self.clock.advance(30)
+        self.assertFalse(response.body.transport.stopped)
+        producer.resumeProducing()
+        self.clock.advance(0.9)
+        self.assertFalse(response.body.transport.stopped)
+        self.clock.advance(0.2)
+        self.assertTrue(response.body.transport.stopped)
+
+    def test_endBeforeHeaders(self):
+        """
+        L{RelayGuard.end} before the backend's status line: L{forward}
+        raises the reason given (a revoked lease's), not a stall's.
+        """
+        reason = APIError(503, "unloaded", "server_error", "model_unloaded")
+        self.resource.guard.end(reason)
+        self.assertEqual(self.resource.raised, [reason])
+        self.assertEqual(self.resource.stalls, [])
+
+    def test_finishedIsQuiet(self):
+        """
+        A relay that ended normally leaves no timer behind.
+        """
+        response = self.respond()
+        response.finish(b"data: [DONE]\n\n")
+        self.clock.advance(0)
+        guardCalls = [c for c in self.clock.getDelayedCalls() if getattr(c.func, "__self__", None) is self.resource.guard]
+        self.assertEqual(guardCalls, [])
+        self.assertTrue(self.transport.value().endswith(b"0\r\n\r\n"))

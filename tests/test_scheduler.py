@@ -18,7 +18,7 @@ from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.trial.unittest import SynchronousTestCase
 
 from dynllm.config import Config, parseConfig
-from dynllm.exceptions import LoadFailed, LoadTimedOut, ModelBusy, NoCapacity, ShuttingDown, UnknownModel
+from dynllm.exceptions import LoadFailed, LoadTimedOut, ModelBusy, ModelUnloaded, NoCapacity, ShuttingDown, UnknownModel
 from dynllm.runner import FIRST_PROBE_DELAY, MAX_PROBE_DELAY
 from dynllm.lifecycle import PORT_RETRIES
 from dynllm.lease import RequestOptions
@@ -992,6 +992,97 @@ class UnloadTests(ManagerTestsMixin, SynchronousTestCase):
         self.assertEqual(len(self.spawnedFor("a")), 2)
         self.makeReady("a")
         self.successResultOf(d)
+
+
+class ForcedUnloadTests(ManagerTestsMixin, SynchronousTestCase):
+    """
+    L{ModelManager.unload} with C{force=True}: a busy or loading model is
+    stopped all the same, and what depended on it fails with
+    L{ModelUnloaded}.
+    """
+
+    def setUp(self) -> None:
+        self.makeManager([{"name": "a", "vram_mb": 600}, {"name": "b", "vram_mb": 600}])
+
+    def test_busy(self) -> None:
+        """
+        A model with leases out gets TERM at once; each lease is revoked
+        (released, its handlers called with L{ModelUnloaded}), the model
+        counts no active request, and the unload is counted as C{forced}.
+        """
+        leases = [self.loadedLease("a"), self.loadedLease("a")]
+        revoked: list[Exception] = []
+        leases[0].whenRevoked(revoked.append)
+        d = self.manager.unload("a", force=True)
+        self.assertEqual(self.process("a").signals, ["TERM"])
+        self.assertEqual([lease.released for lease in leases], [True, True])
+        [reason] = revoked
+        self.assertIsInstance(reason, ModelUnloaded)
+        self.assertEqual(reason.cause, "forced")
+        self.assertIs(leases[1].revokedBy, reason)
+        self.assertEqual(self.describe("a")["active_requests"], 0)
+        self.process("a").exit()
+        self.successResultOf(d)
+        self.assertEqual(self.status("a"), "unloaded")
+        self.assertEqual(self.manager.counters("a").unloads, {"forced": 1})
+
+    def test_releaseAfterRevokeIsQuiet(self) -> None:
+        """
+        The holder's own release after the revoke changes nothing: the next
+        request loads the model again and holds one lease.
+        """
+        lease = self.loadedLease("a")
+        self.manager.unload("a", force=True)
+        self.process("a").exit()
+        lease.release()
+        again = self.loadedLease("a")
+        self.assertEqual(self.describe("a")["active_requests"], 1)
+        again.release()
+        self.assertEqual(self.describe("a")["active_requests"], 0)
+
+    def test_loading(self) -> None:
+        """
+        A loading model is stopped, and the requests waiting for it fail
+        with L{ModelUnloaded} (they do not load it again).
+        """
+        d = self.manager.acquire("a")
+        self.manager.unload("a", force=True)
+        self.assertEqual(self.process("a").signals, ["TERM"])
+        self.failureResultOf(d, ModelUnloaded)
+        self.process("a").exit()
+        self.assertEqual(len(self.spawnedFor("a")), 1)
+        self.assertEqual(self.status("a"), "unloaded")
+
+    def test_othersUnharmed(self) -> None:
+        """
+        Another model's leases are left alone.
+        """
+        other = self.loadedLease("b")
+        self.manager.unload("a", force=True)
+        self.assertFalse(other.released)
+        self.assertEqual(self.status("b"), "loaded")
+
+    def test_idle(self) -> None:
+        """
+        An idle model is stopped as by a plain unload (cause C{forced}).
+        """
+        self.loadIdle("a")
+        d = self.manager.unload("a", force=True)
+        self.process("a").exit()
+        self.successResultOf(d)
+        self.assertEqual(self.manager.counters("a").unloads, {"forced": 1})
+
+    def test_waitingForMemory(self) -> None:
+        """
+        A request waiting for memory for a model that is not loaded fails
+        with L{ModelUnloaded} when that model is force-unloaded.
+        """
+        busy = self.loadedLease("b")
+        d = self.manager.acquire("a")
+        self.assertNoResult(d)
+        self.manager.unload("a", force=True)
+        self.failureResultOf(d, ModelUnloaded)
+        busy.release()
 
 
 class ServiceTests(ManagerTestsMixin, SynchronousTestCase):
