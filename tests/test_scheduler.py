@@ -61,8 +61,15 @@ class ManagerTestsMixin:
         return self.manager
 
     def makeConfig(self, models: list[dict[str, Any]], **settings: Any) -> Config:
-        directory = os.path.abspath(self.mktemp())  # type: ignore[attr-defined]
-        os.makedirs(directory)
+        """
+        Make a configuration of C{models} and C{settings}; every one a test
+        makes shares one directory (so that two of them differ only in what
+        they say, as a file read again does).
+        """
+        directory = getattr(self, "configDirectory", None)
+        if directory is None:
+            directory = self.configDirectory = os.path.abspath(self.mktemp())  # type: ignore[attr-defined]
+            os.makedirs(directory)
         raws = []
         for model in models:
             model = dict(model)

@@ -189,6 +189,13 @@ class IModelManager(Interface):
         @return: a Deferred firing once it is loaded; failures as L{acquire}.
         """
 
+    def reconfigure(config: Any) -> None:
+        """
+        Run the L{dynllm.config.Config} C{config} from now on (a reload):
+        models added, removed (drained, then stopped) and changed
+        (restarted when idle), global settings from their next use.
+        """
+
     def unload(name: str, force: bool = False) -> Deferred[None]:
         """
         Stop the model's backend now.

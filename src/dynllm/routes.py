@@ -27,7 +27,7 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.routing import PathConverter
 
 from dynllm import endpoints, errors, multipart
-from dynllm.config import Config, ModelConfig
+from dynllm.config import Config, ConfigError, ModelConfig
 from dynllm.controls import requestOptions
 from dynllm.endpoints import JSON, MULTIPART, PATH, Endpoint
 from dynllm.exceptions import SchedulerError, UpstreamTimeout
@@ -36,6 +36,7 @@ from dynllm.interfaces import IBackend, IModelManager
 from dynllm.lease import Lease
 from dynllm.metrics import CONTENT_TYPE, Metrics
 from dynllm.logs import logger
+from dynllm.reload import ConfigChanges, RestartRequired
 from dynllm.proxy import RelayGuard, fileProducer, forward, requestBody
 from dynllm.rewrite import NameRewriter, renameInRequest
 from dynllm.lifecycle import FAILED
@@ -155,6 +156,9 @@ class DynLLMRoutes:
     @ivar clock: Schedules writes of relayed bodies and times requests; the
         global reactor by default.
     @ivar metrics: What C{/metrics} serves.
+    @ivar reload: Reads the configuration again and applies it (see
+        L{dynllm.service.DynLLMService.reload}), for C{POST /admin/reload};
+        C{None} when there is nothing to reload.
     """
 
     config: Config
@@ -162,6 +166,7 @@ class DynLLMRoutes:
     agent: Any
     clock: Any = None
     metrics: Metrics = field(default=None)
+    reload: Callable[[], ConfigChanges] | None = None
 
     def __attrs_post_init__(self) -> None:
         if self.clock is None:
@@ -649,6 +654,29 @@ class DynLLMRoutes:
         name = self._model(requestedModel(parsed)).name
         await self.manager.unload(name, force=force)
         return _json(request, {"model": name, "status": self.manager.describe(name)["status"]})
+
+    @app.route("/admin/reload", methods=["POST"])
+    def adminReload(self, request: IRequest) -> bytes:
+        """
+        C{POST /admin/reload}: read the configuration file again and apply
+        it, as C{SIGHUP} does. Answers the changes (C{added}, C{removed},
+        C{changed}, C{settings}, C{at_next_start}), or 400
+        C{invalid_config} / C{restart_required} with the reason, when
+        nothing was changed.
+        """
+        self._checkAdminKey(request)
+        if self.reload is None:
+            raise errors.APIError(404, "this dynllm has no configuration file to reload", "not_found_error")
+        try:
+            changes = self.reload()
+        except ConfigError as e:
+            log.error("the configuration was not reloaded: {error}", error=str(e))
+            raise errors.badRequest(f"the configuration was not reloaded: {e}", code="invalid_config") from None
+        except RestartRequired as e:
+            log.error("the configuration was not reloaded: {error}", error=str(e))
+            raise errors.badRequest(str(e), code="restart_required") from None
+        log.info("configuration reloaded ({changes})", changes=changes.describe())
+        return _json(request, {"status": "reloaded", "changes": changes.asDict()})
 
     @app.route("/admin/models/load", methods=["POST"])
     async def adminLoad(self, request: IRequest) -> bytes:

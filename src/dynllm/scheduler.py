@@ -20,6 +20,7 @@ L{NoCapacity}.
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Any, Callable
 
 from attrs import define, field
@@ -30,7 +31,7 @@ from zope.interface import implementer
 
 from dynllm import planner
 from dynllm.backends import backendFor
-from dynllm.config import Config
+from dynllm.config import Config, ModelConfig
 from dynllm.exceptions import (
     LoadFailed,
     ModelBusy,
@@ -42,13 +43,17 @@ from dynllm.exceptions import (
 from dynllm.interfaces import IBackend, IModelManager, IStateStore
 from dynllm.lease import Lease, ModelCounters, RequestOptions
 from dynllm.lifecycle import (
+    FAILED,
     FORCED,
     HOLDS_MEMORY,
     IDLE,
     LOADED,
     LOADING,
+    RECONFIGURED,
+    REMOVED,
     REQUEST,
     SHUTDOWN,
+    UNLOADED,
     ModelCore,
     ModelLifecycle,
     Outbox,
@@ -109,20 +114,119 @@ class ModelManager(Service):
     _planning: bool = field(default=False, init=False)
     _replan: bool = field(default=False, init=False)
     _drained: defer.Deferred[None] | None = field(default=None, init=False)
+    #: Models whose configuration changed in a reload, with the new one,
+    #: applied once the old run has stopped (see L{reconfigure}).
+    _pending: dict[str, ModelConfig] = field(factory=dict, init=False)
+    #: Models a reload removed: they drain, stop, and are forgotten.
+    _removed: set[str] = field(factory=set, init=False)
+    #: Models stopped by a reload that are loaded again with their new
+    #: configuration.
+    _restart: set[str] = field(factory=set, init=False)
 
     def __attrs_post_init__(self) -> None:
         self._models = {}
         for model in self.config.models:
-            core = ModelCore(
-                config=model,
-                backend=self.backendFor(model.backend),
-                clock=self.reactor,
-                loadTimeout=self.config.loadTimeout(model),
-                record=self._record,
-                changed=self._schedule,
-                outbox=self._outbox,
-            )
-            self._models[model.name] = _Model(core, makeLifecycle(core))
+            self._models[model.name] = self._makeModel(model)
+
+    def _makeModel(self, model: ModelConfig) -> _Model:
+        core = ModelCore(
+            config=model,
+            backend=self.backendFor(model.backend),
+            clock=self.reactor,
+            loadTimeout=self.config.loadTimeout(model),
+            record=self._record,
+            changed=self._schedule,
+            outbox=self._outbox,
+        )
+        return _Model(core, makeLifecycle(core))
+
+    # Reloading.
+
+    def reconfigure(self, config: Config) -> None:
+        """
+        Run C{config} from now on, as a reload asks (the caller checked that
+        it changes nothing that needs a restart, L{dynllm.reload.compare}).
+
+        Global settings (budget, timeouts, eviction, ports, programs) apply
+        at once, each from its next use. Added models can be requested at
+        once. A removed model takes no new request (L{UnknownModel}), its
+        waiters fail with L{ModelUnloaded}, its requests in flight finish,
+        then it is stopped and forgotten. A changed model that has no
+        process takes its new settings at once; one that runs goes on
+        serving with its old settings until it is idle, then is stopped and
+        loaded again with the new ones (a loaded one at once; a loading one
+        once loaded). Models newly in C{preload_models} are loaded.
+        """
+        old = self.config
+        self.config = config
+        for model in config.models:
+            existing = self._models.get(model.name)
+            if existing is None:
+                self._models[model.name] = self._makeModel(model)
+                self._record(self._models[model.name].core)
+                continue
+            self._removed.discard(model.name)
+            if existing.core.config != model:
+                self._pending[model.name] = model
+            else:
+                self._pending.pop(model.name, None)
+                existing.core.loadTimeout = config.loadTimeout(model)
+        names = {m.name for m in config.models}
+        for name, model_ in self._models.items():
+            if name not in names and name not in self._removed:
+                self._removed.add(name)
+                self._pending.pop(name, None)
+                model_.core.failWaiters(ModelUnloaded(name, REMOVED))
+        self._settle()
+        self._schedule()
+        for name in config.preload_models:
+            if name not in old.preload_models:
+                self._preload(name)
+
+    def _preload(self, name: str) -> None:
+        def failed(f: Failure) -> None:
+            log.error("preloading {name} failed: {why}", name=name, why=f.getErrorMessage())
+
+        log.info("preloading {name}", name=name)
+        self.load(name).addErrback(failed)
+
+    def _settle(self) -> None:
+        """
+        Move the models a reload changed or removed on: stop those that
+        are idle, give those without a process their new configuration,
+        forget removed ones that are gone.
+        """
+        for name, model in list(self._models.items()):
+            if name not in self._pending and name not in self._removed:
+                continue
+            core = model.core
+            if core.status == LOADED and core.active == 0:
+                cause = REMOVED if name in self._removed else RECONFIGURED
+                if cause == RECONFIGURED:
+                    self._restart.add(name)
+                log.info("stopping {name}: {cause} by a reload", name=name, cause=cause)
+                self._outbox.send(model.machine.stop, cause, defer.Deferred())
+            elif core.status in (UNLOADED, FAILED) and not core.waiters:
+                if name in self._removed:
+                    self._removed.discard(name)
+                    # Its row stays, unloaded, until the next start forgets it.
+                    del self._models[name]
+                elif name in self._pending:
+                    new = self._pending.pop(name)
+                    core.config = new
+                    core.backend = self.backendFor(new.backend)
+                    core.loadTimeout = self.config.loadTimeout(new)
+                    self._record(core)
+                    if name in self._restart:
+                        self._restart.discard(name)
+                        self._outbox.later(partial(self._loadAgain, name))
+
+    def _loadAgain(self, name: str) -> None:
+        def failed(f: Failure) -> None:
+            log.error("loading {name} again failed: {why}", name=name, why=f.getErrorMessage())
+
+        log.info("loading {name} again with its new configuration", name=name)
+        self.load(name).addErrback(failed)
 
     # Service.
 
@@ -157,12 +261,8 @@ class ModelManager(Service):
         # Requests that arrived during reconciliation are waiting.
         self._schedule()
 
-        def preloadFailed(f: Failure, name: str) -> None:
-            log.error("preloading {name} failed: {why}", name=name, why=f.getErrorMessage())
-
         for name in self.config.preload_models:
-            log.info("preloading {name}", name=name)
-            self.load(name).addErrback(preloadFailed, name)
+            self._preload(name)
 
     def whenStarted(self) -> defer.Deferred[None]:
         """
@@ -257,7 +357,7 @@ class ModelManager(Service):
             be freed within the queue timeout.
         """
         model = self._models.get(name)
-        if model is None:
+        if model is None or name in self._removed:
             return defer.fail(UnknownModel(name))
         if self._stopping:
             return defer.fail(ShuttingDown())
@@ -484,6 +584,9 @@ class ModelManager(Service):
         if core.active == 0:
             if use and core.status == LOADED and core.keepAlive == 0:
                 self._outbox.send(self._models[core.name].machine.stop, IDLE, defer.Deferred())
+            elif core.name in self._pending or core.name in self._removed:
+                # A reload waited for it to be idle.
+                self._schedule()
             elif any(m.core.waiters for m in self._models.values()):
                 # An idle model may be what a waiting load needs.
                 self._schedule()
@@ -586,6 +689,8 @@ class ModelManager(Service):
             self._replan = True
             while self._replan:
                 self._replan = False
+                if self._pending or self._removed:
+                    self._settle()
                 self._serve()
                 self._apply(planner.plan(self._views(), self.config.total_vram_mb, self.config.eviction_policy))
         finally:

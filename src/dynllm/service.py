@@ -23,12 +23,14 @@ from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
 from dynllm import logs, torchinfo
-from dynllm.config import Config
+from dynllm.config import Config, ConfigError, loadConfig
+from dynllm.cors import CORSPolicy
+from dynllm.reload import ConfigChanges, compare
 from dynllm.interfaces import IModelManager, IStateStore
 from dynllm.pool import BackendPool
 from dynllm.routes import DynLLMRoutes
 from dynllm.scheduler import ModelManager
-from dynllm.site import makeSite
+from dynllm.site import DynLLMSite, makeSite
 from dynllm.store import MemoryStateStore, SQLiteStateStore
 
 
@@ -43,6 +45,7 @@ class DynLLMService(MultiService):
     @ivar routes: The HTTP API (its C{resource()} can be mounted elsewhere).
     @ivar http: A C{treq} client for backends (it shares the connection
         pool of the relay).
+    @ivar site: The HTTP site, when it listens.
     """
 
     def __init__(
@@ -61,6 +64,42 @@ class DynLLMService(MultiService):
         self.routes = routes
         self.http = http
         self._pool = pool
+        self.site: DynLLMSite | None = None
+
+    def reload(self, config: Config | None = None) -> ConfigChanges:
+        """
+        Run a new configuration without a restart (C{SIGHUP},
+        C{POST /admin/reload}): see L{ModelManager.reconfigure} for the
+        models; keys, CORS origins, the body limit, timeouts, the budget and
+        C{log_level} apply from the next request.
+
+        @param config: The new configuration; by default the file the
+            running one came from is read again.
+        @return: what changed.
+        @raise ConfigError: if the file is unusable (nothing is changed).
+        @raise dynllm.reload.RestartRequired: if it changes what only a
+            restart can (nothing is changed).
+        """
+        if config is None:
+            if self.config.source is None:
+                raise ConfigError("this dynllm was not started from a configuration file: nothing to read again")
+            config = loadConfig(self.config.source)
+        changes = compare(self.config, config)
+        self.config = config
+        self.manager.reconfigure(config)
+        self.routes.config = config
+        logs.setLevel(config.log_level)
+        site = self.site
+        if site is not None:
+            site.maxBodyBytes = int(config.max_request_body_mb * 1024 * 1024)
+            site.cors = CORSPolicy(frozenset(config.server.cors_origins))
+        reaper = self.getServiceNamed("idle-reaper")
+        if isinstance(reaper, TimerService) and reaper.step != config.idle_check_interval_seconds:
+            reaper.step = config.idle_check_interval_seconds
+            if reaper._loop.running:
+                reaper._loop.stop()
+                reaper._loop.start(reaper.step, now=False)
+        return changes
 
     def startService(self) -> None:
         super().startService()
@@ -127,6 +166,7 @@ def makeService(config: Config, reactor: Any = None, listen: bool = True, persis
     manager = ModelManager(config=config, reactor=reactor, http=http, store=store)
     routes = DynLLMRoutes(config=config, manager=manager, agent=agent, clock=reactor)
     service = DynLLMService(config, reactor, manager, routes, http, pool)
+    routes.reload = service.reload
     manager.setName("models")
     manager.setServiceParent(service)
     reaper = TimerService(config.idle_check_interval_seconds, manager.reapIdle)
@@ -140,6 +180,7 @@ def makeService(config: Config, reactor: Any = None, listen: bool = True, persis
         site = makeSite(
             routes.resource(), int(config.max_request_body_mb * 1024 * 1024), config.server.cors_origins
         )
+        service.site = site
         http_service = StreamServerEndpointService(endpoint, site)
         http_service._raiseSynchronously = True
         http_service.setName("http")

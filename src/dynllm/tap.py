@@ -10,6 +10,7 @@ from twisted.python import usage
 from dynllm.config import ConfigError, loadConfig
 from dynllm.service import DynLLMService
 from dynllm.service import makeService as _makeService
+from dynllm.signals import SignalHandlers
 
 
 class Options(usage.Options):
@@ -35,6 +36,11 @@ class Options(usage.Options):
 
 def makeService(options: Options) -> DynLLMService:
     """
-    @return: the daemon for the parsed C{options}.
+    @return: the daemon for the parsed C{options}, with its signal handlers
+        (L{dynllm.signals}).
     """
-    return _makeService(options["loadedConfig"])
+    from twisted.internet import reactor
+
+    service = _makeService(options["loadedConfig"])
+    SignalHandlers(reactor, service.reload).setServiceParent(service)
+    return service

@@ -381,6 +381,7 @@ class StubManager:
     peeks: int = 0
     loaded: list[str] = field(factory=list)
     unloaded: list[str] = field(factory=list)
+    reconfigured: list[Config] = field(factory=list)
     _active: dict[str, int] = field(factory=dict, init=False)
     _waiting: dict[str, list[defer.Deferred[None]]] = field(factory=dict, init=False)
     _loadedAt: dict[str, float] = field(factory=dict, init=False)
@@ -525,6 +526,13 @@ class StubManager:
         """
         self.loaded.append(name)
         return self._ready(name)
+
+    def reconfigure(self, config: Config) -> None:
+        """
+        Take C{config} as the configuration; C{reconfigured} records each.
+        """
+        self.config = config
+        self.reconfigured.append(config)
 
     def unload(self, name: str, force: bool = False) -> defer.Deferred[None]:
         """
