@@ -129,17 +129,18 @@ class MakeServiceTests(TapTestMixin, TestCase):
     def test_services(self) -> None:
         """
         The daemon is a L{MultiService} of the model manager, the idle
-        reaper and the HTTP server, named C{models}, C{idle-reaper} and
-        C{http}; nothing runs until it is started.
+        reaper, the HTTP server and the signal handlers, named C{models},
+        C{idle-reaper}, C{http} and C{signals}; nothing runs until it is
+        started.
         """
         options = Options()
         options.parseOptions(["-c", self.goodConfig()])
         service = makeService(options)
         self.assertIsInstance(service, MultiService)
         self.assertEqual(
-            sorted(child.name for child in service), ["http", "idle-reaper", "models"]
+            sorted(child.name for child in service), ["http", "idle-reaper", "models", "signals"]
         )
-        for name in ("models", "idle-reaper", "http"):
+        for name in ("models", "idle-reaper", "http", "signals"):
             self.assertFalse(service.getServiceNamed(name).running)
         self.assertIs(service.config, options["loadedConfig"])
         self.assertEqual(service.getServiceNamed("idle-reaper").step, 1)
