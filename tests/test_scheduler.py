@@ -1001,6 +1001,46 @@ class UnloadTests(ManagerTestsMixin, SynchronousTestCase):
         self.successResultOf(d)
 
 
+class PortTests(ManagerTestsMixin, SynchronousTestCase):
+    """
+    With more models than ports, a port is made free as memory is: an idle
+    model gives way.
+    """
+
+    def setUp(self) -> None:
+        self.makeManager(
+            [{"name": n, "vram_mb": 100} for n in ("a", "b", "c")],
+            backend={"port_range_start": 40100, "port_range_end": 40101},
+        )
+
+    def test_idleGivesWay(self) -> None:
+        """
+        Both ports held by idle models: the least recently loaded of them
+        (LIFO: the last loaded) is stopped, and the load starts on its port
+        once it has exited.
+        """
+        self.loadIdle("a")
+        self.loadIdle("b")
+        d = self.manager.acquire("c")
+        self.assertEqual(self.process("b").signals, ["TERM"])
+        self.assertEqual(self.spawnedFor("c"), [])
+        self.process("b").exit()
+        self.makeReady("c")
+        self.successResultOf(d)
+        self.assertEqual(self.status("a"), "loaded")
+        self.assertEqual(self.manager.counters("b").unloads, {"evicted": 1})
+
+    def test_allBusy(self) -> None:
+        """
+        Both ports held by busy models: the load fails at once with
+        L{LoadFailed} naming the port range, as before.
+        """
+        self.loadedLease("a")
+        self.loadedLease("b")
+        failure = self.failureResultOf(self.manager.acquire("c"), LoadFailed)
+        self.assertIn("40100", str(failure.value))
+
+
 class ForcedUnloadTests(ManagerTestsMixin, SynchronousTestCase):
     """
     L{ModelManager.unload} with C{force=True}: a busy or loading model is

@@ -47,6 +47,7 @@ from dynllm.lifecycle import (
     FORCED,
     HOLDS_MEMORY,
     IDLE,
+    EVICTED,
     LOADED,
     LOADING,
     RECONFIGURED,
@@ -54,6 +55,7 @@ from dynllm.lifecycle import (
     REQUEST,
     SHUTDOWN,
     UNLOADED,
+    UNLOADING,
     ModelCore,
     ModelLifecycle,
     Outbox,
@@ -753,12 +755,49 @@ class ModelManager(Service):
                 ring=core.log,
             )
             run.start()
-        except (NoFreePort, OSError) as e:
+        except NoFreePort as e:
+            if self._freePortFor(core):
+                return
+            self._outbox.send(model.machine.spawnFailed, LoadFailed(core.name, f"cannot start model {core.name!r}: {e}"))
+            return
+        except OSError as e:
             self._outbox.send(model.machine.spawnFailed, LoadFailed(core.name, f"cannot start model {core.name!r}: {e}"))
             return
         self._loadCounter += 1
         core.loadSeq = self._loadCounter
         self._outbox.send(model.machine.load, run)
+
+    def _freePortFor(self, core: ModelCore) -> bool:
+        """
+        Every port of C{backend.port_range_*} is held: make one free for
+        C{core}'s load, as memory is made free, by stopping an idle loaded
+        model (lowest C{priority} first, then by C{eviction_policy}), or
+        wait for a model that is stopping already. Its load starts again
+        when that backend has exited.
+
+        @return: whether a port will be free; C{False} when every port is
+            held by a busy or loading model.
+        """
+        if any(m.core.status == UNLOADING for m in self._models.values()):
+            return True
+        idle = [
+            m for m in self._models.values()
+            if m.core.status == LOADED and m.core.active == 0 and m.core.name not in self._held
+        ]
+        if not idle:
+            return False
+
+        def order(m: _Model) -> tuple[float, float]:
+            if self.config.eviction_policy == "lru":
+                return (m.core.config.priority, m.core.lastUsedAt or 0.0)
+            return (m.core.config.priority, -m.core.loadSeq)
+
+        victim = min(idle, key=order)
+        log.info(
+            "no free backend port for {name}: stopping idle {victim}", name=core.name, victim=victim.core.name
+        )
+        self._outbox.send(victim.machine.stop, EVICTED, defer.Deferred())
+        return True
 
     def _record(self, core: ModelCore) -> None:
         core.dirty = False
