@@ -47,7 +47,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from dynllm import logs, runner
 from dynllm.config import Config
-from dynllm.exceptions import ModelBusy, NoCapacity, SchedulerError, ShuttingDown
+from dynllm.exceptions import ModelBusy, NoCapacity, SchedulerError, ShuttingDown, UnknownModel
 from dynllm.lease import Lease, RequestOptions
 from dynllm.lifecycle import FAILED, HOLDS_MEMORY, LOADED, LOADING, UNLOADED
 from dynllm.scheduler import ModelManager
@@ -96,6 +96,8 @@ MODELS: list[dict[str, Any]] = [
     {"name": "d", "vram_mb": 200, "priority": -1, "unload_time": -1},
 ]
 NAMES = [m["name"] for m in MODELS]
+#: With the model a reload may add.
+ALL_NAMES = [*NAMES, "e"]
 QUEUE_TIMEOUT = 20.0
 LOAD_TIMEOUT = 30.0
 SHUTDOWN_TIMEOUT = 10.0
@@ -118,6 +120,16 @@ options = st.builds(
 crashes = st.sampled_from(
     [ProcessDone(0), ProcessTerminated(exitCode=1), ProcessTerminated(exitCode=139), ProcessTerminated(signal=9)]
 )
+
+#: Configurations a reload may switch to (and back): a model's memory
+#: changed, a model removed, a model added, a smaller budget.
+RELOADS: list[tuple[list[dict[str, Any]], int]] = [
+    (MODELS, TOTAL_MB),
+    ([{**MODELS[0], "vram_mb": 300}, *MODELS[1:]], TOTAL_MB),
+    (MODELS[:3], TOTAL_MB),
+    ([*MODELS, {"name": "e", "vram_mb": 100}], TOTAL_MB),
+    (MODELS, 700),
+]
 
 PORT_TAKEN_LINE = b"E srv start: couldn't bind HTTP server socket, hostname: 127.0.0.1\n"
 
@@ -182,9 +194,14 @@ class SchedulerMachine(RuleBasedStateMachine):
     manager against it after every step.
     """
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, configFor: Callable[[list[dict[str, Any]], int], Config]) -> None:
+        """
+        @param configFor: Makes the configuration a reload reads, from its
+            models and budget.
+        """
         super().__init__()
         self.config = config
+        self.configFor = configFor
         self.reactor = FakeProcessReactor()
         self.backend = FakeBackend(self.reactor)
         self.store = MemoryStateStore()
@@ -208,6 +225,8 @@ class SchedulerMachine(RuleBasedStateMachine):
         #: Processes (by C{id}) that became ready while requests waited for
         #: them, and whether they served one.
         self.readyFor: dict[int, bool] = {}
+        #: Processes (by C{id}) a forced unload stopped.
+        self.forced: set[int] = set()
         globalLogPublisher.addObserver(self._observe)
         self.manager.startService()
 
@@ -276,7 +295,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         for name, options in first:
             self.acquire(name, options)
 
-    @rule(name=st.sampled_from(NAMES), options=options)
+    @rule(name=st.sampled_from(ALL_NAMES), options=options)
     def acquire(self, name: str, options: RequestOptions) -> None:
         """
         A request for model C{name}.
@@ -375,19 +394,49 @@ class SchedulerMachine(RuleBasedStateMachine):
         """
         self.reactor.advance(seconds)
 
-    @rule(name=st.sampled_from(NAMES))
+    @rule(name=st.sampled_from(ALL_NAMES))
     def unload(self, name: str) -> None:
         """
         An admin unloads model C{name}.
         """
-        row = self.manager.describe(name)
+        try:
+            row = self.manager.describe(name)
+        except UnknownModel:
+            row = {}
         d = self.manager.unload(name)
         unload = Unload(name, d)
         self.unloads.append(unload)
         d.addBoth(lambda result: unload.answers.append(result.value if isinstance(result, Failure) else result))
         if unload.answers and isinstance(unload.answers[0], ModelBusy):
-            if not (row["active_requests"] or row["status"] == LOADING):
+            if not (row.get("active_requests") or row.get("status") == LOADING):
                 self.violations.append(f"unload of {name} refused as busy: {row}")
+
+    @rule(name=st.sampled_from(ALL_NAMES))
+    def forceUnload(self, name: str) -> None:
+        """
+        An admin unloads model C{name} with C{force}: its leases are
+        revoked (the test's holders let go of them).
+        """
+        for t in self.live():
+            if t.args[1] == name:
+                self.forced.add(id(t))
+        d = self.manager.unload(name, force=True)
+        unload = Unload(name, d)
+        self.unloads.append(unload)
+        d.addBoth(lambda result: unload.answers.append(result.value if isinstance(result, Failure) else result))
+        revoked = [h for h in self.leases if h.lease.revokedBy is not None]
+        for held in revoked:
+            if held.lease.model.name != name:
+                self.violations.append(f"force-unloading {name} revoked a lease on {held.lease.model.name}")
+            self.leases.remove(held)
+
+    @rule(which=st.integers(0, len(RELOADS) - 1))
+    def reload(self, which: int) -> None:
+        """
+        The configuration is reloaded with one of L{RELOADS}.
+        """
+        models, total = RELOADS[which]
+        self.manager.reconfigure(self.configFor(models, total))
 
     @rule()
     def reapIdle(self) -> None:
@@ -490,11 +539,12 @@ class SchedulerMachine(RuleBasedStateMachine):
     def loadsServeTheirWaiters(self) -> None:
         """
         A backend that became ready while requests waited for it serves one
-        of them before it is stopped (but for a shutdown).
+        of them before it is stopped (but for a shutdown or a forced
+        unload).
         """
         if self.stopAt is None:
             for t in self.reactor.spawned:
-                if t.signals and self.readyFor.get(id(t)) is False:
+                if t.signals and self.readyFor.get(id(t)) is False and id(t) not in self.forced:
                     raise AssertionError(f"loaded for waiters, stopped before serving any: {describeProcess(t)}")
 
     def nothingLogged(self) -> None:
@@ -570,7 +620,7 @@ class SchedulerMachine(RuleBasedStateMachine):
                 assert isinstance(answer, (Lease, SchedulerError)), (r, answer)
         for u in self.unloads:
             assert len(u.answers) == 1, (u.name, u.answers)
-            assert u.answers[0] is None or isinstance(u.answers[0], ModelBusy), (u.name, u.answers)
+            assert u.answers[0] is None or isinstance(u.answers[0], (ModelBusy, UnknownModel)), (u.name, u.answers)
         for held in self.leases:
             held.lease.release()
         self.leases = []
@@ -616,22 +666,25 @@ class SchedulerPropertyTests(ManagerTestsMixin, SynchronousTestCase):
         self.addCleanup(setattr, logs.observer, "level", level)
 
     def runMachine(self, **settings: Any) -> None:
-        config = self.makeConfig(
-            MODELS,
-            total_vram_mb=TOTAL_MB,
-            queue_timeout_seconds=QUEUE_TIMEOUT,
-            load_timeout_seconds=LOAD_TIMEOUT,
-            shutdown_timeout_seconds=SHUTDOWN_TIMEOUT,
-            idle_timeout_seconds=IDLE_TIMEOUT,
-            **settings,
-        )
+        def configFor(models: list[dict[str, Any]], total: int) -> Config:
+            return self.makeConfig(
+                models,
+                total_vram_mb=total,
+                queue_timeout_seconds=QUEUE_TIMEOUT,
+                load_timeout_seconds=LOAD_TIMEOUT,
+                shutdown_timeout_seconds=SHUTDOWN_TIMEOUT,
+                idle_timeout_seconds=IDLE_TIMEOUT,
+                **settings,
+            )
+
+        config = configFor(MODELS, TOTAL_MB)
         # The collections that L{SchedulerMachine.nothingLogged} needs then
         # skip the objects made so far (hypothesis's among them): much faster.
         gc.collect()
         gc.freeze()
         self.addCleanup(gc.unfreeze)
         try:
-            run_state_machine_as_test(lambda: SchedulerMachine(config), settings=PROFILE)
+            run_state_machine_as_test(lambda: SchedulerMachine(config, configFor), settings=PROFILE)
         except BaseException:
             # The machine checks what is logged, run by run (see
             # SchedulerMachine.nothingLogged); trial's copies would only

@@ -183,6 +183,34 @@ class ReconfigureTests(ManagerTestsMixin, SynchronousTestCase):
         self.loadedLease("a")
         self.assertEqual((self.status("a"), self.status("b")), ("loaded", "loaded"))
 
+    def test_budgetShrinks(self) -> None:
+        """
+        A smaller budget stops idle models until what is held fits (here
+        one of two is enough; busy ones are left to finish).
+        """
+        self.loadIdle("a")
+        busy = self.loadedLease("b")
+        self.reconfigure(self.models, total_vram_mb=500)
+        self.assertEqual(self.process("a").signals, ["TERM"])
+        self.assertEqual(self.process("b").signals, [])
+        self.process("a").exit()
+        self.assertEqual(self.manager.memoryInUse(), 400)
+        busy.release()
+        self.assertEqual(self.process("b").signals, [])
+
+    def test_budgetShrinksBusy(self) -> None:
+        """
+        When every model is busy, a smaller budget is reached as they
+        become idle.
+        """
+        first, second = self.loadedLease("a"), self.loadedLease("b")
+        self.reconfigure(self.models, total_vram_mb=500)
+        self.assertEqual((self.process("a").signals, self.process("b").signals), ([], []))
+        first.release()
+        self.assertEqual(self.process("a").signals, ["TERM"])
+        second.release()
+        self.assertEqual(self.process("b").signals, [])
+
     def test_preload(self) -> None:
         """
         A model newly in C{preload_models} is loaded.

@@ -213,6 +213,9 @@ class Waiter:
     @ivar queueTimeout: Seconds it may wait for memory.
     @ivar keepAlive: Its C{X-DynLLM-Keep-Alive}, applied once it is served.
     @ivar timer: Marks it L{expired} when its queue timeout has passed.
+    @ivar internal: It is dynllm's own load (a preload, a restart after a
+        reload), not a client's request: it is not counted as a waiting
+        request.
     @ivar expired: Its queue timeout has passed (or was 0): it is served if
         its model is loading or can be loaded at once, else refused.
     """
@@ -224,6 +227,7 @@ class Waiter:
     arrival: int = 0
     keepAlive: float | None = None
     timer: IDelayedCall | None = None
+    internal: bool = False
     expired: bool = False
 
     @property

@@ -190,7 +190,7 @@ class ModelManager(Service):
             log.error("preloading {name} failed: {why}", name=name, why=f.getErrorMessage())
 
         log.info("preloading {name}", name=name)
-        self.load(name).addErrback(failed)
+        self._acquire(name, None, internal=True).addCallback(Lease.release).addErrback(failed)
 
     def _settle(self) -> None:
         """
@@ -202,7 +202,7 @@ class ModelManager(Service):
             if name not in self._pending and name not in self._removed:
                 continue
             core = model.core
-            if core.status == LOADED and core.active == 0:
+            if core.status == LOADED and core.active == 0 and not core.waiters:
                 cause = REMOVED if name in self._removed else RECONFIGURED
                 if cause == RECONFIGURED:
                     self._restart.add(name)
@@ -228,7 +228,7 @@ class ModelManager(Service):
             log.error("loading {name} again failed: {why}", name=name, why=f.getErrorMessage())
 
         log.info("loading {name} again with its new configuration", name=name)
-        self.load(name).addErrback(failed)
+        self._acquire(name, None, internal=True).addCallback(Lease.release).addErrback(failed)
 
     # Service.
 
@@ -358,6 +358,13 @@ class ModelManager(Service):
             loading, L{LoadTimedOut}, or L{NoCapacity} if memory could not
             be freed within the queue timeout.
         """
+        return self._acquire(name, options)
+
+    def _acquire(self, name: str, options: RequestOptions | None, internal: bool = False) -> defer.Deferred[Lease]:
+        """
+        L{acquire}, for a client's request or (C{internal}) for dynllm's own
+        load, which is not counted as a waiting request.
+        """
         model = self._models.get(name)
         if model is None or name in self._removed:
             return defer.fail(UnknownModel(name))
@@ -371,7 +378,9 @@ class ModelManager(Service):
         priority = core.config.priority if options.priority is None else options.priority
         d: defer.Deferred[Any] = defer.Deferred(lambda d: self._withdraw(core, waiter))
         self._arrivals += 1
-        waiter = Waiter(d, self.reactor.seconds(), priority, queueTimeout, self._arrivals, keepAlive=options.keepAlive)
+        waiter = Waiter(
+            d, self.reactor.seconds(), priority, queueTimeout, self._arrivals, keepAlive=options.keepAlive, internal=internal
+        )
         core.waiters.append(waiter)
         if queueTimeout > 0:
             waiter.timer = self.reactor.callLater(queueTimeout, self._queueTimedOut, core, waiter)
@@ -477,7 +486,7 @@ class ModelManager(Service):
             "loaded_at": core.loadedAt,
             "last_used_at": core.lastUsedAt,
             "active_requests": core.active,
-            "waiting_requests": len(core.waiters),
+            "waiting_requests": sum(1 for w in core.waiters if not w.internal),
             "last_error": core.lastError,
         }
 
@@ -586,11 +595,14 @@ class ModelManager(Service):
         if core.active == 0:
             if use and core.status == LOADED and core.keepAlive == 0:
                 self._outbox.send(self._models[core.name].machine.stop, IDLE, defer.Deferred())
-            elif core.name in self._pending or core.name in self._removed:
-                # A reload waited for it to be idle.
-                self._schedule()
-            elif any(m.core.waiters for m in self._models.values()):
-                # An idle model may be what a waiting load needs.
+            elif (
+                core.name in self._pending
+                or core.name in self._removed
+                or self.memoryInUse() > self.config.total_vram_mb
+                or any(m.core.waiters for m in self._models.values())
+            ):
+                # An idle model may be what a reload waited for, what a
+                # smaller budget needs stopped, or what a waiting load needs.
                 self._schedule()
             self._checkDrained()
 
@@ -693,6 +705,8 @@ class ModelManager(Service):
                 self._replan = False
                 if self._pending or self._removed:
                     self._settle()
+                if self.memoryInUse() > self.config.total_vram_mb:
+                    self._fitBudget()
                 self._serve()
                 self._apply(planner.plan(self._views(), self.config.total_vram_mb, self.config.eviction_policy))
         finally:
@@ -767,6 +781,46 @@ class ModelManager(Service):
         core.loadSeq = self._loadCounter
         self._outbox.send(model.machine.load, run)
 
+    def _idleOrder(self, m: _Model) -> tuple[float, float]:
+        """
+        The order in which idle models give way: lowest C{priority} first,
+        then by C{eviction_policy}.
+        """
+        if self.config.eviction_policy == "lru":
+            return (m.core.config.priority, m.core.lastUsedAt or 0.0)
+        return (m.core.config.priority, -m.core.loadSeq)
+
+    def _idleModels(self) -> list[_Model]:
+        """
+        @return: the loaded models with no request in flight that no waiting
+            load holds, in the order they give way.
+        """
+        idle = [
+            m for m in self._models.values()
+            if m.core.status == LOADED and m.core.active == 0 and not m.core.waiters and m.core.name not in self._held
+        ]
+        return sorted(idle, key=self._idleOrder)
+
+    def _fitBudget(self) -> None:
+        """
+        More memory is held than C{total_vram_mb} allows (a reload made it
+        smaller): stop idle models until what is held fits; busy ones are
+        stopped once idle, by the next turn of this.
+        """
+        excess = self.memoryInUse() - self.config.total_vram_mb
+        excess -= sum(m.core.config.vram_mb for m in self._models.values() if m.core.status == UNLOADING)
+        for victim in self._idleModels():
+            if excess <= 0:
+                break
+            log.info(
+                "stopping {name}: {used} MB held, over total_vram_mb ({total} MB)",
+                name=victim.core.name,
+                used=self.memoryInUse(),
+                total=self.config.total_vram_mb,
+            )
+            excess -= victim.core.config.vram_mb
+            self._outbox.send(victim.machine.stop, EVICTED, defer.Deferred())
+
     def _freePortFor(self, core: ModelCore) -> bool:
         """
         Every port of C{backend.port_range_*} is held: make one free for
@@ -780,19 +834,10 @@ class ModelManager(Service):
         """
         if any(m.core.status == UNLOADING for m in self._models.values()):
             return True
-        idle = [
-            m for m in self._models.values()
-            if m.core.status == LOADED and m.core.active == 0 and m.core.name not in self._held
-        ]
+        idle = self._idleModels()
         if not idle:
             return False
-
-        def order(m: _Model) -> tuple[float, float]:
-            if self.config.eviction_policy == "lru":
-                return (m.core.config.priority, m.core.lastUsedAt or 0.0)
-            return (m.core.config.priority, -m.core.loadSeq)
-
-        victim = min(idle, key=order)
+        victim = idle[0]
         log.info(
             "no free backend port for {name}: stopping idle {victim}", name=core.name, victim=victim.core.name
         )
