@@ -69,25 +69,37 @@ class SignalHandlers(Service):
         self.reopenLogs = reopenLogs
         self._previous: dict[int, Any] = {}
         self._stopping = False
+        self._installing: Any = None
 
     def startService(self) -> None:
         super().startService()
+        # After the reactor's own handlers, which it installs as it starts
+        # running (after twistd has started the services).
+        self._installing = self.reactor.callLater(0, self._install)
+
+    def _install(self) -> None:
+        self._installing = None
         handlers: dict[int, Callable[[int, FrameType | None], None]] = {signal.SIGHUP: self._hup}
         if self.reopenLogs is not None:
             handlers[signal.SIGUSR1] = self._usr1
-        handlers.update({number: self._stop for number in STOP})
+        handlers.update({number: self._stop for number in (signal.SIGTERM, signal.SIGINT, *STOP)})
         handlers.update({number: self._ignore for number in IGNORE})
         for number, handler in handlers.items():
             self._previous[number] = signal.signal(number, handler)
 
     def stopService(self) -> Any:
-        # SIGHUP during the stop is ignored rather than deadly.
-        for number in self._previous:
-            signal.signal(number, signal.SIG_IGN if number == signal.SIGHUP else self._previous[number])
-        self._previous.clear()
+        # The handlers stay: a signal while the daemon stops is logged, not
+        # deadly (and not a second stop).
+        self._stopping = True
+        if self._installing is not None and self._installing.active():
+            self._installing.cancel()
+            self._installing = None
         return super().stopService()
 
     def _hup(self, number: int, frame: FrameType | None) -> None:
+        if self._stopping:
+            log.info("SIGHUP ignored: stopping")
+            return
         self.reactor.callFromThread(self.reloadNow)
 
     def _usr1(self, number: int, frame: FrameType | None) -> None:
@@ -100,6 +112,11 @@ class SignalHandlers(Service):
             log.info("{signal}: already stopping", signal=name)
             return
         self._stopping = True
+        twisted = {signal.SIGTERM: "sigTerm", signal.SIGINT: "sigInt"}.get(signal.Signals(number))
+        if twisted is not None and hasattr(self.reactor, twisted):
+            # Twisted's own handler: it also makes twistd exit by the signal.
+            getattr(self.reactor, twisted)(number, frame)
+            return
         log.info("{signal}: stopping, as for SIGTERM", signal=name)
         self.reactor.callFromThread(self.reactor.stop)
 
