@@ -77,7 +77,11 @@ class StallTests(SynchronousTestCase):
                 "backend": {"llamacpp_binary": FAKE_BACKEND},
                 "backend_idle_timeout_seconds": IDLE_TIMEOUT,
                 "server": {"metrics_public": True},
-                "models": [fakeModel("m"), dict(fakeModel("patient"), backend_idle_timeout_seconds=-1)],
+                "models": [
+                    fakeModel("m"),
+                    dict(fakeModel("patient"), backend_idle_timeout_seconds=-1),
+                    fakeModel("slow", fake_load_delay=1.5),
+                ],
             }
         ).start()
         self.addCleanup(self.daemon.stop)
@@ -158,6 +162,19 @@ class StallTests(SynchronousTestCase):
         status, _, body = self.daemon.post("/admin/models/unload", {"model": "m"}, timeout=30)
         self.assertEqual(status, 200, body)
         self.assertTrue(waitFor(lambda: not pidAlive(pid), timeout=10))
+
+    def test_afterLoadingComments(self) -> None:
+        """
+        A stream that waited for its model's load (its 200 and loading
+        comments sent already) whose backend then stalls before its status
+        line ends with one error event, C{upstream_timeout}, in the API's
+        shape, and the request is no longer active.
+        """
+        raw = rawPost(self.daemon, chatBody("headers", stream=True, model="slow"))
+        self.assertTrue(raw.startswith(b"HTTP/1.1 200"), raw)
+        self.assertIn(b": dynllm: loading slow", raw)
+        self.assertIn(b'"code": "upstream_timeout"', raw)
+        self.assertTrue(waitFor(lambda: self.idle("slow")))
 
     def test_offForModel(self) -> None:
         """
