@@ -3,12 +3,13 @@ Property-based tests of L{dynllm.scheduler.ModelManager}: random sequences
 of requests (with random queue timeouts, priorities and keep-alives),
 cancellations, releases, loads that succeed, fail, hang or find their port
 taken, crashes, backends that exit after TERM or ignore it until KILL,
-admin unloads, idle reaps, clock jumps and shutdowns, on the fake process
-reactor and clock of L{tests.test_scheduler}.
+admin unloads (forced ones too), configuration reloads (a model changed,
+removed or added, a smaller budget), idle reaps, clock jumps and
+shutdowns, on the fake process reactor and clock of L{tests.test_scheduler}.
 
 After every step the invariants of L{SchedulerMachine} hold: the budget is
 never exceeded, every running process is its model's run, a busy model is
-never stopped, no process is signalled after its exit nor twice with one
+never stopped (but by a forced unload, which revokes its leases), no process is signalled after its exit nor twice with one
 signal, the store agrees with C{describe()}, the waiting and active counts
 agree with the requests and leases, a backend loaded for waiting requests
 serves them. At the end (L{SchedulerMachine.finish}) no request has been
