@@ -243,10 +243,10 @@ def killer(bench: BenchDaemon, every: float, until: float, rng: random.Random, k
             pass
 
 
-def sampler(pid: int, until: float, peak: list[int]) -> None:
+def sampler(pid: int, until: float, peak: list[int], trend: list[int]) -> None:
     """
-    Keep the highest resident memory and fd count of C{pid} seen, every
-    second, in C{peak}.
+    Every second, keep the highest resident memory and fd count of C{pid}
+    seen in C{peak}, and its resident memory in C{trend}.
     """
     while time.monotonic() < until:
         try:
@@ -254,6 +254,7 @@ def sampler(pid: int, until: float, peak: list[int]) -> None:
         except OSError:
             return
         peak[0], peak[1] = max(peak[0], rss), max(peak[1], fds)
+        trend.append(rss)
         time.sleep(1)
 
 
@@ -302,13 +303,14 @@ def main() -> int:
         ports = range(backend["port_range_start"], backend["port_range_end"] + 1)
         atStart = processFigures(pid)
         peak = list(atStart)
+        trend: list[int] = []
         until = time.monotonic() + args.seconds
         threads = [
             threading.Thread(target=client, args=(bench.port, names, outcomes, until, args, args.seed * 1000 + i),
                              daemon=True)
             for i in range(args.clients)
         ]
-        threads.append(threading.Thread(target=sampler, args=(pid, until, peak), daemon=True))
+        threads.append(threading.Thread(target=sampler, args=(pid, until, peak, trend), daemon=True))
         if args.kill_every > 0:
             threads.append(threading.Thread(target=killer, args=(bench, args.kill_every, until, rng, killed),
                                             daemon=True))
@@ -372,6 +374,10 @@ def main() -> int:
     print(f"daemon resident memory: start {atStart[0] / mib:.1f} MiB, peak {peak[0] / mib:.1f} MiB,"
           f" end {atEnd[0] / mib:.1f} MiB ({len(backendsBefore)} backends),"
           f" {atEndUnloaded[0] / mib:.1f} MiB once every model was unloaded")
+    if trend:
+        quarters = [trend[min(len(trend) - 1, len(trend) * q // 4)] for q in range(1, 5)]
+        print("daemon resident memory after each quarter of the load: "
+              + ", ".join(f"{rss / mib:.1f}" for rss in quarters) + " MiB")
     print(f"daemon open fds:        start {atStart[1]}, peak {peak[1]}, end {atEnd[1]}"
           f" ({len(backendsBefore)} backends), {atEndUnloaded[1]} once every model was unloaded")
     print(f"process_resident_memory_bytes / process_open_fds at the end (/metrics):"
