@@ -1,179 +1,394 @@
 #!/usr/bin/env python3
 """
-Concurrent soak: 20 clients (half of them streamed) send chat completions to
-one real llama-server model without pause, through dynllm and directly to
-the same llama-server process (its port from GET /admin/models), in
-alternating windows so that drift of the machine affects both paths alike.
+Fault soak: N clients send chat completions to M real llama-server models
+(the tiny random-weight GGUF, under M names) with room in the memory budget
+for fewer than M, so that models are evicted and loaded again all along.
+Some clients leave in the middle of a response (a close, or a reset), and
+now and then one loaded backend is killed with SIGKILL to its process group
+(its pid from GET /admin/models). Bounded in time, not part of CI.
 
-Every request opens a connection of its own (as curl does), so that only
-dynllm's pool of backend connections is reused: llama-server closes a
-connection after a streamed response without saying so, and a pool that
-reuses it loses requests (502 "the backend sent no response"). Through
-dynllm there must be 0 failures; the script exits 1 otherwise.
+At the end it prints the requests by outcome (the status, a cut stream, or
+"client left"), what dynllm counted itself (/metrics), the daemon's resident
+memory and open file descriptors at the start and the end, requests still
+in flight once the clients stopped, and the backend processes still alive
+after the daemon's orderly stop (SIGTERM). It exits 1 if a process leaked,
+a request stayed in flight, or the daemon did not exit cleanly.
 
-    PYTHONPATH=. .venv/bin/python benchmarks/soak.py [--seconds 60] [--clients 20]
+    PYTHONPATH=. .venv/bin/python benchmarks/soak.py [--clients 20] [--models 3] [--room 2] [--seconds 180]
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
+import random
+import signal
+import socket
+import struct
 import sys
 import threading
 import time
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks._common import (  # noqa: E402
     BenchDaemon,
+    buildRequest,
     header,
     httpRequest,
     llamaConfig,
     llamaServer,
     median,
-    summary,
+    p90,
+    pidAlive,
     terminateOnSignals,
     tinyModels,
 )
+from tests.support import commandLine, flag  # noqa: E402
+
+#: Memory each model declares; the budget is this times --room.
+VRAM_MB = 100
+
+#: The outcome of a request whose client left on purpose.
+CLIENT_LEFT = "client left"
 
 
-class Path:
+class Outcomes:
     """
-    The requests of one path (dynllm or direct) and what became of them.
+    Requests by outcome, from the clients' side, counted across threads.
     """
 
-    def __init__(self, name: str, port: int, headers: dict[str, str] | None = None) -> None:
-        self.name = name
-        self.port = port
-        self.headers = headers or {}
+    def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.seconds = 0.0  # time spent in this path's windows
-        self.plain: list[float] = []  # non-streamed: request to last byte
-        self.streamed: list[float] = []  # streamed: request to last byte
-        self.firstByte: list[float] = []  # streamed: request to first byte
-        self.failures: list[str] = []
+        self.counts: collections.Counter[str] = collections.Counter()
+        self.examples: dict[str, str] = {}
+        self.seconds: dict[str, list[float]] = collections.defaultdict(list)
 
-    @property
-    def requests(self) -> int:
-        return len(self.plain) + len(self.streamed) + len(self.failures)
+    def add(self, outcome: str, example: str = "", seconds: float | None = None) -> None:
+        with self.lock:
+            self.counts[outcome] += 1
+            if seconds is not None:
+                self.seconds[outcome].append(seconds)
+            if example and outcome not in self.examples:
+                self.examples[outcome] = example[:200]
 
 
-def chatBody(stream: bool, maxTokens: int) -> bytes:
+def chatBody(model: str, stream: bool, maxTokens: int) -> bytes:
     return json.dumps(
         {
-            "model": "tiny",
-            "messages": [{"role": "user", "content": "hello there"}],
+            "model": model,
+            "messages": [{"role": "user", "content": "tell me a long story"}],
             "max_tokens": maxTokens,
             "stream": stream,
         }
     ).encode()
 
 
-def client(path: Path, stream: bool, maxTokens: int, until: float) -> None:
+def leave(port: int, body: bytes, rng: random.Random) -> None:
     """
-    Send requests one after the other on new connections until C{until}
-    (a monotonic time), recording each in C{path}.
+    Send a request, read a random part of its answer (possibly nothing),
+    and go: half the time with a plain close, half with a reset (SO_LINGER
+    0), as a killed client would.
     """
-    body = chatBody(stream, maxTokens)
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+        sock.sendall(buildRequest("POST", "/v1/chat/completions", port, body, keepAlive=False))
+        wanted = rng.choice([0, 1, rng.randint(1, 4000)])
+        received = 0
+        while received < wanted:
+            data = sock.recv(min(65536, wanted - received))
+            if not data:
+                break
+            received += len(data)
+        if rng.random() < 0.5:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+def client(
+    port: int, models: list[str], outcomes: Outcomes, until: float, args: argparse.Namespace, seed: int
+) -> None:
+    """
+    Send requests on new connections until C{until} (a monotonic time): a
+    random model, streamed or not, leaving early with probability
+    C{args.leave}, with a random pause of up to C{args.pause} seconds
+    between requests.
+    """
+    rng = random.Random(seed)
     while time.monotonic() < until:
-        t0 = time.perf_counter()
+        model = rng.choice(models)
+        stream = rng.random() < 0.5
+        body = chatBody(model, stream, args.max_tokens)
+        t0 = time.monotonic()
         try:
-            resp = httpRequest(path.port, "POST", "/v1/chat/completions", body, timeout=60, headers=path.headers)
-        except Exception as e:
-            with path.lock:
-                path.failures.append(f"{type(e).__name__}: {e}")
-            continue
-        ok = resp.status == 200 and (
-            resp.body.rstrip().endswith(b"data: [DONE]") if stream else b'"choices"' in resp.body
-        )
-        with path.lock:
-            if not ok:
-                path.failures.append(f"{resp.status} {resp.body[:200]!r}")
-            elif stream:
-                path.streamed.append(resp.done - t0)
-                path.firstByte.append(resp.firstByte - t0)
+            if rng.random() < args.leave:
+                leave(port, body, rng)
+                outcomes.add(CLIENT_LEFT)
             else:
-                path.plain.append(resp.done - t0)
+                resp = httpRequest(port, "POST", "/v1/chat/completions", body, timeout=120)
+                if resp.status != 200:
+                    outcomes.add(str(resp.status), resp.body.decode("utf-8", "replace"), time.monotonic() - t0)
+                elif stream and not resp.body.rstrip().endswith(b"data: [DONE]"):
+                    # A stream that began while its model loaded carries a
+                    # failure as an error event.
+                    last = resp.body.rstrip().rsplit(b"\n", 1)[-1]
+                    kind = "an error event" if b'"error"' in last else "no [DONE]"
+                    outcomes.add(f"200, stream ends with {kind}", last.decode("utf-8", "replace"))
+                elif not stream and b'"choices"' not in resp.body:
+                    outcomes.add("200 without choices", resp.body.decode("utf-8", "replace"))
+                else:
+                    outcomes.add("200", seconds=time.monotonic() - t0)
+        except ConnectionError as e:
+            # dynllm closed the connection before the answer's end: the
+            # one signal left once a relayed body's backend is gone.
+            outcomes.add("cut (closed before the end)", str(e))
+        except (OSError, ValueError) as e:
+            # socket.timeout: no answer within 120 s.
+            outcomes.add(f"{type(e).__name__}", str(e))
+        time.sleep(rng.random() * args.pause)
 
 
-def window(path: Path, clients: int, seconds: float, maxTokens: int) -> None:
+def processFigures(pid: int) -> tuple[int, int]:
     """
-    Run C{clients} concurrent clients against C{path} for C{seconds}; the
-    first half stream.
+    @return: the resident memory (bytes) and open file descriptors of
+        process C{pid}, read from C{/proc}.
     """
-    started = time.monotonic()
-    until = started + seconds
-    threads = [
-        threading.Thread(target=client, args=(path, i < clients // 2, maxTokens, until), daemon=True)
-        for i in range(clients)
-    ]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    path.seconds += time.monotonic() - started
+    with open(f"/proc/{pid}/status") as f:
+        rss = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+    return rss, len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def backendsOf(binary: str, ports: range) -> set[int]:
+    """
+    @return: the pids of running llama-server processes (C{binary}) whose
+        C{--port} is in C{ports}: the backends of one daemon, even once
+        they have lost their parent.
+    """
+    found = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        pid = int(entry)
+        try:
+            argv = commandLine(pid)
+        except OSError:
+            continue
+        if argv and os.path.realpath(argv[0]) == binary and pidAlive(pid):
+            port = flag(argv, "--port")
+            if port is not None and port.isdigit() and int(port) in ports:
+                found.add(pid)
+    return found
+
+
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """
+    @return: the daemon's C{/metrics}, keyed by name and sorted labels.
+    """
+    from prometheus_client.parser import text_string_to_metric_families
+
+    resp = httpRequest(port, "GET", "/metrics", timeout=30)
+    found = {}
+    for family in text_string_to_metric_families(resp.body.decode()):
+        for sample in family.samples:
+            found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return found
+
+
+def total(metrics: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **match: str) -> dict[str, float]:
+    """
+    @return: the sum of metric C{name}'s samples whose labels include
+        C{match}, by the value of the one label in C{match} given as C{"*"}.
+    """
+    sums: dict[str, float] = collections.defaultdict(float)
+    for (sampleName, labels), value in metrics.items():
+        if sampleName != name:
+            continue
+        labelMap = dict(labels)
+        key = ""
+        for label, wanted in match.items():
+            if wanted == "*":
+                key = labelMap.get(label, "")
+            elif labelMap.get(label) != wanted:
+                break
+        else:
+            sums[key] += value
+    return dict(sums)
+
+
+def killer(bench: BenchDaemon, every: float, until: float, rng: random.Random, killed: list[str]) -> None:
+    """
+    Every C{every} seconds until C{until}, kill one loaded backend's process
+    group with SIGKILL (its pid from C{/admin/models}), as the OOM killer
+    or a crash would.
+    """
+    next_ = time.monotonic() + every * (0.5 + rng.random())
+    while time.monotonic() < until:
+        time.sleep(0.2)
+        if time.monotonic() < next_:
+            continue
+        next_ = time.monotonic() + every * (0.5 + rng.random())
+        try:
+            loaded = [m for m in bench.models().values() if m["status"] == "loaded" and m.get("pid")]
+        except Exception as e:
+            print(f"(killer: /admin/models failed: {e})", file=sys.stderr)
+            continue
+        if not loaded:
+            continue
+        victim = rng.choice(loaded)
+        try:
+            os.killpg(os.getpgid(victim["pid"]), signal.SIGKILL)
+            killed.append(victim["name"])
+        except OSError:
+            pass
+
+
+def sampler(pid: int, until: float, peak: list[int], trend: list[int]) -> None:
+    """
+    Every second, keep the highest resident memory and fd count of C{pid}
+    seen in C{peak}, and its resident memory in C{trend}.
+    """
+    while time.monotonic() < until:
+        try:
+            rss, fds = processFigures(pid)
+        except OSError:
+            return
+        peak[0], peak[1] = max(peak[0], rss), max(peak[1], fds)
+        trend.append(rss)
+        time.sleep(1)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seconds", type=float, default=60, help="total timed seconds, both paths (default 60)")
     parser.add_argument("--clients", type=int, default=20, help="concurrent clients (default 20)")
-    parser.add_argument("--window", type=float, default=5, help="seconds per window of one path (default 5)")
-    parser.add_argument("--max-tokens", type=int, default=8, help="tokens per completion (default 8)")
+    parser.add_argument("--models", type=int, default=3, help="models, each a llama-server (default 3)")
+    parser.add_argument("--room", type=int, default=2, help="models the budget holds at once (default 2)")
+    parser.add_argument("--seconds", type=float, default=180, help="duration of the load (default 180)")
+    parser.add_argument("--kill-every", type=float, default=20,
+                        help="mean seconds between backend kills (default 20; 0: none)")
+    parser.add_argument("--leave", type=float, default=0.1,
+                        help="share of requests whose client leaves early (default 0.1)")
+    parser.add_argument("--pause", type=float, default=0.5, help="longest pause between a client's requests (s)")
+    parser.add_argument("--max-tokens", type=int, default=32, help="tokens per completion (default 32)")
+    parser.add_argument("--seed", type=int, default=1, help="random seed (default 1)")
     parser.add_argument("--keep", action="store_true", help="keep the daemon's directory (its log)")
     args = parser.parse_args()
     terminateOnSignals()
+    if not 0 < args.room:
+        parser.error("--room must be at least 1")
 
-    entry = {
-        "name": "tiny",
-        "path": tinyModels()["tiny-llama.gguf"],
-        "backend": "llamacpp",
-        "vram_mb": 100,
-        "context_size": 2048,
-        "extra_args": ["-np", "4"],
-    }
+    binary = os.path.realpath(llamaServer())
+    names = [f"tiny-{i}" for i in range(args.models)]
+    entries = [
+        {
+            "name": name,
+            "path": tinyModels()["tiny-llama.gguf"],
+            "backend": "llamacpp",
+            "vram_mb": VRAM_MB,
+            "context_size": 1024,
+            "extra_args": ["-np", "2"],
+        }
+        for name in names
+    ]
+    config = llamaConfig(entries, binary=binary, total_vram_mb=VRAM_MB * args.room, queue_timeout_seconds=30)
+    rng = random.Random(args.seed)
+    outcomes = Outcomes()
+    killed: list[str] = []
     started = time.monotonic()
-    with BenchDaemon(llamaConfig([entry], binary=llamaServer(), log_level="debug"), keep=args.keep) as bench:
-        status, _, text = bench.daemon.post("/admin/models/load", {"model": "tiny"})
-        if status != 200:
-            raise RuntimeError(f"load failed: {status} {text!r}")
-        proxy = Path("dynllm", bench.port)
-        direct = Path("direct", bench.models()["tiny"]["port"], bench.backendHeaders("tiny"))
-        # Warm up both paths.
-        window(Path("warm-up", bench.port), args.clients, 1, args.max_tokens)
-        window(Path("warm-up", direct.port, direct.headers), args.clients, 1, args.max_tokens)
-        windows = max(1, round(args.seconds / args.window / 2))
-        for i in range(windows):
-            order = [proxy, direct] if i % 2 == 0 else [direct, proxy]
-            for path in order:
-                window(path, args.clients, args.window, args.max_tokens)
-        resent = bench.daemon.log().count("on a new connection: the reused one failed")
+    exitCode = None
+    leaked: set[int] = set()
+    with BenchDaemon(config, keep=args.keep) as bench:
+        pid = bench.daemon.process.pid  # twistd -n: the daemon itself
+        backend = bench.daemon.config["backend"]
+        ports = range(backend["port_range_start"], backend["port_range_end"] + 1)
+        atStart = processFigures(pid)
+        peak = list(atStart)
+        trend: list[int] = []
+        until = time.monotonic() + args.seconds
+        threads = [
+            threading.Thread(target=client, args=(bench.port, names, outcomes, until, args, args.seed * 1000 + i),
+                             daemon=True)
+            for i in range(args.clients)
+        ]
+        threads.append(threading.Thread(target=sampler, args=(pid, until, peak, trend), daemon=True))
+        if args.kill_every > 0:
+            threads.append(threading.Thread(target=killer, args=(bench, args.kill_every, until, rng, killed),
+                                            daemon=True))
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        loadSeconds = time.monotonic() - started
+        # Let the requests of clients that left drain.
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            models = bench.models()
+            inFlight = sum(m["active_requests"] + m["waiting_requests"] for m in models.values())
+            if not inFlight:
+                break
+            time.sleep(0.5)
+        atEnd = processFigures(pid)
+        metrics = scrape(bench.port)
+        backendsBefore = backendsOf(binary, ports)
+        # The same figures with no backend (no pipes, no pooled
+        # connections), comparable with those at the start.
+        for name in names:
+            bench.daemon.post("/admin/models/unload", {"model": name})
+        time.sleep(1)
+        atEndUnloaded = processFigures(pid)
+        exitCode = bench.daemon.stop()
+        time.sleep(1)
+        leaked = backendsOf(binary, ports)
+        for backendPid in leaked:
+            try:
+                os.killpg(os.getpgid(backendPid), signal.SIGKILL)
+            except OSError:
+                pass
 
     header(
-        f"Soak: {args.clients} concurrent clients ({args.clients // 2} streamed), chat completions of"
-        f" {args.max_tokens} tokens, {windows} windows of {args.window:g} s per path"
+        f"Fault soak: {args.clients} clients, {args.models} llama-server models with room for {args.room},"
+        f" {args.seconds:g} s, {args.leave:.0%} of clients leave early, a backend killed every"
+        f" ~{args.kill_every:g} s"
     )
-    for path in (proxy, direct):
-        print(f"{path.name:7}  requests {path.requests:6d}   failures {len(path.failures):4d}"
-              f"   {path.requests / path.seconds:7.1f} requests/s")
+    requests = sum(outcomes.counts.values())
+    print(f"requests (client side): {requests} ({requests / loadSeconds:.1f}/s)")
+    for outcome, count in sorted(outcomes.counts.items(), key=lambda item: -item[1]):
+        seconds = outcomes.seconds.get(outcome)
+        timing = f"   request to end: median {median(seconds):6.2f} s, p90 {p90(seconds):6.2f} s" if seconds else ""
+        print(f"  {outcome:28} {count:6d}  {count / requests:6.1%}{timing}")
+    for outcome, example in sorted(outcomes.examples.items()):
+        print(f"  e.g. {outcome}: {example}")
+    print(f"backends killed (SIGKILL to the process group): {len(killed)} {dict(collections.Counter(killed))}")
     print()
-    for path in (proxy, direct):
-        print(f"{path.name:7}  non-streamed, request -> last byte   {summary(path.plain)}")
-        print(f"{path.name:7}  streamed, request -> first byte      {summary(path.firstByte)}")
-        print(f"{path.name:7}  streamed, request -> last byte       {summary(path.streamed)}")
+    print("dynllm's own counts (/metrics):")
+    codes = total(metrics, "dynllm_requests_total", code="*")
+    print("  requests by code:  " + ", ".join(f"{code} {int(n)}" for code, n in sorted(codes.items())))
+    unloads = {c: n for c, n in total(metrics, "dynllm_model_unloads_total", cause="*").items() if n}
+    print("  unloads by cause:  " + ", ".join(f"{c} {int(n)}" for c, n in sorted(unloads.items())))
+    for name, label in (("dynllm_model_loads_total", "loads"), ("dynllm_model_load_failures_total", "load failures"),
+                        ("dynllm_model_crashes_total", "crashes"),
+                        ("dynllm_upstream_timeouts_total", "upstream timeouts")):
+        print(f"  {label + ':':18} {int(sum(total(metrics, name).values()))}")
     print()
-    print(f"throughput ratio (dynllm / direct requests/s):          "
-          f"{(proxy.requests / proxy.seconds) / (direct.requests / direct.seconds):.2f}")
-    print(f"latency ratio, non-streamed (median dynllm / direct):  {median(proxy.plain) / median(direct.plain):.2f}x")
-    print(f"latency ratio, streamed (median dynllm / direct):      {median(proxy.streamed) / median(direct.streamed):.2f}x")
-    print(f"requests dynllm resent on a new connection:            {resent}")
-    for path in (proxy, direct):
-        for failure in sorted(set(path.failures))[:5]:
-            print(f"{path.name} failure: {failure}")
-    print(f"failures through dynllm: {len(proxy.failures)} (must be 0): {'MET' if not proxy.failures else 'MISSED'}")
+    mib = 1024 * 1024
+    print(f"daemon resident memory: start {atStart[0] / mib:.1f} MiB, peak {peak[0] / mib:.1f} MiB,"
+          f" end {atEnd[0] / mib:.1f} MiB ({len(backendsBefore)} backends),"
+          f" {atEndUnloaded[0] / mib:.1f} MiB once every model was unloaded")
+    if trend:
+        quarters = [trend[min(len(trend) - 1, len(trend) * q // 4)] for q in range(1, 5)]
+        print("daemon resident memory after each quarter of the load: "
+              + ", ".join(f"{rss / mib:.1f}" for rss in quarters) + " MiB")
+    print(f"daemon open fds:        start {atStart[1]}, peak {peak[1]}, end {atEnd[1]}"
+          f" ({len(backendsBefore)} backends), {atEndUnloaded[1]} once every model was unloaded")
+    print(f"process_resident_memory_bytes / process_open_fds at the end (/metrics):"
+          f" {metrics[('process_resident_memory_bytes', ())] / mib:.1f} MiB / {int(metrics[('process_open_fds', ())])}")
+    print(f"requests in flight or waiting 30 s after the clients stopped: {inFlight} (must be 0)")
+    print(f"daemon exit status after SIGTERM: {exitCode} (0, or -15: twistd ends by its stopping signal)")
+    print(f"backends alive after the daemon's orderly stop: {len(leaked)} {sorted(leaked)} (must be 0)")
+    failed = bool(leaked) or bool(inFlight) or exitCode not in (0, -signal.SIGTERM)
+    print(f"{'MISSED' if failed else 'MET'}")
     print(f"\n(total wall time {time.monotonic() - started:.1f}s)")
-    return 1 if proxy.failures else 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

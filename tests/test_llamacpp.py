@@ -135,7 +135,7 @@ class LlamaServerTests(SynchronousTestCase):
         text = body.decode()
         self.assertIn('dynllm_model_loads_total{model="tiny-chat"} 1.0', text)
         self.assertIn('dynllm_model_state{model="tiny-chat",state="loaded"} 1.0', text)
-        self.assertIn('dynllm_requests_total{model="tiny-chat",route="/v1/chat/completions",status="200"} 1.0', text)
+        self.assertIn('dynllm_requests_total{code="200",model="tiny-chat",route="/v1/chat/completions"} 1.0', text)
 
     def test_completions(self):
         """

@@ -363,11 +363,11 @@ class RoutesTests(RoutesTestCase):
         self.assertEqual(status, 200)
         self.assertTrue(headers.getRawHeaders("content-type")[0].startswith("text/plain; version=0.0.4"))
         text = body.decode()
-        self.assertIn('dynllm_requests_total{model="chat",route="/v1/chat/completions",status="200"} 1.0', text)
-        self.assertIn('dynllm_requests_total{model="chat",route="/v1/chat/completions",status="400"} 1.0', text)
+        self.assertIn('dynllm_requests_total{code="200",model="chat",route="/v1/chat/completions"} 1.0', text)
+        self.assertIn('dynllm_requests_total{code="400",model="chat",route="/v1/chat/completions"} 1.0', text)
         self.assertIn('dynllm_request_duration_seconds_count{model="chat",route="/v1/chat/completions"} 2.0', text)
         self.assertNotIn('model="nope"', text)
-        self.assertIn("dynllm_vram_total_mb", text)
+        self.assertIn("dynllm_vram_total_bytes", text)
 
     def test_adminLogs(self):
         """
@@ -572,8 +572,8 @@ class EveryEndpointTests(RoutesTestCase):
                 self.assertEqual(json.loads(sent[3]), infer)
         self.assertEnvelope(self.call("POST", "/v2/models/ov-chat/infer", infer), 400, "model_type_mismatch")
         metrics = self.routes.metrics.render().decode()
-        self.assertIn('route="/v2/models/{name}/infer",status="200"} 2.0', metrics)
-        self.assertIn('route="/v2/models/{name}",status="200"} 2.0', metrics)
+        self.assertIn('code="200",model="ov-resnet",route="/v2/models/{name}/infer"} 2.0', metrics)
+        self.assertIn('code="200",model="ov-ocr",route="/v2/models/{name}"} 2.0', metrics)
         self.assertEnvelope(self.call("GET", "/v2/models/nope"), 404, "model_not_found")
 
     def test_readyDoesNotLoad(self):
