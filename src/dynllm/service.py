@@ -22,7 +22,7 @@ from twisted.web.client import Agent
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
-from dynllm import logs, torchinfo
+from dynllm import guard, logs, torchinfo
 from dynllm.config import Config
 from dynllm.interfaces import IModelManager, IStateStore
 from dynllm.pool import BackendPool
@@ -138,7 +138,10 @@ def makeService(config: Config, reactor: Any = None, listen: bool = True, persis
         endpointType = TCP6ServerEndpoint if ":" in host else TCP4ServerEndpoint
         endpoint = endpointType(reactor, config.server.port, interface=host)
         site = makeSite(
-            routes.resource(), int(config.max_request_body_mb * 1024 * 1024), config.server.cors_origins
+            routes.resource(),
+            int(config.max_request_body_mb * 1024 * 1024),
+            config.server.cors_origins,
+            guard.announce(config),
         )
         http_service = StreamServerEndpointService(endpoint, site)
         http_service._raiseSynchronously = True
