@@ -17,14 +17,15 @@ from typing import Any
 from treq.testing import RequestTraversalAgent, StubTreq
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
+from twisted.internet.testing import EventLoggingObserver, StringTransport
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web import resource
 from twisted.web.http_headers import Headers
 
 from dynllm.config import parseConfig
 from dynllm.cors import CORSPolicy
-from dynllm.guard import Guard, configFileWarning, mediaType, normalPath, parseHost, sameOrigin
+from dynllm.guard import Guard, announce, configFileWarning, mediaType, normalPath, parseHost, sameOrigin, unusableHosts
 from dynllm.routes import DynLLMRoutes
 from dynllm.site import DynLLMSite
 from dynllm.testing import StubManager
@@ -191,6 +192,16 @@ class HostTests(GuardTestCase):
             self.assertIsNone(self.check(g, host=host), host)
         for host in ("proxy.example", "proxy.example:8000", "other.lan", "xinternal"):
             self.assertRefused(self.check(g, host=host), 421, "host_not_allowed")
+
+    def test_unusable(self) -> None:
+        """
+        An entry of C{server.allowed_hosts} that is not a host is found (to
+        be warned of at start), and matches nothing.
+        """
+        server = serverConfig(allowed_hosts=["http://gpu.lan", "gpu.lan/", "*", "gpu.lan"])
+        self.assertEqual(unusableHosts(server), ["http://gpu.lan", "gpu.lan/"])
+        g = Guard.fromConfig(serverConfig(allowed_hosts=["http://gpu.lan"]))
+        self.assertRefused(self.check(g, host="gpu.lan"), 421, "host_not_allowed")
 
     def test_anyHost(self) -> None:
         """
@@ -462,6 +473,33 @@ class ConfigFileTests(SynchronousTestCase):
         A configuration not read from a file gets no warning.
         """
         self.assertIsNone(configFileWarning(parseConfig({"server": {"api_keys": ["k"]}}, "/")))
+
+
+class AnnounceTests(SynchronousTestCase):
+    """
+    L{announce}: what a daemon logs about its guard as it starts.
+    """
+
+    def test_logged(self) -> None:
+        """
+        The policy is logged at info, a key file others can read and an
+        unusable C{server.allowed_hosts} entry as warnings; the guard of the
+        configuration is returned.
+        """
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("{}\n")
+        os.chmod(path, 0o644)
+        config = parseConfig({"server": {"admin_api_keys": ["k"], "allowed_hosts": ["http://gpu.lan"]}}, "/",
+                             source=path)
+        g = announce(config)
+        self.assertEqual(g, Guard.fromConfig(config.server))
+        logged = [(e["log_level"], formatEvent(e)) for e in events if e.get("log_namespace") == "dynllm.guard"]
+        self.assertEqual([level for level, _ in logged], [LogLevel.info, LogLevel.warn, LogLevel.warn])
+        self.assertEqual(logged[0][1], g.describe())
+        self.assertIn("'http://gpu.lan' is not a host name", logged[1][1])
+        self.assertIn("run chmod 600", logged[2][1])
 
 
 class Echo(resource.Resource):

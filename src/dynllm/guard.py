@@ -343,6 +343,15 @@ def sameOrigin(origin: bytes, host: bytes) -> bool:
     return name == parsed[0] and originPort is not None and originPort == hostPort
 
 
+def unusableHosts(server: ServerConfig) -> list[str]:
+    """
+    @return: the entries of C{server.allowed_hosts} that are neither C{*}
+        nor C{host[:port]} (L{parseHost}), such as C{http://name}: they
+        match no request.
+    """
+    return [entry for entry in server.allowed_hosts if entry != "*" and parseHost(entry) is None]
+
+
 def holdsKeys(server: ServerConfig) -> bool:
     """
     @return: whether C{server} holds any key.
@@ -380,7 +389,13 @@ def announce(config: Config) -> Guard:
     """
     guard = Guard.fromConfig(config.server)
     log.info("{policy}", policy=guard.describe())
+    for entry in unusableHosts(config.server):
+        log.warn(
+            "server.allowed_hosts: {entry!r} is not a host name and matches nothing;"
+            " write name, name:port or .domain (no scheme, no path)",
+            entry=entry,
+        )
     warning = configFileWarning(config)
     if warning is not None:
-        log.warn("{warning}", warning=warning)
+        log.warn("{problem}", problem=warning)
     return guard
