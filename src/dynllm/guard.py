@@ -82,6 +82,9 @@ _DEFAULT_PORTS = {"http": 80, "https": 443}
 #: C{host[:port]}, the host a name or an IPv6 address in brackets.
 _HOST = re.compile(r"(\[[0-9a-fA-F:.]+\]|[^\s:\[\]/@]+)(?::([0-9]{1,5}))?\Z")
 
+#: Runs of C{/} in a path.
+_SLASHES = re.compile(rb"/+")
+
 #: An origin as browsers send it (RFC 6454 section 6.1).
 _ORIGIN = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*)://(\[[0-9a-fA-F:.]+\]|[^\s/?#@:\[\]]+)(?::([0-9]{1,5}))?\Z")
 
@@ -129,7 +132,8 @@ def normalPath(path: bytes) -> bytes:
     @return: C{path} with runs of C{/} made one and without a final C{/}, as
         the routes match it.
     """
-    path = re.sub(rb"/+", b"/", path)
+    if b"//" in path:
+        path = _SLASHES.sub(b"/", path)
     return path[:-1] if len(path) > 1 and path.endswith(b"/") else path
 
 
@@ -209,14 +213,14 @@ class Guard:
         @param port: Its port, if any.
         @return: whether a request naming it is served.
         """
-        if self.anyHost or isLocalName(host) or isAddress(host):
+        if self.anyHost or isLocalName(host):
             return True
         for name, only in self.hosts:
             if only is not None and only != port:
                 continue
             if host == name or (name.startswith(".") and (host == name[1:] or host.endswith(name))):
                 return True
-        return False
+        return isAddress(host)
 
     def checkHost(self, values: Sequence[bytes] | None) -> errors.APIError | None:
         """
