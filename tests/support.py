@@ -173,14 +173,18 @@ def request(
     """
     Send one HTTP request.
 
-    @param body: bytes, or a value sent as JSON.
+    @param body: bytes, or a value sent as JSON; either is sent as
+        C{application/json} unless C{headers} give another C{Content-Type}
+        (urllib would send a form's, which a daemon without keys refuses:
+        L{dynllm.guard}).
     @return: C{(status, headers, body)}, for error statuses too.
     """
     data = body
     headers = dict(headers or {})
     if body is not None and not isinstance(body, bytes):
         data = json.dumps(body).encode()
-        headers.setdefault("Content-Type", "application/json")
+    if body is not None and not any(name.lower() == "content-type" for name in headers):
+        headers["Content-Type"] = "application/json"
     req = urllib.request.Request(url, data=data, method=method, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as response:

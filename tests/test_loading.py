@@ -106,7 +106,7 @@ class OpenAILoadingTests(LoadingTestCase):
         body = json.dumps({"model": "slow", "messages": MESSAGES, "stream": True}).encode()
         with socket.create_connection(("127.0.0.1", self.daemon.port), timeout=30) as sock:
             sock.sendall(
-                b"POST /v1/chat/completions HTTP/1.0\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"POST /v1/chat/completions HTTP/1.0\r\nHost: localhost\r\nContent-Type: application/json\r\n"
                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
             )
             received = b""
@@ -130,7 +130,7 @@ class OpenAILoadingTests(LoadingTestCase):
         body = json.dumps({"model": "slow", "messages": MESSAGES, "stream": True}).encode()
         with socket.create_connection(("127.0.0.1", self.daemon.port), timeout=30) as sock:
             sock.sendall(
-                b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
             )
             received = b""

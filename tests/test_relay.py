@@ -121,7 +121,7 @@ def readStream(port, body, key=None, timeout=30):
         started = time.monotonic()
         authorization = b"Authorization: Bearer %s\r\n" % key.encode() if key else b""
         sock.sendall(
-            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n%s"
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n%s"
             b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (authorization, len(data), data)
         )
         received = b""

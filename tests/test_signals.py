@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import signal
+import threading
 from typing import Any
 
 import yaml
@@ -156,12 +157,12 @@ class StopSignalTests(SynchronousTestCase):
     send it, leaves no backend behind.
     """
 
-    def daemonWithBackend(self) -> tuple[Daemon, int]:
+    def daemonWithBackend(self, shutdownTimeout: float = 1) -> tuple[Daemon, int]:
         daemon = Daemon(
             {
                 "enabled_backends": ["llamacpp"],
                 "backend": {"llamacpp_binary": FAKE_BACKEND},
-                "shutdown_timeout_seconds": 1,
+                "shutdown_timeout_seconds": shutdownTimeout,
                 "models": [fakeModel("m")],
             }
         ).start()
@@ -203,8 +204,11 @@ class StopSignalTests(SynchronousTestCase):
         request drains) is logged, not an error; so is a SIGHUP then.
         """
         for first, second in ((signal.SIGTERM, signal.SIGTERM), (signal.SIGQUIT, signal.SIGINT)):
-            daemon, pid = self.daemonWithBackend()
+            daemon, pid = self.daemonWithBackend(shutdownTimeout=3)
             assert daemon.process is not None
+            stalled = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "fake_stall": "headers"}
+            threading.Thread(target=lambda: daemon.post("/v1/chat/completions", stalled, timeout=30), daemon=True).start()
+            self.assertTrue(waitFor(lambda: daemon.models()["m"]["active_requests"] == 1, timeout=10))
             daemon.process.send_signal(first)
             self.assertTrue(waitFor(lambda: "stopping" in daemon.log().lower(), timeout=10))
             daemon.process.send_signal(second)

@@ -1115,15 +1115,19 @@ class DaemonTests(DaemonCase):
 class LlamaServerTests(DaemonCase):
     """
     CORS and a compressed body through a daemon in front of the real
-    llama-server, which answers CORS itself: it echoes any C{Origin}.
+    llama-server, which answers CORS itself: it echoes any C{Origin}. The
+    daemon has a key, so that it serves requests from any origin
+    (L{dynllm.guard}).
     """
+
+    KEY = "sesame"
 
     def setUp(self) -> None:
         config = {
             "total_vram_mb": 1000,
             "enabled_backends": ["llamacpp"],
             "backend": {"llamacpp_binary": llamaServer()},
-            "server": {"cors_origins": [ORIGIN]},
+            "server": {"cors_origins": [ORIGIN], "api_keys": [self.KEY]},
             "models": [
                 {"name": "m", "path": tinyModels()["tiny-llama.gguf"], "backend": "llamacpp", "vram_mb": 400,
                  "context_size": 512}
@@ -1137,7 +1141,7 @@ class LlamaServerTests(DaemonCase):
             C{coding} if given.
         """
         body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}).encode()
-        headers = {"Origin": origin, "Content-Type": "application/json"}
+        headers = {"Origin": origin, "Content-Type": "application/json", "Authorization": f"Bearer {self.KEY}"}
         if coding == "gzip":
             body, headers["Content-Encoding"] = gzip.compress(body), coding
         elif coding == "deflate":

@@ -9,7 +9,7 @@ L{dynllm.site} applies it to every request.
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Sequence
 
 from attrs import frozen
 from twisted.web.http_headers import Headers

@@ -187,6 +187,16 @@ class DynLLMRoutes:
     # Authentication.
 
     def _checkKey(self, request: IRequest, keys: Sequence[str]) -> None:
+        """
+        Let a request through if it carries one of C{keys}, as
+        C{Authorization: Bearer KEY} or C{X-Api-Key: KEY}, or if C{keys} is
+        empty.
+
+        @raise errors.APIError: 401 C{invalid_api_key}, with
+            C{WWW-Authenticate: Bearer} (RFC 6750 section 3), and
+            C{error="invalid_token"} in it when a key was given but is not
+            one of C{keys} (section 3.1).
+        """
         if not keys:
             return
         header = request.getHeader(b"authorization") or b""
@@ -195,13 +205,31 @@ class DynLLMRoutes:
             given = (request.getHeader(b"x-api-key") or b"").decode("latin-1")
         given = given.strip()
         if not any(hmac.compare_digest(given.encode(), k.encode()) for k in keys):
-            raise errors.APIError(401, "Invalid API key", "authentication_error", "invalid_api_key")
+            if given:
+                request.setHeader(b"WWW-Authenticate", b'Bearer error="invalid_token"')
+                raise errors.APIError(401, "Invalid API key", "authentication_error", "invalid_api_key")
+            request.setHeader(b"WWW-Authenticate", b"Bearer")
+            raise errors.APIError(
+                401,
+                "This API needs a key: send it as 'Authorization: Bearer KEY' (or 'X-Api-Key: KEY')",
+                "authentication_error",
+                "invalid_api_key",
+            )
 
     def _checkClientKey(self, request: IRequest) -> None:
         self._checkKey(request, self.config.server.api_keys)
 
     def _checkAdminKey(self, request: IRequest) -> None:
         self._checkKey(request, self.config.server.admin_api_keys or self.config.server.api_keys)
+
+    def _checkMetricsKey(self, request: IRequest) -> None:
+        """
+        C{/metrics} needs no key with C{server.metrics_public}; else a key
+        of C{server.metrics_api_keys} or an admin key, if any is set.
+        """
+        server = self.config.server
+        if not server.metrics_public:
+            self._checkKey(request, server.metrics_api_keys + (server.admin_api_keys or server.api_keys))
 
     # Errors.
 
@@ -604,7 +632,7 @@ class DynLLMRoutes:
 
     @app.route("/metrics", methods=["GET"])
     def prometheusMetrics(self, request: Request) -> bytes:
-        self._checkAdminKey(request)
+        self._checkMetricsKey(request)
         request.setHeader(b"Content-Type", CONTENT_TYPE)
         return self.metrics.render()
 

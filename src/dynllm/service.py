@@ -22,7 +22,7 @@ from twisted.web.client import Agent
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
-from dynllm import logs, torchinfo
+from dynllm import guard, logs, torchinfo
 from dynllm.config import Config, ConfigError, loadConfig
 from dynllm.cors import CORSPolicy
 from dynllm.reload import ConfigChanges, compare
@@ -93,6 +93,7 @@ class DynLLMService(MultiService):
         if site is not None:
             site.maxBodyBytes = int(config.max_request_body_mb * 1024 * 1024)
             site.cors = CORSPolicy(frozenset(config.server.cors_origins))
+            site.guard = guard.announce(config)
         reaper = self.getServiceNamed("idle-reaper")
         if isinstance(reaper, TimerService) and reaper.step != config.idle_check_interval_seconds:
             reaper.step = config.idle_check_interval_seconds
@@ -178,7 +179,10 @@ def makeService(config: Config, reactor: Any = None, listen: bool = True, persis
         endpointType = TCP6ServerEndpoint if ":" in host else TCP4ServerEndpoint
         endpoint = endpointType(reactor, config.server.port, interface=host)
         site = makeSite(
-            routes.resource(), int(config.max_request_body_mb * 1024 * 1024), config.server.cors_origins
+            routes.resource(),
+            int(config.max_request_body_mb * 1024 * 1024),
+            config.server.cors_origins,
+            guard.announce(config),
         )
         service.site = site
         http_service = StreamServerEndpointService(endpoint, site)

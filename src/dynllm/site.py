@@ -32,6 +32,7 @@ from twisted.web.http_headers import Headers
 
 from dynllm import codings, errors
 from dynllm.cors import CORSPolicy, isPreflight, preflightHeaders
+from dynllm.guard import Guard
 
 #: Bytes of decoded body kept in memory before it goes to a temporary file
 #: (the threshold twisted.web uses for bodies as sent, C{http._getContentFile}).
@@ -243,6 +244,11 @@ class LimitedRequest(server.Request):
                 )
                 self._answer(error.status, error.headers(), error.body())
                 return
+            refusal = self._dynllmSite.guard.check(self.method, self.path, self.requestHeaders, self.content)
+            if refusal is not None:
+                refusal = errors.inShapeOf(refusal, self.requestHeaders)
+                self._answer(refusal.status, refusal.headers(), refusal.body())
+                return
             super().process()
             return
         # A preflight, for any path: the routes never see it, and it needs
@@ -293,10 +299,17 @@ class DynLLMSite(server.Site):
     @ivar maxBodyBytes: The largest request body accepted, as sent and as
         decoded.
     @ivar cors: Which web origins may call the API.
+    @ivar guard: What is refused while the API needs no key
+        (L{dynllm.guard}); by default, nothing.
     """
 
     def __init__(
-        self, resource: Any, maxBodyBytes: int, cors: CORSPolicy = CORSPolicy(), reactor: Any = None
+        self,
+        resource: Any,
+        maxBodyBytes: int,
+        cors: CORSPolicy = CORSPolicy(),
+        reactor: Any = None,
+        guard: Guard = Guard(),
     ) -> None:
         """
         @param reactor: Times connections out; the global reactor by
@@ -308,15 +321,19 @@ class DynLLMSite(server.Site):
         self.lingerClock = reactor
         self.maxBodyBytes = maxBodyBytes
         self.cors = cors
+        self.guard = guard
         self.displayTracebacks = False
 
 
-def makeSite(resource: Any, maxBodyBytes: int, corsOrigins: Iterable[str] = ()) -> DynLLMSite:
+def makeSite(
+    resource: Any, maxBodyBytes: int, corsOrigins: Iterable[str] = (), guard: Guard = Guard()
+) -> DynLLMSite:
     """
     @param resource: What to serve.
     @param maxBodyBytes: The body limit, in bytes.
     @param corsOrigins: The allowed web origins, normalized as
         C{server.cors_origins} is (L{CORSPolicy}).
+    @param guard: What to refuse while the API needs no key.
     @return: a L{DynLLMSite} serving C{resource}.
     """
-    return DynLLMSite(resource, maxBodyBytes, CORSPolicy(frozenset(corsOrigins)))
+    return DynLLMSite(resource, maxBodyBytes, CORSPolicy(frozenset(corsOrigins)), guard=guard)
