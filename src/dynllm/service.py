@@ -22,7 +22,7 @@ from twisted.web.client import Agent
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
-from dynllm import logs, torchinfo
+from dynllm import torchinfo
 from dynllm.config import Config
 from dynllm.interfaces import IModelManager, IStateStore
 from dynllm.pool import BackendPool
@@ -120,7 +120,6 @@ def makeService(config: Config, reactor: Any = None, listen: bool = True, persis
     """
     if reactor is None:
         from twisted.internet import reactor
-    logs.setLevel(config.log_level)
     agent, pool = makeAgent(reactor)
     http = HTTPClient(agent)
     store: IStateStore = SQLiteStateStore(config.db_path, reactor) if persist else MemoryStateStore()
