@@ -247,6 +247,23 @@ class ManagedProcessTests(TestCase):
         self.assertEqual([l for l in tail if l.startswith("err")], ["err one", "err two"])
         self.assertEqual(seen, tail)
 
+    async def test_onLineChanged(self) -> None:
+        """
+        Setting C{onLine} on a running program takes effect for its next
+        lines: C{None} stops the calls.
+        """
+        seen: list[str] = []
+        process = self.spawn(
+            python("import sys; print('one', flush=True); sys.stdin.readline(); print('two', flush=True)"),
+            onLine=seen.append,
+        )
+        self.assertTrue(await pollUntil(lambda: seen == ["one"]))
+        process.onLine = None
+        process._transport.write(b"go\n")  # type: ignore[attr-defined]
+        await process.whenEnded()
+        self.assertEqual(seen, ["one"])
+        self.assertEqual(process.ring.tail(2), ["one", "two"])
+
     async def test_lastLineWithoutNewlineAfterStop(self) -> None:
         """
         A partial last line is in the ring once L{ManagedProcess.stop} fires.

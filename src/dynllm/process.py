@@ -45,24 +45,26 @@ _SETSID_ARGV = (
 @define
 class LogRing:
     """
-    The last lines a backend printed.
+    The last lines a backend printed. Lines may be kept as bytes, as read,
+    and are decoded (UTF-8, bad bytes replaced) only when read back: most
+    lines of a chatty backend are pushed out unread.
 
     @ivar size: How many lines are kept.
     """
 
     size: int = 200
-    _lines: deque[str] = field(init=False)
+    _lines: deque[str | bytes] = field(init=False)
 
     def __attrs_post_init__(self) -> None:
         self._lines = deque(maxlen=self.size)
 
-    def append(self, line: str) -> None:
+    def append(self, line: str | bytes) -> None:
         """
         Keep C{line}, dropping the oldest one when full.
         """
         self._lines.append(line)
 
-    def extend(self, lines: Iterable[str]) -> None:
+    def extend(self, lines: Iterable[str | bytes]) -> None:
         """
         Keep C{lines}, in order, dropping the oldest ones when full.
         """
@@ -72,7 +74,12 @@ class LogRing:
         """
         @return: the last C{count} lines, oldest first.
         """
-        return list(self._lines)[-count:] if count > 0 else []
+        if count <= 0:
+            return []
+        return [
+            line.decode("utf-8", "replace") if isinstance(line, bytes) else line
+            for line in list(self._lines)[-count:]
+        ]
 
 
 @define
@@ -227,28 +234,20 @@ class BackendProcessProtocol(ProcessProtocol):
         if not raw:
             return
         admitted = len(raw) if self.budget is None else self.budget.admit(raw)
-        decoded: dict[int, str] = {}
+        self.ring.extend(raw[-self.ring.size :])
         cutFrom = len(raw) - pieces
-
-        def line(i: int) -> str:
-            text = decoded.get(i)
-            if text is None:
-                text = decoded[i] = raw[i].decode("utf-8", "replace")
-            return text
-
-        first = max(0, len(raw) - self.ring.size)
-        self.ring.extend(line(i) for i in range(first, len(raw)))
         for i in range(admitted):
+            line = raw[i].decode("utf-8", "replace")
             if i >= cutFrom:
                 log.info(
                     "[{model}] {line} [cut: longer than {limit} bytes; continued on the next line]",
-                    model=self.name, line=line(i), stream=stream, limit=self.maxLineLength,
+                    model=self.name, line=line, stream=stream, limit=self.maxLineLength,
                 )
             else:
-                log.info("[{model}] {line}", model=self.name, line=line(i), stream=stream)
+                log.info("[{model}] {line}", model=self.name, line=line, stream=stream)
         if self.onLine is not None:
-            for i in range(len(raw)):
-                self.onLine(line(i))
+            for r in raw:
+                self.onLine(r.decode("utf-8", "replace"))
 
     def whenExited(self) -> defer.Deferred[Exception]:
         """
@@ -336,6 +335,15 @@ def signalGroup(pgid: int, signalName: str) -> bool:
     return True
 
 
+def _passOnLine(process: ManagedProcess, attribute: object, onLine: Callable[[str], object] | None) -> object:
+    # A new onLine reaches the running program's protocol too (decoding
+    # every line for a callback that is done with them costs a chatty
+    # backend's daemon dearly).
+    if process._proto is not None:
+        process._proto.onLine = onLine
+    return onLine
+
+
 @define
 class ManagedProcess:
     """
@@ -348,7 +356,8 @@ class ManagedProcess:
     @ivar killTime: Seconds between TERM and KILL.
     @ivar newSession: Run in a new session and signal the whole group; turn
         off only for fake reactors in tests.
-    @ivar onLine: Called with each line the program prints.
+    @ivar onLine: Called with each line the program prints, from now on
+        (set it to C{None} when no more lines are wanted).
     @ivar ring: The program's last output lines.
     """
 
@@ -358,7 +367,7 @@ class ManagedProcess:
     env: dict[str, str] | None = field(default=None, repr=False)  # holds backend keys
     killTime: float = 5.0
     newSession: bool = True
-    onLine: Callable[[str], object] | None = None
+    onLine: Callable[[str], object] | None = field(default=None, on_setattr=_passOnLine)
     ring: LogRing = field(factory=LogRing)
     pid: int | None = field(default=None, init=False)
     startTime: int | None = field(default=None, init=False)

@@ -263,6 +263,8 @@ class BackendRun:
             return
         if isReady:
             self.ready = True
+            # Its lines are no longer hints of readiness.
+            self.process.onLine = None
             waiters, self._readyWaiters = self._readyWaiters, []
             for d in waiters:
                 d.callback(None)
