@@ -247,6 +247,20 @@ class ManagedProcessTests(TestCase):
         self.assertEqual([l for l in tail if l.startswith("err")], ["err one", "err two"])
         self.assertEqual(seen, tail)
 
+    async def test_tailOfThisRun(self) -> None:
+        """
+        L{ManagedProcess.tail} gives only the lines of this run, though the
+        ring it shares with an earlier run (a model's) still holds that
+        run's lines.
+        """
+        ring = LogRing()
+        first = self.spawn(python("print('old one'); print('old two')"), ring=ring)
+        await first.whenEnded()
+        second = self.spawn(python("print('new')"), ring=ring)
+        await second.whenEnded()
+        self.assertEqual(ring.tail(5), ["old one", "old two", "new"])
+        self.assertEqual(second.tail(5), ["new"])
+
     async def test_onLineChanged(self) -> None:
         """
         Setting C{onLine} on a running program takes effect for its next

@@ -184,6 +184,7 @@ class BackendProcessProtocol(ProcessProtocol):
     @ivar exitReason: C{None} while running, then the C{ProcessDone} or
         C{ProcessTerminated} exception.
     @ivar budget: The log's budget for this output, or C{None} for none.
+    @ivar lineCount: How many lines the process printed.
     """
 
     maxLineLength = 16384
@@ -203,6 +204,7 @@ class BackendProcessProtocol(ProcessProtocol):
         self.ring = ring
         self.onLine = onLine
         self.budget = LogBudget(name, clock) if clock is not None else None
+        self.lineCount = 0
         self.exitReason: Exception | None = None
         self._buffers = {1: b"", 2: b""}
         self._waiters: list[defer.Deferred[Exception]] = []
@@ -233,6 +235,7 @@ class BackendProcessProtocol(ProcessProtocol):
             raw = [r for r in raw if r]
         if not raw:
             return
+        self.lineCount += len(raw)
         admitted = len(raw) if self.budget is None else self.budget.admit(raw)
         self.ring.extend(raw[-self.ring.size :])
         cutFrom = len(raw) - pieces
@@ -418,6 +421,16 @@ class ManagedProcess:
         if self._proto is None:
             return defer.succeed(error.ProcessDone(0))
         return self._proto.whenEnded()
+
+    def tail(self, count: int) -> list[str]:
+        """
+        @return: the last C{count} lines that this run of the program
+            printed, oldest first: none of an earlier run's, though the
+            ring may hold them.
+        """
+        if self._proto is None:
+            return []
+        return self.ring.tail(min(count, self._proto.lineCount))
 
     def _reapGroup(self, reason: Exception) -> Exception:
         # The leader is gone; anything it left in its group goes too.

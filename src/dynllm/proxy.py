@@ -23,6 +23,7 @@ import io
 from typing import Any, Callable, Iterator, Mapping, cast
 
 from twisted.internet import defer
+from twisted.internet.error import ConnectingCancelledError
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.task import CooperativeTask, Cooperator, NotPaused, TaskFinished, TaskStopped
@@ -410,8 +411,11 @@ async def forward(
         raise errors.backendFailed(f"the backend sent no response: {e.reasons[0].getErrorMessage()}")
     except (defer.CancelledError, errors.APIError):
         raise
+    except ConnectingCancelledError:
+        # The client left while we connected: not the backend's fault.
+        raise defer.CancelledError() from None
     except Exception as e:
-        raise errors.backendFailed(f"could not reach the backend: {e}") from None
+        raise errors.backendFailed(f"could not reach the backend: {errors.describeError(e)}") from None
     if onResponse is not None:
         onResponse()
 

@@ -221,9 +221,10 @@ class BackendRun:
 
     def logTail(self, count: int = FAILURE_LOG_LINES) -> list[str]:
         """
-        @return: the backend's last C{count} lines of output.
+        @return: the backend's last C{count} lines of output in this run
+            (not an earlier run's, which the model's ring may still hold).
         """
-        return self.process.ring.tail(count)
+        return self.process.tail(count)
 
     # Readiness.
 
