@@ -157,11 +157,11 @@ class LogBudget:
         if self.dropped:
             elapsed = self.clock.seconds() - (self._windowStart or 0.0)
             log.warn(
-                "model {model}: {count:,} {lines} of backend output not logged in the last {seconds:.0f} s;"
+                "model {model}: {count:,} {unit} of backend output not logged in the last {seconds:.0f} s;"
                 " see /admin/models/{model}/logs",
                 model=self.model,
                 count=self.dropped,
-                lines="line" if self.dropped == 1 else "lines",
+                unit="line" if self.dropped == 1 else "lines",
                 seconds=min(max(elapsed, 1.0), self.interval),
                 dropped=self.dropped,
             )
