@@ -182,6 +182,24 @@ class DaemonLogTests(SynchronousTestCase):
         self.assertEqual(daemonLog.level, "error")
         self.assertRaises(KeyError, logs.setLevel, "loud")
 
+    def test_setFormat(self) -> None:
+        """
+        L{logs.setFormat}, for a reload, changes the format of the next
+        lines; not one chosen on the command line.
+        """
+        daemonLog = self.daemonLog("info", "text")
+        self.patch(logs, "installed", [daemonLog])
+        log = Logger(namespace="dynllm.x", observer=self.publisher)
+        log.info("as text")
+        logs.setFormat("json")
+        log.info("as json")
+        first, second = self.output.getvalue().splitlines()
+        self.assertTrue(first.endswith("[dynllm.x#info] as text"), first)
+        self.assertEqual(json.loads(second)["message"], "as json")
+        fixed = logs.makeDaemonLog(io.StringIO(), "text", "info", formatFixed=True)
+        self.assertFalse(fixed.setFormat("json"))
+        self.assertEqual(fixed.format, "text")
+
     def test_text(self) -> None:
         """
         The C{text} format is Twisted's classic one: time, namespace and

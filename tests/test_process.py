@@ -559,3 +559,13 @@ class OutputTests(TestCase):
         (warning,) = [e for e in self.events if "line" not in e]
         self.assertIn("model chatty: 1 line of backend output not logged in the last 2 s", formatEvent(warning))
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_lineOfMaximumLength(self) -> None:
+        """
+        A line of exactly C{maxLineLength} bytes whose newline comes in the
+        next read is one plain line, not a cut one.
+        """
+        self.protocol.maxLineLength = 10
+        self.protocol.childDataReceived(1, b"a" * 10)
+        self.protocol.childDataReceived(1, b"\n")
+        self.assertEqual(self.lines(), ["[chatty] aaaaaaaaaa"])

@@ -167,6 +167,7 @@ class LogOptionsTests(TapTestMixin, TestCase):
         daemonLog = config["logger"]()
         self.assertIsInstance(daemonLog, logs.DaemonLog)
         self.assertEqual((daemonLog.format, daemonLog.level), ("json", "warning"))
+        self.assertTrue(daemonLog.formatFixed)
         self.assertIs(daemonLog.output, sys.stdout)
 
     def test_twistdLogFile(self) -> None:
@@ -206,6 +207,7 @@ class LogOptionsTests(TapTestMixin, TestCase):
         self.assertEqual(options["logLevel"], LogLevel.debug)
         daemonLog = options["fileLogObserverFactory"](io.StringIO())
         self.assertEqual((daemonLog.format, daemonLog.level), ("text", "debug"))
+        self.assertFalse(daemonLog.formatFixed)
 
     def test_twistLogFile(self) -> None:
         """

@@ -24,6 +24,7 @@ from typing import IO, Any, Callable
 
 from attrs import define
 from twisted.logger import (
+    FileLogObserver,
     FilteringLogObserver,
     ILogObserver,
     Logger,
@@ -173,17 +174,23 @@ class DaemonLog:
     The daemon's log observer: every event at or above the level, formatted
     as text or JSON, written to a file or stream.
 
-    @ivar output: Where the formatted events go: the observer's own
-        (L{outputObserver}) or a L{ReopenableFile}, a stream, or C{None}.
+    @ivar output: Where the events go: a L{ReopenableFile}, a stream, or
+        an observer of someone else's (twistd's C{--logger}).
     @ivar format: C{text} or C{json}.
     @ivar predicate: The level filter; L{setLevel} changes its level.
     @ivar observer: The filtering observer that does the work.
+    @ivar writer: The observer that formats and writes the events, or
+        C{None} when L{output} is an observer.
+    @ivar formatFixed: Whether the format was given on the command line,
+        so that L{setFormat} leaves it.
     """
 
     observer: FilteringLogObserver
     predicate: LogLevelFilterPredicate
     output: Any = None
     format: str = "text"
+    writer: FileLogObserver | None = None
+    formatFixed: bool = False
 
     def __call__(self, event: dict[str, Any]) -> None:
         self.observer(event)
@@ -197,6 +204,22 @@ class DaemonLog:
         @raise KeyError: for another name.
         """
         self.predicate.setLogLevelForNamespace("", LEVELS[name])
+
+    def setFormat(self, name: str) -> bool:
+        """
+        Write the next events as C{name} (C{text} or C{json}), unless the
+        command line chose the format or the events go to another
+        observer.
+
+        @return: whether the format is now C{name}.
+        @raise KeyError: for another name.
+        """
+        formatter = FORMATTERS[name]
+        if self.writer is None or self.formatFixed:
+            return self.writer is not None and name == self.format
+        self.writer.formatEvent = formatter
+        self.format = name
+        return True
 
     @property
     def level(self) -> str:
@@ -225,7 +248,7 @@ class DaemonLog:
         return True
 
 
-def makeDaemonLog(output: Any, format: str = "text", level: str = "info") -> DaemonLog:
+def makeDaemonLog(output: Any, format: str = "text", level: str = "info", formatFixed: bool = False) -> DaemonLog:
     """
     Make the daemon's log observer.
 
@@ -235,16 +258,17 @@ def makeDaemonLog(output: Any, format: str = "text", level: str = "info") -> Dae
     @param format: C{text} (Twisted's classic lines) or C{json} (one
         object per line, L{formatEventAsJSONLine}).
     @param level: The least level written, as L{setLevel} takes it.
+    @param formatFixed: Whether C{format} comes from the command line (a
+        reload then keeps it, see L{DaemonLog.setFormat}).
     @raise KeyError: for an unknown format or level.
     """
     predicate = LogLevelFilterPredicate(defaultLogLevel=LEVELS[level])
+    writer = None
     if ILogObserver.providedBy(output):
         sink = output
     else:
-        from twisted.logger import FileLogObserver
-
-        sink = FileLogObserver(output, FORMATTERS[format])
-    return DaemonLog(FilteringLogObserver(sink, [predicate]), predicate, output, format)
+        sink = writer = FileLogObserver(output, FORMATTERS[format])
+    return DaemonLog(FilteringLogObserver(sink, [predicate]), predicate, output, format, writer, formatFixed)
 
 
 #: The daemon logs installed in this process (by L{install}): one, under
@@ -286,6 +310,20 @@ def setLevel(name: str) -> None:
     LEVELS[name]
     for daemonLog in installed:
         daemonLog.setLevel(name)
+
+
+def setFormat(name: str) -> None:
+    """
+    Write the daemon's next messages as C{name} (C{text} or C{json}),
+    unless C{--log-format} chose the format: call it on a configuration
+    reload with the new C{log_format}. Outside twistd or twist it does
+    nothing.
+
+    @raise KeyError: for another name.
+    """
+    FORMATTERS[name]
+    for daemonLog in installed:
+        daemonLog.setFormat(name)
 
 
 def reopen() -> None:

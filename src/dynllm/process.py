@@ -216,7 +216,9 @@ class BackendProcessProtocol(ProcessProtocol):
             data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         buffered = self._buffers.get(childFD, b"") + data
         *lines, rest = buffered.split(b"\n")
-        pieces = len(rest) // self.maxLineLength
+        # Cut only what is surely longer than a line may be: a line of
+        # exactly maxLineLength bytes may still end with the next read.
+        pieces = (len(rest) - 1) // self.maxLineLength if rest else 0
         if pieces:
             end = pieces * self.maxLineLength
             lines.extend(rest[i : i + self.maxLineLength] for i in range(0, end, self.maxLineLength))

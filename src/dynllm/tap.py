@@ -83,7 +83,9 @@ def hookLogging(runnerOptions: Any, config: Config, logFormat: str | None = None
             except Exception as e:
                 raise usage.UsageError(f"Logger {userFactory!r} could not be imported: {e}") from None
         global _twistdFactory
-        _twistdFactory = twistdObserverFactory(runnerOptions, logFormat or config.log_format, config.log_level, userFactory)
+        _twistdFactory = twistdObserverFactory(
+            runnerOptions, logFormat or config.log_format, config.log_level, userFactory, logFormat is not None
+        )
         # twistd resolves its logger option by name after this, so name ours.
         runnerOptions["logger"] = f"{__name__}.{twistdLogObserver.__name__}"
     elif "logFile" in runnerOptions:
@@ -91,7 +93,7 @@ def hookLogging(runnerOptions: Any, config: Config, logFormat: str | None = None
         # with record separators when the output is not a terminal, chosen
         # before its options are parsed): dynllm's option decides.
         runnerOptions["fileLogObserverFactory"] = twistObserverFactory(
-            logFormat or config.log_format, config.log_level
+            logFormat or config.log_format, config.log_level, logFormat is not None
         )
         # twist filters at its --log-level too; unless another level than
         # its default was asked for there, let log_level alone decide.
@@ -116,7 +118,11 @@ def twistdLogObserver() -> logs.DaemonLog:
 
 
 def twistdObserverFactory(
-    serverOptions: Any, logFormat: str, level: str, userFactory: Callable[[], Any] | None = None
+    serverOptions: Any,
+    logFormat: str,
+    level: str,
+    userFactory: Callable[[], Any] | None = None,
+    formatFixed: bool = False,
 ) -> Callable[[], logs.DaemonLog]:
     """
     @return: an observer factory for twistd's C{logger} option that writes
@@ -149,12 +155,12 @@ def twistdObserverFactory(
                 output = sys.stdout
             else:
                 output = logs.ReopenableFile(logfile or "twistd.log")
-        return logs.install(logs.makeDaemonLog(output, logFormat, level))
+        return logs.install(logs.makeDaemonLog(output, logFormat, level, formatFixed))
 
     return factory
 
 
-def twistObserverFactory(logFormat: str, level: str) -> Callable[[Any], logs.DaemonLog]:
+def twistObserverFactory(logFormat: str, level: str, formatFixed: bool = False) -> Callable[[Any], logs.DaemonLog]:
     """
     @return: a C{fileLogObserverFactory} for twist: it writes to the file
         twist opened (its C{--log-file}; standard output by default)
@@ -169,7 +175,7 @@ def twistObserverFactory(logFormat: str, level: str) -> Callable[[Any], logs.Dae
             isatty = getattr(logFile, "isatty", lambda: False)
             if not isatty():
                 output = logs.ReopenableFile(name, logFile)
-        return logs.install(logs.makeDaemonLog(output, logFormat, level))
+        return logs.install(logs.makeDaemonLog(output, logFormat, level, formatFixed))
 
     return factory
 
