@@ -126,9 +126,9 @@ def logBreakdown(events: list[dict], walls: list[tuple[float, float]]) -> dict[s
             cycles.append(current)
         elif current is None:
             continue
-        elif e.get("log_namespace") == "dynllm.process" and "model loaded" in e.get("lines", ""):
-            # One event holds every line of one read of the backend's output.
-            line = next(x for x in e["lines"].splitlines() if "model loaded" in x)
+        elif e.get("log_namespace") == "dynllm.process" and "model loaded" in e.get("line", ""):
+            # One event per line of the backend's output.
+            line = e["line"]
             current.setdefault("loadedLine", e["log_time"])
             m = _LLAMA_TS.match(line)
             if m:

@@ -25,6 +25,7 @@ BENCHMARKS = [
     ("streaming.py", ["--runs", "3", "--paced-runs", "1"]),
     ("upload.py", ["-n", "3", "--sizes", "1"]),
     ("concurrency.py", ["--seconds", "10", "--window", "2.5"]),
+    ("chatty.py", ["--windows", "2", "--seconds", "1"]),
 ]
 
 

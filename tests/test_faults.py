@@ -103,7 +103,9 @@ class LoadFailureTests(DaemonTestCase):
     def test_crashAtStart(self):
         """
         A backend that exits while loading fails the waiting request at once
-        with a 502 quoting its last output, and the model is C{failed}.
+        with a 502 that says so and where its output is, without quoting
+        it (paths, an earlier run's lines); the model is C{failed}, and the
+        admin's C{/logs} has the output.
         """
         daemon = self.startDaemon(fakeModel("crashy", fake_mode="crash"))
         started = time.monotonic()
@@ -113,7 +115,9 @@ class LoadFailureTests(DaemonTestCase):
         error = json.loads(body)["error"]
         self.assertEqual(error["type"], "server_error")
         self.assertIn("exited with code 1 while loading", error["message"])
-        self.assertIn("exiting due to model loading error", error["message"])
+        self.assertIn("/admin/models/crashy/logs", error["message"])
+        self.assertNotIn("exiting due to model loading error", error["message"])
+        self.assertNotIn("/", error["message"].replace("/admin/models/crashy/logs", ""))
         entry = daemon.models()["crashy"]
         self.assertEqual((entry["status"], entry["pid"]), ("failed", None))
         status, headers, logs = daemon.get("/admin/models/crashy/logs?lines=2")

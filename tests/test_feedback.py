@@ -286,7 +286,8 @@ class LoadingFeedbackTests(SynchronousTestCase):
         self.assertTrue(event.startswith(b"data: ") and event.endswith(b"\n\n"), event)
         self.assertEqual(
             json.loads(event[len(b"data: ") :]),
-            {"error": {"message": "the backend exited with code 1 while loading", "type": "server_error",
+            {"error": {"message": "the backend exited with code 1 while loading; its backend's output is at"
+                                  " /admin/models/chat/logs and in dynllm's log", "type": "server_error",
                        "param": None, "code": "backend_error"}},
         )
         self.clock.advance(5)

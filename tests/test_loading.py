@@ -89,13 +89,15 @@ class OpenAILoadingTests(LoadingTestCase):
     def test_failedLoadRaises(self):
         """
         A backend that exits while loading makes the SDK raise an
-        C{APIError} with dynllm's message, after the stream has begun.
+        C{APIError} with dynllm's message, after the stream has begun: it
+        says where the backend's output is, without quoting it.
         """
         stream = self.openai().chat.completions.create(model="crashy", messages=MESSAGES, stream=True)
         with self.assertRaises(openai.APIError) as caught:
             list(stream)
         self.assertIn("exited with code 1 while loading", caught.exception.message)
-        self.assertIn("exiting due to model loading error", caught.exception.message)
+        self.assertIn("/admin/models/crashy/logs", caught.exception.message)
+        self.assertNotIn("exiting due to model loading error", caught.exception.message)
 
     def test_loadingComments(self):
         """

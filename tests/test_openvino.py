@@ -344,7 +344,7 @@ class FailureTests(SynchronousTestCase):
     def test_badPathExits(self):
         """
         An OVMS that exits at start-up (a model path it cannot use) fails
-        the request with a 502 quoting its last output.
+        the request with a 502 that says it exited.
         """
         directory, config = self.startDaemon({"ov-chat": "llm"})
         daemon = Daemon(config, directory=directory).start()

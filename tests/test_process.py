@@ -12,6 +12,7 @@ import sys
 import time
 
 from twisted.internet import defer, error, reactor, task
+from twisted.logger import Logger, LogLevel, formatEvent
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
@@ -246,6 +247,37 @@ class ManagedProcessTests(TestCase):
         self.assertEqual([l for l in tail if l.startswith("err")], ["err one", "err two"])
         self.assertEqual(seen, tail)
 
+    async def test_tailOfThisRun(self) -> None:
+        """
+        L{ManagedProcess.tail} gives only the lines of this run, though the
+        ring it shares with an earlier run (a model's) still holds that
+        run's lines.
+        """
+        ring = LogRing()
+        first = self.spawn(python("print('old one'); print('old two')"), ring=ring)
+        await first.whenEnded()
+        second = self.spawn(python("print('new')"), ring=ring)
+        await second.whenEnded()
+        self.assertEqual(ring.tail(5), ["old one", "old two", "new"])
+        self.assertEqual(second.tail(5), ["new"])
+
+    async def test_onLineChanged(self) -> None:
+        """
+        Setting C{onLine} on a running program takes effect for its next
+        lines: C{None} stops the calls.
+        """
+        seen: list[str] = []
+        process = self.spawn(
+            python("import sys; print('one', flush=True); sys.stdin.readline(); print('two', flush=True)"),
+            onLine=seen.append,
+        )
+        self.assertTrue(await pollUntil(lambda: seen == ["one"]))
+        process.onLine = None
+        process._transport.write(b"go\n")  # type: ignore[attr-defined]
+        await process.whenEnded()
+        self.assertEqual(seen, ["one"])
+        self.assertEqual(process.ring.tail(2), ["one", "two"])
+
     async def test_lastLineWithoutNewlineAfterStop(self) -> None:
         """
         A partial last line is in the ring once L{ManagedProcess.stop} fires.
@@ -417,3 +449,123 @@ class ProtocolTests(TestCase):
         self.assertEqual(self.successResultOf(ended).exitCode, 3)
         self.assertEqual(lines, ["oops"])
         self.assertEqual(self.successResultOf(protocol.whenEnded()).exitCode, 3)
+
+
+class OutputTests(TestCase):
+    """
+    L{BackendProcessProtocol} logs a backend's output one event per line,
+    within a budget per interval (L{process_module.LogBudget}), and keeps
+    the last lines in its ring whatever the log got.
+    """
+
+    def setUp(self) -> None:
+        self.events: list[dict] = []
+        self.patch(process_module, "log", Logger(namespace="dynllm.process", observer=self.events.append))
+        self.clock = task.Clock()
+        self.ring = LogRing()
+        self.protocol = BackendProcessProtocol("chatty", self.ring, clock=self.clock)
+
+    def lines(self) -> list[str]:
+        """
+        @return: the backend lines logged, as the events render them.
+        """
+        return [formatEvent(e) for e in self.events if "line" in e]
+
+    def test_oneEventPerLine(self) -> None:
+        """
+        Three lines read at once are three events, each naming the model
+        and the stream; a partial line waits for its end.
+        """
+        self.protocol.childDataReceived(2, b"one\ntwo\nthr")
+        self.assertEqual(self.lines(), ["[chatty] one", "[chatty] two"])
+        self.protocol.childDataReceived(2, b"ee\n")
+        self.protocol.childDataReceived(1, b"out\n")
+        self.assertEqual(self.lines(), ["[chatty] one", "[chatty] two", "[chatty] three", "[chatty] out"])
+        self.assertEqual([(e["model"], e["stream"]) for e in self.events],
+                         [("chatty", "stderr")] * 3 + [("chatty", "stdout")])
+
+    def test_carriageReturnEndsLine(self) -> None:
+        """
+        A carriage return ends a line (a progress bar redraws its line with
+        one), and CRLF is one line end.
+        """
+        self.protocol.childDataReceived(2, b" 10%\r 20%\r 30%\r\ndone\r\n")
+        self.assertEqual(self.lines(), ["[chatty]  10%", "[chatty]  20%", "[chatty]  30%", "[chatty] done"])
+
+    def test_endlessLineCut(self) -> None:
+        """
+        A line longer than C{maxLineLength} is cut into pieces of that
+        length as they arrive (the buffer stays bounded); each piece is an
+        event that says it was cut, and the end of the line is a plain
+        event.
+        """
+        self.protocol.maxLineLength = 10
+        self.protocol.childDataReceived(1, b"a" * 25)
+        self.assertEqual(len(self.protocol._buffers[1]), 5)
+        self.protocol.childDataReceived(1, b"b\n")
+        self.assertEqual(
+            self.lines(),
+            ["[chatty] aaaaaaaaaa [cut: longer than 10 bytes; continued on the next line]"] * 2
+            + ["[chatty] aaaaab"],
+        )
+        self.assertEqual(self.ring.tail(3), ["a" * 10, "a" * 10, "aaaaab"])
+
+    def test_budget(self) -> None:
+        """
+        Beyond C{maxLines} lines in an interval, lines are not logged but
+        counted; at the end of the interval one warning gives the count and
+        where the lines are; the ring keeps the most recent lines; the next
+        interval logs again.
+        """
+        budget = self.protocol.budget
+        assert budget is not None
+        self.protocol.childDataReceived(2, b"".join(b"line %d\n" % i for i in range(1500)))
+        self.clock.advance(5)
+        self.protocol.childDataReceived(2, b"".join(b"more %d\n" % i for i in range(123456)))
+        self.assertEqual(len(self.lines()), budget.maxLines)
+        self.assertEqual(self.lines()[-1], "[chatty] line 999")
+        self.assertEqual(self.ring.tail(2), ["more 123454", "more 123455"])
+        self.assertEqual([e for e in self.events if "line" not in e], [])
+        self.clock.advance(5)
+        (warning,) = [e for e in self.events if "line" not in e]
+        self.assertEqual(
+            formatEvent(warning),
+            "model chatty: 123,956 lines of backend output not logged in the last 10 s;"
+            " see /admin/models/chatty/logs",
+        )
+        self.assertEqual(warning["log_level"], LogLevel.warn)
+        self.protocol.childDataReceived(2, b"again\n")
+        self.assertEqual(self.lines()[-1], "[chatty] again")
+        self.assertEqual(budget.droppedTotal, 123956)
+
+    def test_budgetBytes(self) -> None:
+        """
+        The budget bounds the bytes logged per interval too.
+        """
+        budget = self.protocol.budget
+        assert budget is not None
+        budget.maxBytes = 1000
+        self.protocol.childDataReceived(1, (b"x" * 99 + b"\n") * 20)
+        self.assertEqual(len(self.lines()), 10)
+        self.assertEqual(budget.dropped, 10)
+
+    def test_reportAtExit(self) -> None:
+        """
+        When the backend exits, what was not logged is said at once.
+        """
+        self.protocol.childDataReceived(2, b"x\n" * 1001)
+        self.clock.advance(2)
+        self.protocol.processEnded(Failure(error.ProcessDone(0)))
+        (warning,) = [e for e in self.events if "line" not in e]
+        self.assertIn("model chatty: 1 line of backend output not logged in the last 2 s", formatEvent(warning))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_lineOfMaximumLength(self) -> None:
+        """
+        A line of exactly C{maxLineLength} bytes whose newline comes in the
+        next read is one plain line, not a cut one.
+        """
+        self.protocol.maxLineLength = 10
+        self.protocol.childDataReceived(1, b"a" * 10)
+        self.protocol.childDataReceived(1, b"\n")
+        self.assertEqual(self.lines(), ["[chatty] aaaaaaaaaa"])

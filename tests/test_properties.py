@@ -42,11 +42,11 @@ from hypothesis.stateful import (
 )
 from twisted.internet import defer
 from twisted.internet.error import ProcessDone, ProcessTerminated
-from twisted.logger import globalLogPublisher
+from twisted.logger import FilteringLogObserver, Logger, LogLevel, LogLevelFilterPredicate, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from dynllm import logs, runner
+from dynllm import lifecycle, process, runner, scheduler, store
 from dynllm.config import Config
 from dynllm.exceptions import ModelBusy, NoCapacity, SchedulerError, ShuttingDown, UnknownModel
 from dynllm.lease import Lease, RequestOptions
@@ -662,9 +662,9 @@ class SchedulerPropertyTests(ManagerTestsMixin, SynchronousTestCase):
         # differ from the next.
         self.patch(runner, "portIsFree", lambda port: True)
         # dynllm's info messages would fill the test log; errors still pass.
-        level = logs.observer.level
-        logs.setLevel("error")
-        self.addCleanup(setattr, logs.observer, "level", level)
+        quiet = FilteringLogObserver(globalLogPublisher, [LogLevelFilterPredicate(LogLevel.error)])
+        for module in (lifecycle, process, runner, scheduler, store):
+            self.patch(module, "log", Logger(namespace=module.__name__, observer=quiet))
 
     def runMachine(self, **settings: Any) -> None:
         def configFor(models: list[dict[str, Any]], total: int) -> Config:

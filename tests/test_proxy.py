@@ -18,7 +18,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web import resource, server
-from twisted.web.client import ResponseDone
+from twisted.web.client import ResponseDone, ResponseFailed
 from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
@@ -677,3 +677,38 @@ class RelayGuardTests(SynchronousTestCase):
         guardCalls = [c for c in self.clock.getDelayedCalls() if getattr(c.func, "__self__", None) is self.resource.guard]
         self.assertEqual(guardCalls, [])
         self.assertTrue(self.transport.value().endswith(b"0\r\n\r\n"))
+
+
+class ConnectFailureTests(SynchronousTestCase):
+    """
+    L{forward} when the backend's connection fails or is given up.
+    """
+
+    def test_clientLeavesWhileConnecting(self):
+        """
+        Cancelling L{forward} (the client left) while the agent is still
+        connecting to the backend is a cancellation, not a 502 to log: the
+        agent's C{ConnectingCancelledError} becomes C{CancelledError}.
+        """
+        clock = MemoryReactorClock()
+        agent, _ = makeAgent(clock)
+        request = DummyRequest([b""])
+        d = defer.ensureDeferred(forward(agent, request, b"http://127.0.0.1:9/v1/models", None, clock=clock))
+        self.assertEqual(len(clock.tcpClients), 1)
+        d.cancel()
+        self.failureResultOf(d, defer.CancelledError)
+
+    def test_wrappedFailuresDescribed(self):
+        """
+        An agent error that wraps failures (C{ResponseFailed}, whose C{str}
+        is a list of C{Failure} reprs) is a 502 whose message is the
+        failures' messages.
+        """
+        agent = FakeAgent()
+        request = DummyRequest([b""])
+        d = defer.ensureDeferred(forward(agent, request, b"http://127.0.0.1:9/v1/models", None,
+                                         clock=MemoryReactorClock()))
+        agent.responses[0].errback(ResponseFailed([Failure(ConnectionDone())]))
+        error = self.failureResultOf(d, APIError).value
+        self.assertEqual(error.status, 502)
+        self.assertEqual(error.message, "could not reach the backend: Connection was closed cleanly.")

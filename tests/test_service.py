@@ -15,7 +15,6 @@ from twisted.internet import reactor
 from twisted.trial.unittest import TestCase
 
 import dynllm
-from dynllm import logs
 from tests.support import ROOT, llamaServer, pidAlive, tinyModels
 
 
@@ -61,8 +60,6 @@ class PublicAPITests(TestCase):
         C{baseURL} answers; the model stays loaded with the lease counted
         until it is released; stopping the service stops the backend.
         """
-        # makeService sets the process-wide log level; put it back after.
-        self.patch(logs.observer, "level", logs.observer.level)
         config = dynllm.loadConfig(writeConfig(_tempdir(self)))
         service = dynllm.makeService(config, reactor, listen=False, persist=False)
         self.assertEqual([s.name for s in service], ["models", "idle-reaper"])

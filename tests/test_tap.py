@@ -5,16 +5,21 @@ options, the service they make, and the plugin's discovery.
 
 from __future__ import annotations
 
+import io
 import os
 import sys
 
 import yaml
 from twisted.application.service import IServiceMaker, MultiService
+from twisted.scripts.twistd import ServerOptions
+from twisted.application.twist._options import TwistOptions
 from twisted.internet import utils
+from twisted.logger import LogLevel
 from twisted.plugin import getPlugins
 from twisted.python import usage
 from twisted.trial.unittest import TestCase
 
+from dynllm import logs, tap
 from dynllm.config import Config
 from dynllm.tap import Options, makeService
 
@@ -119,6 +124,106 @@ class OptionsTests(TapTestMixin, TestCase):
         path = os.path.join(self.dir, "absent.yaml")
         e = self.assertRaises(usage.UsageError, Options().parseOptions, ["--config", path])
         self.assertIn(path, str(e))
+
+
+class LogOptionsTests(TapTestMixin, TestCase):
+    """
+    The plugin's options give twistd and twist dynllm's log observer
+    factory, at the configured level and format.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.patch(tap, "_twistdFactory", None)
+        self.patch(logs, "installed", [])
+        self.patch(logs, "install", lambda daemonLog: daemonLog)
+
+    def configWith(self, **settings: object) -> str:
+        """
+        @return: the path of L{goodConfig} with C{settings} added.
+        """
+        with open(self.goodConfig()) as f:
+            raw = yaml.safe_load(f)
+        raw.update(settings)
+        return self.writeConfig(raw)
+
+    def test_badLogFormat(self) -> None:
+        """
+        C{--log-format} other than C{text} or C{json} is a usage error.
+        """
+        e = self.assertRaises(usage.UsageError, Options().parseOptions, ["-c", self.goodConfig(), "--log-format", "xml"])
+        self.assertIn("--log-format must be text or json", str(e))
+
+    def test_twistdLogger(self) -> None:
+        """
+        Under twistd, the plugin names its own observer factory as twistd's
+        C{logger}; the factory makes a L{logs.DaemonLog} at the configured
+        level, writing the command line's format to standard output with
+        C{--nodaemon}.
+        """
+        config = ServerOptions()
+        config.parseOptions(["-n", "dynllm", "-c", self.configWith(log_level="warning"), "--log-format", "json"])
+        self.assertIs(config["logger"], tap.twistdLogObserver)
+        daemonLog = config["logger"]()
+        self.assertIsInstance(daemonLog, logs.DaemonLog)
+        self.assertEqual((daemonLog.format, daemonLog.level), ("json", "warning"))
+        self.assertTrue(daemonLog.formatFixed)
+        self.assertIs(daemonLog.output, sys.stdout)
+
+    def test_twistdLogFile(self) -> None:
+        """
+        With twistd's C{--logfile}, the log is a L{logs.ReopenableFile} at
+        that path, in the configured format.
+        """
+        path = os.path.join(self.dir, "d.log")
+        config = ServerOptions()
+        config.parseOptions(["-n", f"--logfile={path}", "dynllm", "-c", self.configWith(log_format="json")])
+        daemonLog = config["logger"]()
+        self.addCleanup(daemonLog.output.close)
+        self.assertIsInstance(daemonLog.output, logs.ReopenableFile)
+        self.assertEqual((daemonLog.output.path, daemonLog.format), (path, "json"))
+
+    def test_twistdUserLogger(self) -> None:
+        """
+        A C{--logger} given to twistd still receives the events, through the
+        level filter.
+        """
+        config = ServerOptions()
+        config.parseOptions(
+            ["-n", "--logger=benchmarks._jsonlog.observer", "dynllm", "-c", self.configWith(log_level="error")]
+        )
+        daemonLog = config["logger"]()
+        self.assertEqual(daemonLog.level, "error")
+        self.assertEqual(type(daemonLog.output).__name__, "FileLogObserver")
+
+    def test_twist(self) -> None:
+        """
+        Under twist, the plugin sets its C{fileLogObserverFactory} (over
+        twist's choice of JSON with record separators on a pipe) and lets
+        the configured level decide rather than twist's default floor.
+        """
+        options = TwistOptions()
+        options.parseOptions(["dynllm", "-c", self.configWith(log_level="debug")])
+        self.assertEqual(options["logLevel"], LogLevel.debug)
+        daemonLog = options["fileLogObserverFactory"](io.StringIO())
+        self.assertEqual((daemonLog.format, daemonLog.level), ("text", "debug"))
+        self.assertFalse(daemonLog.formatFixed)
+
+    def test_twistLogFile(self) -> None:
+        """
+        A regular file twist opened (its C{--log-file}) is reopenable; the
+        format is dynllm's C{--log-format}, whatever twist's says.
+        """
+        path = os.path.join(self.dir, "t.log")
+        options = TwistOptions()
+        options.parseOptions(
+            ["--log-format", "text", f"--log-file={path}", "dynllm", "-c", self.goodConfig(), "--log-format", "json"]
+        )
+        daemonLog = options["fileLogObserverFactory"](options["logFile"])
+        self.addCleanup(daemonLog.output.close)
+        self.assertEqual(daemonLog.format, "json")
+        self.assertIsInstance(daemonLog.output, logs.ReopenableFile)
+        self.assertEqual(daemonLog.output.path, path)
 
 
 class MakeServiceTests(TapTestMixin, TestCase):

@@ -16,12 +16,13 @@ a response with L{APIError.body} and L{APIError.headers}.
 from __future__ import annotations
 
 import json
-
+import re
 from typing import Any
 
 from attrs import evolve, field, frozen
 
 from dynllm.exceptions import (
+    LAST_OUTPUT,
     LoadFailed,
     LoadTimedOut,
     ModelBusy,
@@ -128,6 +129,64 @@ def modelNotFound(name: str) -> APIError:
     )
 
 
+#: An absolute path (POSIX), as an error from the system or a backend
+#: names it: a slash that starts a word, then non-blank characters.
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.~/-])/(?:[^\s'\"`:;,()\[\]{}<>/]+/)*([^\s'\"`:;,()\[\]{}<>/]+)/?")
+
+
+def withoutPaths(text: str) -> str:
+    """
+    @return: C{text} with each absolute path cut to its last part
+        (C{/home/me/llama.cpp/llama-server} becomes C{llama-server}): a
+        client learns what failed without learning the machine's layout.
+        URL paths (after a host) are left as they are.
+    """
+    return _ABSOLUTE_PATH.sub(r"\1", text)
+
+
+def logsHint(name: str) -> str:
+    """
+    @return: where an admin finds model C{name}'s backend output.
+    """
+    return f"its backend's output is at /admin/models/{name}/logs and in dynllm's log"
+
+
+def loadFailed(error: LoadFailed) -> APIError:
+    """
+    @return: a 502 for a model that could not be loaded: the reason,
+        without paths and without the backend's output (which may hold
+        paths, keys' file names, or lines of an earlier run), and where
+        the output is.
+    """
+    return backendFailed(f"{withoutPaths(error.reason)}; {logsHint(error.name)}")
+
+
+def modelFailed(name: str, lastError: str | None) -> APIError:
+    """
+    @param lastError: The model's C{last_error} (L{LoadFailed}'s text, or
+        another sentence), or C{None}.
+    @return: a 503 C{model_failed} for a model whose last load failed, for
+        a request that does not load it (KServe's readiness): the reason's
+        first sentence, without paths or output, and where the output is.
+    """
+    reason = (lastError or "").split(LAST_OUTPUT)[0].strip()
+    because = f": {withoutPaths(reason)}" if reason else ""
+    return APIError(503, f"model {name!r} failed to load{because}; {logsHint(name)}", "server_error", "model_failed")
+
+
+def describeError(error: BaseException) -> str:
+    """
+    @return: a sentence for C{error}, never a Python repr: the messages of
+        the failures a Twisted web client error wraps (C{ResponseFailed},
+        C{RequestTransmissionFailed}: their C{str} is a list of
+        C{Failure} reprs), else C{str(error)}, else the exception's name.
+    """
+    reasons = getattr(error, "reasons", None)
+    if isinstance(reasons, list) and reasons:
+        return "; ".join(withoutPaths(getattr(r, "getErrorMessage", lambda: str(r))()) for r in reasons)
+    return withoutPaths(str(error)) or type(error).__name__
+
+
 def backendFailed(message: str) -> APIError:
     """
     @return: a 502 for a backend that died or answered nothing usable.
@@ -156,7 +215,7 @@ def fromScheduler(error: SchedulerError) -> APIError:
     @return: the L{APIError} a client gets for C{error}: 404
         C{model_not_found} for L{UnknownModel}, 409 C{model_busy} or
         C{model_loading} for L{ModelBusy}, 502 C{backend_error} for
-        L{LoadFailed}, 504 C{load_timeout} for L{LoadTimedOut}, 503
+        L{LoadFailed} (L{loadFailed}: no output, no paths), 504 C{load_timeout} for L{LoadTimedOut}, 503
         C{model_capacity} with C{Retry-After} for L{NoCapacity}, 503
         C{shutting_down} for L{ShuttingDown}, 503 C{model_unloaded} for
         L{ModelUnloaded}, 504 C{upstream_timeout} for L{UpstreamTimeout},
@@ -169,7 +228,7 @@ def fromScheduler(error: SchedulerError) -> APIError:
         code = "model_loading" if error.loading else "model_busy"
         return APIError(409, message, "invalid_request_error", code)
     if isinstance(error, LoadFailed):
-        return backendFailed(message)
+        return loadFailed(error)
     if isinstance(error, LoadTimedOut):
         return loadTimedOut(message)
     if isinstance(error, NoCapacity):

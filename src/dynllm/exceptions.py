@@ -59,8 +59,9 @@ class LoadFailed(SchedulerError):
     ready.
 
     @ivar name: The model.
-    @ivar reason: A sentence saying what happened.
-    @ivar logTail: The backend's last lines of output, oldest first.
+    @ivar reason: A sentence saying what happened (it may name files).
+    @ivar logTail: The backend's last lines of output in this run, oldest
+        first.
     """
 
     name: str
@@ -68,9 +69,19 @@ class LoadFailed(SchedulerError):
     logTail: tuple[str, ...] = ()
 
     def __str__(self) -> str:
+        """
+        @return: the reason and the output, for the daemon's log and the
+            admin's C{last_error}: clients get less
+            (L{dynllm.errors.fromScheduler}).
+        """
         if self.logTail:
-            return f"{self.reason}; last output:\n" + "\n".join(self.logTail)
+            return f"{self.reason}{LAST_OUTPUT}" + "\n".join(self.logTail)
         return self.reason
+
+
+#: What separates the reason of a L{LoadFailed} from its output lines in
+#: its text (and so in a model's C{last_error}).
+LAST_OUTPUT = "; last output:\n"
 
 
 @frozen(auto_exc=True)

@@ -16,7 +16,7 @@ import shutil
 import signal
 import sys
 from collections import deque
-from typing import Callable, cast
+from typing import Callable, Iterable, cast
 
 from attrs import define, field
 from twisted.internet import defer, error
@@ -27,6 +27,9 @@ from twisted.python.failure import Failure
 from dynllm.logs import logger
 
 log = logger(__name__)
+
+#: The name of each output stream, for the C{stream} field of a line's event.
+STREAMS = {1: "stdout", 2: "stderr"}
 
 #: Prefix that puts a program in a new session (so in its own process group)
 #: without forking: util-linux setsid execs in place for a non-leader, so the
@@ -42,47 +45,166 @@ _SETSID_ARGV = (
 @define
 class LogRing:
     """
-    The last lines a backend printed.
+    The last lines a backend printed. Lines may be kept as bytes, as read,
+    and are decoded (UTF-8, bad bytes replaced) only when read back: most
+    lines of a chatty backend are pushed out unread.
 
     @ivar size: How many lines are kept.
     """
 
     size: int = 200
-    _lines: deque[str] = field(init=False)
+    _lines: deque[str | bytes] = field(init=False)
 
     def __attrs_post_init__(self) -> None:
         self._lines = deque(maxlen=self.size)
 
-    def append(self, line: str) -> None:
+    def append(self, line: str | bytes) -> None:
         """
         Keep C{line}, dropping the oldest one when full.
         """
         self._lines.append(line)
 
+    def extend(self, lines: Iterable[str | bytes]) -> None:
+        """
+        Keep C{lines}, in order, dropping the oldest ones when full.
+        """
+        self._lines.extend(lines)
+
     def tail(self, count: int) -> list[str]:
         """
         @return: the last C{count} lines, oldest first.
         """
-        return list(self._lines)[-count:] if count > 0 else []
+        if count <= 0:
+            return []
+        return [
+            line.decode("utf-8", "replace") if isinstance(line, bytes) else line
+            for line in list(self._lines)[-count:]
+        ]
+
+
+@define
+class LogBudget:
+    """
+    How much of one backend's output goes to the daemon's log: at most
+    L{maxLines} lines and L{maxBytes} bytes in each L{interval} (a window that
+    starts with the first line after the last one ended). Lines beyond
+    that are counted, not logged, and the count is logged once at the end
+    of the window: a backend printing 50 MB/s would otherwise grow the
+    daemon's log as fast, and cost the daemon most of a core to format it.
+
+    @ivar model: The model whose backend prints (for the message).
+    @ivar clock: Times the windows.
+    @ivar maxLines: Lines logged per window, at most.
+    @ivar maxBytes: Bytes of lines logged per window, at most.
+    @ivar interval: The window's length, in seconds.
+    @ivar dropped: Lines not logged in the current window.
+    @ivar droppedTotal: Lines not logged since the backend started.
+    """
+
+    model: str
+    clock: IReactorTime
+    maxLines: int = 1000
+    maxBytes: int = 1 << 20
+    interval: float = 10.0
+    dropped: int = field(default=0, init=False)
+    droppedTotal: int = field(default=0, init=False)
+    _usedLines: int = field(default=0, init=False)
+    _usedBytes: int = field(default=0, init=False)
+    _windowStart: float | None = field(default=None, init=False)
+    _report: IDelayedCall | None = field(default=None, init=False)
+
+    def admit(self, lines: list[bytes]) -> int:
+        """
+        Take C{lines} (printed in this order) against the window's budget.
+
+        @return: how many of the first C{lines} may be logged; the others
+            are counted as dropped.
+        """
+        now = self.clock.seconds()
+        if self._windowStart is None or now - self._windowStart >= self.interval:
+            self._newWindow(now)
+        admitted = 0
+        if self.dropped == 0:
+            for line in lines:
+                if self._usedLines >= self.maxLines or self._usedBytes + len(line) > self.maxBytes:
+                    break
+                self._usedLines += 1
+                self._usedBytes += len(line)
+                admitted += 1
+        rest = len(lines) - admitted
+        if rest:
+            self.dropped += rest
+            self.droppedTotal += rest
+            if self._report is None:
+                assert self._windowStart is not None
+                self._report = self.clock.callLater(self._windowStart + self.interval - now, self.report)
+        return admitted
+
+    def _newWindow(self, now: float) -> None:
+        self.report()
+        self._windowStart = now
+        self._usedLines = self._usedBytes = 0
+
+    def report(self) -> None:
+        """
+        Log how many lines were not logged in the window, if any, and end
+        the window (call it when the backend has exited too).
+        """
+        if self._report is not None:
+            if self._report.active():
+                self._report.cancel()
+            self._report = None
+        if self.dropped:
+            elapsed = self.clock.seconds() - (self._windowStart or 0.0)
+            log.warn(
+                "model {model}: {count:,} {unit} of backend output not logged in the last {seconds:.0f} s;"
+                " see /admin/models/{model}/logs",
+                model=self.model,
+                count=self.dropped,
+                unit="line" if self.dropped == 1 else "lines",
+                seconds=min(max(elapsed, 1.0), self.interval),
+                dropped=self.dropped,
+            )
+            self.dropped = 0
+        self._windowStart = None
 
 
 class BackendProcessProtocol(ProcessProtocol):
     """
-    Drains a backend's stdout and stderr line by line into a L{LogRing} and
-    the twistd log, and tells waiters when the process has exited.
+    Drains a backend's stdout and stderr into a L{LogRing} and the twistd
+    log, one log event per line, and tells waiters when the process has
+    exited.
+
+    A line ends at a newline or at a carriage return (progress bars redraw
+    their line with one); a line longer than L{maxLineLength} bytes is cut
+    into pieces of that length, each logged as a line that says so. The
+    log gets at most what L{LogBudget} admits; the ring keeps the last lines
+    whatever the log got.
 
     @ivar exitReason: C{None} while running, then the C{ProcessDone} or
         C{ProcessTerminated} exception.
+    @ivar budget: The log's budget for this output, or C{None} for none.
+    @ivar lineCount: How many lines the process printed.
     """
 
     maxLineLength = 16384
 
     def __init__(
-        self, name: str, ring: LogRing, onLine: Callable[[str], object] | None = None
+        self,
+        name: str,
+        ring: LogRing,
+        onLine: Callable[[str], object] | None = None,
+        clock: IReactorTime | None = None,
     ) -> None:
+        """
+        @param clock: Times the log's budget (L{LogBudget}); without one,
+            every line is logged.
+        """
         self.name = name
         self.ring = ring
         self.onLine = onLine
+        self.budget = LogBudget(name, clock) if clock is not None else None
+        self.lineCount = 0
         self.exitReason: Exception | None = None
         self._buffers = {1: b"", 2: b""}
         self._waiters: list[defer.Deferred[Exception]] = []
@@ -90,29 +212,47 @@ class BackendProcessProtocol(ProcessProtocol):
         self._ended = False
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
+        if b"\r" in data:
+            data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         buffered = self._buffers.get(childFD, b"") + data
         *lines, rest = buffered.split(b"\n")
-        if len(rest) > self.maxLineLength:
-            lines.append(rest)
-            rest = b""
+        # Cut only what is surely longer than a line may be: a line of
+        # exactly maxLineLength bytes may still end with the next read.
+        pieces = (len(rest) - 1) // self.maxLineLength if rest else 0
+        if pieces:
+            end = pieces * self.maxLineLength
+            lines.extend(rest[i : i + self.maxLineLength] for i in range(0, end, self.maxLineLength))
+            rest = rest[end:]
         self._buffers[childFD] = rest
-        self._lines(lines)
+        self._lines(lines, STREAMS.get(childFD, str(childFD)), pieces)
 
-    def _lines(self, raw: list[bytes]) -> None:
+    def _lines(self, raw: list[bytes], stream: str, pieces: int = 0) -> None:
         """
-        Keep, log and report complete lines of output: one log event for
-        all the lines of one read (a backend prints several per request).
+        Keep, log and report complete lines of output, each line one event.
+
+        @param pieces: How many of the last of C{raw} are pieces of a line
+            longer than L{maxLineLength}.
         """
-        lines = [r.rstrip(b"\r").decode("utf-8", "replace") for r in raw]
-        lines = [line for line in lines if line]
-        if not lines:
+        if b"" in raw:
+            raw = [r for r in raw if r]
+        if not raw:
             return
-        for line in lines:
-            self.ring.append(line)
-        log.info("[{model}] {lines}", model=self.name, lines="\n".join(lines))
+        self.lineCount += len(raw)
+        admitted = len(raw) if self.budget is None else self.budget.admit(raw)
+        self.ring.extend(raw[-self.ring.size :])
+        cutFrom = len(raw) - pieces
+        for i in range(admitted):
+            line = raw[i].decode("utf-8", "replace")
+            if i >= cutFrom:
+                log.info(
+                    "[{model}] {line} [cut: longer than {limit} bytes; continued on the next line]",
+                    model=self.name, line=line, stream=stream, limit=self.maxLineLength,
+                )
+            else:
+                log.info("[{model}] {line}", model=self.name, line=line, stream=stream)
         if self.onLine is not None:
-            for line in lines:
-                self.onLine(line)
+            for r in raw:
+                self.onLine(r.decode("utf-8", "replace"))
 
     def whenExited(self) -> defer.Deferred[Exception]:
         """
@@ -142,8 +282,10 @@ class BackendProcessProtocol(ProcessProtocol):
     def _flush(self) -> None:
         for fd, rest in self._buffers.items():
             if rest:
-                self._lines([rest])
+                self._lines([rest], STREAMS.get(fd, str(fd)))
                 self._buffers[fd] = b""
+        if self.budget is not None:
+            self.budget.report()
 
     def processExited(self, reason: Failure) -> None:
         self._flush()
@@ -198,6 +340,15 @@ def signalGroup(pgid: int, signalName: str) -> bool:
     return True
 
 
+def _passOnLine(process: ManagedProcess, attribute: object, onLine: Callable[[str], object] | None) -> object:
+    # A new onLine reaches the running program's protocol too (decoding
+    # every line for a callback that is done with them costs a chatty
+    # backend's daemon dearly).
+    if process._proto is not None:
+        process._proto.onLine = onLine
+    return onLine
+
+
 @define
 class ManagedProcess:
     """
@@ -210,7 +361,8 @@ class ManagedProcess:
     @ivar killTime: Seconds between TERM and KILL.
     @ivar newSession: Run in a new session and signal the whole group; turn
         off only for fake reactors in tests.
-    @ivar onLine: Called with each line the program prints.
+    @ivar onLine: Called with each line the program prints, from now on
+        (set it to C{None} when no more lines are wanted).
     @ivar ring: The program's last output lines.
     """
 
@@ -220,7 +372,7 @@ class ManagedProcess:
     env: dict[str, str] | None = field(default=None, repr=False)  # holds backend keys
     killTime: float = 5.0
     newSession: bool = True
-    onLine: Callable[[str], object] | None = None
+    onLine: Callable[[str], object] | None = field(default=None, on_setattr=_passOnLine)
     ring: LogRing = field(factory=LogRing)
     pid: int | None = field(default=None, init=False)
     startTime: int | None = field(default=None, init=False)
@@ -235,7 +387,7 @@ class ManagedProcess:
         @return: its pid, which is also its process group id.
         @raise OSError: if it could not be spawned.
         """
-        proto = BackendProcessProtocol(self.name, self.ring, self.onLine)
+        proto = BackendProcessProtocol(self.name, self.ring, self.onLine, IReactorTime(self.reactor))
         argv = [*_SETSID_ARGV, *self.argv] if self.newSession else list(self.argv)
         self._transport = self.reactor.spawnProcess(
             proto, argv[0], argv, env=self.env, childFDs={0: "w", 1: "r", 2: "r"}
@@ -271,6 +423,16 @@ class ManagedProcess:
         if self._proto is None:
             return defer.succeed(error.ProcessDone(0))
         return self._proto.whenEnded()
+
+    def tail(self, count: int) -> list[str]:
+        """
+        @return: the last C{count} lines that this run of the program
+            printed, oldest first: none of an earlier run's, though the
+            ring may hold them.
+        """
+        if self._proto is None:
+            return []
+        return self.ring.tail(min(count, self._proto.lineCount))
 
     def _reapGroup(self, reason: Exception) -> Exception:
         # The leader is gone; anything it left in its group goes too.

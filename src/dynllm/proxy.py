@@ -24,6 +24,7 @@ import math
 from typing import Any, Callable, Iterator, Mapping, cast
 
 from twisted.internet import defer
+from twisted.internet.error import ConnectingCancelledError
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.task import CooperativeTask, Cooperator, NotPaused, TaskFinished, TaskStopped
@@ -554,8 +555,11 @@ async def forward(
             raise errors.backendFailed(f"the backend sent no response: {e.reasons[0].getErrorMessage()}")
         except (defer.CancelledError, errors.APIError):
             raise
+        except ConnectingCancelledError:
+            # The client left while we connected: not the backend's fault.
+            raise defer.CancelledError() from None
         except Exception as e:
-            raise errors.backendFailed(f"could not reach the backend: {e}") from None
+            raise errors.backendFailed(f"could not reach the backend: {errors.describeError(e)}") from None
     except defer.CancelledError:
         if guard.reason is not None:
             raise guard.reason from None

@@ -23,7 +23,7 @@ from dynllm.config import Config
 RESTART_ONLY = ("server.host", "server.port", "db_path")
 
 #: Settings read once at start; a change is applied at the next start.
-AT_START = ("log_format",)
+AT_START: tuple[str, ...] = ()
 
 
 class RestartRequired(Exception):

@@ -421,10 +421,7 @@ class DynLLMRoutes:
             state = self.manager.describe(model.name)
             request.setHeader(STATE_HEADER, state["status"].encode("ascii"))
             if state["status"] == FAILED:
-                raise errors.APIError(
-                    503, f"model {model.name!r} failed to load: {state['last_error']}", "server_error",
-                    "model_failed"
-                )
+                raise errors.modelFailed(model.name, state["last_error"])
             return b""
         request.setHeader(STATE_HEADER, b"loaded")
         try:

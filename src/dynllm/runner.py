@@ -221,9 +221,10 @@ class BackendRun:
 
     def logTail(self, count: int = FAILURE_LOG_LINES) -> list[str]:
         """
-        @return: the backend's last C{count} lines of output.
+        @return: the backend's last C{count} lines of output in this run
+            (not an earlier run's, which the model's ring may still hold).
         """
-        return self.process.ring.tail(count)
+        return self.process.tail(count)
 
     # Readiness.
 
@@ -263,6 +264,8 @@ class BackendRun:
             return
         if isReady:
             self.ready = True
+            # Its lines are no longer hints of readiness.
+            self.process.onLine = None
             waiters, self._readyWaiters = self._readyWaiters, []
             for d in waiters:
                 d.callback(None)

@@ -89,6 +89,7 @@ class DynLLMService(MultiService):
         self.manager.reconfigure(config)
         self.routes.config = config
         logs.setLevel(config.log_level)
+        logs.setFormat(config.log_format)
         site = self.site
         if site is not None:
             site.maxBodyBytes = int(config.max_request_body_mb * 1024 * 1024)
@@ -160,7 +161,6 @@ def makeService(config: Config, reactor: Any = None, listen: bool = True, persis
     """
     if reactor is None:
         from twisted.internet import reactor
-    logs.setLevel(config.log_level)
     agent, pool = makeAgent(reactor)
     http = HTTPClient(agent)
     store: IStateStore = SQLiteStateStore(config.db_path, reactor) if persist else MemoryStateStore()
