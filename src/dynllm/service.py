@@ -138,7 +138,11 @@ def makeService(config: Config, reactor: Any = None, listen: bool = True, persis
         endpointType = TCP6ServerEndpoint if ":" in host else TCP4ServerEndpoint
         endpoint = endpointType(reactor, config.server.port, interface=host)
         site = makeSite(
-            routes.resource(), int(config.max_request_body_mb * 1024 * 1024), config.server.cors_origins
+            routes.resource(),
+            int(config.max_request_body_mb * 1024 * 1024),
+            config.server.cors_origins,
+            requestTimeout=config.server.request_timeout_seconds,
+            maxConnections=config.server.max_connections,
         )
         http_service = StreamServerEndpointService(endpoint, site)
         http_service._raiseSynchronously = True
