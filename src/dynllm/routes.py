@@ -15,7 +15,7 @@ import hmac
 import json
 import re
 from typing import Any, Callable, Sequence, cast
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from attrs import define, evolve, field
 from klein import Klein
@@ -23,8 +23,8 @@ from twisted.internet import defer
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.server import Request
-from werkzeug.exceptions import HTTPException
-from werkzeug.routing import PathConverter
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
+from werkzeug.routing import PathConverter, RequestRedirect
 
 from dynllm import endpoints, errors, multipart
 from dynllm.config import Config, ModelConfig
@@ -216,6 +216,16 @@ class DynLLMRoutes:
         e = cast(HTTPException, failure.value)
         kind = "not_found_error" if e.code == 404 else "invalid_request_error"
         message = f"{request.method.decode()} {request.path.decode('latin-1')}: {e.name}"
+        if isinstance(e, RequestRedirect):
+            # werkzeug's URL is absolute, built from the Host header: a
+            # relative reference (RFC 9110 section 10.2.2) is enough.
+            target = urlsplit(e.new_url)
+            location = target.path + (f"?{target.query}" if target.query else _query(request))
+            request.setHeader(b"Location", location.encode("ascii", "replace"))
+            message += f"; use {target.path}"
+        if isinstance(e, MethodNotAllowed) and e.valid_methods:
+            # RFC 9110 section 15.5.6: a 405 lists the methods allowed.
+            request.setHeader(b"Allow", ", ".join(sorted(e.valid_methods)).encode("ascii"))
         # No route: the API is known only from the client's headers.
         error = errors.inShapeOf(errors.APIError(e.code or 500, message, kind), request.requestHeaders)
         body: bytes = self.apiError(request, Failure(error))
@@ -358,6 +368,7 @@ class DynLLMRoutes:
             raise errors.APIError(404, f"{request.method.decode()} {request.path.decode('latin-1')}: Not Found",
                                   "not_found_error")
         if request.method.decode() != method:
+            request.setHeader(b"Allow", method.encode("ascii"))
             raise errors.APIError(405, f"{request.method.decode()} is not allowed here; use {method}",
                                   "invalid_request_error")
         route = "/v2/models/{name}" + ("/infer" if operation == "/infer" else "")
