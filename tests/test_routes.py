@@ -25,6 +25,7 @@ from dynllm.routes import DynLLMRoutes
 from dynllm import exceptions
 from dynllm.lease import RequestOptions
 from dynllm.testing import StubManager
+from dynllm.bodies import MAX_DEPTH
 from dynllm.site import DynLLMSite
 from tests.support import checkEnvelope
 from tests.test_site import Response
@@ -941,10 +942,11 @@ class AmbiguityTests(EveryEndpointTests):
 
     def test_nestedTooDeeply(self):
         """
-        JSON nested deeper than Python parses is a 400 C{invalid_json}, in
-        Anthropic's shape on its routes, never a 500 page.
+        JSON nested deeper than L{MAX_DEPTH} levels is a 400
+        C{invalid_json}, in Anthropic's shape on its routes, never a 500
+        page.
         """
-        body = b'{"model": "llama", "x": ' + b"[" * 100000 + b"]" * 100000 + b"}"
+        body = b'{"model": "llama", "x": ' + b"[" * MAX_DEPTH + b"]" * MAX_DEPTH + b"}"
         self.assertEnvelope(self.call("POST", "/v1/chat/completions", body), 400, "invalid_json")
         status, _, answer = self.call("POST", "/v1/messages", body)
         self.assertEqual((status, json.loads(answer)["type"]), (400, "error"))
