@@ -13,9 +13,10 @@ from urllib.parse import quote
 from attrs import evolve
 from treq.testing import RequestTraversalAgent, StubTreq
 from twisted.internet.address import IPv4Address
+from twisted.internet import defer, reactor, task
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web import resource
 
 from dynllm import endpoints
@@ -25,7 +26,7 @@ from dynllm.routes import DynLLMRoutes
 from dynllm import exceptions
 from dynllm.lease import RequestOptions
 from dynllm.testing import StubManager
-from dynllm.bodies import MAX_DEPTH
+from dynllm.bodies import INLINE_BYTES, MAX_DEPTH, BodyExaminer
 from dynllm.site import DynLLMSite
 from tests.support import checkEnvelope
 from tests.test_site import Response
@@ -1074,3 +1075,58 @@ class PathSpellingTests(SynchronousTestCase):
         self.assertEqual((status, headers["allow"]), (405, "POST"))
         status, headers, _ = self.send("GET", "/v2/models/chat/infer")
         self.assertEqual((status, headers["allow"]), (405, "POST"))
+
+
+class LargeBodyTests(TestCase):
+    """
+    Bodies too large to examine in the daemon, on the real reactor (the
+    routes' other collaborators stay in memory).
+    """
+
+    def setUp(self):
+        self.case = EveryEndpointTests("test_openvinoPaths")
+        self.case.setUp()
+        self.case.routes.examiner = BodyExaminer(reactor)
+
+    @defer.inlineCallbacks
+    def call(self, path, body):
+        """
+        @return: C{(status, body)} of a POST of C{body} to C{path}.
+        """
+        case = self.case
+        d = case.client.request("POST", "http://dynllm" + path, data=body)
+        responses, contents = [], []
+        d.addCallback(lambda response: responses.append(response) or case.client.content(response))
+        d.addCallback(contents.append)
+        while not contents:
+            case.client.flush()
+            case.agent.flush()
+            case.clock.advance(0)
+            yield task.deferLater(reactor, 0.005, lambda: None)
+        return responses[0].code, contents[0]
+
+    @defer.inlineCallbacks
+    def test_renamedLarge(self):
+        """
+        A large chat request for a transformers model reaches the backend
+        as sent, byte for byte, but for the model's value, which names the
+        model's path.
+        """
+        path = self.case.path("hf-chat")
+        body = b'{"model" : "hf-chat", "messages": [{"role": "user", "content": "%s"}], "x": 1.50}' % (
+            b"\\u00e9" * INLINE_BYTES,
+        )
+        status, _ = yield self.call("/v1/chat/completions", body)
+        self.assertEqual(status, 200)
+        sent = self.case.backend.requests[-1][3]
+        self.assertEqual(sent, body.replace(b'"hf-chat"', json.dumps(path).encode(), 1))
+
+    @defer.inlineCallbacks
+    def test_refusedLarge(self):
+        """
+        A large body that is not JSON gets the same 400 as a small one, and
+        nothing reaches a backend.
+        """
+        status, answer = yield self.call("/v1/chat/completions", b'{"model": "llama", "x": "' + b"a" * INLINE_BYTES)
+        self.assertEqual((status, json.loads(answer)["error"]["code"]), (400, "invalid_json"))
+        self.assertEqual(self.case.backend.requests, [])
