@@ -16,6 +16,7 @@ import os
 import socket
 import struct
 import tempfile
+import threading
 import time
 import tracemalloc
 import zlib
@@ -1598,3 +1599,72 @@ class HostileClientTests(DaemonCase):
         checkEnvelope(self, response.status, response.body, 408, "request_timeout")
         self.assertGreaterEqual(elapsed, self.TIMEOUT - 0.5)
         self.assertLess(elapsed, self.TIMEOUT + 4)
+
+
+class BigBodyDaemonTests(DaemonCase):
+    """
+    Large and hostile JSON bodies against a real daemon.
+    """
+
+    def setUp(self) -> None:
+        config = {
+            "total_vram_mb": 1000,
+            "enabled_backends": ["llamacpp"],
+            "backend": {"llamacpp_binary": FAKE_BACKEND},
+            "models": [
+                {"name": "m", "path": tinyModels()["tiny-llama.gguf"], "backend": "llamacpp", "vram_mb": 100}
+            ],
+        }
+        self.startDaemon(config)
+
+    def peakMemory(self) -> int:
+        """
+        @return: the daemon's peak resident memory so far, in bytes
+            (C{VmHWM}, proc(5)).
+        """
+        assert self.daemon.process is not None
+        with open(f"/proc/{self.daemon.process.pid}/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+        raise AssertionError("no VmHWM")
+
+    def test_emptyObjectsMemory(self) -> None:
+        """
+        Four bodies of 16 MB of empty objects at once (whose object trees
+        would take about 25 times their size) raise the daemon's peak
+        memory by less than one body's size, and each gets its answer (404
+        here: the model they name does not exist) in bounded time.
+        """
+        body = b'{"model": "nope", "x": [' + b",".join([b"{}"] * (16 * MB // 3)) + b"]}"
+        self.daemon.get("/v1/models")
+        before = self.peakMemory()
+        started = time.monotonic()
+        statuses: list[int] = []
+
+        def post() -> None:
+            statuses.append(
+                request("POST", self.daemon.url + "/v1/chat/completions", body,
+                        {"Content-Type": "application/json"}, timeout=120)[0]
+            )
+
+        threads = [threading.Thread(target=post) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(150)
+        self.assertEqual(statuses, [404] * 4)
+        self.assertLess(time.monotonic() - started, 120)
+        self.assertLess(self.peakMemory() - before, len(body))
+
+    def test_deeplyNested(self) -> None:
+        """
+        JSON nested 1,000 (and 100,000) levels deep gets 400 C{invalid_json}
+        in the envelope, small or large.
+        """
+        for depth in (1000, 100_000):
+            body = b'{"model": "m", "x": ' + b"[" * depth + b"]" * depth + b"}"
+            status, _, answer = request(
+                "POST", self.daemon.url + "/v1/chat/completions", body, {"Content-Type": "application/json"}
+            )
+            checkEnvelope(self, status, answer, 400, "invalid_json")
