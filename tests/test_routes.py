@@ -12,8 +12,11 @@ from urllib.parse import quote
 
 from attrs import evolve
 from treq.testing import RequestTraversalAgent, StubTreq
+from twisted.internet.address import IPv4Address
+from twisted.internet import defer, reactor, task
 from twisted.internet.task import Clock
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.internet.testing import StringTransport
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web import resource
 
 from dynllm import endpoints
@@ -23,7 +26,10 @@ from dynllm.routes import DynLLMRoutes
 from dynllm import exceptions
 from dynllm.lease import RequestOptions
 from dynllm.testing import StubManager
+from dynllm.bodies import INLINE_BYTES, MAX_DEPTH, BodyExaminer
+from dynllm.site import DynLLMSite
 from tests.support import checkEnvelope
+from tests.test_site import Response
 
 
 class FakeBackendResource(resource.Resource):
@@ -942,10 +948,11 @@ class AmbiguityTests(EveryEndpointTests):
 
     def test_nestedTooDeeply(self):
         """
-        JSON nested deeper than Python parses is a 400 C{invalid_json}, in
-        Anthropic's shape on its routes, never a 500 page.
+        JSON nested deeper than L{MAX_DEPTH} levels is a 400
+        C{invalid_json}, in Anthropic's shape on its routes, never a 500
+        page.
         """
-        body = b'{"model": "llama", "x": ' + b"[" * 100000 + b"]" * 100000 + b"}"
+        body = b'{"model": "llama", "x": ' + b"[" * MAX_DEPTH + b"]" * MAX_DEPTH + b"}"
         self.assertEnvelope(self.call("POST", "/v1/chat/completions", body), 400, "invalid_json")
         status, _, answer = self.call("POST", "/v1/messages", body)
         self.assertEqual((status, json.loads(answer)["type"]), (400, "error"))
@@ -966,3 +973,165 @@ class AmbiguityTests(EveryEndpointTests):
             )
             self.assertIn("more than once", error["message"])
         self.assertEqual(self.backend.requests, [])
+
+
+class PathSpellingTests(SynchronousTestCase):
+    """
+    Every spelling of every route's path (C{//v1/...} from a base URL that
+    ends in C{/}, C{//} inside, a trailing C{/}) gets the canonical path's
+    answer or a clear error in the envelope, through the real site (in
+    memory, fed raw HTTP): a 308 with C{Location}, a 404, or a 405 with
+    C{Allow}; never a 500 or a page that is not JSON.
+    """
+
+    def setUp(self):
+        routes = RoutesTests("test_listModels")
+        routes.setUp()
+        self.routes = routes
+        self.site = DynLLMSite(routes.routes.resource(), 1 << 20, reactor=routes.clock)
+
+    def send(self, method, path, body=b""):
+        """
+        @return: the status, the headers (lower-case names) and the body
+            of the answer to one request on a new connection.
+        """
+        channel = self.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        self.addCleanup(channel.connectionLost, None)
+        channel.dataReceived(
+            b"%s %s HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+            % (method.encode(), path.encode(), len(body), body)
+        )
+        for _ in range(20):
+            self.routes.agent.flush()
+            self.routes.clock.advance(0)
+        response = Response(transport.value())
+        return response.status, {k: ", ".join(v) for k, v in response.headers.items()}, response.body
+
+    def routesToTry(self):
+        """
+        @return: C{(method, canonical path, body)} for every route.
+        """
+        chat = json.dumps({"model": "chat", "messages": []}).encode()
+        found = set()
+        for rule in self.routes.routes.app.url_map.iter_rules():
+            for method in (rule.methods or {"GET", "POST"}) - {"HEAD", "OPTIONS"}:
+                path = rule.rule.replace("<name:name>", "chat").replace("<name:rest>", "chat")
+                found.add((method, path, chat if method == "POST" else b""))
+        return sorted(found)
+
+    def spellings(self, path):
+        """
+        @return: the ways a client may mangle C{path}.
+        """
+        segments = path.split("/")
+        spelled = {"/" + path, path + "/", "//" + path}
+        spelled |= {"/".join(segments[:i]) + "//" + "/".join(segments[i:]) for i in range(2, len(segments))}
+        return sorted(spelled - {path})
+
+    def test_everySpelling(self):
+        """
+        The rule of this class, for each route and spelling.
+        """
+        for method, path, body in self.routesToTry():
+            canonical = self.send(method, path, body)
+            for spelled in self.spellings(path):
+                status, headers, answer = self.send(method, spelled, body)
+                where = f"{method} {spelled}"
+                self.assertLess(status, 500, where)
+                self.assertEqual(headers.get("content-type", "application/json").split(";")[0] in
+                                 ("application/json", "text/plain"), True, where)
+                if status == canonical[0]:
+                    continue
+                if status == 308:
+                    self.assertEqual(headers.get("location", "").rstrip("/"), path.rstrip("/"), where)
+                elif status == 405:
+                    self.assertIn("allow", headers, where)
+                else:
+                    self.assertIn(status, (400, 404), where)
+                if status >= 400:
+                    self.assertIn("error", json.loads(answer), where)
+
+    def test_leadingSlashes(self):
+        """
+        C{//v1/...} (a base URL ending in C{/}) is served as C{/v1/...}.
+        """
+        chat = json.dumps({"model": "chat", "messages": []}).encode()
+        self.assertEqual(self.send("POST", "//v1/chat/completions", chat)[0], 200)
+        self.assertEqual(self.send("GET", "//v1/models")[0], 200)
+        self.assertEqual(self.send("POST", "//v1/embeddings", json.dumps({"model": "emb"}).encode())[0], 200)
+
+    def test_redirectHasLocation(self):
+        """
+        C{//} inside a path is a 308 to the path with it merged, with
+        C{Location}, in the envelope.
+        """
+        status, headers, body = self.send("GET", "/v1//models?x=1")
+        self.assertEqual((status, headers["location"]), (308, "/v1/models?x=1"))
+        self.assertIn("/v1/models", json.loads(body)["error"]["message"])
+
+    def test_methodNotAllowedHasAllow(self):
+        """
+        A 405 says which methods the path takes, in C{Allow}, for the
+        table's routes and for KServe's.
+        """
+        status, headers, _ = self.send("GET", "/v1/chat/completions")
+        self.assertEqual((status, headers["allow"]), (405, "POST"))
+        status, headers, _ = self.send("GET", "/v2/models/chat/infer")
+        self.assertEqual((status, headers["allow"]), (405, "POST"))
+
+
+class LargeBodyTests(TestCase):
+    """
+    Bodies too large to examine in the daemon, on the real reactor (the
+    routes' other collaborators stay in memory).
+    """
+
+    def setUp(self):
+        self.case = EveryEndpointTests("test_openvinoPaths")
+        self.case.setUp()
+        self.case.routes.examiner = BodyExaminer(reactor)
+
+    @defer.inlineCallbacks
+    def call(self, path, body):
+        """
+        @return: C{(status, body)} of a POST of C{body} to C{path}.
+        """
+        case = self.case
+        d = case.client.request("POST", "http://dynllm" + path, data=body)
+        responses, contents = [], []
+        d.addCallback(lambda response: responses.append(response) or case.client.content(response))
+        d.addCallback(contents.append)
+        while not contents:
+            case.client.flush()
+            case.agent.flush()
+            case.clock.advance(0)
+            yield task.deferLater(reactor, 0.005, lambda: None)
+        return responses[0].code, contents[0]
+
+    @defer.inlineCallbacks
+    def test_renamedLarge(self):
+        """
+        A large chat request for a transformers model reaches the backend
+        as sent, byte for byte, but for the model's value, which names the
+        model's path.
+        """
+        path = self.case.path("hf-chat")
+        body = b'{"model" : "hf-chat", "messages": [{"role": "user", "content": "%s"}], "x": 1.50}' % (
+            b"\\u00e9" * INLINE_BYTES,
+        )
+        status, _ = yield self.call("/v1/chat/completions", body)
+        self.assertEqual(status, 200)
+        sent = self.case.backend.requests[-1][3]
+        self.assertEqual(sent, body.replace(b'"hf-chat"', json.dumps(path).encode(), 1))
+
+    @defer.inlineCallbacks
+    def test_refusedLarge(self):
+        """
+        A large body that is not JSON gets the same 400 as a small one, and
+        nothing reaches a backend.
+        """
+        status, answer = yield self.call("/v1/chat/completions", b'{"model": "llama", "x": "' + b"a" * INLINE_BYTES)
+        self.assertEqual((status, json.loads(answer)["error"]["code"]), (400, "invalid_json"))
+        self.assertEqual(self.case.backend.requests, [])

@@ -13,8 +13,11 @@ import http.client
 import io
 import json
 import os
+import socket
 import struct
 import tempfile
+import threading
+import time
 import tracemalloc
 import zlib
 from typing import Any
@@ -23,12 +26,22 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.web import resource
+from twisted.web import resource, server
 
 from dynllm import codings, errors, multipart
 from dynllm.config import ConfigError, parseConfig
 from dynllm.cors import DEFAULT_ALLOW_HEADERS, CORSPolicy
-from dynllm.site import LINGER_SECONDS, SPOOL_THRESHOLD, DynLLMSite, makeSite
+from dynllm.site import (
+    HANDLING,
+    IDLE,
+    LINGER_SECONDS,
+    MAX_CONNECTIONS_CEILING,
+    RECEIVING,
+    SPOOL_THRESHOLD,
+    DynLLMSite,
+    autoMaxConnections,
+    makeSite,
+)
 from tests import fakeovms
 from tests.support import FAKE_BACKEND, Daemon, checkEnvelope, llamaServer, pidAlive, request, tinyModels, waitFor
 
@@ -123,6 +136,19 @@ class Locked(resource.Resource):
         return error.body()
 
 
+class Hang(resource.Resource):
+    """
+    A leaf that never finishes its answer (as a long generation).
+    """
+
+    isLeaf = True
+
+    def render(self, request: Any) -> Any:
+        request.setHeader(b"Content-Type", b"text/event-stream")
+        request.write(b"data: 1\n\n")
+        return server.NOT_DONE_YET
+
+
 class Response:
     """
     A response parsed from the bytes written on a connection.
@@ -174,15 +200,21 @@ class SiteTestCase(SynchronousTestCase):
     anything else: twisted.web's 404) through a L{DynLLMSite} in memory.
     """
 
-    def serve(self, origins: tuple[str, ...] = (), maxBodyBytes: int = MB, echoHeaders: Any = None) -> None:
+    def serve(
+        self, origins: tuple[str, ...] = (), maxBodyBytes: int = MB, echoHeaders: Any = None, **options: Any
+    ) -> None:
         """
         Make the site; L{send} then talks to it.
+
+        @param options: More keyword arguments for L{DynLLMSite}.
         """
         self.echo = Echo(echoHeaders)
         root = resource.Resource()
         root.putChild(b"echo", self.echo)
         root.putChild(b"locked", Locked())
-        self.site = DynLLMSite(root, maxBodyBytes, CORSPolicy(frozenset(origins)), reactor=Clock())
+        root.putChild(b"hang", Hang())
+        self.clock = Clock()
+        self.site = DynLLMSite(root, maxBodyBytes, CORSPolicy(frozenset(origins)), reactor=self.clock, **options)
 
     def connect(self) -> tuple[Any, StringTransport]:
         """
@@ -1215,3 +1247,428 @@ class UploadTests(DaemonCase):
         )
         self.assertEqual(status, 200, body)
         self.assertIn(f"{len(audio)} bytes sha256={hashlib.sha256(audio).hexdigest()}", json.loads(body)["text"])
+
+
+# Deadlines, malformed requests and the connection limit.
+
+
+class DeadlineTests(SiteTestCase):
+    """
+    A request's head and body must arrive within C{requestTimeout} of its
+    first byte; connections without a request under way are closed after
+    C{idleTimeout}.
+    """
+
+    HEAD = b"POST /echo HTTP/1.1\r\nHost: localhost\r\nContent-Length: 10\r\n"
+
+    def test_slowHead(self) -> None:
+        """
+        A head sent a byte at a time, each byte well within the deadline,
+        gets 408 in the envelope once C{requestTimeout} has passed since
+        its first byte, and the connection is closed.
+        """
+        self.serve(requestTimeout=30)
+        channel, transport = self.connect()
+        for byte in self.HEAD[:29]:
+            channel.dataReceived(bytes([byte]))
+            self.clock.advance(1)
+        self.assertEqual(transport.value(), b"")
+        self.clock.advance(1)
+        response = Response(transport.value())
+        checkEnvelope(self, response.status, response.body, 408, "request_timeout")
+        self.assertEqual(response.header("connection"), "close")
+        self.clock.advance(LINGER_SECONDS)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.echo.seen, [])
+
+    def test_slowBody(self) -> None:
+        """
+        A body that has not arrived whole by the deadline gets 408 too, in
+        Anthropic's shape for an Anthropic client.
+        """
+        self.serve(requestTimeout=5)
+        channel, transport = self.connect()
+        channel.dataReceived(self.HEAD + b"anthropic-version: 2023-06-01\r\n\r\n12345")
+        self.clock.advance(5)
+        response = Response(transport.value())
+        self.assertEqual(response.status, 408)
+        self.assertEqual(json.loads(response.body)["type"], "error")
+        self.assertEqual(self.echo.seen, [])
+
+    def test_answerNotBounded(self) -> None:
+        """
+        Once the request has arrived, its answer may take as long as it
+        takes: the deadline and the idle timeout do not cut it.
+        """
+        self.serve(requestTimeout=5)
+        channel, transport = self.connect()
+        channel.dataReceived(b"GET /hang HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        self.assertEqual(channel.state, HANDLING)
+        self.clock.advance(3600)
+        self.assertFalse(transport.disconnecting)
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 200 "))
+
+    def test_inTime(self) -> None:
+        """
+        A request that arrives within the deadline is answered, and the
+        deadline is gone with it.
+        """
+        self.serve(requestTimeout=5)
+        channel, transport = self.connect()
+        channel.dataReceived(self.HEAD)
+        self.clock.advance(4)
+        channel.dataReceived(b"\r\n0123456789")
+        self.assertEqual(Response(transport.value()).status, 200)
+        self.assertEqual(self.clock.getDelayedCalls()[0].getTime() - self.clock.seconds(), 5)  # the idle timeout
+        self.assertEqual(channel.state, IDLE)
+
+    def test_idleNew(self) -> None:
+        """
+        A connection that sends nothing is closed after C{idleTimeout}.
+        """
+        self.serve(requestTimeout=30, idleTimeout=7)
+        channel, transport = self.connect()
+        self.clock.advance(6.9)
+        self.assertFalse(transport.disconnecting)
+        self.clock.advance(0.1)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(transport.value(), b"")
+
+    def test_idleBetweenRequests(self) -> None:
+        """
+        A kept-alive connection is closed C{idleTimeout} after its last
+        answer, and the next request's first byte stops that timeout.
+        """
+        self.serve(requestTimeout=30, idleTimeout=7)
+        channel, transport = self.connect()
+        channel.dataReceived(b"GET /echo HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        self.clock.advance(6)
+        channel.dataReceived(b"G")
+        self.assertEqual(channel.state, RECEIVING)
+        self.clock.advance(6)
+        self.assertFalse(transport.disconnecting)
+        channel.dataReceived(b"ET /echo HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        self.assertEqual(len(self.echo.seen), 2)
+        self.clock.advance(7)
+        self.assertTrue(transport.disconnecting)
+
+    def test_default(self) -> None:
+        """
+        The idle timeout is the request timeout unless given.
+        """
+        self.serve(requestTimeout=12)
+        self.assertEqual(self.site.idleTimeout, 12)
+
+
+class MalformedTests(SiteTestCase):
+    """
+    What twisted.web refuses to parse gets an answer in the envelope.
+    """
+
+    def answer(self, data: bytes) -> Response:
+        """
+        @return: the answer to C{data}, sent on a new connection, which
+            must be closing.
+        """
+        self.serve()
+        channel, transport = self.connect()
+        channel.dataReceived(data)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.echo.seen, [])
+        return Response(transport.value())
+
+    def test_requestLine(self) -> None:
+        """
+        A request line that is not C{METHOD TARGET VERSION} gets 400
+        C{malformed_request}.
+        """
+        for line in (b"GARBAGE", b"GET /echo", b"GET /echo HTTP/1.1 extra"):
+            response = self.answer(line + b"\r\nHost: x\r\n\r\n")
+            checkEnvelope(self, response.status, response.body, 400, "malformed_request")
+            self.assertEqual(response.header("connection"), "close")
+
+    def test_header(self) -> None:
+        """
+        A header line without a colon, or with a bad name, gets 400
+        C{malformed_request}.
+        """
+        for header in (b"no colon here", b"bad name: x", b"Content-Length: twelve"):
+            response = self.answer(b"GET /echo HTTP/1.1\r\nHost: x\r\n" + header + b"\r\n\r\n")
+            checkEnvelope(self, response.status, response.body, 400, "malformed_request")
+
+    def test_chunked(self) -> None:
+        """
+        A chunked body with a bad chunk size gets 400 C{malformed_request}.
+        """
+        response = self.answer(
+            b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"
+        )
+        checkEnvelope(self, response.status, response.body, 400, "malformed_request")
+
+    def test_headTooLarge(self) -> None:
+        """
+        A head larger than twisted.web accepts, in one line or in many,
+        gets 431 C{headers_too_large}.
+        """
+        for head in (b"X-Big: " + b"a" * 20000 + b"\r\n", b"X-Many: aaaaaaaaaaaaaaaaaaaa\r\n" * 1000):
+            response = self.answer(b"GET /echo HTTP/1.1\r\n" + head + b"\r\n")
+            checkEnvelope(self, response.status, response.body, 431, "headers_too_large")
+
+
+class ConnectionLimitTests(SiteTestCase):
+    """
+    At most C{maxConnections} client connections are open; connections
+    that hold a place without a whole request give it up to newcomers.
+    """
+
+    def test_auto(self) -> None:
+        """
+        By default the limit is half the soft file-descriptor limit, at
+        most L{MAX_CONNECTIONS_CEILING}.
+        """
+        import resource as rlimit
+
+        soft, _ = rlimit.getrlimit(rlimit.RLIMIT_NOFILE)
+        self.assertEqual(autoMaxConnections(), min(MAX_CONNECTIONS_CEILING, soft // 2))
+        self.serve()
+        self.assertEqual(self.site.maxConnections, autoMaxConnections())
+
+    def test_idleMakesRoom(self) -> None:
+        """
+        At the limit, the connection idle longest between requests is
+        closed first (without an answer: it asked nothing), before one
+        that is receiving a request or has sent nothing yet.
+        """
+        self.serve(maxConnections=3)
+        kept = []
+        for _ in range(2):
+            connection = self.connect()
+            connection[0].dataReceived(b"GET /echo HTTP/1.1\r\nHost: x\r\n\r\n")
+            kept.append((connection, len(connection[1].value())))
+            self.clock.advance(1)
+        fresh = self.connect()
+        third = self.connect()
+        (first, sent), _ = kept
+        self.assertTrue(first[1].disconnecting)
+        self.assertEqual(len(first[1].value()), sent)
+        self.assertFalse(kept[1][0][1].disconnecting)
+        self.assertFalse(fresh[1].disconnecting)
+        third[0].dataReceived(b"GET /echo HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertEqual(Response(third[1].value()).status, 200)
+
+    def test_slowMakesRoom(self) -> None:
+        """
+        At the limit with no idle connection, the one whose request began
+        earliest gets 503 in the envelope and is closed; a connection busy
+        with a whole request is left alone.
+        """
+        self.serve(maxConnections=3)
+        busy = self.connect()
+        busy[0].dataReceived(b"GET /hang HTTP/1.1\r\nHost: x\r\n\r\n")
+        slow = []
+        for _ in range(2):
+            connection = self.connect()
+            connection[0].dataReceived(b"GET /echo HTTP/1.1\r\nX: ")
+            slow.append(connection)
+            self.clock.advance(1)
+        newcomer = self.connect()
+        response = Response(slow[0][1].value())
+        checkEnvelope(self, response.status, response.body, 503, "too_many_connections")
+        self.assertEqual(response.header("retry-after"), "1")
+        self.assertEqual(slow[1][1].value(), b"")
+        self.assertFalse(busy[1].disconnecting)
+        newcomer[0].dataReceived(b"GET /echo HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertEqual(Response(newcomer[1].value()).status, 200)
+        self.assertEqual(len(self.site.channels), 3)
+
+    def test_freshLast(self) -> None:
+        """
+        A new connection that has sent nothing yet is pushed out only when
+        no other waits, and is told 503 (its request may be on its way).
+        """
+        self.serve(maxConnections=1)
+        fresh = self.connect()
+        self.connect()
+        response = Response(fresh[1].value())
+        checkEnvelope(self, response.status, response.body, 503, "too_many_connections")
+
+    def test_allBusy(self) -> None:
+        """
+        When every connection is busy with a whole request, a new one is
+        answered 503 in the envelope and closed, and the others go on.
+        """
+        self.serve(maxConnections=2)
+        busy = [self.connect() for _ in range(2)]
+        for channel, _ in busy:
+            channel.dataReceived(b"GET /hang HTTP/1.1\r\nHost: x\r\n\r\n")
+        protocol = self.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40001))
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        response = Response(transport.value())
+        checkEnvelope(self, response.status, response.body, 503, "too_many_connections")
+        self.clock.advance(LINGER_SECONDS)
+        self.assertTrue(transport.disconnecting)
+        self.assertFalse(any(t.disconnecting for _, t in busy))
+
+    def test_closedLeaveCount(self) -> None:
+        """
+        A closed connection no longer counts.
+        """
+        self.serve(maxConnections=2)
+        channel, _ = self.connect()
+        self.assertEqual(len(self.site.channels), 1)
+        channel.connectionLost(None)
+        self.assertEqual(len(self.site.channels), 0)
+
+
+class HostileClientTests(DaemonCase):
+    """
+    Slow and crowding clients against a real daemon, over real sockets,
+    with a low C{server.max_connections} and a short
+    C{server.request_timeout_seconds}.
+    """
+
+    LIMIT = 16
+    TIMEOUT = 2
+
+    def setUp(self) -> None:
+        config = {
+            "total_vram_mb": 1000,
+            "enabled_backends": ["llamacpp"],
+            "backend": {"llamacpp_binary": FAKE_BACKEND},
+            "server": {"max_connections": self.LIMIT, "request_timeout_seconds": self.TIMEOUT},
+            "models": [
+                {"name": "m", "path": tinyModels()["tiny-llama.gguf"], "backend": "llamacpp", "vram_mb": 100}
+            ],
+        }
+        self.startDaemon(config)
+
+    def slowConnection(self) -> socket.socket:
+        """
+        @return: a connection that has sent the start of a head, and no
+            more.
+        """
+        connection = socket.create_connection(("127.0.0.1", self.daemon.port), timeout=10)
+        self.addCleanup(connection.close)
+        connection.sendall(b"GET /health HTTP/1.1\r\nX-Slow: ")
+        return connection
+
+    def test_slowlorisCannotKeepOthersOut(self) -> None:
+        """
+        Far more slow-head connections than the limit do not keep a normal
+        client out: it is answered at once. Every slow connection is closed
+        in bounded time: those pushed out to make room told 503, the rest
+        408 once their deadline has passed.
+        """
+        slow = [self.slowConnection() for _ in range(self.LIMIT * 3)]
+        started = time.monotonic()
+        status, _, body = request("GET", self.daemon.url + "/health", timeout=5)
+        self.assertEqual((status, json.loads(body)), (200, {"status": "ok"}))
+        self.assertLess(time.monotonic() - started, 2)
+        answers: dict[str, int] = {}
+        for connection in slow:
+            connection.settimeout(self.TIMEOUT + 5)
+            try:
+                answer = connection.recv(4096)
+            except ConnectionResetError:
+                answer = b""
+            kind = answer[:12].decode() or "closed"
+            answers[kind] = answers.get(kind, 0) + 1
+        self.assertLessEqual(set(answers), {"HTTP/1.1 503", "HTTP/1.1 408"})
+        self.assertLessEqual(answers.get("HTTP/1.1 408", 0), self.LIMIT)
+        self.assertGreater(answers.get("HTTP/1.1 503", 0), 0)
+
+    def test_slowHeadTimesOut(self) -> None:
+        """
+        A head that keeps trickling in gets 408 in the envelope after the
+        request timeout, and the connection is closed.
+        """
+        connection = self.slowConnection()
+        started = time.monotonic()
+        answer = b""
+        connection.settimeout(0.3)
+        while time.monotonic() - started < self.TIMEOUT + 5:
+            try:
+                connection.sendall(b"a")
+                chunk = connection.recv(4096)
+            except socket.timeout:
+                continue
+            except OSError:
+                break
+            if not chunk:
+                break
+            answer += chunk
+        elapsed = time.monotonic() - started
+        response = Response(answer)
+        checkEnvelope(self, response.status, response.body, 408, "request_timeout")
+        self.assertGreaterEqual(elapsed, self.TIMEOUT - 0.5)
+        self.assertLess(elapsed, self.TIMEOUT + 4)
+
+
+class BigBodyDaemonTests(DaemonCase):
+    """
+    Large and hostile JSON bodies against a real daemon.
+    """
+
+    def setUp(self) -> None:
+        config = {
+            "total_vram_mb": 1000,
+            "enabled_backends": ["llamacpp"],
+            "backend": {"llamacpp_binary": FAKE_BACKEND},
+            "models": [
+                {"name": "m", "path": tinyModels()["tiny-llama.gguf"], "backend": "llamacpp", "vram_mb": 100}
+            ],
+        }
+        self.startDaemon(config)
+
+    def peakMemory(self) -> int:
+        """
+        @return: the daemon's peak resident memory so far, in bytes
+            (C{VmHWM}, proc(5)).
+        """
+        assert self.daemon.process is not None
+        with open(f"/proc/{self.daemon.process.pid}/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+        raise AssertionError("no VmHWM")
+
+    def test_emptyObjectsMemory(self) -> None:
+        """
+        Four bodies of 16 MB of empty objects at once (whose object trees
+        would take about 25 times their size) raise the daemon's peak
+        memory by less than one body's size, and each gets its answer (404
+        here: the model they name does not exist) in bounded time.
+        """
+        body = b'{"model": "nope", "x": [' + b",".join([b"{}"] * (16 * MB // 3)) + b"]}"
+        self.daemon.get("/v1/models")
+        before = self.peakMemory()
+        started = time.monotonic()
+        statuses: list[int] = []
+
+        def post() -> None:
+            statuses.append(
+                request("POST", self.daemon.url + "/v1/chat/completions", body,
+                        {"Content-Type": "application/json"}, timeout=120)[0]
+            )
+
+        threads = [threading.Thread(target=post) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(150)
+        self.assertEqual(statuses, [404] * 4)
+        self.assertLess(time.monotonic() - started, 120)
+        self.assertLess(self.peakMemory() - before, len(body))
+
+    def test_deeplyNested(self) -> None:
+        """
+        JSON nested 1,000 (and 100,000) levels deep gets 400 C{invalid_json}
+        in the envelope, small or large.
+        """
+        for depth in (1000, 100_000):
+            body = b'{"model": "m", "x": ' + b"[" * depth + b"]" * depth + b"}"
+            status, _, answer = request(
+                "POST", self.daemon.url + "/v1/chat/completions", body, {"Content-Type": "application/json"}
+            )
+            checkEnvelope(self, status, answer, 400, "invalid_json")

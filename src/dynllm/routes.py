@@ -15,18 +15,20 @@ import hmac
 import json
 import re
 from typing import Any, Callable, Sequence, cast
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from attrs import define, evolve, field
 from klein import Klein
 from twisted.internet import defer
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.server import Request
-from werkzeug.exceptions import HTTPException
-from werkzeug.routing import PathConverter
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
+from werkzeug.routing import PathConverter, RequestRedirect
 
 from dynllm import endpoints, errors, multipart
+from dynllm.bodies import BodyExaminer
 from dynllm.config import Config, ConfigError, ModelConfig
 from dynllm.controls import requestOptions
 from dynllm.endpoints import JSON, MULTIPART, PATH, Endpoint
@@ -36,10 +38,12 @@ from dynllm.interfaces import IBackend, IModelManager
 from dynllm.lease import Lease
 from dynllm.metrics import CONTENT_TYPE, Metrics
 from dynllm.logs import logger
-from dynllm.reload import ConfigChanges, RestartRequired
 from dynllm.proxy import RelayGuard, fileProducer, forward, requestBody
-from dynllm.rewrite import NameRewriter, renameInRequest
+from dynllm.reload import ConfigChanges, RestartRequired
+from dynllm.rewrite import NameRewriter, jsonString
 from dynllm.lifecycle import FAILED
+
+_log = Logger()
 
 #: Header that tells a KServe readiness check the model's state in dynllm.
 STATE_HEADER = b"X-DynLLM-Model-State"
@@ -89,60 +93,25 @@ def _json(request: IRequest, value: Any, status: int = 200) -> bytes:
     return json.dumps(value).encode("utf-8")
 
 
-def readBody(request: IRequest) -> bytes:
+def requestedModel(fields: dict[str, Any]) -> str:
     """
-    @return: the whole body of C{request} (twisted.web has received it all).
-    """
-    request.content.seek(0)
-    body: bytes = request.content.read()
-    return body
-
-
-class DuplicateKey(ValueError):
-    """
-    A JSON object has a key twice.
-    """
-
-
-def _uniqueKeys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    value = dict(pairs)
-    if len(value) != len(pairs):
-        seen: set[str] = set()
-        twice = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
-        raise DuplicateKey(f"the key {twice!r} is given more than once")
-    return value
-
-
-def parseJSON(body: bytes) -> dict[str, Any]:
-    """
-    @return: C{body}'s JSON object.
-    @raise errors.APIError: 400 when it is not a JSON object, or when an
-        object in it has a key twice: parsers disagree on which one counts
-        (Python's takes the last), so such a body could be routed by one
-        model and served by another (RFC 8259 section 4).
-    """
-    try:
-        value = json.loads(body, object_pairs_hook=_uniqueKeys)
-    except DuplicateKey as e:
-        raise errors.badRequest(f"the request body is ambiguous: {e}", code="duplicate_key") from None
-    except ValueError as e:
-        raise errors.badRequest(f"the request body is not valid JSON: {e}", code="invalid_json") from None
-    except RecursionError:
-        raise errors.badRequest("the request body is nested too deeply", code="invalid_json") from None
-    if not isinstance(value, dict):
-        raise errors.badRequest("the request body must be a JSON object", code="invalid_json")
-    return value
-
-
-def requestedModel(body: dict[str, Any]) -> str:
-    """
+    @param fields: The top-level fields of a request body
+        (L{dynllm.bodies.Examined.fields}).
     @return: the C{model} field of a request body.
     @raise errors.APIError: 400 when it is missing or not a string.
     """
-    name = body.get("model")
+    name = fields.get("model")
     if not isinstance(name, str) or not name:
         raise errors.badRequest("the request must name a model in its 'model' field", param="model")
     return name
+
+
+def splice(body: bytes, span: tuple[int, int], replacement: bytes) -> bytes:
+    """
+    @return: C{body} with the bytes in C{span} replaced.
+    """
+    start, end = span
+    return body[:start] + replacement + body[end:]
 
 
 @define
@@ -159,6 +128,8 @@ class DynLLMRoutes:
     @ivar reload: Reads the configuration again and applies it (see
         L{dynllm.service.DynLLMService.reload}), for C{POST /admin/reload};
         C{None} when there is nothing to reload.
+    @ivar examiner: Examines JSON bodies (L{dynllm.bodies}); one on
+        C{clock} by default.
     """
 
     config: Config
@@ -167,6 +138,7 @@ class DynLLMRoutes:
     clock: Any = None
     metrics: Metrics = field(default=None)
     reload: Callable[[], ConfigChanges] | None = None
+    examiner: BodyExaminer = field(default=None)
 
     def __attrs_post_init__(self) -> None:
         if self.clock is None:
@@ -175,6 +147,8 @@ class DynLLMRoutes:
             self.clock = reactor
         if self.metrics is None:
             self.metrics = Metrics(self.manager, self.config.total_vram_mb)
+        if self.examiner is None:
+            self.examiner = BodyExaminer(self.clock)
     app = Klein()
     app.url_map.converters["name"] = NamePath
 
@@ -231,6 +205,20 @@ class DynLLMRoutes:
         if not server.metrics_public:
             self._checkKey(request, server.metrics_api_keys + (server.admin_api_keys or server.api_keys))
 
+    # Bodies.
+
+    async def _fields(self, request: IRequest) -> dict[str, Any]:
+        """
+        @return: the top-level C{model} and C{stream} of C{request}'s JSON
+            body (L{dynllm.bodies}).
+        @raise errors.APIError: 400 for a body that is not a JSON object
+            the routes accept.
+        """
+        content = request.content
+        assert content is not None  # twisted.web has received the whole body
+        examined = await self.examiner.examine(content)
+        return examined.fields
+
     # Errors.
 
     @app.handle_errors(errors.APIError)
@@ -252,8 +240,35 @@ class DynLLMRoutes:
         e = cast(HTTPException, failure.value)
         kind = "not_found_error" if e.code == 404 else "invalid_request_error"
         message = f"{request.method.decode()} {request.path.decode('latin-1')}: {e.name}"
+        if isinstance(e, RequestRedirect):
+            # werkzeug's URL is absolute, built from the Host header: a
+            # relative reference (RFC 9110 section 10.2.2) is enough.
+            target = urlsplit(e.new_url)
+            location = target.path + (f"?{target.query}" if target.query else _query(request))
+            request.setHeader(b"Location", location.encode("ascii", "replace"))
+            message += f"; use {target.path}"
+        if isinstance(e, MethodNotAllowed) and e.valid_methods:
+            # RFC 9110 section 15.5.6: a 405 lists the methods allowed.
+            request.setHeader(b"Allow", ", ".join(sorted(e.valid_methods)).encode("ascii"))
         # No route: the API is known only from the client's headers.
         error = errors.inShapeOf(errors.APIError(e.code or 500, message, kind), request.requestHeaders)
+        body: bytes = self.apiError(request, Failure(error))
+        return body
+
+    @app.handle_errors(Exception)
+    def unexpectedError(self, request: IRequest, failure: Failure) -> bytes:
+        """
+        Any other failure is a bug: logged with its traceback, and answered
+        500 in the envelope, never with twisted.web's HTML page.
+        """
+        _log.failure("unexpected error serving {method} {path}", failure,
+                     method=request.method.decode("latin-1"), path=request.path.decode("latin-1"))
+        if cast(Request, request).startedWriting:
+            return b""
+        error = errors.inShapeOf(
+            errors.APIError(500, "internal error; the daemon's log has the details", "server_error"),
+            request.requestHeaders,
+        )
         body: bytes = self.apiError(request, Failure(error))
         return body
 
@@ -335,13 +350,25 @@ class DynLLMRoutes:
         """
         self._checkClientKey(request)
         body: Any
+        fields: dict[str, Any] = {}
         if endpoint.modelIn == JSON:
-            raw = readBody(request)
-            parsed = parseJSON(raw)
-            name = requestedModel(parsed)
+            content = request.content
+            assert content is not None  # twisted.web has received the whole body
+            examined = await self.examiner.examine(content)
+            fields = examined.fields
+            name = requestedModel(fields)
             model, backend, upstream = self._resolve(name, endpoint.path, endpoint)
             upstreamName = backend.upstreamModel(model)
-            body = raw if upstreamName == name else renameInRequest(parsed, upstreamName)
+            body = requestBody(request, self.clock)
+            if upstreamName != name:
+                # The body as sent, with the model's value replaced.
+                assert examined.modelSpan is not None
+                replacement = jsonString(upstreamName)
+                if isinstance(body, bytes):
+                    body = splice(body, examined.modelSpan, replacement)
+                else:
+                    start, end = examined.modelSpan
+                    body = fileProducer(multipart.SplicedFile(content, start, end, replacement), self.clock)
         elif endpoint.modelIn == MULTIPART:
             content = request.content
             assert content is not None  # twisted.web has spooled the whole body
@@ -370,7 +397,7 @@ class DynLLMRoutes:
             body = requestBody(request, self.clock) if request.method != b"GET" else None
         rewriter = nameRewriter(upstreamName, name) if upstreamName != name else None
         streamed = None
-        if endpoint.streams and parsed.get("stream") is True:
+        if endpoint.streams and fields.get("stream") is True:
             streamed = errors.ANTHROPIC if endpoint.api == endpoints.ANTHROPIC else errors.OPENAI
         await self._proxy(request, endpoint.path, model, upstream + _query(request), body, rewriter, streamed=streamed)
 
@@ -394,6 +421,7 @@ class DynLLMRoutes:
             raise errors.APIError(404, f"{request.method.decode()} {request.path.decode('latin-1')}: Not Found",
                                   "not_found_error")
         if request.method.decode() != method:
+            request.setHeader(b"Allow", method.encode("ascii"))
             raise errors.APIError(405, f"{request.method.decode()} is not allowed here; use {method}",
                                   "invalid_request_error")
         route = "/v2/models/{name}" + ("/infer" if operation == "/infer" else "")
@@ -672,7 +700,7 @@ class DynLLMRoutes:
         503 C{model_unloaded}.
         """
         self._checkAdminKey(request)
-        parsed = parseJSON(readBody(request))
+        parsed = await self._fields(request)
         force = parsed.get("force", False)
         if not isinstance(force, bool):
             raise errors.badRequest("force must be true or false", param="force")
@@ -706,7 +734,7 @@ class DynLLMRoutes:
     @app.route("/admin/models/load", methods=["POST"])
     async def adminLoad(self, request: IRequest) -> bytes:
         self._checkAdminKey(request)
-        name = self._model(requestedModel(parseJSON(readBody(request)))).name
+        name = self._model(requestedModel(await self._fields(request))).name
         await self.manager.load(name)
         return _json(request, {"model": name, "status": self.manager.describe(name)["status"]})
 

@@ -95,6 +95,10 @@ class DynLLMService(MultiService):
             site.maxBodyBytes = int(config.max_request_body_mb * 1024 * 1024)
             site.cors = CORSPolicy(frozenset(config.server.cors_origins))
             site.guard = guard.announce(config)
+            site.requestTimeout = config.server.request_timeout_seconds
+            site.idleTimeout = config.server.request_timeout_seconds
+            if config.server.max_connections is not None:
+                site.maxConnections = config.server.max_connections
         reaper = self.getServiceNamed("idle-reaper")
         if isinstance(reaper, TimerService) and reaper.step != config.idle_check_interval_seconds:
             reaper.step = config.idle_check_interval_seconds
@@ -183,6 +187,8 @@ def makeService(config: Config, reactor: Any = None, listen: bool = True, persis
             int(config.max_request_body_mb * 1024 * 1024),
             config.server.cors_origins,
             guard.announce(config),
+            requestTimeout=config.server.request_timeout_seconds,
+            maxConnections=config.server.max_connections,
         )
         service.site = site
         http_service = StreamServerEndpointService(endpoint, site)
