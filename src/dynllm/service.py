@@ -6,7 +6,8 @@ server and the backend HTTP client, as one C{IService}.
 
 from __future__ import annotations
 
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 from attrs import frozen
 from treq.client import HTTPClient
@@ -29,7 +30,7 @@ from dynllm.pool import BackendPool
 from dynllm.routes import DynLLMRoutes
 from dynllm.scheduler import ModelManager
 from dynllm.site import makeSite
-from dynllm.store import MemoryStateStore, SQLiteStateStore
+from dynllm.store import MemoryStateStore, SQLiteStateStore, StateInUse, StateUnavailable
 
 
 class DynLLMService(MultiService):
@@ -43,7 +44,14 @@ class DynLLMService(MultiService):
     @ivar routes: The HTTP API (its C{resource()} can be mounted elsewhere).
     @ivar http: A C{treq} client for backends (it shares the connection
         pool of the relay).
+    @ivar exitOnStartError: When the state database cannot be used at
+        start-up, exit the process (C{SystemExit}) with one line naming
+        C{db_path} and the cause, instead of raising L{StateInUse} or
+        L{StateUnavailable}: set for the twistd plugin, whose users need the
+        line and not a traceback.
     """
+
+    exitOnStartError = False
 
     def __init__(
         self,
@@ -62,9 +70,27 @@ class DynLLMService(MultiService):
         self.http = http
         self._pool = pool
 
+    def privilegedStartService(self) -> None:
+        with self._startErrors():
+            super().privilegedStartService()
+
     def startService(self) -> None:
-        super().startService()
+        with self._startErrors():
+            super().startService()
         self.torchProbe = torchinfo.startLogging(self.reactor, self.config)
+
+    @contextmanager
+    def _startErrors(self) -> Iterator[None]:
+        """
+        Turn a state database that cannot be used into one line and an exit
+        status of 1, if L{exitOnStartError} says so.
+        """
+        try:
+            yield
+        except (StateInUse, StateUnavailable) as e:
+            if not self.exitOnStartError:
+                raise
+            raise SystemExit(f"dynllm: {e}") from None
 
     def stopService(self) -> defer.Deferred[None]:
         probe = getattr(self, "torchProbe", None)

@@ -35,6 +35,9 @@ class Options(usage.Options):
 
 def makeService(options: Options) -> DynLLMService:
     """
-    @return: the daemon for the parsed C{options}.
+    @return: the daemon for the parsed C{options}; one that exits with a
+        line naming C{db_path} when its state database cannot be used.
     """
-    return _makeService(options["loadedConfig"])
+    service = _makeService(options["loadedConfig"])
+    service.exitOnStartError = True
+    return service
