@@ -8,6 +8,7 @@ then the same faults under a real daemon (C{twistd -n dynllm}).
 from __future__ import annotations
 
 import os
+import shutil
 import sqlite3
 import sys
 import time
@@ -200,6 +201,32 @@ class DeletedFileTests(StoreFaultsMixin, TestCase):
             except sqlite3.Error:
                 pass
         self.assertEqual([(r["name"], r["status"]) for r in fileRows(path)], [("a", "loaded"), ("b", "unloaded")])
+
+    async def test_directoryDeleted(self) -> None:
+        """
+        While the database's directory is gone, writes fail quietly (one
+        line, no traceback); once it is back, the lock and the database are
+        made again, with every row, including one saved meanwhile.
+        """
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        path = os.path.join(directory, "state.db")
+        store = self.openStore(path)
+        await within(store.save(makeRow("a")), 5)
+        events = self.captureLog()
+        shutil.rmtree(directory)
+        saved = store.save(makeRow("b", status="unloaded"))
+        await sleep(0.5)
+        self.assertFalse(saved.called)
+        os.makedirs(directory)
+        await within(saved, 5)
+        self.assertEqual([(r["name"], r["status"]) for r in fileRows(path)], [("a", "loaded"), ("b", "unloaded")])
+        deadline = time.monotonic() + 5
+        while not os.path.exists(path + ".lock") and time.monotonic() < deadline:
+            await sleep(0.05)
+        self.assertRaises(StateInUse, SQLiteStateStore(path, reactor).open)
+        self.assertEqual(len([e for e in events if e["log_level"].name == "error"]), 2, events)
+        self.assertFalse([e for e in events if "log_failure" in e])
 
     async def test_lockDeleted(self) -> None:
         """

@@ -301,6 +301,7 @@ class SQLiteStateStore:
                         why=_cause(e),
                     )
             self._dirty.clear()
+            self._inflight = set()
         for waiters in self._waiters.values():
             for d in waiters:
                 d.callback(None)
@@ -373,6 +374,9 @@ class SQLiteStateStore:
         """
         recreated = _fileIdentity(self.path) != self._connected
         if recreated:
+            # Make the new file first: if that fails, the connection the
+            # pool has stays usable (adbapi rolls it back).
+            self._writeNow([])
             conn.reconnect()
             batch = everything
         conn.cursor().executemany(_UPSERT, batch)
