@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import sqlite3
+import subprocess
 import sys
 import time
 from typing import Any
@@ -23,7 +24,7 @@ from dynllm.config import parseConfig
 from dynllm.service import makeService
 from dynllm.store import SQLiteStateStore, StateInUse, StateUnavailable
 from tests.faultfs import SmallDisk, immutable, mutable
-from tests.support import FAKE_BACKEND, ROOT, Daemon, fakeModel, freePort, waitFor
+from tests.support import FAKE_BACKEND, ROOT, TWISTD, Daemon, fakeModel, freePort, waitFor
 from tests.test_process import groupMembers
 from tests.test_store import makeRow
 
@@ -451,6 +452,34 @@ class DaemonTests(SynchronousTestCase):
         self.assertNotIn("left by a previous run", second.log())
         self.assertEqual(second.models()["m"]["status"], "unloaded")
         self.assertEqual(second.post("/admin/models/load", {"model": "m"})[0], 200)
+
+    def test_daemonized(self) -> None:
+        """
+        A daemonizing twistd (without C{-n}) whose C{db_path} is in a missing
+        directory exits with status 1 at once, instead of waiting for ever
+        for its daemon to report; its log holds the one line.
+        """
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        dbPath = os.path.join(directory, "missing", "state.db")
+        daemon = Daemon(fakeConfig(db_path=dbPath), directory=directory)
+        logPath = os.path.join(directory, "twistd.log")
+        result = subprocess.run(
+            [TWISTD, f"--pidfile={directory}/twistd.pid", f"--logfile={logPath}", "dynllm", "--config", daemon.configPath],
+            cwd=directory,
+            env=dict(os.environ, PYTHONPATH=ROOT),
+            capture_output=True,
+            timeout=30,
+        )
+        self.assertEqual(result.returncode, 1)
+        self.assertIn(b"db_path", result.stderr)
+        with open(logPath) as f:
+            log = f.read()
+        self.assertNotIn("Traceback", log)
+        self.assertEqual(
+            [line.split("] ", 1)[1] for line in log.splitlines() if "db_path" in line],
+            [f"dynllm: cannot use db_path {dbPath}: its directory does not exist"],
+        )
 
 
 class EmbeddedStartTests(TestCase):
