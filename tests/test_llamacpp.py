@@ -336,9 +336,11 @@ class CrashRecoveryTests(SynchronousTestCase):
 
     def test_kill9ThenRestart(self):
         """
-        After SIGKILL of the daemon its backends keep running (they are in
-        their own sessions), and a daemon started with the same database
-        stops them, frees their ports and serves again.
+        After SIGKILL of the daemon its backends are killed by the kernel
+        (their parent-death signal, see L{dynllm._launch}) before any
+        restart; a daemon started with the same database finds nothing left
+        to stop, their ports free, and serves again. (Reconciliation of
+        leftovers the kernel did not kill is tested in L{tests.test_store}.)
         """
         config = llamaConfig()
         first = Daemon(config).start()
@@ -347,20 +349,19 @@ class CrashRecoveryTests(SynchronousTestCase):
         leftovers = {n: (m["pid"], m["port"]) for n, m in first.models().items() if m["pid"]}
         self.assertEqual(len(leftovers), 2)
         first.kill9()
-        self.assertTrue(all(pidAlive(pid) for pid, _ in leftovers.values()))
+        for pid, _ in leftovers.values():
+            self.assertTrue(waitFor(lambda: not pidAlive(pid), timeout=5), f"pid {pid} survived its daemon")
 
         second = Daemon(first.config, directory=first.directory)
         second.port = first.port
         second.url = first.url
         second.start()
         self.addCleanup(second.stop)
-        for pid, _ in leftovers.values():
-            self.assertTrue(waitFor(lambda: not pidAlive(pid), timeout=10), f"pid {pid} survived")
         models = second.models()
         self.assertTrue(all(m["status"] == "unloaded" and m["pid"] is None for m in models.values()))
         for _, port in leftovers.values():
             self.assertTrue(portIsFree(port), f"port {port} is still taken")
-        self.assertIn("left by a previous run", second.log())
+        self.assertNotIn("left by a previous run", second.log())
         status, _, _ = second.post(
             "/v1/chat/completions", {"model": "tiny-chat", "messages": [{"role": "user", "content": "x"}],
                                      "max_tokens": 2}

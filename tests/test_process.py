@@ -18,6 +18,7 @@ from twisted.trial.unittest import TestCase
 
 from dynllm import process as process_module
 from dynllm.process import BackendProcessProtocol, LogRing, ManagedProcess, processStartTime, signalGroup
+from tests.support import waitFor
 
 
 async def pollUntil(predicate, seconds: float = 5.0) -> bool:
@@ -138,11 +139,11 @@ class ManagedProcessTests(TestCase):
         TERM rather than losing the TERM and waiting C{killTime} for a KILL.
         """
         # Widen the window between the spawn and the child's setsid, which
-        # is otherwise a race: wait a moment before exec'ing setsid.
+        # is otherwise a race: wait a moment before exec'ing the launcher.
         self.patch(
             process_module,
-            "_SETSID_ARGV",
-            ["sh", "-c", 'sleep 0.3; exec "$0" "$@"', *process_module._SETSID_ARGV],
+            "_LAUNCH_ARGV",
+            ["sh", "-c", 'sleep 0.3; exec "$0" "$@"', *process_module._LAUNCH_ARGV],
         )
         process = self.spawn(["sleep", "100"], killTime=5)
         began = time.monotonic()
@@ -201,6 +202,16 @@ class ManagedProcessTests(TestCase):
         self.assertEqual(reason.exitCode, 3)
         self.assertFalse(process.running)
         self.assertIs(await process.stop(), reason)
+
+    async def test_cannotRun(self) -> None:
+        """
+        A program the launcher cannot run exits with status 127, saying why
+        on its stderr.
+        """
+        process = self.spawn(["/nonexistent/program"])
+        reason = await process.whenEnded()
+        self.assertEqual(reason.exitCode, 127)
+        self.assertEqual(process.ring.tail(5), ["cannot run /nonexistent/program: No such file or directory"])
 
     def test_notStarted(self) -> None:
         """
@@ -324,6 +335,115 @@ class ManagedProcessTests(TestCase):
         lines = process.ring.tail(1000)
         self.assertEqual(sum(map(len, lines)), 1000000)
         self.assertGreater(len(lines), 1)
+
+
+def groupMembers(pgid: int) -> list[int]:
+    """
+    @return: the pids of the live (not zombie) processes in process group
+        C{pgid}.
+    """
+    members = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] not in (b"Z", b"X") and int(fields[2]) == pgid:
+            members.append(int(entry))
+    return members
+
+
+#: A stand-in for the daemon: runs its arguments as a L{ManagedProcess} on
+#: the real reactor and prints the backend's pid.
+STAND_IN = """
+import sys
+from twisted.internet import reactor
+from dynllm.process import ManagedProcess
+
+process = ManagedProcess("m", sys.argv[1:], reactor)
+
+def start():
+    process.start()
+    print(process.pid, flush=True)
+
+reactor.callWhenRunning(start)
+reactor.run()
+"""
+
+
+class DeathSignalTests(TestCase):
+    """
+    A backend dies with its daemon, even one killed by SIGKILL, and so does
+    every process of its group (L{dynllm._launch}).
+    """
+
+    timeout = 30
+
+    def standIn(self, argv: list[str]) -> tuple[subprocess.Popen[bytes], int]:
+        """
+        Start a stand-in daemon running C{argv} as its backend.
+
+        @return: the stand-in and the backend's pid.
+        """
+        daemon = subprocess.Popen([sys.executable, "-c", STAND_IN, *argv], stdout=subprocess.PIPE)
+
+        def cleanup() -> None:
+            if daemon.poll() is None:
+                daemon.kill()
+            daemon.wait()
+            daemon.stdout.close()
+
+        self.addCleanup(cleanup)
+        line = daemon.stdout.readline()
+        self.assertTrue(line, "the stand-in daemon printed no pid")
+        return daemon, int(line)
+
+    def test_daemonKilled(self) -> None:
+        """
+        When the daemon is killed with SIGKILL, its backend, a process the
+        backend forked and the guard are all gone within a few seconds.
+        """
+        daemon, pid = self.standIn(["sh", "-c", "sleep 300 & sleep 300 & wait"])
+        # The backend, two children and the guard.
+        self.assertTrue(waitFor(lambda: len(groupMembers(pid)) == 4), groupMembers(pid))
+        daemon.kill()
+        daemon.wait()
+        began = time.monotonic()
+        self.assertTrue(waitFor(lambda: not groupMembers(pid), timeout=5), groupMembers(pid))
+        self.assertLess(time.monotonic() - began, 3)
+
+    def test_backendKeepsPid(self) -> None:
+        """
+        The pid the daemon spawns is the backend's own (the launcher execs in
+        place), and the group's leader.
+        """
+        daemon, pid = self.standIn(["sleep", "300"])
+        self.assertTrue(waitFor(lambda: commandOf(pid) == b"sleep"))
+        self.assertEqual(os.getpgid(pid), pid)
+
+    def test_noSignalIgnored(self) -> None:
+        """
+        The backend starts with no standard signal (1 to 31) ignored: Python
+        ignores SIGPIPE and SIGXFSZ, and an ignored signal would stay ignored
+        across the launcher's exec. (Twisted's spawn leaves glibc's own
+        signals, 32 and 33, ignored, which no program can act on.)
+        """
+        daemon, pid = self.standIn(["sleep", "300"])
+        self.assertTrue(waitFor(lambda: commandOf(pid) == b"sleep"))
+        with open(f"/proc/{pid}/status") as f:
+            [ignored] = [int(line.split()[1], 16) for line in f if line.startswith("SigIgn:")]
+        self.assertEqual(ignored & 0x7FFFFFFF, 0)
+
+    def test_daemonGoneBeforeLaunch(self) -> None:
+        """
+        A launcher whose daemon is already gone when it starts runs nothing.
+        """
+        child = subprocess.Popen([*process_module._LAUNCH_ARGV, "1", "sleep", "300"], stderr=subprocess.PIPE)
+        self.assertEqual(child.wait(timeout=10), 127)
+        child.stderr.close()
 
 
 class ProcessStartTimeTests(TestCase):

@@ -106,6 +106,8 @@ class IStateStore(Interface):
         Take the store for this process; calling it again does nothing.
 
         @raise dynllm.store.StateInUse: if another process holds it.
+        @raise dynllm.store.StateUnavailable: if it cannot be made or
+            written (its directory missing, read-only or full).
         """
 
     def close() -> None:
@@ -124,8 +126,9 @@ class IStateStore(Interface):
         order they are asked for.
 
         @param row: A mapping keyed by column names; missing ones are null.
-        @return: a Deferred that fires once written. It never fails: a write
-            that fails is logged, and the daemon keeps serving.
+        @return: a Deferred that fires once written (or once the store is
+            closed). It never fails: a write that fails is logged and
+            retried until it lands, and the daemon keeps serving.
         """
 
     def reset(names: list[str]) -> Deferred[None]:

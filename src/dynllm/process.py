@@ -1,7 +1,8 @@
 # -*- test-case-name: tests.test_process -*-
 """
-Backend processes: spawned in a session of their own, their output drained
-into a bounded log, stopped with TERM then KILL to the whole process group,
+Backend processes: spawned in a session of their own that the kernel kills
+when the daemon ends (L{dynllm._launch}), their output drained into a
+bounded log, stopped with TERM then KILL to the whole process group,
 and reported only once they have really exited.
 
 This keeps the policy of L{twisted.runner.procmon} (TERM, then KILL after a
@@ -12,7 +13,6 @@ process that is stopped stays stopped.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import sys
 from collections import deque
@@ -31,15 +31,12 @@ log = logger(__name__)
 #: The name of each output stream, for the C{stream} field of a line's event.
 STREAMS = {1: "stdout", 2: "stderr"}
 
-#: Prefix that puts a program in a new session (so in its own process group)
-#: without forking: util-linux setsid execs in place for a non-leader, so the
-#: pid we get is the backend's own.
-_SETSID = shutil.which("setsid")
-_SETSID_ARGV = (
-    [_SETSID]
-    if _SETSID
-    else [sys.executable, "-c", "import os,sys; os.setsid(); os.execvp(sys.argv[1], sys.argv[1:])"]
-)
+#: Prefix that starts a program in a session of its own (so in its own
+#: process group), under the pid we spawn (it execs in place), killed by the
+#: kernel when the daemon ends, even by SIGKILL, with every process of its
+#: group: see L{dynllm._launch}. Followed by the daemon's pid, then the
+#: program's command line.
+_LAUNCH_ARGV = [sys.executable, "-I", "-S", os.path.join(os.path.dirname(os.path.abspath(__file__)), "_launch.py")]
 
 
 @define
@@ -359,7 +356,8 @@ class ManagedProcess:
     @ivar reactor: Spawns the process and times the KILL escalation.
     @ivar env: The complete environment, or C{None} to inherit ours.
     @ivar killTime: Seconds between TERM and KILL.
-    @ivar newSession: Run in a new session and signal the whole group; turn
+    @ivar newSession: Run in a new session that dies with the daemon (see
+        L{dynllm._launch}) and signal the whole group; turn
         off only for fake reactors in tests.
     @ivar onLine: Called with each line the program prints, from now on
         (set it to C{None} when no more lines are wanted).
@@ -388,7 +386,7 @@ class ManagedProcess:
         @raise OSError: if it could not be spawned.
         """
         proto = BackendProcessProtocol(self.name, self.ring, self.onLine, IReactorTime(self.reactor))
-        argv = [*_SETSID_ARGV, *self.argv] if self.newSession else list(self.argv)
+        argv = [*_LAUNCH_ARGV, str(os.getpid()), *self.argv] if self.newSession else list(self.argv)
         self._transport = self.reactor.spawnProcess(
             proto, argv[0], argv, env=self.env, childFDs={0: "w", 1: "r", 2: "r"}
         )

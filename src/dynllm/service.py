@@ -6,7 +6,9 @@ server and the backend HTTP client, as one C{IService}.
 
 from __future__ import annotations
 
-from typing import Any
+import sys
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 from attrs import frozen
 from treq.client import HTTPClient
@@ -31,7 +33,7 @@ from dynllm.pool import BackendPool
 from dynllm.routes import DynLLMRoutes
 from dynllm.scheduler import ModelManager
 from dynllm.site import DynLLMSite, makeSite
-from dynllm.store import MemoryStateStore, SQLiteStateStore
+from dynllm.store import MemoryStateStore, SQLiteStateStore, StateInUse, StateUnavailable
 
 
 class DynLLMService(MultiService):
@@ -46,7 +48,13 @@ class DynLLMService(MultiService):
     @ivar http: A C{treq} client for backends (it shares the connection
         pool of the relay).
     @ivar site: The HTTP site, when it listens.
+    @ivar exitOnStartError: When the state database cannot be used at
+        start-up, have the process end with one line naming C{db_path} and
+        the cause rather than a traceback: set for the twistd plugin.
+        Either way, L{StateInUse} or L{StateUnavailable} is raised.
     """
+
+    exitOnStartError = False
 
     def __init__(
         self,
@@ -107,9 +115,32 @@ class DynLLMService(MultiService):
                 reaper._loop.start(reaper.step, now=False)
         return changes
 
+    def privilegedStartService(self) -> None:
+        with self._startErrors():
+            super().privilegedStartService()
+
     def startService(self) -> None:
-        super().startService()
+        with self._startErrors():
+            super().startService()
         self.torchProbe = torchinfo.startLogging(self.reactor, self.config)
+
+    @contextmanager
+    def _startErrors(self) -> Iterator[None]:
+        """
+        Have a state database that cannot be used end the process with one
+        line and status 1, if L{exitOnStartError} says so.
+
+        The error stays an exception, not C{SystemExit}: a daemonizing
+        twistd reports an C{Exception} from start-up to the process that
+        waits for it (and that one waits for ever for anything else); only
+        the way Python prints it, uncaught, is changed to the one line.
+        """
+        try:
+            yield
+        except (StateInUse, StateUnavailable):
+            if self.exitOnStartError:
+                sys.excepthook = _oneLine(sys.excepthook)
+            raise
 
     def stopService(self) -> defer.Deferred[None]:
         probe = getattr(self, "torchProbe", None)
@@ -121,6 +152,23 @@ class DynLLMService(MultiService):
             d.addBoth(lambda r: probe.addBoth(lambda _: r))
         d.addBoth(lambda r: self._pool.closeCachedConnections().addCallback(lambda _: r))
         return d
+
+
+def _oneLine(hook: Callable[..., object]) -> Callable[..., object]:
+    """
+    @return: an C{excepthook} that prints L{StateInUse} and
+        L{StateUnavailable} as one line, C{dynllm: MESSAGE}, and passes any
+        other exception to C{hook}.
+    """
+
+    def excepthook(kind: type[BaseException], value: BaseException, tb: Any) -> object:
+        if isinstance(value, (StateInUse, StateUnavailable)):
+            sys.stderr.write(f"dynllm: {value}\n")
+            sys.stderr.flush()
+            return None
+        return hook(kind, value, tb)
+
+    return excepthook
 
 
 @implementer(IAgentEndpointFactory)

@@ -184,10 +184,12 @@ def twistObserverFactory(logFormat: str, level: str, formatFixed: bool = False) 
 def makeService(options: Options) -> DynLLMService:
     """
     @return: the daemon for the parsed C{options}, with its signal handlers
-        (L{dynllm.signals}).
+        (L{dynllm.signals}); one that exits with a line naming C{db_path}
+        when its state database cannot be used.
     """
     from twisted.internet import reactor
 
     service = _makeService(options["loadedConfig"])
+    service.exitOnStartError = True
     SignalHandlers(reactor, service.reload).setServiceParent(service)
     return service
