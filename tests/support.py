@@ -193,6 +193,29 @@ def request(
         return e.code, dict(e.headers), e.read()
 
 
+def rawPost(port: int, path: str, body: Any, timeout: float = 30) -> bytes:
+    """
+    POST C{body} (sent as JSON) to C{path} on 127.0.0.1:C{port} over a raw
+    socket, asking the server to close after its answer, and read until it
+    does: for what a client library would hide (loading comments, a cut
+    chunked body).
+
+    @return: every byte the server sent, head included.
+    """
+    data = json.dumps(body).encode()
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(
+            b"POST %s HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (path.encode(), len(data), data)
+        )
+        received = b""
+        while True:
+            piece = sock.recv(65536)
+            if not piece:
+                return received
+            received += piece
+
+
 def checkEnvelope(case: Any, status: int, body: bytes, expected: int, code: str | None = None) -> dict[str, Any]:
     """
     Assert that a response is an OpenAI error envelope with status

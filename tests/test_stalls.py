@@ -17,13 +17,13 @@ import http.client
 import json
 import os
 import signal
-import socket
 import threading
 import time
 from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from tests import support
 from tests.support import FAKE_BACKEND, Daemon, checkEnvelope, fakeModel, pidAlive, waitFor
 
 #: The daemon's backend_idle_timeout_seconds.
@@ -42,26 +42,9 @@ def chatBody(stall: str | None = None, stream: bool = False, model: str = "m") -
 
 def rawPost(daemon: Daemon, body: dict[str, Any], timeout: float = 30) -> bytes:
     """
-    POST C{body} to C{/v1/chat/completions} over a raw socket and read
-    until the daemon closes the connection.
-
-    @return: every byte the daemon sent.
+    @return: all that C{/v1/chat/completions} answers C{body} (L{support.rawPost}).
     """
-    data = json.dumps(body).encode()
-    sock = socket.create_connection(("127.0.0.1", daemon.port), timeout=timeout)
-    try:
-        sock.sendall(
-            b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
-            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(data), data)
-        )
-        received = b""
-        while True:
-            piece = sock.recv(65536)
-            if not piece:
-                return received
-            received += piece
-    finally:
-        sock.close()
+    return support.rawPost(daemon.port, "/v1/chat/completions", body, timeout)
 
 
 class StallTests(SynchronousTestCase):

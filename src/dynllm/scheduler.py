@@ -185,11 +185,18 @@ class ModelManager(Service):
             if name not in old.preload_models:
                 self._preload(name)
 
-    def _preload(self, name: str) -> None:
-        def failed(f: Failure) -> None:
-            log.error("preloading {name} failed: {why}", name=name, why=f.getErrorMessage())
+    def _preload(self, name: str, why: str = "preloading") -> None:
+        """
+        Load model C{name} for no request (a preload, a restart after a
+        reload): its waiter is dynllm's own, and a failure is logged.
 
-        log.info("preloading {name}", name=name)
+        @param why: What the log calls the load.
+        """
+
+        def failed(f: Failure) -> None:
+            log.error("{why} {name} failed: {reason}", why=why, name=name, reason=f.getErrorMessage())
+
+        log.info("{why} {name}", why=why, name=name)
         self._acquire(name, None, internal=True).addCallback(Lease.release).addErrback(failed)
 
     def _settle(self) -> None:
@@ -221,14 +228,7 @@ class ModelManager(Service):
                     self._record(core)
                     if name in self._restart:
                         self._restart.discard(name)
-                        self._outbox.later(partial(self._loadAgain, name))
-
-    def _loadAgain(self, name: str) -> None:
-        def failed(f: Failure) -> None:
-            log.error("loading {name} again failed: {why}", name=name, why=f.getErrorMessage())
-
-        log.info("loading {name} again with its new configuration", name=name)
-        self._acquire(name, None, internal=True).addCallback(Lease.release).addErrback(failed)
+                        self._outbox.later(partial(self._preload, name, "loading with its new configuration"))
 
     # Service.
 
