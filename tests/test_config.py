@@ -1186,10 +1186,13 @@ class AllProblemsTests(ConfigTestMixin, TestCase):
 
     def test_unknownKeySuggestsKnownOne(self) -> None:
         """
-        An unknown key close to a known one names the known one.
+        An unknown key close to a known one names the known one; one close
+        to none lists the known keys there.
         """
         [problem] = self.problems({"models": [self.model(contxt_size=5)]})
         self.assertIn("did you mean 'context_size'?", problem)
+        [problem] = self.problems({"server": {"zzz": 5}})
+        self.assertIn("known keys here: admin_api_keys, allowed_hosts, api_keys,", problem)
 
 
 class PathTests(ConfigTestMixin, TestCase):

@@ -354,11 +354,13 @@ _STAND_INS: Mapping[str, Any] = {"str": "", "int": 0}
 def _unknownKey(place: str, key: Any, known: Mapping[str, Any]) -> str:
     """
     @return: the problem of an unknown C{key} at C{place}, with the known
-        key it was probably meant to be, if one is close.
+        key it was probably meant to be if one is close, else every known
+        key there.
     """
     guess = difflib.get_close_matches(str(key), list(known), n=1)
-    hint = f"did you mean {guess[0]!r}? " if guess else ""
-    return f"unknown key {place!r} ({hint}known keys here: {', '.join(sorted(known))})"
+    if guess:
+        return f"unknown key {place!r} (did you mean {guess[0]!r}?)"
+    return f"unknown key {place!r} (known keys here: {', '.join(sorted(known))})"
 
 
 def _build(cls: type, raw: Any, where: str, problems: _Problems, **extra: Any) -> _Built:

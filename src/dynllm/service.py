@@ -18,6 +18,7 @@ from twisted.internet.endpoints import (
     TCP4ServerEndpoint,
     TCP6ServerEndpoint,
 )
+from twisted.internet.error import CannotListenError
 from twisted.web.client import Agent
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
@@ -31,6 +32,7 @@ from dynllm.pool import BackendPool
 from dynllm.routes import DynLLMRoutes
 from dynllm.scheduler import ModelManager
 from dynllm.site import DynLLMSite, makeSite
+from dynllm.startup import listenFailed
 from dynllm.store import MemoryStateStore, SQLiteStateStore
 
 
@@ -65,6 +67,7 @@ class DynLLMService(MultiService):
         self.http = http
         self._pool = pool
         self.site: DynLLMSite | None = None
+        self._privileged = False
 
     def reload(self, config: Config | None = None) -> ConfigChanges:
         """
@@ -107,7 +110,31 @@ class DynLLMService(MultiService):
                 reaper._loop.start(reaper.step, now=False)
         return changes
 
+    def privilegedStartService(self) -> None:
+        """
+        Open the state database and bind the API's port (under twistd,
+        before privileges are shed).
+
+        @raise dynllm.startup.StartupError: if the port cannot be bound
+            (taken, say): one line naming C{server.host}, C{server.port}
+            and why.
+        """
+        try:
+            super().privilegedStartService()
+        except CannotListenError as e:
+            raise listenFailed(self.config.server.host, self.config.server.port, e) from e
+        self._privileged = True
+
     def startService(self) -> None:
+        """
+        Start the models, the reaper and the API; the port is bound first
+        (if L{privilegedStartService} has not been), so that a port that is
+        taken stops start-up before any model starts.
+
+        @raise dynllm.startup.StartupError: if the port cannot be bound.
+        """
+        if not self._privileged:
+            self.privilegedStartService()
         super().startService()
         self.torchProbe = torchinfo.startLogging(self.reactor, self.config)
 
