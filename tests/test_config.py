@@ -1154,6 +1154,30 @@ class AllProblemsTests(ConfigTestMixin, TestCase):
         self.assertIn(os.path.join(self.dir, "absent"), problems[0])
         self.assertIn("models[2] ('m3').path", problems[1])
 
+    def test_stateDirectoryMissing(self) -> None:
+        """
+        With C{checkState} (as the daemon loads its file), a C{db_path} in a
+        directory that does not exist, or in a file, is a problem naming
+        C{db_path} and the directory, listed with the others.
+        """
+        for parent in ("nowhere", "model.gguf"):
+            e = self.assertRaises(
+                ConfigError, parseConfig, {"db_path": f"{parent}/state.db", "log_level": "loud"}, self.dir,
+                None, found, checkState=True,
+            )
+            self.assertEqual(len(e.problems), 2, e.problems)
+            self.assertIn("log_level", e.problems[0])
+            self.assertTrue(e.problems[1].startswith("db_path: the directory"), e.problems[1])
+            self.assertIn(repr(os.path.join(self.dir, parent)), e.problems[1])
+
+    def test_stateDirectoryNotCheckedByDefault(self) -> None:
+        """
+        Without C{checkState}, C{db_path}'s directory is not looked at: a
+        program that keeps its state in memory does not need it.
+        """
+        config = self.parse({"db_path": "nowhere/state.db"})
+        self.assertEqual(config.db_path, os.path.join(self.dir, "nowhere", "state.db"))
+
     def test_preloadOfModelWithProblems(self) -> None:
         """
         C{preload_models} naming a model that has problems of its own is not

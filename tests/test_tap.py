@@ -129,6 +129,22 @@ class OptionsTests(TapTestMixin, TestCase):
             self.assertTrue(line.startswith("  "), line)
             self.assertIn(key, line)
 
+    def test_stateDirectoryChecked(self) -> None:
+        """
+        The daemon's configuration is checked for a C{db_path} whose
+        directory does not exist, with its other problems.
+        """
+        with open(self.goodConfig()) as f:
+            raw = yaml.safe_load(f)
+        raw["db_path"] = "missing/state.db"
+        raw["log_level"] = "loud"
+        path = self.writeConfig(raw)
+        e = self.assertRaises(StartupError, Options().parseOptions, ["-c", path])
+        lines = str(e).splitlines()
+        self.assertEqual(lines[0], f"dynllm: the configuration {path} has 2 problems:")
+        self.assertIn("log_level", lines[1])
+        self.assertIn(f"db_path: the directory '{self.dir}/missing'", lines[2])
+
     def test_ownedExtraArgsStopStartUp(self) -> None:
         """
         C{extra_args} that set what dynllm owns (here the listen port, as

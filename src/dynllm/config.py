@@ -617,6 +617,8 @@ def parseConfig(
     baseDir: str = ".",
     source: str | None = None,
     which: Callable[[str], str | None] = shutil.which,
+    *,
+    checkState: bool = False,
 ) -> Config:
     """
     Validate a parsed YAML document and build a L{Config}.
@@ -632,8 +634,13 @@ def parseConfig(
         are taken from: the config file's directory.
     @param source: The file name, used in messages.
     @param which: Looks a program name up on C{PATH}.
+    @param checkState: Also check that C{db_path}'s directory exists and can
+        be written, as the daemon needs (L{dynllm.tap} asks for it); a
+        program that keeps its state in memory
+        (C{makeService(persist=False)}) has no use for C{db_path}.
     @raise ConfigError: listing every problem, in file order (then the
-        names that C{preload_models} gives but no model has).
+        names that C{preload_models} gives but no model has, then
+        C{db_path}'s directory).
     """
     if raw is None:
         raw = {}
@@ -685,12 +692,35 @@ def parseConfig(
         for name in config.preload_models:
             if name not in checks.seen:
                 problems.add(f"preload_models names {name!r}, which is not a configured model")
+    dbPath = os.path.join(baseDir, os.path.expanduser(config.db_path))
+    if checkState and built.ok("db_path"):
+        _checkStateDirectory(dbPath, problems)
     if problems.found:
         raise ConfigError(*problems.found, source=source)
     byName = {n: m.name for m in models for n in m.names}
     preload = tuple(dict.fromkeys(byName[n] for n in config.preload_models))
-    dbPath = os.path.join(baseDir, os.path.expanduser(config.db_path))
     return evolve(config, models_dir=modelsDir, db_path=dbPath, models=tuple(models), preload_models=preload)
+
+
+def _checkStateDirectory(dbPath: str, problems: _Problems) -> None:
+    """
+    The directory of the state database exists and this user may create
+    files in it (the database, its journal and its lock file).
+
+    @param dbPath: C{db_path}, resolved.
+    """
+    directory = os.path.dirname(dbPath)
+    if not os.path.isdir(directory):
+        what = "is not a directory" if os.path.exists(directory) else "does not exist"
+        problems.add(
+            f"db_path: the directory {directory!r} of {dbPath!r} {what}"
+            " (create it, writable by the user dynllm runs as, or choose another)"
+        )
+    elif not os.access(directory, os.W_OK | os.X_OK):
+        problems.add(
+            f"db_path: the directory {directory!r} of {dbPath!r} cannot be written by this user"
+            " (the database, its journal and its lock file are made there)"
+        )
 
 
 class _ModelChecks:
@@ -933,11 +963,15 @@ def _checkOwned(model: ModelConfig, place: str, ok: Callable[[str], bool], probl
                 )
 
 
-def loadConfig(path: str, which: Callable[[str], str | None] = shutil.which) -> Config:
+def loadConfig(
+    path: str, which: Callable[[str], str | None] = shutil.which, *, checkState: bool = False
+) -> Config:
     """
     Read and validate a configuration file.
 
     @param path: The YAML file.
+    @param which: Looks a program name up on C{PATH}.
+    @param checkState: See L{parseConfig}.
     @raise ConfigError: if it cannot be read or parsed (one problem), or
         listing every problem found by L{parseConfig}; its C{source} is
         C{path}, so that its message starts with the file name.
@@ -949,4 +983,4 @@ def loadConfig(path: str, which: Callable[[str], str | None] = shutil.which) -> 
         raise ConfigError(f"cannot read the configuration: {e.strerror}", source=path) from None
     except yaml.YAMLError as e:
         raise ConfigError(f"not valid YAML: {e}", source=path) from None
-    return parseConfig(raw, os.path.dirname(os.path.abspath(path)), path, which)
+    return parseConfig(raw, os.path.dirname(os.path.abspath(path)), path, which, checkState=checkState)

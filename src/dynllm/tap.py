@@ -62,7 +62,7 @@ class Options(usage.Options):
         if logFormat is not None and logFormat not in logs.FORMATS:
             raise usage.UsageError(f"--log-format must be text or json, not {logFormat!r}")
         try:
-            config = loadConfig(self["config"])
+            config = loadConfig(self["config"], checkState=True)
         except ConfigError as e:
             # Not a UsageError: twistd would print its usage text first.
             raise configurationFailed(e) from e
