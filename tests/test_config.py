@@ -1135,9 +1135,9 @@ class AllProblemsTests(ConfigTestMixin, TestCase):
 
     def test_missingModelsDirOnce(self) -> None:
         """
-        A C{models_dir} that is not a directory is one problem, not one per
-        model whose path is relative to it; absolute paths are still
-        checked.
+        A C{models_dir} that is not a directory is said once, before the
+        paths of the models that are taken from it (each said not to exist,
+        so that one round shows every file the models need).
         """
         problems = self.problems(
             {
@@ -1145,14 +1145,14 @@ class AllProblemsTests(ConfigTestMixin, TestCase):
                 "models": [
                     self.model(path="a.gguf"),
                     self.model(name="m2", path="b.gguf"),
-                    self.model(name="m3", path=os.path.join(self.dir, "gone.gguf")),
+                    self.model(name="m3", path=os.path.join(self.dir, "model.gguf")),
                 ],
             }
         )
-        self.assertEqual(len(problems), 2, problems)
-        self.assertIn("models_dir", problems[0])
-        self.assertIn(os.path.join(self.dir, "absent"), problems[0])
-        self.assertIn("models[2] ('m3').path", problems[1])
+        self.assertEqual(len(problems), 3, problems)
+        self.assertTrue(problems[0].startswith(f"models_dir: {os.path.join(self.dir, 'absent')!r} is not a directory"))
+        self.assertIn("models[0] ('m1').path", problems[1])
+        self.assertIn("models[1] ('m2').path", problems[2])
 
     def test_stateDirectoryMissing(self) -> None:
         """
@@ -1186,6 +1186,18 @@ class AllProblemsTests(ConfigTestMixin, TestCase):
         problems = self.problems({"preload_models": ["m1"], "models": [self.model(path="missing.gguf")]})
         self.assertEqual(len(problems), 1, problems)
         self.assertIn(".path", problems[0])
+
+    def test_missingPathOfPreloadedModel(self) -> None:
+        """
+        The missing path of a model that C{preload_models} names says so,
+        so that removing the model and its preload is one round.
+        """
+        [problem] = self.problems(
+            {"preload_models": ["m1"], "models": [self.model(path="missing.gguf"), self.model(name="m2", path="other.gguf")]}
+        )
+        self.assertIn("missing.gguf' does not exist (preload_models names it too", problem)
+        [problem] = self.problems({"preload_models": ["m2"], "models": [self.model(path="missing.gguf"), self.model(name="m2")]})
+        self.assertTrue(problem.endswith("does not exist"), problem)
 
     def test_everyUnknownEnabledBackend(self) -> None:
         """

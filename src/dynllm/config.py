@@ -823,10 +823,11 @@ class _ModelChecks:
                 f" ({self.config.total_vram_mb} MB), so it could never be loaded"
             )
         path = None
-        if ok("path") and self.built.ok("models_dir") and self._fromModelsDir(model, place):
+        if ok("path") and self.built.ok("models_dir"):
+            self._checkModelsDir(model, place)
             path = os.path.join(self.modelsDir, os.path.expanduser(model.path))
             if not os.path.exists(path):
-                add(f"{place}.path: {path!r} does not exist")
+                add(f"{place}.path: {path!r} does not exist{self._preloadNote(model)}")
                 path = None
             elif backendKnown and model.backend == "openvino":
                 _checkOVMSGraph(model, place, path, ok, self.problems)
@@ -857,16 +858,26 @@ class _ModelChecks:
             else:
                 self.seen[alias] = f"a name of model {model.name!r} ({place})"
 
-    def _fromModelsDir(self, model: ModelConfig, place: str) -> bool:
+    def _preloadNote(self, model: ModelConfig) -> str:
+        """
+        @return: a note that C{preload_models} names the model too (so that
+            whoever removes the model removes it there in the same round),
+            or nothing.
+        """
+        if not self.built.ok("preload_models"):
+            return ""
+        named = [name for name in model.names if name in self.config.preload_models]
+        return " (preload_models names it too: remove it there as well if you remove the model)" if named else ""
+
+    def _checkModelsDir(self, model: ModelConfig, place: str) -> None:
         """
         A relative path needs C{models_dir} (when it is set) to be a
         directory; when it is not, that is said once, at the first model
-        whose path is relative, and the paths taken from it are not checked.
-
-        @return: whether the model's path can be checked.
+        whose path is relative (each such path is then said not to exist,
+        which tells which files the models need).
         """
         if self.config.models_dir is None or os.path.isabs(os.path.expanduser(model.path)):
-            return True
+            return
         if self.modelsDirFound is None:
             self.modelsDirFound = os.path.isdir(self.modelsDir)
             if not self.modelsDirFound:
@@ -874,7 +885,6 @@ class _ModelChecks:
                     f"models_dir: {self.modelsDir!r} is not a directory, and relative model"
                     f" paths are taken from it (first {place}.path: {model.path!r})"
                 )
-        return self.modelsDirFound
 
     def _checkProgram(self, model: ModelConfig, place: str) -> None:
         """
