@@ -962,6 +962,275 @@ class OVMSGraphTests(ConfigTestMixin, TestCase):
         self.assertEqual(len(self.parse({"models": [self.ovModel(model_type="embedding")]}).models), 1)
 
 
+class AllProblemsTests(ConfigTestMixin, TestCase):
+    """
+    Every problem of a file is reported at once, in one L{ConfigError}, each
+    naming its key (and model); a problem that follows from another is not
+    reported besides it.
+    """
+
+    def problems(self, raw: object, which=found) -> tuple[str, ...]:
+        """
+        @return: the problems that parsing C{raw} raises.
+        """
+        return self.assertRaises(ConfigError, self.parse, raw, which).problems
+
+    def test_unknownKeysAtEveryLevel(self) -> None:
+        """
+        Unknown keys at the top, under C{server}, under C{backend} and in a
+        model are all reported, in the order of the file.
+        """
+        problems = self.problems(
+            {
+                "totl_vram_mb": 10,
+                "server": {"prot": 1},
+                "backend": {"llama_binary": "x"},
+                "models": [self.model(contxt_size=5)],
+            }
+        )
+        self.assertEqual(len(problems), 4, problems)
+        for problem, key in zip(
+            problems, ["'totl_vram_mb'", "'server.prot'", "'backend.llama_binary'", "('m1').contxt_size"]
+        ):
+            self.assertIn("unknown key", problem)
+            self.assertIn(key, problem)
+
+    def test_problemsOfTwoModels(self) -> None:
+        """
+        A missing path in one model and a wrongly typed value in another are
+        reported together, each naming its model and key.
+        """
+        problems = self.problems(
+            {"models": [self.model(path="missing.gguf"), self.model(name="m2", path="other.gguf", vram_mb="big")]}
+        )
+        self.assertEqual(len(problems), 2, problems)
+        self.assertIn("models[0] ('m1').path", problems[0])
+        self.assertIn("missing.gguf", problems[0])
+        self.assertIn("models[1] ('m2').vram_mb", problems[1])
+        self.assertIn("integer", problems[1])
+
+    def test_severalProblemsInOneModel(self) -> None:
+        """
+        A model lacking a required key is still checked for its other
+        problems: here its path does not exist and a value is of the wrong
+        type.
+        """
+        problems = self.problems({"models": [self.model(vram_mb=None, path="missing.gguf", listed="no")]})
+        self.assertEqual(len(problems), 3, problems)
+        self.assertTrue(any("listed" in p and "true or false" in p for p in problems), problems)
+        self.assertTrue(any("vram_mb is required" in p for p in problems), problems)
+        self.assertTrue(any(".path" in p and "missing.gguf" in p for p in problems), problems)
+
+    def test_messageOneLinePerProblem(self) -> None:
+        """
+        The message of several problems is a first line with the file and
+        their number, then one line each; C{problems} and C{source} hold
+        them for programs.
+        """
+        path = self.writeConfig("totl_vram_mb: 1\nlog_level: loud\n")
+        e = self.assertRaises(ConfigError, loadConfig, path, found)
+        lines = str(e).splitlines()
+        self.assertEqual(lines[0], f"{path}: 2 problems:")
+        self.assertEqual(len(lines), 3, lines)
+        self.assertEqual(e.source, path)
+        self.assertEqual([line.strip() for line in lines[1:]], list(e.problems))
+        self.assertIn("totl_vram_mb", e.problems[0])
+        self.assertIn("log_level", e.problems[1])
+
+    def test_oneProblemOneLine(self) -> None:
+        """
+        A single problem's message is that problem after the file name, as
+        it always was.
+        """
+        path = self.writeConfig({"log_level": "loud"})
+        e = self.assertRaises(ConfigError, loadConfig, path, found)
+        self.assertEqual(len(e.problems), 1)
+        self.assertEqual(str(e), f"{path}: {e.problems[0]}")
+
+    def test_yamlErrorIsOneProblem(self) -> None:
+        """
+        A YAML syntax error is one problem: nothing after it can be read.
+        """
+        path = self.writeConfig("totl_vram_mb: 1\nmodels: [\n  - name: x\n")
+        e = self.assertRaises(ConfigError, loadConfig, path, found)
+        self.assertEqual(len(e.problems), 1)
+        self.assertIn("not valid YAML", e.problems[0])
+
+    def test_unknownBackendSaysNothingElse(self) -> None:
+        """
+        A model whose backend is unknown gets that one problem, not also
+        words on fields of one backend or on the model type.
+        """
+        problems = self.problems(
+            {"models": [self.model(backend="vllm", n_gpu_layers=3, model_type="transcription", extra_args=["--port", 1])]}
+        )
+        self.assertEqual(len(problems), 1, problems)
+        self.assertIn("('m1').backend", problems[0])
+        self.assertIn("vllm", problems[0])
+
+    def test_foreignFieldNotCheckedFurther(self) -> None:
+        """
+        A field of another backend is reported as that, not also for its
+        value: C{quantization} on a llama.cpp embedding model is one problem.
+        """
+        problems = self.problems({"models": [self.model(model_type="embedding", quantization="bnb-4bit")]})
+        self.assertEqual(len(problems), 1, problems)
+        self.assertIn("applies only to backend 'transformers'", problems[0])
+
+    def test_refusedProgramSettingNotLookedUp(self) -> None:
+        """
+        A backend program setting that is refused is not also reported as
+        a program that cannot be found.
+        """
+        problems = self.problems({"backend": {"llamacpp_binary": 5}, "models": [self.model()]}, notFound)
+        self.assertEqual(len(problems), 1, problems)
+        self.assertIn("backend.llamacpp_binary", problems[0])
+
+    def test_refusedSectionNotLookedInto(self) -> None:
+        """
+        A C{backend} section that is not a mapping is one problem: its
+        programs and ports are not checked besides.
+        """
+        problems = self.problems({"backend": "llama-server", "models": [self.model()]}, notFound)
+        self.assertEqual(len(problems), 1, problems)
+        self.assertIn("backend must be a mapping", problems[0])
+
+    def test_missingProgramOnce(self) -> None:
+        """
+        A backend program that cannot be found is reported once, at the
+        first model that needs it, however many models do.
+        """
+        models = [self.model(), self.model(name="m2"), self.model(name="m3")]
+        problems = self.problems({"models": models}, notFound)
+        self.assertEqual(len(problems), 1, problems)
+        self.assertIn("models[0] ('m1').backend", problems[0])
+        self.assertIn("'llama-server' was not found", problems[0])
+
+    def test_everyMissingProgram(self) -> None:
+        """
+        Each backend's missing program is reported.
+        """
+        problems = self.problems(
+            {
+                "enabled_backends": ["llamacpp", "openvino"],
+                "models": [self.model(), self.model(name="m2", backend="openvino", path="ov-model")],
+            },
+            notFound,
+        )
+        self.assertEqual(len(problems), 2, problems)
+        self.assertIn("backend.llamacpp_binary", problems[0])
+        self.assertIn("backend.ovms_binary", problems[1])
+
+    def test_disabledBackendNotLookedUp(self) -> None:
+        """
+        A model whose backend is not enabled gets that problem, not also
+        one about its missing program.
+        """
+        problems = self.problems(
+            {"enabled_backends": ["llamacpp"], "models": [self.model(backend="openvino", path="ov-model")]},
+            notFound,
+        )
+        self.assertEqual(len(problems), 1, problems)
+        self.assertIn("enabled_backends", problems[0])
+
+    def test_missingModelsDirOnce(self) -> None:
+        """
+        A C{models_dir} that is not a directory is said once, before the
+        paths of the models that are taken from it (each said not to exist,
+        so that one round shows every file the models need).
+        """
+        problems = self.problems(
+            {
+                "models_dir": "absent",
+                "models": [
+                    self.model(path="a.gguf"),
+                    self.model(name="m2", path="b.gguf"),
+                    self.model(name="m3", path=os.path.join(self.dir, "model.gguf")),
+                ],
+            }
+        )
+        self.assertEqual(len(problems), 3, problems)
+        self.assertTrue(problems[0].startswith(f"models_dir: {os.path.join(self.dir, 'absent')!r} is not a directory"))
+        self.assertIn("models[0] ('m1').path", problems[1])
+        self.assertIn("models[1] ('m2').path", problems[2])
+
+    def test_stateDirectoryMissing(self) -> None:
+        """
+        With C{checkState} (as the daemon loads its file), a C{db_path} in a
+        directory that does not exist, or in a file, is a problem naming
+        C{db_path} and the directory, listed with the others.
+        """
+        for parent in ("nowhere", "model.gguf"):
+            e = self.assertRaises(
+                ConfigError, parseConfig, {"db_path": f"{parent}/state.db", "log_level": "loud"}, self.dir,
+                None, found, checkState=True,
+            )
+            self.assertEqual(len(e.problems), 2, e.problems)
+            self.assertIn("log_level", e.problems[0])
+            self.assertTrue(e.problems[1].startswith("db_path: the directory"), e.problems[1])
+            self.assertIn(repr(os.path.join(self.dir, parent)), e.problems[1])
+
+    def test_stateDirectoryNotCheckedByDefault(self) -> None:
+        """
+        Without C{checkState}, C{db_path}'s directory is not looked at: a
+        program that keeps its state in memory does not need it.
+        """
+        config = self.parse({"db_path": "nowhere/state.db"})
+        self.assertEqual(config.db_path, os.path.join(self.dir, "nowhere", "state.db"))
+
+    def test_preloadOfModelWithProblems(self) -> None:
+        """
+        C{preload_models} naming a model that has problems of its own is not
+        also reported as naming no model.
+        """
+        problems = self.problems({"preload_models": ["m1"], "models": [self.model(path="missing.gguf")]})
+        self.assertEqual(len(problems), 1, problems)
+        self.assertIn(".path", problems[0])
+
+    def test_missingPathOfPreloadedModel(self) -> None:
+        """
+        The missing path of a model that C{preload_models} names says so,
+        so that removing the model and its preload is one round.
+        """
+        [problem] = self.problems(
+            {"preload_models": ["m1"], "models": [self.model(path="missing.gguf"), self.model(name="m2", path="other.gguf")]}
+        )
+        self.assertIn("missing.gguf' does not exist (preload_models names it too", problem)
+        [problem] = self.problems({"preload_models": ["m2"], "models": [self.model(path="missing.gguf"), self.model(name="m2")]})
+        self.assertTrue(problem.endswith("does not exist"), problem)
+
+    def test_everyUnknownEnabledBackend(self) -> None:
+        """
+        Each unknown name in C{enabled_backends} is reported.
+        """
+        problems = self.problems({"enabled_backends": ["vllm", "llamacpp", "tgi"]})
+        self.assertEqual(len(problems), 2, problems)
+        self.assertIn("'vllm'", problems[0])
+        self.assertIn("'tgi'", problems[1])
+
+    def test_everyOwnedArgument(self) -> None:
+        """
+        Each owned argument and variable of a model is reported.
+        """
+        problems = self.problems(
+            {"models": [self.model(extra_args=["--port", 1, "--host", "0.0.0.0"], env={"LLAMA_ARG_PORT": 1})]}
+        )
+        self.assertEqual(len(problems), 3, problems)
+        self.assertIn("'--port'", problems[0])
+        self.assertIn("'--host'", problems[1])
+        self.assertIn("'LLAMA_ARG_PORT'", problems[2])
+
+    def test_unknownKeySuggestsKnownOne(self) -> None:
+        """
+        An unknown key close to a known one names the known one; one close
+        to none lists the known keys there.
+        """
+        [problem] = self.problems({"models": [self.model(contxt_size=5)]})
+        self.assertIn("did you mean 'context_size'?", problem)
+        [problem] = self.problems({"server": {"zzz": 5}})
+        self.assertIn("known keys here: admin_api_keys, allowed_hosts, api_keys,", problem)
+
+
 class PathTests(ConfigTestMixin, TestCase):
     """
     Relative paths are resolved against C{models_dir} or the configuration

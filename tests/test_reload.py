@@ -15,7 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from dynllm.config import ConfigError
 from dynllm.exceptions import ModelUnloaded, UnknownModel
-from dynllm.reload import RestartRequired, compare
+from dynllm.reload import RestartRequired, compare, refusalLines
 from dynllm.service import makeService
 from tests.test_scheduler import ManagerTestsMixin
 
@@ -265,3 +265,27 @@ class ServiceReloadTests(SynchronousTestCase):
         self.assertRaises(ConfigError, self.service.reload)
         self.assertIs(self.service.config, before)
         self.assertIs(self.service.routes.config, before)
+
+
+class RefusalLinesTests(SynchronousTestCase):
+    """
+    L{refusalLines} logs a refused reload one line per event.
+    """
+
+    def test_oneProblem(self) -> None:
+        """
+        One problem: one line.
+        """
+        self.assertEqual(
+            refusalLines(ConfigError("total_vram_mb must be 0 or more", source="d.yaml")),
+            ["the configuration was not reloaded: d.yaml: total_vram_mb must be 0 or more"],
+        )
+
+    def test_problems(self) -> None:
+        """
+        Several problems: a line counting them, then one each.
+        """
+        lines = refusalLines(ConfigError("a is wrong", "b is wrong", source="d.yaml"))
+        self.assertEqual(
+            lines, ["the configuration was not reloaded: d.yaml has 2 problems:", "  a is wrong", "  b is wrong"]
+        )

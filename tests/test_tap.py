@@ -5,22 +5,28 @@ options, the service they make, and the plugin's discovery.
 
 from __future__ import annotations
 
+import errno
 import io
 import os
+import socket
 import sys
 
+import attrs
 import yaml
 from twisted.application.service import IServiceMaker, MultiService
 from twisted.scripts.twistd import ServerOptions
 from twisted.application.twist._options import TwistOptions
 from twisted.internet import utils
+from twisted.internet.error import CannotListenError
 from twisted.logger import LogLevel
 from twisted.plugin import getPlugins
 from twisted.python import usage
 from twisted.trial.unittest import TestCase
 
 from dynllm import logs, tap
-from dynllm.config import Config
+from dynllm.config import Config, ConfigError
+from dynllm.service import makeService as _makeService
+from dynllm.startup import StartupError, configurationFailed, listenFailed
 from dynllm.tap import Options, makeService
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -93,15 +99,51 @@ class OptionsTests(TapTestMixin, TestCase):
         self.assertEqual(options["config"], path)
         self.assertEqual(options["loadedConfig"].models[0].name, "tiny")
 
-    def test_badConfigIsUsageError(self) -> None:
+    def test_badConfigIsStartupError(self) -> None:
         """
-        An invalid configuration is reported as a L{usage.UsageError} whose
-        message names the file and the bad key.
+        An invalid configuration is a L{StartupError} (not a
+        L{usage.UsageError}, after which twistd prints its usage text) whose
+        first line names the file and counts the problems, and whose cause
+        is the L{ConfigError} with those problems.
         """
         path = self.writeConfig({"total_vram": 1000})
-        e = self.assertRaises(usage.UsageError, Options().parseOptions, ["-c", path])
-        self.assertIn("total_vram", str(e))
-        self.assertIn(path, str(e))
+        e = self.assertRaises(StartupError, Options().parseOptions, ["-c", path])
+        self.assertNotIsInstance(e, usage.UsageError)
+        lines = str(e).splitlines()
+        self.assertEqual(lines[0], f"dynllm: the configuration {path} has 1 problem:")
+        self.assertIn("total_vram", lines[1])
+        self.assertIsInstance(e.__cause__, ConfigError)
+        self.assertEqual(len(e.__cause__.problems), 1)
+
+    def test_everyProblemListed(self) -> None:
+        """
+        Every problem of the file is listed, one indented line each, after
+        the line that counts them.
+        """
+        path = self.writeConfig({"totl_vram_mb": 1, "server": {"prot": 1}, "log_level": "loud"})
+        e = self.assertRaises(StartupError, Options().parseOptions, ["-c", path])
+        lines = str(e).splitlines()
+        self.assertEqual(lines[0], f"dynllm: the configuration {path} has 3 problems:")
+        self.assertEqual(len(lines), 4, lines)
+        for line, key in zip(lines[1:], ["log_level", "server.prot", "totl_vram_mb"]):
+            self.assertTrue(line.startswith("  "), line)
+            self.assertIn(key, line)
+
+    def test_stateDirectoryChecked(self) -> None:
+        """
+        The daemon's configuration is checked for a C{db_path} whose
+        directory does not exist, with its other problems.
+        """
+        with open(self.goodConfig()) as f:
+            raw = yaml.safe_load(f)
+        raw["db_path"] = "missing/state.db"
+        raw["log_level"] = "loud"
+        path = self.writeConfig(raw)
+        e = self.assertRaises(StartupError, Options().parseOptions, ["-c", path])
+        lines = str(e).splitlines()
+        self.assertEqual(lines[0], f"dynllm: the configuration {path} has 2 problems:")
+        self.assertIn("log_level", lines[1])
+        self.assertIn(f"db_path: the directory '{self.dir}/missing'", lines[2])
 
     def test_ownedExtraArgsStopStartUp(self) -> None:
         """
@@ -113,17 +155,26 @@ class OptionsTests(TapTestMixin, TestCase):
             raw = yaml.safe_load(f)
         raw["models"][0]["extra_args"] = ["--threads", 2, "--port=9999"]
         path = self.writeConfig(raw)
-        e = self.assertRaises(usage.UsageError, Options().parseOptions, ["-c", path])
-        self.assertIn(f"{path}: models[0] ('tiny').extra_args: '--port' (in '--port=9999') is set by dynllm", str(e))
+        e = self.assertRaises(StartupError, Options().parseOptions, ["-c", path])
+        self.assertIn(path, str(e).splitlines()[0])
+        self.assertIn("models[0] ('tiny').extra_args: '--port' (in '--port=9999') is set by dynllm", str(e))
 
-    def test_missingConfigIsUsageError(self) -> None:
+    def test_missingConfigIsStartupError(self) -> None:
         """
-        A configuration file that does not exist is a L{usage.UsageError}
-        naming it.
+        A configuration file that does not exist is a L{StartupError}
+        naming it and why it cannot be read.
         """
         path = os.path.join(self.dir, "absent.yaml")
-        e = self.assertRaises(usage.UsageError, Options().parseOptions, ["--config", path])
+        e = self.assertRaises(StartupError, Options().parseOptions, ["--config", path])
         self.assertIn(path, str(e))
+        self.assertIn("cannot read the configuration: No such file or directory", str(e))
+
+    def test_badOptionIsUsageError(self) -> None:
+        """
+        An unknown command-line option is still a L{usage.UsageError}: the
+        usage text is what helps there.
+        """
+        self.assertRaises(usage.UsageError, Options().parseOptions, ["--confg", self.goodConfig()])
 
 
 class LogOptionsTests(TapTestMixin, TestCase):
@@ -270,23 +321,214 @@ class PluginTests(TestCase):
         self.assertIs(maker.makeService, makeService)
         self.assertTrue(maker.description)
 
-    async def test_badConfigExitsWithMessage(self) -> None:
-        """
-        C{python -m twisted dynllm -c BAD.yaml} exits with a failure status
-        and prints the message naming the bad key.
-        """
-        directory = os.path.abspath(self.mktemp())
-        os.makedirs(directory)
-        bad = os.path.join(directory, "bad.yaml")
-        with open(bad, "w") as f:
-            f.write("totl_vram_mb: 100\n")
-        env = dict(os.environ, PYTHONPATH=ROOT)
-        out, err, code = await utils.getProcessOutputAndValue(
-            sys.executable, ["-m", "twisted", "dynllm", "-c", bad], env=env, path=ROOT
-        )
-        self.assertNotEqual(code, 0)
-        output = (out + err).decode("utf-8", "replace")
-        self.assertIn("totl_vram_mb", output)
-        self.assertIn(bad, output)
 
-    test_badConfigExitsWithMessage.timeout = 60  # type: ignore[attr-defined]
+class StartupErrorTests(TapTestMixin, TestCase):
+    """
+    L{dynllm.startup}: start-up failures as a few plain lines.
+    """
+
+    def test_exceptionAndExit(self) -> None:
+        """
+        A L{StartupError} is caught by C{except Exception} (so clean-up code
+        runs) and, uncaught, ends the process with its message: it is a
+        C{SystemExit} whose code is the message.
+        """
+        e = StartupError("dynllm: no")
+        self.assertIsInstance(e, Exception)
+        self.assertIsInstance(e, SystemExit)
+        self.assertEqual(e.code, "dynllm: no")
+        self.assertEqual(str(e), "dynllm: no")
+
+    def test_configurationFailed(self) -> None:
+        """
+        L{configurationFailed} counts the problems in its first line, in
+        the singular for one, and indents one line per problem.
+        """
+        one = configurationFailed(ConfigError("a is wrong", source="f.yaml"))
+        self.assertEqual(str(one), "dynllm: the configuration f.yaml has 1 problem:\n  a is wrong")
+        two = configurationFailed(ConfigError("a is wrong", "b is wrong"))
+        self.assertEqual(str(two), "dynllm: the configuration has 2 problems:\n  a is wrong\n  b is wrong")
+
+    def test_listenAdvice(self) -> None:
+        """
+        L{listenFailed} names C{server.host} and C{server.port}, the cause
+        as the system says it, and what to do about the usual ones.
+        """
+        cases = [
+            (errno.EADDRINUSE, "another program holds that port"),
+            (errno.EACCES, "ports below 1024 need privileges"),
+            (errno.EADDRNOTAVAIL, "server.host is not an address of this machine"),
+        ]
+        for number, advice in cases:
+            error = CannotListenError("10.0.0.1", 80, OSError(number, os.strerror(number)))
+            message = str(listenFailed("10.0.0.1", 80, error))
+            self.assertTrue(message.startswith("dynllm: cannot listen on server.host 10.0.0.1, server.port 80: "), message)
+            self.assertIn(os.strerror(number).lower(), message)
+            self.assertIn(advice, message)
+            self.assertNotIn("\n", message)
+        odd = listenFailed("h", 1, CannotListenError("h", 1, OSError(errno.ENOBUFS, "No buffer space available")))
+        self.assertTrue(str(odd).endswith("server.port 1: no buffer space available"), str(odd))
+
+    def test_serviceRaisesOnTakenPort(self) -> None:
+        """
+        A L{DynLLMService} whose port is taken raises L{StartupError} from
+        C{privilegedStartService} (twistd) and from C{startService} (twist,
+        or a program embedding it), with C{CannotListenError} as its cause,
+        before anything has started.
+        """
+        holder = socket.socket()
+        self.addCleanup(holder.close)
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        options = Options()
+        options.parseOptions(["-c", self.goodConfig()])
+        config = attrs.evolve(
+            options["loadedConfig"], server=attrs.evolve(options["loadedConfig"].server, port=port)
+        )
+        for start in ("privilegedStartService", "startService"):
+            service = _makeService(config, persist=False)
+            e = self.assertRaises(StartupError, getattr(service, start))
+            self.assertIn(f"server.port {port}: address already in use", str(e))
+            self.assertIsInstance(e.__cause__, CannotListenError)
+            self.assertFalse(any(child.running for child in service), start)
+
+
+#: Runs twistd as its console script does.
+TWISTD = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
+
+
+class CommandLineTests(TapTestMixin, TestCase):
+    """
+    What an operator sees when C{twistd -n dynllm} or C{twist dynllm} (the
+    real commands, in a child process) cannot start: a few plain lines, no
+    usage text, no traceback, and a failure status.
+    """
+
+    async def command(self, command: str, *args: str) -> tuple[list[str], int]:
+        """
+        Run C{command} (C{twistd} in the foreground, or C{twist}) with the
+        C{dynllm} plugin and C{args}, in the temporary directory.
+
+        @return: the lines of its output (stdout then stderr) and its exit
+            status.
+        """
+        if command == "twistd":
+            argv = ["-c", TWISTD, "-n", "dynllm", *args]
+        else:
+            argv = ["-m", "twisted", "dynllm", *args]
+        env = dict(os.environ, PYTHONPATH=ROOT)
+        out, err, code = await utils.getProcessOutputAndValue(sys.executable, argv, env=env, path=self.dir)
+        return (out + err).decode("utf-8", "replace").splitlines(), code
+
+    def badConfig(self) -> str:
+        """
+        @return: the path of a configuration with three problems: a model
+            without C{vram_mb} whose path does not exist, and a misspelt
+            top-level key.
+        """
+        with open(self.goodConfig()) as f:
+            raw = yaml.safe_load(f)
+        raw["models"][0]["path"] = "absent.gguf"
+        del raw["models"][0]["vram_mb"]
+        raw["totl_vram_mb"] = 100
+        return self.writeConfig(raw, "bad.yaml")
+
+    def assertConfigProblems(self, lines: list[str], code: int, path: str) -> None:
+        """
+        Assert that C{lines} are the three problems of L{badConfig} after a
+        line naming the file and counting them, alone, and C{code} a
+        failure.
+        """
+        self.assertNotEqual(code, 0)
+        self.assertEqual(lines[0], f"dynllm: the configuration {path} has 3 problems:", lines)
+        self.assertEqual(len(lines), 4, lines)
+        self.assertIn("totl_vram_mb", lines[1])
+        self.assertIn("models[0] ('tiny').vram_mb is required", lines[2])
+        self.assertIn("models[0] ('tiny').path", lines[3])
+
+    async def test_twistdBadConfig(self) -> None:
+        """
+        C{twistd -n dynllm -c BAD.yaml} prints every problem under a line
+        naming the file, without twistd's usage text, and fails.
+        """
+        path = self.badConfig()
+        lines, code = await self.command("twistd", "-c", path)
+        self.assertConfigProblems(lines, code, path)
+
+    async def test_twistBadConfig(self) -> None:
+        """
+        C{twist dynllm -c BAD.yaml} does the same.
+        """
+        path = self.badConfig()
+        lines, code = await self.command("twist", "-c", path)
+        self.assertConfigProblems(lines, code, path)
+
+    async def test_missingConfig(self) -> None:
+        """
+        A configuration file that does not exist is one problem, naming it.
+        """
+        path = os.path.join(self.dir, "absent.yaml")
+        lines, code = await self.command("twistd", "-c", path)
+        self.assertNotEqual(code, 0)
+        self.assertEqual(
+            lines,
+            [f"dynllm: the configuration {path} has 1 problem:", "  cannot read the configuration: No such file or directory"],
+        )
+
+    def holdPort(self) -> int:
+        """
+        Hold a port on 127.0.0.1 with a listening socket until the test ends.
+
+        @return: the port.
+        """
+        holder = socket.socket()
+        self.addCleanup(holder.close)
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port: int = holder.getsockname()[1]
+        return port
+
+    def configOnPort(self, port: int) -> str:
+        """
+        @return: the path of L{goodConfig} with C{server.port} set to C{port}.
+        """
+        with open(self.goodConfig()) as f:
+            raw = yaml.safe_load(f)
+        raw["server"]["port"] = port
+        return self.writeConfig(raw)
+
+    def assertPortTaken(self, lines: list[str], code: int, port: int) -> None:
+        """
+        Assert that C{lines} say in one line, and no traceback, that
+        C{server.port} C{port} is taken, and C{code} is a failure.
+        """
+        self.assertNotEqual(code, 0)
+        said = [line for line in lines if "dynllm:" in line]
+        self.assertEqual(len(said), 1, lines)
+        self.assertIn(f"dynllm: cannot listen on server.host 127.0.0.1, server.port {port}: address already in use", said[0])
+        self.assertIn("another program holds that port", said[0])
+        self.assertFalse([line for line in lines if "Traceback" in line], lines)
+
+    async def test_twistdPortTaken(self) -> None:
+        """
+        C{twistd -n dynllm} whose C{server.port} another socket holds says
+        so in one line naming C{server.host}, C{server.port} and the cause,
+        fails, and leaves no pid file.
+        """
+        port = self.holdPort()
+        lines, code = await self.command("twistd", "-c", self.configOnPort(port))
+        self.assertPortTaken(lines, code, port)
+        self.assertFalse(os.path.exists(os.path.join(self.dir, "twistd.pid")))
+
+    async def test_twistPortTaken(self) -> None:
+        """
+        C{twist dynllm} does the same.
+        """
+        port = self.holdPort()
+        lines, code = await self.command("twist", "-c", self.configOnPort(port))
+        self.assertPortTaken(lines, code, port)
+
+    for _test in (test_twistdBadConfig, test_twistBadConfig, test_missingConfig, test_twistdPortTaken, test_twistPortTaken):
+        _test.timeout = 60  # type: ignore[attr-defined]
+    del _test

@@ -9,11 +9,18 @@
 #   DYNLLM_CACHE          cache root (default: ~/.cache/dynllm)
 #   DYNLLM_LLAMA_SERVER   use this llama-server instead of building one
 #   DYNLLM_EXTRAS         pip extras to install (default: none; CI uses "test")
+#   DYNLLM_PORT           the port the demo daemon listens on (default: 8000)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root="$(pwd)"
 cache="${DYNLLM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/dynllm}"
 extras="${DYNLLM_EXTRAS:+[$DYNLLM_EXTRAS]}"
+port="${DYNLLM_PORT:-8000}"
+if ! [[ "$port" =~ ^[0-9]{1,5}$ ]] || (( 10#$port < 1 || 10#$port > 65535 )); then
+    echo "tools/quickstart.sh: DYNLLM_PORT must be a port number between 1 and 65535, not '$port'" >&2
+    exit 1
+fi
+port=$((10#$port))
 
 quiet() { grep -v "^WARNING: Location" || true; }
 
@@ -34,7 +41,7 @@ cat > "$demo/dynllm.yaml" <<YAML
 # model (it answers gibberish, quickly). Copy etc/dynllm.example.yaml for real use.
 server:
   host: 127.0.0.1
-  port: 8000
+  port: $port
 total_vram_mb: 1024
 idle_timeout_seconds: 300
 enabled_backends: [llamacpp]
@@ -56,6 +63,35 @@ dynllm is installed. Run it with:
 
 then, in another terminal:
 
-    curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+    curl http://127.0.0.1:$port/v1/chat/completions -H 'Content-Type: application/json' \\
       -d '{"model": "tiny-chat", "messages": [{"role": "user", "content": "Hello!"}]}'
 MSG
+
+# Is the port free now? Tried as the daemon binds it (SO_REUSEADDR, as
+# Twisted does), so that only a port something listens on counts as taken.
+# Installing went well either way: this only says what to change.
+taken="$(.venv/bin/python - "$port" <<'PY'
+import socket, sys
+
+def refusal(port):
+    """Why 127.0.0.1:port cannot be bound now, or None."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError as e:
+            return e.strerror.lower()
+    return None
+
+port = int(sys.argv[1])
+why = refusal(port)
+if why is not None:
+    spare = next((p for p in range(port + 1, min(port + 100, 65536)) if refusal(p) is None), port + 1)
+    print(f"NOTE: port {port} on 127.0.0.1 is taken ({why}), so dynllm cannot listen there:"
+          f" run this again with a free one, e.g. DYNLLM_PORT={spare} bash tools/quickstart.sh")
+PY
+)"
+if [ -n "$taken" ]; then
+    echo >&2
+    echo "$taken" >&2
+fi

@@ -3,12 +3,14 @@
 The configuration file: YAML read into frozen attrs classes and validated.
 
 Everything that can be wrong with a file is found here, before the daemon
-binds a port or starts a backend: L{loadConfig} raises L{ConfigError} with one
-message that names the key, the model and what is wrong.
+binds a port or starts a backend: L{loadConfig} raises one L{ConfigError}
+listing every problem found, each naming the key, the model and what is wrong,
+so that a file is mended in one round rather than one problem per start.
 """
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
 import re
@@ -60,8 +62,35 @@ def hasOwnGraph(path: str) -> bool:
 
 class ConfigError(Exception):
     """
-    The configuration is unusable; the message says where and why.
+    The configuration is unusable: every problem found, each on one line
+    that says where and why.
+
+    C{str(error)} is the one problem, or a first line counting them and then
+    one indented line each; either way prefixed with the file when there is
+    one (C{"dynllm.yaml: unknown key 'totl_vram_mb' ..."}).
+
+    @ivar problems: The problems, in the order found (the file's order, then
+        the checks across models), without the file name; at least one.
+    @ivar source: The file they were found in, or C{None}.
     """
+
+    def __init__(self, *problems: str, source: str | None = None) -> None:
+        """
+        @param problems: One line each (a YAML syntax error may span
+            several); at least one.
+        @param source: The file, if any.
+        """
+        super().__init__(*problems)
+        self.problems: tuple[str, ...] = problems
+        self.source = source
+
+    def __str__(self) -> str:
+        prefix = f"{self.source}: " if self.source else ""
+        if len(self.problems) == 1:
+            return prefix + self.problems[0]
+        lines = [f"{prefix}{len(self.problems)} problems:"]
+        lines.extend(f"  {problem}" for problem in self.problems)
+        return "\n".join(lines)
 
 
 # Value checkers: each takes the raw YAML value and the place it came from,
@@ -249,32 +278,135 @@ def _setting(default: Any, check: Callable[[Any, str], Any], **kw: Any) -> Any:
     return field(default=default, metadata={"check": check}, **kw)
 
 
-def _build(cls: type, raw: Any, where: str, **extra: Any) -> Any:
+def _section(cls: type) -> Any:
+    """
+    A key holding a mapping of its own, read into attrs class C{cls} by
+    L{_build} (so that each of its problems is reported, not only the first).
+    """
+    return field(default=cls(), metadata={"check": None, "section": cls})
+
+
+#: The default of a key that must be given.
+_REQUIRED = object()
+
+
+class _Problems:
+    """
+    The problems found in a configuration so far, in the order found.
+
+    @ivar found: One line each.
+    """
+
+    def __init__(self) -> None:
+        self.found: list[str] = []
+
+    def add(self, problem: str) -> None:
+        """
+        Record C{problem}.
+        """
+        self.found.append(problem)
+
+    def check(self, check: Callable[[Any, str], Any], value: Any, where: str) -> tuple[bool, Any]:
+        """
+        Run a value checker, recording what it refuses.
+
+        @return: whether C{value} passed, and what C{check} made of it.
+        """
+        try:
+            return True, check(value, where)
+        except ConfigError as e:
+            self.found.extend(e.problems)
+            return False, None
+
+
+@frozen
+class _Built:
+    """
+    What L{_build} made of a YAML mapping.
+
+    @ivar value: The instance. A key that was refused or missing has its
+        default, or a stand-in (of its type) when it is required: so
+        that the other keys can still be checked. An instance with problems
+        never leaves L{parseConfig}.
+    @ivar refused: The keys that were refused or missing (C{"port"}; below a
+        section, dotted: C{"server.port"}; the section itself when it was
+        not a mapping). Checks that read one of them are skipped, so that
+        one mistake is reported once.
+    """
+
+    value: Any
+    refused: frozenset[str]
+
+    def ok(self, key: str) -> bool:
+        """
+        @param key: A key, dotted below a section (C{"backend.ovms_binary"}).
+        @return: whether C{key} and the section holding it were accepted.
+        """
+        parts = key.split(".")
+        return not any(".".join(parts[: i + 1]) in self.refused for i in range(len(parts)))
+
+
+#: Stand-ins for the required keys, by type, while a model that lacks one is
+#: checked further (see L{_Built.value}).
+_STAND_INS: Mapping[str, Any] = {"str": "", "int": 0}
+
+
+def _unknownKey(place: str, key: Any, known: Mapping[str, Any]) -> str:
+    """
+    @return: the problem of an unknown C{key} at C{place}, with the known
+        key it was probably meant to be if one is close, else every known
+        key there.
+    """
+    guess = difflib.get_close_matches(str(key), list(known), n=1)
+    if guess:
+        return f"unknown key {place!r} (did you mean {guess[0]!r}?)"
+    return f"unknown key {place!r} (known keys here: {', '.join(sorted(known))})"
+
+
+def _build(cls: type, raw: Any, where: str, problems: _Problems, **extra: Any) -> _Built:
     """
     Make an instance of attrs class C{cls} from a YAML mapping, checking every
-    key against the class's fields and every value with its field's checker.
+    key against the class's fields and every value with its field's checker
+    (a section, L{_section}, is built the same way), recording every problem
+    in C{problems}.
+
+    @param where: The mapping's place in the file (C{"server"},
+        C{"models[0] ('m1')"}), or C{""} for the whole file.
+    @param extra: Fields that the file does not set.
     """
+    known: dict[str, Attribute[Any]] = {a.name: a for a in fields(cls) if "check" in a.metadata}
+    required = [name for name, a in known.items() if a.default is _REQUIRED]
+    standIns = {name: _STAND_INS[str(known[name].type)] for name in required}
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"{where or 'the file'} must be a mapping, not {raw!r}")
-    known: dict[str, Attribute[Any]] = {
-        a.name: a for a in fields(cls) if "check" in a.metadata
-    }
+        problems.add(f"{where or 'the file'} must be a mapping, not {raw!r}")
+        return _Built(cls(**standIns, **extra), frozenset(known) | {""})
     kwargs = dict(extra)
+    refused: set[str] = set()
     for key, value in raw.items():
         place = f"{where}.{key}" if where else str(key)
         if key not in known:
-            choices = ", ".join(sorted(known))
-            raise ConfigError(f"unknown key {place!r} (known keys here: {choices})")
-        kwargs[key] = known[key].metadata["check"](value, place)
-    for name, attribute in known.items():
-        if attribute.default is _REQUIRED and name not in kwargs:
-            raise ConfigError(f"{where + '.' if where else ''}{name} is required")
-    return cls(**kwargs)
-
-
-_REQUIRED = object()
+            problems.add(_unknownKey(place, key, known))
+            continue
+        section = known[key].metadata.get("section")
+        if section is not None:
+            built = _build(section, value, place, problems)
+            refused.update(f"{key}.{name}" if name else key for name in built.refused)
+            kwargs[key] = built.value
+            continue
+        accepted, checked = problems.check(known[key].metadata["check"], value, place)
+        if accepted:
+            kwargs[key] = checked
+        else:
+            refused.add(key)
+    for name in required:
+        if name not in kwargs:
+            if name not in refused:
+                problems.add(f"{where + '.' if where else ''}{name} is required")
+                refused.add(name)
+            kwargs[name] = standIns[name]
+    return _Built(cls(**kwargs), frozenset(refused))
 
 
 @frozen
@@ -422,7 +554,7 @@ class Config:
     @ivar source: The file it was read from, if any (for messages).
     """
 
-    server: ServerConfig = _setting(ServerConfig(), lambda v, w: _build(ServerConfig, v, w))
+    server: ServerConfig = _section(ServerConfig)
     total_vram_mb: int = _setting(8192, _nonNegativeInt)
     idle_timeout_seconds: float = _setting(300.0, lambda v, w: _timeout(v, w) or 0.0)
     idle_check_interval_seconds: float = _setting(1.0, _positiveNumber)
@@ -438,9 +570,7 @@ class Config:
     log_level: str = _setting("info", _oneOf("debug", "info", "warning", "error"))
     log_format: str = _setting("text", _oneOf("text", "json"))
     preload_models: tuple[str, ...] = _setting((), _strList)
-    backend: BackendSettings = _setting(
-        BackendSettings(), lambda v, w: _build(BackendSettings, v, w)
-    )
+    backend: BackendSettings = _section(BackendSettings)
     models: tuple[ModelConfig, ...] = _setting((), lambda v, w: v)
     source: str | None = None
 
@@ -487,36 +617,57 @@ def parseConfig(
     baseDir: str = ".",
     source: str | None = None,
     which: Callable[[str], str | None] = shutil.which,
+    *,
+    checkState: bool = False,
 ) -> Config:
     """
     Validate a parsed YAML document and build a L{Config}.
+
+    Every problem is found before anything is raised: each key and each
+    model is checked, and a check that needs a key that was refused (or
+    missing) is left out, so that one mistake is reported once (a model
+    whose C{backend} is unknown gets no word about the fields of other
+    backends).
 
     @param raw: The document, as C{yaml.safe_load} returns it.
     @param baseDir: The directory relative paths (C{models_dir}, C{db_path})
         are taken from: the config file's directory.
     @param source: The file name, used in messages.
     @param which: Looks a program name up on C{PATH}.
-    @raise ConfigError: naming what is wrong.
+    @param checkState: Also check that C{db_path}'s directory exists and can
+        be written, as the daemon needs (L{dynllm.tap} asks for it); a
+        program that keeps its state in memory
+        (C{makeService(persist=False)}) has no use for C{db_path}.
+    @raise ConfigError: listing every problem, in file order (then the
+        names that C{preload_models} gives but no model has, then
+        C{db_path}'s directory).
     """
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError("the configuration must be a YAML mapping")
+        raise ConfigError("the configuration must be a YAML mapping", source=source)
+    problems = _Problems()
     rawModels = raw.get("models", [])
     if not isinstance(rawModels, list):
-        raise ConfigError("models must be a list of model declarations")
+        problems.add("models must be a list of model declarations")
+        rawModels = []
     top = {k: v for k, v in raw.items() if k != "models"}
-    config: Config = _build(Config, top, "", source=source)
+    built = _build(Config, top, "", problems, source=source)
+    config: Config = built.value
 
     unknownBackends = [b for b in config.enabled_backends if b not in BACKEND_KINDS]
-    if unknownBackends:
-        raise ConfigError(
-            f"enabled_backends names unknown backend {unknownBackends[0]!r}"
+    for backend in unknownBackends:
+        problems.add(
+            f"enabled_backends names unknown backend {backend!r}"
             f" (known: {', '.join(BACKEND_KINDS)})"
         )
     settings = config.backend
-    if settings.port_range_end < settings.port_range_start:
-        raise ConfigError(
+    if (
+        built.ok("backend.port_range_start")
+        and built.ok("backend.port_range_end")
+        and settings.port_range_end < settings.port_range_start
+    ):
+        problems.add(
             f"backend.port_range_end ({settings.port_range_end}) is below"
             f" backend.port_range_start ({settings.port_range_start})"
         )
@@ -524,91 +675,237 @@ def parseConfig(
     modelsDir = config.models_dir
     if modelsDir is not None:
         modelsDir = os.path.join(baseDir, os.path.expanduser(modelsDir))
+    checks = _ModelChecks(config, built, modelsDir or baseDir, which, problems)
     models = []
-    seen: dict[str, str] = {}
     for index, rawModel in enumerate(rawModels):
         place = _modelPlace(index, rawModel)
-        model: ModelConfig = _build(
+        model = _build(
             ModelConfig,
             rawModel,
             place,
+            problems,
             explicit=frozenset(rawModel) if isinstance(rawModel, dict) else frozenset(),
         )
-        models.append(_checkModel(model, place, config, modelsDir or baseDir, seen, which))
-        seen.update({name: f"a name of model {model.name!r} ({place})" for name in model.names})
+        models.append(checks.check(model, place))
 
-    byName = {n: m.name for m in models for n in m.names}
-    for name in config.preload_models:
-        if name not in byName:
-            raise ConfigError(f"preload_models names {name!r}, which is not a configured model")
-    preload = tuple(dict.fromkeys(byName[n] for n in config.preload_models))
+    if built.ok("preload_models"):
+        for name in config.preload_models:
+            if name not in checks.seen:
+                problems.add(f"preload_models names {name!r}, which is not a configured model")
     dbPath = os.path.join(baseDir, os.path.expanduser(config.db_path))
+    if checkState and built.ok("db_path"):
+        _checkStateDirectory(dbPath, problems)
+    if problems.found:
+        raise ConfigError(*problems.found, source=source)
+    byName = {n: m.name for m in models for n in m.names}
+    preload = tuple(dict.fromkeys(byName[n] for n in config.preload_models))
     return evolve(config, models_dir=modelsDir, db_path=dbPath, models=tuple(models), preload_models=preload)
 
 
-def _checkModel(
-    model: ModelConfig,
-    place: str,
-    config: Config,
-    modelsDir: str,
-    seen: dict[str, str],
-    which: Callable[[str], str | None],
-) -> ModelConfig:
+def _checkStateDirectory(dbPath: str, problems: _Problems) -> None:
     """
-    The checks of one model that need the rest of the configuration.
+    The directory of the state database exists and this user may create
+    files in it (the database, its journal and its lock file).
 
-    @return: the model with its path made absolute.
+    @param dbPath: C{db_path}, resolved.
     """
-    if model.name in seen:
-        raise ConfigError(f"{place}: duplicate model name {model.name!r}")
-    for alias in model.aliases:
-        if alias == model.name or model.aliases.count(alias) > 1:
-            raise ConfigError(f"{place}.aliases: {alias!r} is given twice (the name and aliases must differ)")
-        if alias in seen:
-            raise ConfigError(
-                f"{place}.aliases: {alias!r} is already {seen[alias]}"
-                " (names and aliases must be unique across all models)"
+    directory = os.path.dirname(dbPath)
+    if not os.path.isdir(directory):
+        what = "is not a directory" if os.path.exists(directory) else "does not exist"
+        problems.add(
+            f"db_path: the directory {directory!r} of {dbPath!r} {what}"
+            " (create it, writable by the user dynllm runs as, or choose another)"
+        )
+    elif not os.access(directory, os.W_OK | os.X_OK):
+        problems.add(
+            f"db_path: the directory {directory!r} of {dbPath!r} cannot be written by this user"
+            " (the database, its journal and its lock file are made there)"
+        )
+
+
+class _ModelChecks:
+    """
+    The checks of each model that need the rest of the configuration, in
+    file order.
+
+    @ivar seen: Each name and alias of the models checked so far, with the
+        model it belongs to (for messages).
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        built: _Built,
+        modelsDir: str,
+        which: Callable[[str], str | None],
+        problems: _Problems,
+    ) -> None:
+        """
+        @param config: The top level, checked.
+        @param built: Which of its keys were refused (their checks are left
+            out).
+        @param modelsDir: The directory model paths are taken from.
+        @param which: Looks a program name up on C{PATH}.
+        @param problems: Where problems go.
+        """
+        self.config = config
+        self.built = built
+        self.modelsDir = modelsDir
+        self.which = which
+        self.problems = problems
+        self.seen: dict[str, str] = {}
+        #: Each program looked up, and whether it was found: a program is
+        #: looked up, and a missing one reported, once.
+        self.programs: dict[str, bool] = {}
+        #: Whether C{models_dir} is a directory, once a relative model path
+        #: needed it.
+        self.modelsDirFound: bool | None = None
+
+    def check(self, built: _Built, place: str) -> ModelConfig:
+        """
+        Check one model, recording its problems.
+
+        @param built: The model as L{_build} made it.
+        @param place: Where it is in the file, for messages.
+        @return: the model, with its path made absolute when it exists
+            (only a model without problems leaves L{parseConfig}).
+        """
+        model: ModelConfig = built.value
+        ok = built.ok
+        add = self.problems.add
+        if "" in built.refused:
+            return model
+        if ok("name"):
+            if model.name in self.seen:
+                add(f"{place}: duplicate model name {model.name!r}")
+            else:
+                self.seen[model.name] = f"a name of model {model.name!r} ({place})"
+        if ok("aliases"):
+            self._checkAliases(model, place, ok("name"))
+        backendKnown = ok("backend")
+        # Whether the backend's program is needed: not while the backend is
+        # not enabled, or the list of enabled ones was refused.
+        needsProgram = backendKnown and self.built.ok("enabled_backends")
+        if needsProgram and model.backend not in self.config.enabled_backends:
+            needsProgram = False
+            add(
+                f"{place}.backend: backend {model.backend!r} is not in enabled_backends"
+                f" ({', '.join(self.config.enabled_backends)})"
             )
-    if model.backend not in config.enabled_backends:
-        raise ConfigError(
-            f"{place}.backend: backend {model.backend!r} is not in enabled_backends"
-            f" ({', '.join(config.enabled_backends)})"
-        )
-    if model.model_type not in BACKEND_MODEL_TYPES[model.backend]:
-        raise ConfigError(
-            f"{place}.model_type: backend {model.backend!r} cannot serve model_type"
-            f" {model.model_type!r} (it serves {', '.join(BACKEND_MODEL_TYPES[model.backend])})"
-        )
-    for key in sorted(model.explicit):
-        kind = BACKEND_ONLY_FIELDS.get(key)
-        if kind is not None and kind != model.backend:
-            raise ConfigError(f"{place}.{key} applies only to backend {kind!r}, not {model.backend!r}")
-    _checkOwned(model, place)
-    if model.quantization not in (None, "none") and model.model_type != "llm":
-        raise ConfigError(
-            f"{place}.quantization: quantization applies only to model_type 'llm',"
-            f" not {model.model_type!r}"
-        )
-    if model.vram_mb > config.total_vram_mb:
-        raise ConfigError(
-            f"{place}.vram_mb: {model.vram_mb} MB is larger than total_vram_mb"
-            f" ({config.total_vram_mb} MB), so it could never be loaded"
-        )
-    path = os.path.join(modelsDir, os.path.expanduser(model.path))
-    if not os.path.exists(path):
-        raise ConfigError(f"{place}.path: {path!r} does not exist")
-    if model.backend == "openvino":
-        _checkOVMSGraph(model, place, path)
-    binary = config.backend.binaryFor(model.backend)
-    if which(binary) is None:
-        raise ConfigError(
-            f"{place}.backend: the {model.backend} program {binary!r} was not found"
-            f" (set backend.{BackendSettings.BINARY_KEYS[model.backend]} to its path)"
-        )
-    return evolve(model, path=os.path.abspath(path), created=int(os.stat(path).st_mtime))
+        if backendKnown and ok("model_type") and model.model_type not in BACKEND_MODEL_TYPES[model.backend]:
+            add(
+                f"{place}.model_type: backend {model.backend!r} cannot serve model_type"
+                f" {model.model_type!r} (it serves {', '.join(BACKEND_MODEL_TYPES[model.backend])})"
+            )
+        # Fields of another backend: said once, not checked further.
+        foreign: set[str] = set()
+        if backendKnown:
+            for key in sorted(model.explicit):
+                kind = BACKEND_ONLY_FIELDS.get(key)
+                if kind is not None and kind != model.backend:
+                    foreign.add(key)
+                    add(f"{place}.{key} applies only to backend {kind!r}, not {model.backend!r}")
+            _checkOwned(model, place, ok, self.problems)
+        if (
+            ok("quantization")
+            and ok("model_type")
+            and "quantization" not in foreign
+            and model.quantization not in (None, "none")
+            and model.model_type != "llm"
+        ):
+            add(
+                f"{place}.quantization: quantization applies only to model_type 'llm',"
+                f" not {model.model_type!r}"
+            )
+        if ok("vram_mb") and self.built.ok("total_vram_mb") and model.vram_mb > self.config.total_vram_mb:
+            add(
+                f"{place}.vram_mb: {model.vram_mb} MB is larger than total_vram_mb"
+                f" ({self.config.total_vram_mb} MB), so it could never be loaded"
+            )
+        path = None
+        if ok("path") and self.built.ok("models_dir"):
+            self._checkModelsDir(model, place)
+            path = os.path.join(self.modelsDir, os.path.expanduser(model.path))
+            if not os.path.exists(path):
+                add(f"{place}.path: {path!r} does not exist{self._preloadNote(model)}")
+                path = None
+            elif backendKnown and model.backend == "openvino":
+                _checkOVMSGraph(model, place, path, ok, self.problems)
+        if needsProgram:
+            self._checkProgram(model, place)
+        if path is None:
+            return model
+        return evolve(model, path=os.path.abspath(path), created=int(os.stat(path).st_mtime))
+
+    def _checkAliases(self, model: ModelConfig, place: str, nameKnown: bool) -> None:
+        """
+        Each alias differs from the model's name, from its other aliases and
+        from every earlier model's names; each one is recorded as seen.
+        """
+        for index, alias in enumerate(model.aliases):
+            earlier = model.aliases[:index]
+            if alias in earlier:
+                # Said once, at its second appearance.
+                if earlier.count(alias) == 1:
+                    self.problems.add(f"{place}.aliases: {alias!r} is given twice (the name and aliases must differ)")
+            elif nameKnown and alias == model.name:
+                self.problems.add(f"{place}.aliases: {alias!r} is given twice (the name and aliases must differ)")
+            elif alias in self.seen:
+                self.problems.add(
+                    f"{place}.aliases: {alias!r} is already {self.seen[alias]}"
+                    " (names and aliases must be unique across all models)"
+                )
+            else:
+                self.seen[alias] = f"a name of model {model.name!r} ({place})"
+
+    def _preloadNote(self, model: ModelConfig) -> str:
+        """
+        @return: a note that C{preload_models} names the model too (so that
+            whoever removes the model removes it there in the same round),
+            or nothing.
+        """
+        if not self.built.ok("preload_models"):
+            return ""
+        named = [name for name in model.names if name in self.config.preload_models]
+        return " (preload_models names it too: remove it there as well if you remove the model)" if named else ""
+
+    def _checkModelsDir(self, model: ModelConfig, place: str) -> None:
+        """
+        A relative path needs C{models_dir} (when it is set) to be a
+        directory; when it is not, that is said once, at the first model
+        whose path is relative (each such path is then said not to exist,
+        which tells which files the models need).
+        """
+        if self.config.models_dir is None or os.path.isabs(os.path.expanduser(model.path)):
+            return
+        if self.modelsDirFound is None:
+            self.modelsDirFound = os.path.isdir(self.modelsDir)
+            if not self.modelsDirFound:
+                self.problems.add(
+                    f"models_dir: {self.modelsDir!r} is not a directory, and relative model"
+                    f" paths are taken from it (first {place}.path: {model.path!r})"
+                )
+
+    def _checkProgram(self, model: ModelConfig, place: str) -> None:
+        """
+        The program of the model's backend can be found; a missing one is
+        reported at the first model that needs it.
+        """
+        key = BackendSettings.BINARY_KEYS[model.backend]
+        if not self.built.ok(f"backend.{key}"):
+            return
+        binary = self.config.backend.binaryFor(model.backend)
+        if binary in self.programs:
+            return
+        self.programs[binary] = self.which(binary) is not None
+        if not self.programs[binary]:
+            self.problems.add(
+                f"{place}.backend: the {model.backend} program {binary!r} was not found"
+                f" (set backend.{key} to its path)"
+            )
 
 
-def _checkOVMSGraph(model: ModelConfig, place: str, path: str) -> None:
+def _checkOVMSGraph(model: ModelConfig, place: str, path: str, ok: Callable[[str], bool], problems: _Problems) -> None:
     """
     Refuse the single-model settings OVMS refuses for a model it serves as
     a MediaPipe graph: one that C{--task} builds (every model type but the
@@ -621,68 +918,79 @@ def _checkOVMSGraph(model: ModelConfig, place: str, path: str) -> None:
     C{backends.md} 3.9).
 
     @param path: The model's directory, resolved.
-    @raise ConfigError: naming the model and the key.
+    @param ok: Whether a key of the model was accepted.
+    @param problems: Where each problem, naming the model and the key, goes.
     """
     ownGraph = hasOwnGraph(path)
     if ownGraph:
         why = f"its directory holds its own {OVMS_GRAPH_FILE}"
     else:
         why = f"OVMS builds a MediaPipe graph for model_type {model.model_type!r}"
-    if model.ovms_shape is not None and (ownGraph or model.model_type not in KSERVE_TYPES):
-        raise ConfigError(
+    if (
+        ok("ovms_shape")
+        and ok("model_type")
+        and model.ovms_shape is not None
+        and (ownGraph or model.model_type not in KSERVE_TYPES)
+    ):
+        problems.add(
             f"{place}.ovms_shape: OVMS refuses --shape for a model served by a MediaPipe graph"
             f" ({why}); only {', '.join(KSERVE_TYPES)} models without a graph take a shape"
         )
     if ownGraph and "target_device" in model.explicit:
-        raise ConfigError(
+        problems.add(
             f"{place}.target_device: OVMS refuses --target_device for a model that brings its own"
             f" {OVMS_GRAPH_FILE}; the device is set in that graph"
         )
 
 
-def _checkOwned(model: ModelConfig, place: str) -> None:
+def _checkOwned(model: ModelConfig, place: str, ok: Callable[[str], bool], problems: _Problems) -> None:
     """
     Refuse C{extra_args} and C{env} that set what dynllm sets itself (see
-    L{dynllm.owned}).
+    L{dynllm.owned}), each one.
 
-    @raise ConfigError: naming the model, the key and the setting.
+    @param ok: Whether a key of the model was accepted.
+    @param problems: Where each problem, naming the model, the key and the
+        setting, goes.
     """
     owned = OWNED[model.backend]
-    for arg in model.extra_args:
-        found = owned.flag(arg)
-        if found is not None:
-            flag, setting = found
-            given = "" if arg == flag else f" (in {arg!r})"
-            raise ConfigError(
-                f"{place}.extra_args: {flag!r}{given} is set by dynllm ({setting.what} of"
-                f" {model.backend} backends) and cannot be given here"
-            )
-    for name in model.env:
-        variable = owned.variable(name)
-        if variable is not None:
-            raise ConfigError(
-                f"{place}.env: {name!r} is set by dynllm ({variable.what} of"
-                f" {model.backend} backends) and cannot be given here"
-            )
+    if ok("extra_args"):
+        for arg in model.extra_args:
+            found = owned.flag(arg)
+            if found is not None:
+                flag, setting = found
+                given = "" if arg == flag else f" (in {arg!r})"
+                problems.add(
+                    f"{place}.extra_args: {flag!r}{given} is set by dynllm ({setting.what} of"
+                    f" {model.backend} backends) and cannot be given here"
+                )
+    if ok("env"):
+        for name in model.env:
+            variable = owned.variable(name)
+            if variable is not None:
+                problems.add(
+                    f"{place}.env: {name!r} is set by dynllm ({variable.what} of"
+                    f" {model.backend} backends) and cannot be given here"
+                )
 
 
-def loadConfig(path: str, which: Callable[[str], str | None] = shutil.which) -> Config:
+def loadConfig(
+    path: str, which: Callable[[str], str | None] = shutil.which, *, checkState: bool = False
+) -> Config:
     """
     Read and validate a configuration file.
 
     @param path: The YAML file.
-    @raise ConfigError: if it cannot be read, parsed or validated; the
-        message starts with the file name.
+    @param which: Looks a program name up on C{PATH}.
+    @param checkState: See L{parseConfig}.
+    @raise ConfigError: if it cannot be read or parsed (one problem), or
+        listing every problem found by L{parseConfig}; its C{source} is
+        C{path}, so that its message starts with the file name.
     """
     try:
         with open(path, encoding="utf-8") as f:
             raw = yaml.safe_load(f)
     except OSError as e:
-        raise ConfigError(f"{path}: cannot read the configuration: {e.strerror}") from None
+        raise ConfigError(f"cannot read the configuration: {e.strerror}", source=path) from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    try:
-        return parseConfig(raw, os.path.dirname(os.path.abspath(path)), path, which)
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
-
+        raise ConfigError(f"not valid YAML: {e}", source=path) from None
+    return parseConfig(raw, os.path.dirname(os.path.abspath(path)), path, which, checkState=checkState)

@@ -40,6 +40,22 @@ class RestartRequired(Exception):
         super().__init__(f"the new configuration changes {changes}: restart dynllm to apply it (nothing was changed)")
 
 
+def refusalLines(error: Exception) -> list[str]:
+    """
+    @param error: Why a reload changed nothing: a L{ConfigError} (with
+        every problem of the file) or L{RestartRequired}.
+    @return: the lines to log, one event each: a first line, then one per
+        problem.
+    """
+    problems = getattr(error, "problems", None)
+    if not problems or len(problems) == 1:
+        return [f"the configuration was not reloaded: {' '.join(str(error).splitlines())}"]
+    source = getattr(error, "source", None) or "the file"
+    return [f"the configuration was not reloaded: {source} has {len(problems)} problems:"] + [
+        f"  {problem}" for problem in problems
+    ]
+
+
 def _value(config: Config, key: str) -> Any:
     value: Any = config
     for part in key.split("."):

@@ -39,7 +39,7 @@ from dynllm.lease import Lease
 from dynllm.metrics import CONTENT_TYPE, Metrics
 from dynllm.logs import logger
 from dynllm.proxy import RelayGuard, fileProducer, forward, requestBody
-from dynllm.reload import ConfigChanges, RestartRequired
+from dynllm.reload import ConfigChanges, RestartRequired, refusalLines
 from dynllm.rewrite import NameRewriter, jsonString
 from dynllm.lifecycle import FAILED
 
@@ -723,10 +723,12 @@ class DynLLMRoutes:
         try:
             changes = self.reload()
         except ConfigError as e:
-            log.error("the configuration was not reloaded: {error}", error=str(e))
+            for line in refusalLines(e):
+                log.error("{line}", line=line)
             raise errors.badRequest(f"the configuration was not reloaded: {e}", code="invalid_config") from None
         except RestartRequired as e:
-            log.error("the configuration was not reloaded: {error}", error=str(e))
+            for line in refusalLines(e):
+                log.error("{line}", line=line)
             raise errors.badRequest(str(e), code="restart_required") from None
         log.info("configuration reloaded ({changes})", changes=changes.describe())
         return _json(request, {"status": "reloaded", "changes": changes.asDict()})

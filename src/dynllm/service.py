@@ -20,6 +20,7 @@ from twisted.internet.endpoints import (
     TCP4ServerEndpoint,
     TCP6ServerEndpoint,
 )
+from twisted.internet.error import CannotListenError
 from twisted.web.client import Agent
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
@@ -33,6 +34,7 @@ from dynllm.pool import BackendPool
 from dynllm.routes import DynLLMRoutes
 from dynllm.scheduler import ModelManager
 from dynllm.site import DynLLMSite, makeSite
+from dynllm.startup import listenFailed
 from dynllm.store import MemoryStateStore, SQLiteStateStore, StateInUse, StateUnavailable
 
 
@@ -73,6 +75,7 @@ class DynLLMService(MultiService):
         self.http = http
         self._pool = pool
         self.site: DynLLMSite | None = None
+        self._privileged = False
 
     def reload(self, config: Config | None = None) -> ConfigChanges:
         """
@@ -116,10 +119,34 @@ class DynLLMService(MultiService):
         return changes
 
     def privilegedStartService(self) -> None:
+        """
+        Open the state database and bind the API's port (under twistd,
+        before privileges are shed).
+
+        @raise dynllm.startup.StartupError: if the port cannot be bound
+            (taken, say): one line naming C{server.host}, C{server.port}
+            and why.
+        @raise StateInUse: if another daemon holds the state database.
+        @raise StateUnavailable: if it cannot be used (see
+            L{_startErrors}).
+        """
         with self._startErrors():
-            super().privilegedStartService()
+            try:
+                super().privilegedStartService()
+            except CannotListenError as e:
+                raise listenFailed(self.config.server.host, self.config.server.port, e) from e
+        self._privileged = True
 
     def startService(self) -> None:
+        """
+        Start the models, the reaper and the API; the port is bound first
+        (if L{privilegedStartService} has not been), so that a port that is
+        taken stops start-up before any model starts.
+
+        @raise dynllm.startup.StartupError: if the port cannot be bound.
+        """
+        if not self._privileged:
+            self.privilegedStartService()
         with self._startErrors():
             super().startService()
         self.torchProbe = torchinfo.startLogging(self.reactor, self.config)

@@ -29,7 +29,7 @@ from twisted.application.service import Service
 
 from dynllm.config import ConfigError
 from dynllm.logs import logger
-from dynllm.reload import RestartRequired
+from dynllm.reload import RestartRequired, refusalLines
 
 log = logger(__name__)
 
@@ -130,7 +130,8 @@ class SignalHandlers(Service):
         try:
             changes = self.reload()
         except (ConfigError, RestartRequired) as e:
-            log.error("SIGHUP: the configuration was not reloaded: {error}", error=str(e))
+            for line in refusalLines(e):
+                log.error("SIGHUP: {line}", line=line)
         except Exception:
             log.failure("SIGHUP: the configuration was not reloaded")
         else:

@@ -24,6 +24,7 @@ from dynllm.config import Config, ConfigError, loadConfig
 from dynllm.service import DynLLMService
 from dynllm.service import makeService as _makeService
 from dynllm.signals import SignalHandlers
+from dynllm.startup import configurationFailed
 
 
 class Options(usage.Options):
@@ -47,13 +48,24 @@ class Options(usage.Options):
     ]
 
     def postOptions(self) -> None:
+        """
+        Load the configuration into C{loadedConfig}, and have twistd or
+        twist log through dynllm (L{hookLogging}).
+
+        @raise usage.UsageError: for a C{--log-format} other than text or
+            json.
+        @raise dynllm.startup.StartupError: listing every problem of the
+            file; under twistd or twist it ends the process with status 1
+            and those lines, without the usage text or a traceback.
+        """
         logFormat = self["log-format"]
         if logFormat is not None and logFormat not in logs.FORMATS:
             raise usage.UsageError(f"--log-format must be text or json, not {logFormat!r}")
         try:
-            config = loadConfig(self["config"])
+            config = loadConfig(self["config"], checkState=True)
         except ConfigError as e:
-            raise usage.UsageError(str(e)) from None
+            # Not a UsageError: twistd would print its usage text first.
+            raise configurationFailed(e) from e
         self["loadedConfig"] = config
         parent = getattr(self, "parent", None)
         if parent is not None:
