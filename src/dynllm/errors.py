@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import re
+from http import HTTPStatus
 from typing import Any
 
 from attrs import evolve, field, frozen
@@ -98,6 +99,27 @@ class APIError(Exception):
         if self.retryAfter is not None:
             h[b"Retry-After"] = str(self.retryAfter).encode("ascii")
         return h
+
+
+def reasonPhrase(status: int) -> bytes:
+    """
+    @return: the reason phrase of C{status} (RFC 9110 section 15), from
+        Python's C{http.HTTPStatus}, which knows codes twisted.web does not
+        (421, 431): C{b"Misdirected Request"}; C{b"Error"} for an unknown
+        one.
+    """
+    try:
+        return HTTPStatus(status).phrase.encode("ascii")
+    except ValueError:
+        return b"Error"
+
+
+def article(word: str) -> str:
+    """
+    @return: C{word} after its indefinite article, as it is read:
+        C{"an embedding"}, C{"an llm"} ("an L-L-M"), C{"a rerank"}.
+    """
+    return ("an " if word[:1].lower() in "aeiou" or word[:2].lower() in ("ll",) else "a ") + word
 
 
 def inShapeOf(error: APIError, requestHeaders: Any) -> APIError:
@@ -226,7 +248,9 @@ def fromScheduler(error: SchedulerError) -> APIError:
         return modelNotFound(error.name)
     if isinstance(error, ModelBusy):
         code = "model_loading" if error.loading else "model_busy"
-        return APIError(409, message, "invalid_request_error", code)
+        # The admin unload's way round it.
+        hint = '; send "force": true to stop it anyway (its requests then get 503)'
+        return APIError(409, message + hint, "invalid_request_error", code)
     if isinstance(error, LoadFailed):
         return loadFailed(error)
     if isinstance(error, LoadTimedOut):

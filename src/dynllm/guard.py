@@ -293,7 +293,7 @@ class Guard:
             refused = [t for t in found if t in FORM_TYPES and not (upload and t == "multipart/form-data")]
             if not refused:
                 return None
-            sent = f"a {refused[0]} body"
+            sent = f"{errors.article(refused[0])} body"
         wanted = "multipart/form-data" if upload else "application/json"
         return errors.APIError(
             415,

@@ -160,11 +160,15 @@ class DynLLMRoutes:
 
     # Authentication.
 
-    def _checkKey(self, request: IRequest, keys: Sequence[str]) -> None:
+    def _checkKey(self, request: IRequest, keys: Sequence[str], kind: str = "an API key") -> None:
         """
         Let a request through if it carries one of C{keys}, as
         C{Authorization: Bearer KEY} or C{X-Api-Key: KEY}, or if C{keys} is
         empty.
+
+        @param kind: What the route needs, for the message (C{"an admin key
+            (server.admin_api_keys)"}): a valid key of another kind on the
+            wrong route is told what it lacks.
 
         @raise errors.APIError: 401 C{invalid_api_key}, with
             C{WWW-Authenticate: Bearer} (RFC 6750 section 3), and
@@ -181,20 +185,26 @@ class DynLLMRoutes:
         if not any(hmac.compare_digest(given.encode(), k.encode()) for k in keys):
             if given:
                 request.setHeader(b"WWW-Authenticate", b'Bearer error="invalid_token"')
-                raise errors.APIError(401, "Invalid API key", "authentication_error", "invalid_api_key")
+                raise errors.APIError(
+                    401, f"Invalid API key: this route needs {kind}", "authentication_error", "invalid_api_key"
+                )
             request.setHeader(b"WWW-Authenticate", b"Bearer")
             raise errors.APIError(
                 401,
-                "This API needs a key: send it as 'Authorization: Bearer KEY' (or 'X-Api-Key: KEY')",
+                f"This route needs {kind}: send it as 'Authorization: Bearer KEY' (or 'X-Api-Key: KEY')",
                 "authentication_error",
                 "invalid_api_key",
             )
 
     def _checkClientKey(self, request: IRequest) -> None:
-        self._checkKey(request, self.config.server.api_keys)
+        self._checkKey(request, self.config.server.api_keys, "an API key (server.api_keys)")
 
     def _checkAdminKey(self, request: IRequest) -> None:
-        self._checkKey(request, self.config.server.admin_api_keys or self.config.server.api_keys)
+        server = self.config.server
+        if server.admin_api_keys:
+            self._checkKey(request, server.admin_api_keys, "an admin key (server.admin_api_keys)")
+        else:
+            self._checkKey(request, server.api_keys, "an API key (server.api_keys)")
 
     def _checkMetricsKey(self, request: IRequest) -> None:
         """
@@ -203,7 +213,11 @@ class DynLLMRoutes:
         """
         server = self.config.server
         if not server.metrics_public:
-            self._checkKey(request, server.metrics_api_keys + (server.admin_api_keys or server.api_keys))
+            self._checkKey(
+                request,
+                server.metrics_api_keys + (server.admin_api_keys or server.api_keys),
+                "a metrics key (server.metrics_api_keys) or an admin key",
+            )
 
     # Bodies.
 
@@ -224,7 +238,7 @@ class DynLLMRoutes:
     @app.handle_errors(errors.APIError)
     def apiError(self, request: IRequest, failure: Failure) -> bytes:
         error = cast(errors.APIError, failure.value)
-        request.setResponseCode(error.status)
+        request.setResponseCode(error.status, errors.reasonPhrase(error.status))
         for name, value in error.headers().items():
             request.setHeader(name, value)
         return error.body()
@@ -510,7 +524,7 @@ class DynLLMRoutes:
         public = KSERVE_ROUTE if endpoint.api == endpoints.KSERVE else endpoint.path
         if model.model_type not in endpoint.modelTypes:
             raise errors.badRequest(
-                f"model {name!r} is a {model.model_type} model; {public} serves"
+                f"model {name!r} is {errors.article(model.model_type)} model; {public} serves"
                 f" {', '.join(endpoint.modelTypes)} models",
                 param="model",
                 code="model_type_mismatch",

@@ -94,7 +94,7 @@ def writeError(
     headers.setRawHeaders(b"Connection", [b"close"])
     if requestHeaders is not None:
         cors.apply(requestHeaders, headers)
-    phrase = http.RESPONSES.get(error.status, b"Error")
+    phrase = errors.reasonPhrase(error.status)
     lines = [b"HTTP/1.1 %d %s" % (error.status, phrase)]
     lines += [name + b": " + value for name, values in headers.getAllRawHeaders() for value in values]
     transport.write(b"\r\n".join(lines) + b"\r\n\r\n" + body)
@@ -296,7 +296,7 @@ class LimitedRequest(server.Request):
         self._answer(http.NO_CONTENT, preflightHeaders(self.requestHeaders, self.responseHeaders), b"")
 
     def _answer(self, status: int, headers: dict[bytes, bytes], body: bytes) -> None:
-        self.setResponseCode(status)
+        self.setResponseCode(status, errors.reasonPhrase(status))
         for name, value in headers.items():
             self.setHeader(name, value)
         if body:
