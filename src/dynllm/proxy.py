@@ -160,6 +160,7 @@ class RelayGuard:
         self._stalled = stalled
         self._target: defer.Deferred[Any] | None = None
         self._timer: IDelayedCall | None = None
+        self._last = 0.0
         self._paused = False
         self._done = False
 
@@ -173,13 +174,13 @@ class RelayGuard:
 
     def touch(self) -> None:
         """
-        The backend sent something: its silence starts again.
+        The backend sent something: its silence starts again. (Called for
+        every piece of a body: it only notes the time; the one timer is
+        moved on when it fires.)
         """
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if not (self._paused or self._done or math.isinf(self._idleTimeout)):
-            self._timer = self._clock.callLater(self._idleTimeout, self._timedOut)
+        self._last = self._clock.seconds()
+        if self._timer is None and not (self._paused or self._done or math.isinf(self._idleTimeout)):
+            self._timer = self._clock.callLater(self._idleTimeout, self._check)
 
     def pause(self) -> None:
         """
@@ -213,8 +214,16 @@ class RelayGuard:
         if self._target is not None:
             self._target.cancel()
 
-    def _timedOut(self) -> None:
+    def _check(self) -> None:
         self._timer = None
+        silent = self._clock.seconds() - self._last
+        if silent < self._idleTimeout:
+            # Something came since the timer was set: wait for the rest.
+            self._timer = self._clock.callLater(self._idleTimeout - silent, self._check)
+            return
+        self._timedOut()
+
+    def _timedOut(self) -> None:
         if self._stalled is not None:
             reason = self._stalled()
         else:
