@@ -712,3 +712,14 @@ class ConnectFailureTests(SynchronousTestCase):
         error = self.failureResultOf(d, APIError).value
         self.assertEqual(error.status, 502)
         self.assertEqual(error.message, "could not reach the backend: Connection was closed cleanly.")
+
+    def test_failedIsQuiet(self):
+        """
+        A relay whose backend could not be reached leaves no timer: no
+        stall is counted after its 502.
+        """
+        self.agent.responses[0].errback(Failure(ConnectionRefusedError("refused")))
+        [raised] = self.resource.raised
+        self.assertEqual(raised.status, 502)
+        self.clock.advance(10)
+        self.assertEqual(self.resource.stalls, [])

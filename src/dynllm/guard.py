@@ -51,7 +51,7 @@ import re
 import stat
 from typing import IO, Sequence
 
-from attrs import frozen
+from attrs import field, frozen
 from twisted.web.http_headers import Headers
 
 from dynllm import endpoints, errors, logs
@@ -145,6 +145,10 @@ def mediaType(value: bytes) -> str:
     return value.split(b";", 1)[0].strip().decode("latin-1").lower()
 
 
+#: How many allowed C{Host} values a L{Guard} remembers.
+SEEN_HOSTS = 64
+
+
 @frozen
 class Guard:
     """
@@ -165,6 +169,9 @@ class Guard:
     anyHost: bool = False
     cors: CORSPolicy = CORSPolicy()
     open: frozenset[bytes] = frozenset({HEALTH_PATH})
+    #: C{Host} header values found allowed, so that a client's every request
+    #: is not parsed again (at most L{SEEN_HOSTS} of them).
+    _seen: set[bytes] = field(factory=set, eq=False, repr=False)
 
     @classmethod
     def fromConfig(cls, server: ServerConfig) -> Guard:
@@ -232,9 +239,13 @@ class Guard:
         """
         if not values:
             return None
+        if len(values) == 1 and values[0] in self._seen:
+            return None
         value = b", ".join(values).decode("latin-1")
         parsed = parseHost(value) if len(values) == 1 else None
         if parsed is not None and self.hostAllowed(*parsed):
+            if len(self._seen) < SEEN_HOSTS:
+                self._seen.add(values[0])
             return None
         name = parsed[0] if parsed is not None else value
         return errors.APIError(

@@ -570,11 +570,16 @@ async def forward(
         except Exception as e:
             raise errors.backendFailed(f"could not reach the backend: {errors.describeError(e)}") from None
     except defer.CancelledError:
+        guard.finish()
         if guard.reason is not None:
             raise guard.reason from None
         raise
-    finally:
-        guard.pause()
+    except BaseException:
+        guard.finish()
+        raise
+    # The head counts as something sent; the timer set for it goes on
+    # timing the body.
+    guard.touch()
     if onResponse is not None:
         onResponse()
 
@@ -589,7 +594,6 @@ async def forward(
         if not 200 <= response.code < 300:
             reading = defer.ensureDeferred(_errorBody(response, rewriter))
             guard.watch(reading)
-            guard.resume()
             try:
                 errorBody = await reading
             except defer.CancelledError:
@@ -603,7 +607,6 @@ async def forward(
         _sendHead(request, response, out, contentType)
     relaying = relayBody(response, request, clock, rewriter, guard)
     guard.watch(relaying)
-    guard.resume()
     try:
         await relaying
     except defer.CancelledError:
