@@ -678,6 +678,17 @@ class RelayGuardTests(SynchronousTestCase):
         self.assertEqual(guardCalls, [])
         self.assertTrue(self.transport.value().endswith(b"0\r\n\r\n"))
 
+    def test_failedIsQuiet(self):
+        """
+        A relay whose backend could not be reached leaves no timer: no
+        stall is counted after its 502.
+        """
+        self.agent.responses[0].errback(Failure(ConnectionRefusedError("refused")))
+        [raised] = self.resource.raised
+        self.assertEqual(raised.status, 502)
+        self.clock.advance(10)
+        self.assertEqual(self.resource.stalls, [])
+
 
 class ConnectFailureTests(SynchronousTestCase):
     """
@@ -713,13 +724,3 @@ class ConnectFailureTests(SynchronousTestCase):
         self.assertEqual(error.status, 502)
         self.assertEqual(error.message, "could not reach the backend: Connection was closed cleanly.")
 
-    def test_failedIsQuiet(self):
-        """
-        A relay whose backend could not be reached leaves no timer: no
-        stall is counted after its 502.
-        """
-        self.agent.responses[0].errback(Failure(ConnectionRefusedError("refused")))
-        [raised] = self.resource.raised
-        self.assertEqual(raised.status, 502)
-        self.clock.advance(10)
-        self.assertEqual(self.resource.stalls, [])
