@@ -120,6 +120,26 @@ class JSONFormatTests(SynchronousTestCase):
         self.assertIn("Traceback", record["traceback"])
 
 
+class TextFormatTests(SynchronousTestCase):
+    """
+    L{logs.formatEventAsText} is Twisted's classic line, its time formatted
+    once a second.
+    """
+
+    def test_sameAsTwisted(self) -> None:
+        """
+        Events in one second and the next are written as Twisted writes
+        them.
+        """
+        from twisted.logger import formatEventAsClassicLogText
+
+        base = 1_700_000_000.25
+        for when in (base, base + 0.5, base + 1.0, base - 3600.0):
+            event = {"log_format": "hello {who}", "who": "you", "log_time": when,
+                     "log_namespace": "dynllm.x", "log_level": LogLevel.info}
+            self.assertEqual(logs.formatEventAsText(event), formatEventAsClassicLogText(event))
+
+
 class DaemonLogTests(SynchronousTestCase):
     """
     L{logs.DaemonLog} filters every namespace at one level, which can change

@@ -32,6 +32,7 @@ from twisted.logger import (
     LogLevelFilterPredicate,
     formatEvent,
     formatEventAsClassicLogText,
+    formatTime,
 )
 from zope.interface import implementer
 
@@ -107,8 +108,37 @@ def formatEventAsJSONLine(event: dict[str, Any]) -> str:
     return json.dumps(record, ensure_ascii=False, default=str) + "\n"
 
 
+class _SecondTimes:
+    """
+    Twisted's C{formatTime}, remembered for the last second asked: a busy
+    daemon logs several events a second (a backend's lines for each
+    request), and C{strftime} with a time zone is most of what a line
+    costs.
+    """
+
+    def __init__(self) -> None:
+        self._second: int | None = None
+        self._text = ""
+
+    def __call__(self, when: float | None) -> str:
+        if when is None:
+            return formatTime(when)
+        second = int(when)
+        if second != self._second:
+            self._second, self._text = second, formatTime(second)
+        return self._text
+
+
+def formatEventAsText(event: dict[str, Any], _times: _SecondTimes = _SecondTimes()) -> str | None:
+    """
+    Twisted's classic text line (C{formatEventAsClassicLogText}), with the
+    time formatted once a second.
+    """
+    return formatEventAsClassicLogText(event, formatTime=_times)
+
+
 FORMATTERS: dict[str, Callable[[dict[str, Any]], str | None]] = {
-    "text": formatEventAsClassicLogText,
+    "text": formatEventAsText,
     "json": formatEventAsJSONLine,
 }
 
