@@ -14,9 +14,10 @@ import threading
 from typing import Any
 
 import yaml
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from dynllm.signals import IGNORE, STOP
+from dynllm.signals import IGNORE, STOP, SignalHandlers
 from tests.support import (
     FAKE_BACKEND,
     Daemon,
@@ -219,3 +220,40 @@ class StopSignalTests(SynchronousTestCase):
             self.assertIn("already stopping", log)
             self.assertNotIn("Traceback", log)
             self.assertNotIn("ReactorNotRunning", log)
+
+
+class EarlyInstallTests(SynchronousTestCase):
+    """
+    L{SignalHandlers} installs its handlers of the signals the reactor
+    leaves alone when the service starts, before the reactor runs.
+    """
+
+    def test_hupBeforeReactorRuns(self) -> None:
+        """
+        Right after C{startService}, before the reactor has run anything,
+        SIGHUP is already handled (not deadly): it asks for a reload, which
+        waits for the reactor.
+        """
+        saved = {number: signal.getsignal(number) for number in (signal.SIGHUP, signal.SIGUSR1, *STOP, *IGNORE)}
+        for number, handler in saved.items():
+            self.addCleanup(signal.signal, number, handler)
+
+        class Reactor(Clock):
+            def __init__(self) -> None:
+                super().__init__()
+                self.fromThread: list[Any] = []
+
+            def callFromThread(self, f: Any, *args: Any) -> None:
+                self.fromThread.append(f)
+
+        reactor = Reactor()
+        reloads: list[None] = []
+        handlers = SignalHandlers(reactor, lambda: reloads.append(None))
+        handlers.startService()
+        self.addCleanup(handlers.stopService)
+        hup = signal.getsignal(signal.SIGHUP)
+        self.assertTrue(callable(hup))
+        assert callable(hup)
+        hup(signal.SIGHUP, None)
+        self.assertEqual(reactor.fromThread, [handlers.reloadNow])
+        self.assertEqual(reloads, [])

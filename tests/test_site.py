@@ -1387,6 +1387,32 @@ class MalformedTests(SiteTestCase):
             checkEnvelope(self, response.status, response.body, 400, "malformed_request")
             self.assertEqual(response.header("connection"), "close")
 
+    def test_requestLineHalfClose(self) -> None:
+        """
+        On a transport that half-closes (as TCP does, so that it is not
+        C{disconnecting} while the answer lingers), a malformed request
+        line followed by headers in the same read still gets 400
+        C{malformed_request}: the lines after it are not parsed.
+        """
+
+        class HalfClosing(StringTransport):
+            halfClosed = False
+
+            def loseWriteConnection(self) -> None:
+                self.halfClosed = True
+
+        self.serve()
+        for line in (b"GARBAGE", b"GET /echo", b"GET /echo HTTP/2.0", b"GET  HTTP/1.1"):
+            channel = self.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+            transport = HalfClosing()
+            channel.makeConnection(transport)
+            self.addCleanup(channel.connectionLost, None)
+            channel.dataReceived(line + b"\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+            self.assertTrue(transport.halfClosed)
+            response = Response(transport.value())
+            checkEnvelope(self, response.status, response.body, 400, "malformed_request")
+        self.assertEqual(self.echo.seen, [])
+
     def test_header(self) -> None:
         """
         A header line without a colon, or with a bad name, gets 400

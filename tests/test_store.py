@@ -90,6 +90,21 @@ class SQLiteStateStoreTests(TestCase):
         self.store.close()
         self.openStore()
 
+    def test_inUseThroughSymlink(self) -> None:
+        """
+        A second store whose path is a symbolic link to the database (or
+        lies in a linked directory) cannot open it either: the lock is
+        taken on the real path.
+        """
+        link = os.path.abspath(self.mktemp())
+        os.symlink(self.path, link)
+        directory = os.path.abspath(self.mktemp())
+        os.symlink(os.path.dirname(self.path), directory)
+        for path in (link, os.path.join(directory, os.path.basename(self.path))):
+            with self.assertRaises(StateInUse):
+                SQLiteStateStore(path, reactor).open()
+        self.assertFalse(os.path.exists(link + ".lock"))
+
     async def test_roundTrip(self) -> None:
         """
         A saved row is read back with every column, and rows come sorted by

@@ -73,19 +73,28 @@ class SignalHandlers(Service):
 
     def startService(self) -> None:
         super().startService()
-        # After the reactor's own handlers, which it installs as it starts
-        # running (after twistd has started the services).
+        # The signals the reactor leaves alone at once, so that a SIGHUP
+        # right after start-up (a reload that follows a start) does not end
+        # the daemon by its default action; their work waits for the
+        # reactor (callFromThread). SIGTERM and SIGINT after the reactor's
+        # own handlers, which it installs as it starts running (after
+        # twistd has started the services).
+        handlers: dict[int, Callable[[int, FrameType | None], None]] = {signal.SIGHUP: self._hup}
+        if self.reopenLogs is not None:
+            handlers[signal.SIGUSR1] = self._usr1
+        handlers.update({number: self._stop for number in STOP})
+        handlers.update({number: self._ignore for number in IGNORE})
+        self._installAll(handlers)
         self._installing = self.reactor.callLater(0, self._install)
 
     def _install(self) -> None:
         self._installing = None
-        handlers: dict[int, Callable[[int, FrameType | None], None]] = {signal.SIGHUP: self._hup}
-        if self.reopenLogs is not None:
-            handlers[signal.SIGUSR1] = self._usr1
-        handlers.update({number: self._stop for number in (signal.SIGTERM, signal.SIGINT, *STOP)})
-        handlers.update({number: self._ignore for number in IGNORE})
+        self._installAll({number: self._stop for number in (signal.SIGTERM, signal.SIGINT)})
+
+    def _installAll(self, handlers: dict[int, Callable[[int, FrameType | None], None]]) -> None:
         for number, handler in handlers.items():
-            self._previous[number] = signal.signal(number, handler)
+            previous = signal.signal(number, handler)
+            self._previous.setdefault(number, previous)
 
     def stopService(self) -> Any:
         # The handlers stay: a signal while the daemon stops is logged, not

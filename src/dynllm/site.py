@@ -403,6 +403,27 @@ class DynLLMChannel(http.HTTPChannel):
         # Not HTTPChannel.dataReceived: it would restart the idle timeout.
         basic.LineReceiver.dataReceived(self, data)
 
+    def lineReceived(self, line: bytes) -> None:
+        """
+        Parse one line of a head, unless the connection was given up: a
+        TCP connection that half-closes (L{lingerClose}) is not
+        C{disconnecting}, so L{basic.LineReceiver} goes on with the lines
+        already received, which twisted.web would parse for a request that
+        never began (an C{AttributeError} that dropped the answer).
+        """
+        if self._closing:
+            return
+        super().lineReceived(line)
+
+    def rawDataReceived(self, data: bytes) -> None:
+        """
+        Parse body bytes, unless the connection was given up (as
+        L{lineReceived}).
+        """
+        if self._closing:
+            return
+        super().rawDataReceived(data)
+
     def allContentReceived(self) -> None:
         """
         The request has arrived whole: its deadline is met.

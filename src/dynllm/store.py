@@ -132,16 +132,27 @@ def _cause(e: BaseException) -> str:
     return str(e)
 
 
+def lockPath(database: str) -> str:
+    """
+    @return: the lock file of C{database}: its real path (symbolic links
+        resolved) plus C{.lock}, so that a second daemon whose C{db_path}
+        is a symbolic link to the same file (or in a linked directory)
+        meets the same lock, instead of taking a lock of its own and then
+        stopping the first daemon's backends as left by a previous run.
+    """
+    return os.path.realpath(database) + ".lock"
+
+
 def _lockDatabase(database: str) -> int:
     """
-    Take an exclusive lock on C{DATABASE.lock} (created if needed) and
-    write our pid into it.
+    Take an exclusive lock on L{lockPath} (created if needed) and write our
+    pid into it.
 
     @return: the open file descriptor; closing it releases the lock.
     @raise StateInUse: naming the holder's pid, if it is locked.
     @raise OSError: if the lock file cannot be made or written.
     """
-    fd = os.open(database + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    fd = os.open(lockPath(database), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -424,7 +435,7 @@ class SQLiteStateStore:
         """
         if self._lock is None:
             return
-        if _fileIdentity(self.path + ".lock") != _identity(os.fstat(self._lock)):
+        if _fileIdentity(lockPath(self.path)) != _identity(os.fstat(self._lock)):
             self._relock()
         if self._lock is not None and self._connected is not None and _fileIdentity(self.path) != self._connected:
             self._dirty.update(self._rows)
