@@ -304,6 +304,52 @@ class OriginTests(GuardTestCase):
         self.assertRefused(self.check(self.guard, origin="null"), 403, "cors_origin_not_allowed")
 
 
+class FetchSiteTests(GuardTestCase):
+    """
+    L{Guard.check}'s C{Sec-Fetch-Site} rule: what another site's page
+    sends without an C{Origin} (an image, a script, a link).
+    """
+
+    guard = Guard.fromConfig(serverConfig(cors_origins=[PAGE]))
+
+    def test_crossSite(self) -> None:
+        """
+        A C{cross-site} or C{same-site} request without C{Origin}, even a
+        C{GET} (C{<img src=/upstream/m/>} loads a model), is refused with
+        403 C{cross_site_request}.
+        """
+        for site in ("cross-site", "same-site"):
+            self.assertRefused(
+                self.check(self.guard, "GET", "/upstream/m/health", sec_fetch_site=site), 403, "cross_site_request"
+            )
+
+    def test_ownAndTyped(self) -> None:
+        """
+        The daemon's own pages (C{same-origin}), what a user types or
+        bookmarks (C{none}) and programs (no header) are served.
+        """
+        for site in ("same-origin", "none"):
+            self.assertIsNone(self.check(self.guard, "GET", "/upstream/m/", sec_fetch_site=site))
+        self.assertIsNone(self.check(self.guard, "GET", "/upstream/m/"))
+
+    def test_originDecides(self) -> None:
+        """
+        With an C{Origin}, the origin rule decides: a configured origin's
+        cross-site request is served.
+        """
+        self.assertIsNone(
+            self.check(self.guard, "POST", "/v1/chat/completions", b"{}", origin=PAGE,
+                       content_type="application/json", sec_fetch_site="cross-site")
+        )
+
+    def test_keysOff(self) -> None:
+        """
+        With API keys the rule is off (a page cannot send the key).
+        """
+        keyed = Guard.fromConfig(serverConfig(api_keys=["k"]))
+        self.assertIsNone(self.check(keyed, "GET", "/upstream/m/health", sec_fetch_site="cross-site"))
+
+
 class BodyTests(GuardTestCase):
     """
     L{Guard.check}'s rule for bodies (against cross-site requests).

@@ -204,7 +204,12 @@ class Guard:
         if not self.active or normalPath(path) in self.open:
             return None
         hosts = headers.getRawHeaders(b"host")
-        refusal = self.checkHost(hosts) or self.checkOrigin(headers.getRawHeaders(b"origin"), hosts)
+        origins = headers.getRawHeaders(b"origin")
+        refusal = (
+            self.checkHost(hosts)
+            or self.checkOrigin(origins, hosts)
+            or self.checkFetchSite(origins, headers.getRawHeaders(b"sec-fetch-site"))
+        )
         if refusal is None and method not in SAFE_METHODS:
             size = 0
             if content is not None:
@@ -281,6 +286,34 @@ class Guard:
             f" (cross-site request forgery). Add the origin to server.cors_origins, or set server.api_keys",
             "invalid_request_error",
             "cors_origin_not_allowed",
+        )
+
+    def checkFetchSite(
+        self, origins: Sequence[bytes] | None, sites: Sequence[bytes] | None
+    ) -> errors.APIError | None:
+        """
+        @param origins: The request's C{Origin} headers.
+        @param sites: Its C{Sec-Fetch-Site} headers (Fetch Metadata, sent
+            by browsers: C{same-origin}, C{same-site}, C{cross-site} or
+            C{none} for a request the user made by hand).
+        @return: a 403 C{cross_site_request} for a request another site's
+            page made without an C{Origin} (an image, a script, a link: what
+            L{checkOrigin} cannot see), since even a C{GET} can load a model
+            and evict others; C{None} otherwise (a request with an
+            C{Origin} is L{checkOrigin}'s to judge).
+        """
+        if origins or not sites:
+            return None
+        site = sites[-1].strip().lower()
+        if site not in (b"cross-site", b"same-site"):
+            return None
+        return errors.APIError(
+            403,
+            f"a {site.decode('latin-1')} request from a web page (Sec-Fetch-Site) may not use this server: without"
+            f" API keys it serves only its own pages and programs, so that other web pages cannot drive it."
+            f" Set server.api_keys to serve such pages",
+            "invalid_request_error",
+            "cross_site_request",
         )
 
     def checkBody(self, path: bytes, types: Sequence[bytes] | None, size: int) -> errors.APIError | None:

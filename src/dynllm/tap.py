@@ -12,6 +12,7 @@ format, and C{SIGUSR1} reopens its file.
 
 from __future__ import annotations
 
+import signal
 import sys
 from typing import Any, Callable
 
@@ -58,6 +59,10 @@ class Options(usage.Options):
             file; under twistd or twist it ends the process with status 1
             and those lines, without the usage text or a traceback.
         """
+        # A reload asked for before the daemon runs (systemd may send one
+        # as soon as the process exists) must not end it: SIGHUP is ignored
+        # until the daemon's handlers take over (L{dynllm.signals}).
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
         logFormat = self["log-format"]
         if logFormat is not None and logFormat not in logs.FORMATS:
             raise usage.UsageError(f"--log-format must be text or json, not {logFormat!r}")
