@@ -15,7 +15,7 @@ import anthropic
 import openai
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.support import Daemon, llamaServer, tinyModels
+from tests.support import Daemon
 from tests.test_llamacpp import llamaConfig
 
 #: A Hugging Face style id, with C{/}, for the chat model.

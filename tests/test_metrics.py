@@ -21,7 +21,7 @@ from twisted.web.test.requesthelper import DummyChannel
 from dynllm.config import parseConfig
 from dynllm.lease import ModelCounters
 from dynllm.lifecycle import STOP_CAUSES
-from dynllm.metrics import BYTES_PER_MB, FORCED, UNLOAD_CAUSES, Metrics
+from dynllm.metrics import FORCED, UNLOAD_CAUSES, Metrics
 from dynllm.scheduler import ModelManager
 from dynllm.store import MemoryStateStore
 from dynllm.testing import FakeBackend, FakeProcessReactor

@@ -9,7 +9,7 @@ import json
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from dynllm.rewrite import NameRewriter, jsonSpellings, renameInRequest
+from dynllm.rewrite import NameRewriter, jsonSpellings
 
 PATH = "/models/tiny llm"
 
@@ -24,19 +24,6 @@ def frames(path: str) -> bytes:
         out += b"data: " + json.dumps({"model": path, "choices": [{"delta": {"content": str(i)}}]}).encode()
         out += b"\n\n"
     return out
-
-
-class RenameInRequestTests(SynchronousTestCase):
-    """
-    L{renameInRequest} names the backend's model in a request body.
-    """
-
-    def test_renamed(self) -> None:
-        """
-        Only C{model} changes.
-        """
-        body = {"model": "alias", "messages": [{"role": "user", "content": "alias"}]}
-        self.assertEqual(json.loads(renameInRequest(body, PATH)), dict(body, model=PATH))
 
 
 class NameRewriterTests(SynchronousTestCase):

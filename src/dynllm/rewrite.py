@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any
 
 
 def jsonString(value: str) -> bytes:
@@ -39,14 +38,6 @@ def jsonSpellings(value: str) -> set[bytes]:
     spellings = {raw, escaped, upper}
     spellings |= {s.replace("/", "\\/") for s in spellings}
     return {s.encode("utf-8") for s in spellings}
-
-
-def renameInRequest(body: dict[str, Any], upstreamName: str) -> bytes:
-    """
-    @param body: A JSON request body whose C{model} is the alias.
-    @return: the body to send upstream, naming C{upstreamName} instead.
-    """
-    return json.dumps(dict(body, model=upstreamName)).encode("utf-8")
 
 
 class NameRewriter:
