@@ -256,11 +256,13 @@ class ReopenableFileTests(SynchronousTestCase):
     L{logs.ReopenableFile} and L{logs.DaemonLog.reopen}.
     """
 
-    def test_reopenAfterMove(self) -> None:
+    def jsonLog(self) -> tuple[str, Any, Any, LogPublisher]:
         """
-        After the file is moved, L{DaemonLog.reopen} makes a new file at the
-        path; the lines before are in the moved file, the next ones and a
-        line saying the file was reopened in the new one.
+        A JSON daemon log in a file of a new directory, its own messages
+        (C{dynllm.logs}) published with the rest.
+
+        @return: the file's path, the L{logs.ReopenableFile}, the
+            L{logs.DaemonLog} and the publisher.
         """
         directory = os.path.abspath(self.mktemp())
         os.makedirs(directory)
@@ -270,6 +272,15 @@ class ReopenableFileTests(SynchronousTestCase):
         daemonLog = logs.makeDaemonLog(output, "json", "info")
         publisher.addObserver(daemonLog)
         self.patch(logs, "log", Logger(namespace="dynllm.logs", observer=publisher))
+        return path, output, daemonLog, publisher
+
+    def test_reopenAfterMove(self) -> None:
+        """
+        After the file is moved, L{DaemonLog.reopen} makes a new file at the
+        path; the lines before are in the moved file, the next ones and a
+        line saying the file was reopened in the new one.
+        """
+        path, output, daemonLog, publisher = self.jsonLog()
         log = Logger(namespace="dynllm.x", observer=publisher)
         log.info("before")
         os.rename(path, path + ".1")
@@ -289,16 +300,9 @@ class ReopenableFileTests(SynchronousTestCase):
         If the file cannot be opened again, the old one stays in use and an
         error says so.
         """
-        directory = self.mktemp()
-        os.makedirs(directory)
-        path = os.path.join(directory, "dynllm.log")
-        publisher = LogPublisher()
-        output = logs.ReopenableFile(path)
-        daemonLog = logs.makeDaemonLog(output, "json", "info")
-        publisher.addObserver(daemonLog)
-        self.patch(logs, "log", Logger(namespace="dynllm.logs", observer=publisher))
+        path, output, daemonLog, publisher = self.jsonLog()
         os.remove(path)
-        os.rmdir(directory)
+        os.rmdir(os.path.dirname(path))
         self.assertFalse(daemonLog.reopen())
         output.close()
         self.assertFalse(os.path.exists(path))
