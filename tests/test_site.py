@@ -31,17 +31,15 @@ from twisted.web import resource, server
 from dynllm import codings, errors, multipart
 from dynllm.config import ConfigError, parseConfig
 from dynllm.cors import DEFAULT_ALLOW_HEADERS, CORSPolicy
-from dynllm.site import (
+from dynllm.connections import (
     HANDLING,
     IDLE,
     LINGER_SECONDS,
     MAX_CONNECTIONS_CEILING,
     RECEIVING,
-    SPOOL_THRESHOLD,
-    DynLLMSite,
     autoMaxConnections,
-    makeSite,
 )
+from dynllm.site import SPOOL_THRESHOLD, DynLLMSite, makeSite
 from tests import fakeovms
 from tests.support import FAKE_BACKEND, Daemon, checkEnvelope, llamaServer, pidAlive, request, tinyModels, waitFor
 
@@ -936,7 +934,7 @@ class LingerTests(SiteTestCase):
     def test_closesAfterLingering(self) -> None:
         """
         A client that stops sending is disconnected after
-        L{site.LINGER_SECONDS}.
+        L{dynllm.connections.LINGER_SECONDS}.
         """
         channel, transport = self.start()
         channel.dataReceived(b"x" * 1000)
