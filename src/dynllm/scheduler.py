@@ -781,25 +781,19 @@ class ModelManager(Service):
         core.loadSeq = self._loadCounter
         self._outbox.send(model.machine.load, run)
 
-    def _idleOrder(self, m: _Model) -> tuple[float, float]:
-        """
-        The order in which idle models give way: lowest C{priority} first,
-        then by C{eviction_policy}.
-        """
-        if self.config.eviction_policy == "lru":
-            return (m.core.config.priority, m.core.lastUsedAt or 0.0)
-        return (m.core.config.priority, -m.core.loadSeq)
-
     def _idleModels(self) -> list[_Model]:
         """
-        @return: the loaded models with no request in flight that no waiting
-            load holds, in the order they give way.
+        @return: the loaded models with no request in flight or waiting that
+            no waiting load holds, in the order idle models give way to a
+            load (L{planner.evictionOrder}: lowest C{priority} first, then
+            by C{eviction_policy}).
         """
-        idle = [
-            m for m in self._models.values()
-            if m.core.status == LOADED and m.core.active == 0 and not m.core.waiters and m.core.name not in self._held
+        order = planner.evictionOrder(self._views(), self.config.eviction_policy)
+        return [
+            self._models[view.name]
+            for view in order
+            if view.idle and view.waiting == 0 and view.name not in self._held
         ]
-        return sorted(idle, key=self._idleOrder)
 
     def _fitBudget(self) -> None:
         """
