@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 from twisted.logger import Logger, LogLevel, LogPublisher
 from twisted.python.failure import Failure
@@ -366,22 +366,36 @@ class DaemonProcessTests(SynchronousTestCase):
         self.assertIn("[fake] fake: llama_server: model loaded", [r["message"] for r in backend])
         self.assertEqual({r.get("model") for r in backend}, {"fake"})
 
+    def startCommand(self, logFormat: str, argv: Callable[[str], list[str]]) -> Daemon:
+        """
+        Start a daemon of no models with C{log_format: logFormat} by a
+        command line of its own and wait until it is healthy.
+
+        @param argv: Makes the command line from the configuration's path;
+            its program is looked up beside this Python (C{twistd},
+            C{twist}).
+        @return: the daemon, stopped at the test's end.
+        """
+        config: dict[str, Any] = {"log_format": logFormat, "models": [], "enabled_backends": ["llamacpp"],
+                                  "backend": {"llamacpp_binary": FAKE_BACKEND}}
+        daemon = Daemon(config)
+        self.addCleanup(daemon.stop)
+        command = argv(daemon.configPath)
+        command[0] = os.path.join(os.path.dirname(sys.executable), command[0])
+        daemon.process = subprocess.Popen(
+            command, cwd=daemon.directory, env=dict(os.environ, PYTHONPATH=ROOT),
+            stdout=open(daemon.logPath, "ab"), stderr=subprocess.STDOUT,
+        )
+        self.assertTrue(waitFor(lambda: daemon._healthy(), timeout=30))
+        return daemon
+
     def test_commandLineWins(self) -> None:
         """
         C{--log-format json} on the command line wins over C{log_format:
         text} in the file.
         """
-        config: dict[str, Any] = {"log_format": "text", "models": [], "enabled_backends": ["llamacpp"],
-                                  "backend": {"llamacpp_binary": FAKE_BACKEND}}
-        daemon = Daemon(config)
-        self.addCleanup(daemon.stop)
-        env = dict(os.environ, PYTHONPATH=ROOT)
-        twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
-        daemon.process = subprocess.Popen(
-            [twistd, "-n", "--pidfile=", "dynllm", "-c", daemon.configPath, "--log-format", "json"],
-            cwd=daemon.directory, env=env, stdout=open(daemon.logPath, "ab"), stderr=subprocess.STDOUT,
-        )
-        self.assertTrue(waitFor(lambda: daemon._healthy(), timeout=30))
+        daemon = self.startCommand("text", lambda path: ["twistd", "-n", "--pidfile=", "dynllm", "-c", path,
+                                                         "--log-format", "json"])
         daemon.stop()
         records = jsonLines(daemon.log())
         self.assertTrue(any("starting up" in r["message"] for r in records))
@@ -392,17 +406,7 @@ class DaemonProcessTests(SynchronousTestCase):
         separators and no message), C{log_format: json} gives the same
         lines as under twistd.
         """
-        config: dict[str, Any] = {"log_format": "json", "models": [], "enabled_backends": ["llamacpp"],
-                                  "backend": {"llamacpp_binary": FAKE_BACKEND}}
-        daemon = Daemon(config)
-        self.addCleanup(daemon.stop)
-        env = dict(os.environ, PYTHONPATH=ROOT)
-        twist = os.path.join(os.path.dirname(sys.executable), "twist")
-        daemon.process = subprocess.Popen(
-            [twist, "dynllm", "-c", daemon.configPath],
-            cwd=daemon.directory, env=env, stdout=open(daemon.logPath, "ab"), stderr=subprocess.STDOUT,
-        )
-        self.assertTrue(waitFor(lambda: daemon._healthy(), timeout=30))
+        daemon = self.startCommand("json", lambda path: ["twist", "dynllm", "-c", path])
         daemon.stop()
         records = jsonLines(daemon.log())
         self.assertIn("Starting reactor...", [r["message"] for r in records])
