@@ -266,6 +266,21 @@ class ServiceReloadTests(SynchronousTestCase):
         self.assertIs(self.service.config, before)
         self.assertIs(self.service.routes.config, before)
 
+    def test_automaticConnections(self) -> None:
+        """
+        L{siteSettings}, what the site is made with and a reload sets: without
+        C{server.max_connections}, the cap is the automatic one, at
+        start and after a reload that removes a set value.
+        """
+        from dynllm.connections import autoMaxConnections
+        from dynllm.service import siteSettings
+
+        self.write({"server": {"max_connections": 7, "request_timeout_seconds": 5}})
+        settings = siteSettings(self.load())
+        self.assertEqual((settings["maxConnections"], settings["requestTimeout"]), (7, 5))
+        self.write({})
+        self.assertEqual(siteSettings(self.load())["maxConnections"], autoMaxConnections())
+
 
 class RefusalLinesTests(SynchronousTestCase):
     """
@@ -289,3 +304,4 @@ class RefusalLinesTests(SynchronousTestCase):
         self.assertEqual(
             lines, ["the configuration was not reloaded: d.yaml has 2 problems:", "  a is wrong", "  b is wrong"]
         )
+

@@ -27,13 +27,14 @@ from zope.interface import implementer
 
 from dynllm import guard, logs, torchinfo
 from dynllm.config import Config, ConfigError, loadConfig
+from dynllm.connections import autoMaxConnections
 from dynllm.cors import CORSPolicy
-from dynllm.reload import ConfigChanges, compare
 from dynllm.interfaces import IModelManager, IStateStore
 from dynllm.pool import BackendPool
+from dynllm.reload import ConfigChanges, compare
 from dynllm.routes import DynLLMRoutes
 from dynllm.scheduler import ModelManager
-from dynllm.site import DynLLMSite, makeSite
+from dynllm.site import DynLLMSite
 from dynllm.startup import listenFailed
 from dynllm.store import MemoryStateStore, SQLiteStateStore, StateInUse, StateUnavailable
 
@@ -101,15 +102,9 @@ class DynLLMService(MultiService):
         self.routes.config = config
         logs.setLevel(config.log_level)
         logs.setFormat(config.log_format)
-        site = self.site
-        if site is not None:
-            site.maxBodyBytes = int(config.max_request_body_mb * 1024 * 1024)
-            site.cors = CORSPolicy(frozenset(config.server.cors_origins))
-            site.guard = guard.announce(config)
-            site.requestTimeout = config.server.request_timeout_seconds
-            site.idleTimeout = config.server.request_timeout_seconds
-            if config.server.max_connections is not None:
-                site.maxConnections = config.server.max_connections
+        if self.site is not None:
+            for name, value in siteSettings(config).items():
+                setattr(self.site, name, value)
         reaper = self.getServiceNamed("idle-reaper")
         if isinstance(reaper, TimerService) and reaper.step != config.idle_check_interval_seconds:
             reaper.step = config.idle_check_interval_seconds
@@ -226,6 +221,24 @@ def makeAgent(reactor: Any) -> tuple[Agent, BackendPool]:
     return Agent.usingEndpointFactory(reactor, LoopbackEndpoints(reactor), pool=pool), pool
 
 
+def siteSettings(config: Config) -> dict[str, Any]:
+    """
+    @return: the settings of the API's L{DynLLMSite} that C{config} gives,
+        by the names of its attributes (and of its constructor's
+        arguments): what the site is made with, and what a reload sets
+        again.
+    """
+    server = config.server
+    return {
+        "maxBodyBytes": int(config.max_request_body_mb * 1024 * 1024),
+        "cors": CORSPolicy(frozenset(server.cors_origins)),
+        "guard": guard.announce(config),
+        "requestTimeout": server.request_timeout_seconds,
+        "idleTimeout": server.request_timeout_seconds,
+        "maxConnections": autoMaxConnections() if server.max_connections is None else server.max_connections,
+    }
+
+
 def makeService(config: Config, reactor: Any = None, listen: bool = True, persist: bool = True) -> DynLLMService:
     """
     Build a dynllm daemon from a configuration.
@@ -257,14 +270,7 @@ def makeService(config: Config, reactor: Any = None, listen: bool = True, persis
         host = config.server.host
         endpointType = TCP6ServerEndpoint if ":" in host else TCP4ServerEndpoint
         endpoint = endpointType(reactor, config.server.port, interface=host)
-        site = makeSite(
-            routes.resource(),
-            int(config.max_request_body_mb * 1024 * 1024),
-            config.server.cors_origins,
-            guard.announce(config),
-            requestTimeout=config.server.request_timeout_seconds,
-            maxConnections=config.server.max_connections,
-        )
+        site = DynLLMSite(routes.resource(), **siteSettings(config))
         service.site = site
         http_service = StreamServerEndpointService(endpoint, site)
         http_service._raiseSynchronously = True
