@@ -67,7 +67,6 @@ class SignalHandlers(Service):
         self.reactor = reactor
         self.reload = reload
         self.reopenLogs = reopenLogs
-        self._previous: dict[int, Any] = {}
         self._stopping = False
         self._installing: Any = None
 
@@ -93,8 +92,7 @@ class SignalHandlers(Service):
 
     def _installAll(self, handlers: dict[int, Callable[[int, FrameType | None], None]]) -> None:
         for number, handler in handlers.items():
-            previous = signal.signal(number, handler)
-            self._previous.setdefault(number, previous)
+            signal.signal(number, handler)
 
     def stopService(self) -> Any:
         # The handlers stay: a signal while the daemon stops is logged, not
