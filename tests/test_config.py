@@ -1315,9 +1315,10 @@ class ExampleTests(ConfigTestMixin, TestCase):
 
     def test_exampleValidates(self) -> None:
         """
-        The example declares models of the three backends (llama.cpp: llm,
+        The example declares models of the four backends (llama.cpp: llm,
         embedding, rerank; OpenVINO: llm, transcription, speech, image
-        generation, classification; transformers: llm, transcription)
+        generation, classification; transformers: llm, transcription;
+        command: llm)
         within the default budget, preloads the embedding model and listens
         on 127.0.0.1:8000.
         """
@@ -1335,6 +1336,7 @@ class ExampleTests(ConfigTestMixin, TestCase):
                 ("openvino", "classification"),
                 ("transformers", "llm"),
                 ("transformers", "transcription"),
+                ("command", "llm"),
             ],
         )
         self.assertEqual(config.server.host, "127.0.0.1")
