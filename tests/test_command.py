@@ -100,6 +100,14 @@ class CommandBackendTests(SynchronousTestCase):
         self.assertTrue(self.successResultOf(self.backend.probe(FakeHTTP({"http://h/v1/models": 204}), "http://h", model)))
         self.assertFalse(self.successResultOf(self.backend.probe(FakeHTTP({"http://h/v1/models": 200}), "http://h", model)))
 
+    def test_probePathPlaceholders(self) -> None:
+        """
+        The probe's path has its placeholders filled in.
+        """
+        http = FakeHTTP({"http://127.0.0.1:9/v2/models/c/ready": 200})
+        model = commandModel(ready=ReadyConfig(http_path="/v2/models/{name}/ready"))
+        self.assertTrue(self.successResultOf(self.backend.probe(http, "http://127.0.0.1:9", model)))
+
     def test_probeLogOnly(self) -> None:
         """
         With readiness by log line only, the probe asks nothing and says
@@ -188,6 +196,20 @@ class CommandRunTests(SynchronousTestCase):
         self.assertEqual(transport.args[-2:], ["--api-key", run.apiKey])
         other = self.makeRun(commandModel())
         self.assertIsNone(other.apiKey)
+
+    def test_keyInEnvironment(self) -> None:
+        """
+        A key in a variable (C{env: {VLLM_API_KEY: "{api_key}"}}) is the
+        run's key, there and not on the command line; the other variables'
+        placeholders are filled in too.
+        """
+        run = self.makeRun(commandModel(env={"VLLM_API_KEY": "{api_key}", "WHERE": "{host}:{port}"}))
+        run.start()
+        [transport] = self.reactor.spawned
+        self.assertIsNotNone(run.apiKey)
+        self.assertEqual(transport.env["VLLM_API_KEY"], run.apiKey)
+        self.assertEqual(transport.env["WHERE"], "127.0.0.1:40123")
+        self.assertNotIn(run.apiKey, transport.args)
 
     def test_spawnsExpandedCommand(self) -> None:
         """

@@ -1461,6 +1461,29 @@ class CommandConfigTests(ConfigTestMixin, TestCase):
         ):
             self.assertTrue(any(fragment in p for p in problems), (fragment, problems))
 
+    def test_envPlaceholders(self) -> None:
+        """
+        A command model's C{env} values take placeholders; an unknown one
+        is refused naming C{env.NAME}; another backend's values are
+        literal.
+        """
+        [problem] = self.problems(self.command(env={"VLLM_API_KEY": "{api_key}", "X": "{key}"}))
+        self.assertIn("models[0] ('c1').env.X: unknown placeholder {key}", problem)
+        [model] = self.parse({"models": [self.model(env={"X": "{key}"})]}).models
+        self.assertEqual(model.environment(1, "k"), {"X": "{key}"})
+        [model] = self.parseCommand(self.command(env={"K": "{api_key}", "P": "{port}"})).models
+        self.assertEqual(model.environment(9100, "k"), {"K": "k", "P": "9100"})
+
+    def test_readyPathPlaceholders(self) -> None:
+        """
+        C{ready.http.path} takes placeholders (C{{name}}); an unknown one is
+        refused naming the key.
+        """
+        [model] = self.parseCommand(self.command(ready={"http": {"path": "/v2/models/{name}/ready"}})).models
+        self.assertEqual(model.ready.http_path, "/v2/models/{name}/ready")
+        [problem] = self.problems(self.command(ready={"http": {"path": "/v2/models/{model}/ready"}}))
+        self.assertIn("models[0] ('c1').ready.http.path[0]: unknown placeholder {model}", problem)
+
     def test_bracesInOtherBackendsArgs(self) -> None:
         """
         Braces in another backend's C{extra_args} are not placeholders:

@@ -22,7 +22,7 @@ from attrs import Attribute, evolve, field, fields, frozen
 
 from dynllm.endpoints import BACKEND_KINDS, KSERVE_TYPES, MODEL_TYPES, endpointOf, modelTypesOf
 from dynllm.owned import OWNED
-from dynllm.placeholders import PlaceholderError, addressProblems, placeholdersIn
+from dynllm.placeholders import PlaceholderError, addressProblems, expand, placeholdersIn
 
 #: Which backend kind serves which model types: read from the endpoint
 #: table, the one place that says which endpoint serves what.
@@ -278,7 +278,8 @@ class ReadyConfig:
     given, both must be seen.
 
     @ivar http_path: The path polled with C{GET} until it answers
-        L{http_status}, or C{None} for no HTTP probe.
+        L{http_status}, or C{None} for no HTTP probe; it may hold
+        placeholders (C{/v2/models/{name}/ready}).
     @ivar http_status: The status that means ready.
     @ivar log: A regular expression (Python's C{re}) that a line of the
         server's output must match, or C{None}.
@@ -372,6 +373,8 @@ def _ready(value: Any, where: str) -> ReadyConfig:
         path = spec.get("path", "/health")
         if not isinstance(path, str) or not path.startswith("/"):
             problems.append(f"{where}.http.path must be a path starting with '/', not {path!r}")
+        else:
+            problems.extend(_placeholderProblems((path,), f"{where}.http.path", ("api_key",)))
         raw_status = spec.get("status", 200)
         if isinstance(raw_status, bool) or not isinstance(raw_status, int) or not 100 <= raw_status <= 599:
             problems.append(f"{where}.http.status must be an HTTP status (100 to 599), not {raw_status!r}")
@@ -774,6 +777,19 @@ class ModelConfig:
         """
         return {"port": str(port), "host": "127.0.0.1", "name": self.name, "path": self.path, "api_key": apiKey or ""}
 
+    def environment(self, port: int, apiKey: str | None = None) -> dict[str, str]:
+        """
+        @return: the model's C{env}, for a run on C{port}: a C{command}
+            model's values with their placeholders filled in (so that
+            C{{api_key}} can go to a variable, which other local users
+            cannot read, rather than to the command line, which they can);
+            the other backends' values as they are.
+        """
+        if self.backend != COMMAND:
+            return dict(self.env)
+        values = self.placeholders(port, apiKey)
+        return {name: expand(value, values) for name, value in self.env.items()}
+
 
 @frozen
 class Config:
@@ -1089,6 +1105,15 @@ class _ModelChecks:
         if ok("extra_args"):
             for problem in _placeholderProblems(model.extra_args, f"{place}.extra_args"):
                 add(problem)
+        if ok("env"):
+            for name, value in model.env.items():
+                try:
+                    used = placeholdersIn(value)
+                except PlaceholderError as e:
+                    add(f"{place}.env.{name}: {e}")
+                    continue
+                if "path" in used and "path" not in model.explicit:
+                    add(f"{place}.env.{name}: {{path}} is used but the model has no path")
         keys = (("command", model.command), ("extra_args", model.extra_args), ("stop.command", model.stop.command))
         for key, args in keys:
             if not ok(key.partition(".")[0]):

@@ -96,11 +96,11 @@ def describeExit(reason: Exception) -> str:
     return f"exited with code {code}"
 
 
-def backendEnvironment(backend: IBackend, model: ModelConfig) -> dict[str, str]:
+def backendEnvironment(backend: IBackend, model: ModelConfig, port: int, apiKey: str | None = None) -> dict[str, str]:
     """
-    @return: the environment a backend of C{model} runs in: ours, with
-        what L{IBackend.environment} adds and removes, then the model's
-        C{env}.
+    @return: the environment a backend of C{model} runs in on C{port}:
+        ours, with what L{IBackend.environment} adds and removes, then the
+        model's C{env} (see L{ModelConfig.environment}).
     """
     env = dict(os.environ)
     for name, value in backend.environment(model).items():
@@ -108,7 +108,7 @@ def backendEnvironment(backend: IBackend, model: ModelConfig) -> dict[str, str]:
             env.pop(name, None)
         else:
             env[name] = value
-    env.update(model.env)
+    env.update(model.environment(port, apiKey))
     return env
 
 
@@ -199,12 +199,12 @@ class BackendRun:
     _stopping: defer.Deferred[Exception] | None = field(default=None, init=False)
 
     def __attrs_post_init__(self) -> None:
-        env = backendEnvironment(self.backend, self.model)
-        self._stopEnv = dict(env)
+        self._stopEnv = backendEnvironment(self.backend, self.model, self.port)
         if self.backend.wantsKey(self.model):
             self.apiKey = secrets.token_urlsafe(32)
-            if self.backend.keyVariable is not None:
-                env[self.backend.keyVariable] = self.apiKey
+        env = backendEnvironment(self.backend, self.model, self.port, self.apiKey)
+        if self.apiKey is not None and self.backend.keyVariable is not None:
+            env[self.backend.keyVariable] = self.apiKey
         if self.model.stop.timeout is not None:
             self.killTime = self.model.stop.timeout
         if self.model.ready.log is not None:

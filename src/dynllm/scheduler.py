@@ -284,7 +284,7 @@ class ModelManager(Service):
         config = model.core.config
         argv = expandAll(config.stop.command, config.placeholders(port))
         timeout = self.killTime if config.stop.timeout is None else config.stop.timeout
-        env = backendEnvironment(model.core.backend, config)
+        env = backendEnvironment(model.core.backend, config, port)
         try:
             return runCommand(config.name, argv, self.reactor, env, timeout, self.newSession, model.core.log)
         except OSError as e:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 from typing import Any
+from urllib.parse import urlsplit
 
 from attrs import frozen
 from twisted.internet import defer
@@ -24,7 +25,7 @@ from dynllm.config import ModelConfig
 from dynllm.endpoints import endpointOf, modelTypesOf, upstreamPath
 from dynllm.interfaces import IBackend
 from dynllm.owned import COMMAND, OwnedSettings
-from dynllm.placeholders import expandAll, placeholdersIn
+from dynllm.placeholders import expand, expandAll, placeholdersIn
 
 #: Lines that many servers print once they listen (uvicorn, llama.cpp, Go's
 #: and Node's servers): a hint to probe at once, not a proof of readiness.
@@ -42,7 +43,10 @@ class CommandBackend:
     placeholders filled in: C{{port}} and C{{host}} (127.0.0.1) where dynllm
     wants it to listen, C{{name}}, C{{path}}, and C{{api_key}}, a fresh
     random key for each run that dynllm then sends as Bearer (only when the
-    command uses it: else no key is sent).
+    command or C{env} uses it: else no key is sent). Placeholders in the
+    values of C{env} are filled in too: a key in a variable
+    (C{VLLM_API_KEY: "{api_key}"}) is not on the command line, which every
+    local user can read.
 
     Ready when C{GET ready.http.path} answers C{ready.http.status} (by
     default C{GET /health} == 200), after a line of its output matched
@@ -56,7 +60,8 @@ class CommandBackend:
     keyVariable: str | None = None
 
     def wantsKey(self, model: ModelConfig) -> bool:
-        return any("api_key" in placeholdersIn(arg) for arg in (*model.command, *model.extra_args))
+        templates = (*model.command, *model.extra_args, *model.env.values())
+        return any("api_key" in placeholdersIn(t) for t in templates)
 
     def argv(self, model: ModelConfig, binary: str, port: int, apiKey: str | None = None) -> list[str]:
         return expandAll((*model.command, *model.extra_args), model.placeholders(port, apiKey))
@@ -69,7 +74,8 @@ class CommandBackend:
         if ready.http_path is None:
             # Readiness is the log line only, which the run has seen.
             return defer.succeed(True)
-        return defer.ensureDeferred(getIsStatus(http, baseURL + ready.http_path, ready.http_status))
+        path = expand(ready.http_path, model.placeholders(urlsplit(baseURL).port or 0))
+        return defer.ensureDeferred(getIsStatus(http, baseURL + path, ready.http_status))
 
     def readyHint(self, line: str) -> bool:
         return LISTENING.search(line) is not None
