@@ -8,17 +8,20 @@ only). Clients are the official C{openai} SDK and plain HTTP.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import tempfile
 
 import openai
+import yaml
 from twisted.trial.unittest import SynchronousTestCase
 
 from dynllm.runner import portIsFree
 from tests.support import (
     Daemon,
     commandLine,
+    environmentOf,
     llamaServer,
     pidAlive,
     tinyHFModels,
@@ -27,7 +30,8 @@ from tests.support import (
     waitFor,
 )
 
-ANYSERVER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "anyserver.py")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ANYSERVER = os.path.join(ROOT, "tests", "anyserver.py")
 
 
 def llamaCommand(*extra: str) -> list[str]:
@@ -37,6 +41,18 @@ def llamaCommand(*extra: str) -> list[str]:
     """
     return [llamaServer(), "-m", "{path}", "--host", "{host}", "--port", "{port}", "--alias", "{name}",
             "--ctx-size", "512", "--api-key", "{api_key}", *extra]
+
+
+def llamaPreset(name: str, path: str, **overrides) -> dict:
+    """
+    @return: the model of C{etc/presets/llama-server.yaml} as it is, with
+        the tests' llama-server binary, C{name}, C{path} and C{overrides}.
+    """
+    with open(os.path.join(ROOT, "etc", "presets", "llama-server.yaml"), encoding="utf-8") as f:
+        [model] = yaml.safe_load(f)["models"]
+    model["command"] = [llamaServer(), *model["command"][1:]]
+    model.update(name=name, path=path, vram_mb=400, **overrides)
+    return {k: v for k, v in model.items() if v is not None}
 
 
 def containerModel(name: str, state: str) -> dict:
@@ -67,9 +83,10 @@ def serverPid(state: str, name: str) -> int | None:
 
 class LlamaServerByCommandTests(SynchronousTestCase):
     """
-    llama-server run through C{backend: command}: chat, streaming and
-    embeddings with the official SDK, with the run's key on its command
-    line.
+    llama-server run through C{backend: command} from the shipped preset
+    (C{etc/presets/llama-server.yaml}): chat, streaming, a native route and
+    embeddings with the official SDK, with the run's key in its
+    environment.
     """
 
     def setUp(self):
@@ -78,10 +95,9 @@ class LlamaServerByCommandTests(SynchronousTestCase):
             "total_vram_mb": 1000,
             "enabled_backends": ["command"],
             "models": [
-                {"name": "cmd-chat", "path": models["tiny-llama.gguf"], "backend": "command", "vram_mb": 400,
-                 "command": llamaCommand()},
-                {"name": "cmd-embed", "path": models["tiny-embed.gguf"], "backend": "command", "vram_mb": 300,
-                 "model_type": "embedding", "command": llamaCommand(), "extra_args": ["--embedding"]},
+                llamaPreset("cmd-chat", models["tiny-llama.gguf"]),
+                llamaPreset("cmd-embed", models["tiny-embed.gguf"], model_type="embedding",
+                            extra_args=["--embedding"], endpoints=None),
             ],
         }).start()
         self.addCleanup(self.stopDaemon)
@@ -96,8 +112,9 @@ class LlamaServerByCommandTests(SynchronousTestCase):
     def test_chat(self):
         """
         A chat completion through the command backend answers under the
-        model's name; the server got its port, host and a key through the
-        placeholders.
+        model's name; the server got its port and host through the
+        placeholders, and a fresh key in C{LLAMA_API_KEY} (from the
+        preset's C{env}), not on its command line.
         """
         answer = self.client.chat.completions.create(
             model="cmd-chat", messages=[{"role": "user", "content": "hi"}], max_tokens=3
@@ -108,7 +125,21 @@ class LlamaServerByCommandTests(SynchronousTestCase):
         argv = commandLine(model["pid"])
         self.assertEqual(argv[argv.index("--port") + 1], str(model["port"]))
         self.assertEqual(argv[argv.index("--host") + 1], "127.0.0.1")
-        self.assertEqual(len(argv[argv.index("--api-key") + 1]), 43)
+        key = environmentOf(model["pid"])["LLAMA_API_KEY"]
+        self.assertEqual(len(key), 43)
+        self.assertNotIn(key, argv)
+
+    def test_nativeRoute(self):
+        """
+        A llama.cpp route that the preset's C{endpoints} lists
+        (C{/completion}) is served; one it does not list
+        (C{/embedding}) is not.
+        """
+        status, _, body = self.daemon.post("/completion", {"model": "cmd-chat", "prompt": "a", "n_predict": 2})
+        self.assertEqual(status, 200, body)
+        self.assertIn("content", json.loads(body))
+        status, _, _ = self.daemon.post("/embedding", {"model": "cmd-chat", "content": "a"})
+        self.assertNotEqual(status, 200)
 
     def test_stream(self):
         """
