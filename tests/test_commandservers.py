@@ -18,6 +18,7 @@ import yaml
 from twisted.trial.unittest import SynchronousTestCase
 
 from dynllm.runner import portIsFree
+from tests import fakeovms
 from tests.support import (
     Daemon,
     commandLine,
@@ -167,8 +168,9 @@ class LlamaServerByCommandTests(SynchronousTestCase):
 
 class TransformersByCommandTests(SynchronousTestCase):
     """
-    C{transformers serve} run through C{backend: command}, knowing the
-    model by its path (C{upstream_model: path}).
+    C{transformers serve} run through C{backend: command} from the shipped
+    preset (C{etc/presets/transformers-serve.yaml}), knowing the model by
+    its path (C{upstream_model: path}).
     """
 
     def test_chatRenamed(self):
@@ -177,17 +179,17 @@ class TransformersByCommandTests(SynchronousTestCase):
         under the model's path, and the client sees only the model's name.
         """
         path = tinyHFModels()["llm"]
+        with open(os.path.join(ROOT, "etc", "presets", "transformers-serve.yaml"), encoding="utf-8") as f:
+            [model] = yaml.safe_load(f)["models"]
+        model["command"] = [transformersServe(), *model["command"][1:]]
+        model["command"][model["command"].index("--device") + 1] = "cpu"
+        model["command"][model["command"].index("--dtype") + 1] = "float32"
+        model.update(name="cmd-hf", path=path, vram_mb=300)
         daemon = Daemon({
             "total_vram_mb": 1000,
             "enabled_backends": ["command"],
             "load_timeout_seconds": 120,
-            "models": [{
-                "name": "cmd-hf", "path": path, "backend": "command", "vram_mb": 300,
-                "command": [transformersServe(), "serve", "{path}", "--host", "{host}", "--port", "{port}",
-                            "--device", "cpu", "--dtype", "float32", "--model-timeout", "-1"],
-                "env": {"HF_HUB_OFFLINE": "1"},
-                "upstream_model": "path",
-            }],
+            "models": [model],
         }).start()
         self.addCleanup(daemon.stop)
         client = openai.OpenAI(base_url=daemon.url + "/v1", api_key="unused", max_retries=0)
@@ -202,6 +204,41 @@ class TransformersByCommandTests(SynchronousTestCase):
         self.assertTrue(chunks)
         self.assertEqual({c.model for c in chunks}, {"cmd-hf"})
         self.assertNotIn(path, daemon.get("/v1/models")[2].decode())
+
+
+class OVMSByCommandTests(SynchronousTestCase):
+    """
+    OpenVINO Model Server run through C{backend: command} from the shipped
+    preset (C{etc/presets/ovms.yaml}), against the OVMS fake.
+    """
+
+    def test_chat(self):
+        """
+        Chat, plain and streamed, reaches the fake's C{/v3} routes (the
+        preset's C{endpoints}), with the run's key in C{API_KEY} (the fake,
+        like OVMS, refuses POSTs without it), after its readiness path with
+        the model's name in it has answered 200.
+        """
+        directory = tempfile.mkdtemp(prefix="dynllm-ovms-")
+        path = os.path.join(directory, "models", "ov-chat")
+        os.makedirs(path)
+        with open(os.path.join(ROOT, "etc", "presets", "ovms.yaml"), encoding="utf-8") as f:
+            [model] = yaml.safe_load(f)["models"]
+        model["command"] = [fakeovms.launcher(directory), *model["command"][1:]]
+        model.update(name="ov-chat", path=path, vram_mb=100)
+        daemon = Daemon({"total_vram_mb": 1000, "enabled_backends": ["command"], "models": [model]},
+                        directory=directory).start()
+        self.addCleanup(daemon.stop)
+        client = openai.OpenAI(base_url=daemon.url + "/v1", api_key="unused", max_retries=0)
+        self.addCleanup(client.close)
+        answer = client.chat.completions.create(model="ov-chat", messages=[{"role": "user", "content": "hi"}])
+        self.assertEqual(answer.model, "ov-chat")
+        chunks = list(client.chat.completions.create(
+            model="ov-chat", messages=[{"role": "user", "content": "hi"}], stream=True
+        ))
+        self.assertTrue(chunks)
+        pid = daemon.models()["ov-chat"]["pid"]
+        self.assertEqual(len(environmentOf(pid)["API_KEY"]), 43)
 
 
 class SmallServerTests(SynchronousTestCase):

@@ -75,9 +75,11 @@ class PresetTests(SynchronousTestCase):
             documented = "Written from" in header and "not tested here" in header
             self.assertTrue(tested != documented, path)
 
-    def test_llamaServerTested(self) -> None:
+    def test_testedPresets(self) -> None:
         """
-        The llama-server preset is the one tested here.
+        The llama-server, OVMS and transformers presets are the ones tested
+        here (the three named backends written as commands).
         """
-        with open(os.path.join(PRESETS, "llama-server.yaml"), encoding="utf-8") as f:
-            self.assertIn("Tested here: tests/test_commandservers.py", f.read())
+        for name in ("llama-server.yaml", "ovms.yaml", "transformers-serve.yaml"):
+            with open(os.path.join(PRESETS, name), encoding="utf-8") as f:
+                self.assertIn("Tested here: tests/test_commandservers.py", f.read())
