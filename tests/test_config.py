@@ -1632,6 +1632,14 @@ class CommandConfigTests(ConfigTestMixin, TestCase):
         [problem] = self.problems(self.command(stop={"signal": "TERM", "command": ["x"]}))
         self.assertIn("models[0] ('c1').stop: give signal or command, not both", problem)
 
+    def test_literalAddressInAnyStopCommand(self) -> None:
+        """
+        A stop command that names an address literally is refused for
+        every backend kind.
+        """
+        raw = {"models": [self.model(stop={"command": ["curl", "http://localhost:9100/quit"]})]}
+        self.assertConfigError(raw, "models[0] ('m1').stop.command[1]:", "'localhost:9100'")
+
     def test_stopForEveryBackend(self) -> None:
         """
         C{stop} applies to every backend kind: a llama.cpp model may take

@@ -1071,6 +1071,10 @@ class _ModelChecks:
         isCommand = backendKnown and model.backend == COMMAND
         if isCommand:
             self._checkCommand(model, place, ok)
+        if ok("stop"):
+            # A stop command of any backend reaches its server by {host} and {port}.
+            for index, why in addressProblems(model.stop.command):
+                add(f"{place}.stop.command[{index}]: {why}")
         elif "path" not in model.explicit and ok("path"):
             add(f"{place}.path is required")
         path = None
@@ -1095,9 +1099,10 @@ class _ModelChecks:
     def _checkCommand(self, model: ModelConfig, place: str, ok: Callable[[str], bool]) -> None:
         """
         The keys of a C{command} backend: a command is given; its
-        placeholders, those of C{extra_args} and of C{stop.command} are
-        known (C{{path}} only with a C{path}); none of them names a listen
-        port or host literally; its routes serve its C{model_type}.
+        placeholders, those of C{extra_args}, C{env} and C{stop.command} are
+        known (C{{path}} only with a C{path}); neither it nor C{extra_args}
+        names a listen port or host literally; its routes serve its
+        C{model_type}.
         """
         add = self.problems.add
         if ok("command") and not model.command:
@@ -1129,9 +1134,6 @@ class _ModelChecks:
         for index, why in addressProblems(launch):
             key = f"command[{index}]" if index < len(model.command) else f"extra_args[{index - len(model.command)}]"
             add(f"{place}.{key}: {why}")
-        if ok("stop"):
-            for index, why in addressProblems(model.stop.command):
-                add(f"{place}.stop.command[{index}]: {why}")
         if ok("endpoints") and ok("model_type") and model.endpoints is not None:
             for route in model.endpoints:
                 endpoint = endpointOf(route)
