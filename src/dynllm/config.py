@@ -1071,12 +1071,12 @@ class _ModelChecks:
         isCommand = backendKnown and model.backend == COMMAND
         if isCommand:
             self._checkCommand(model, place, ok)
+        elif "path" not in model.explicit and ok("path"):
+            add(f"{place}.path is required")
         if ok("stop"):
             # A stop command of any backend reaches its server by {host} and {port}.
             for index, why in addressProblems(model.stop.command):
                 add(f"{place}.stop.command[{index}]: {why}")
-        elif "path" not in model.explicit and ok("path"):
-            add(f"{place}.path is required")
         path = None
         if isCommand and "path" not in model.explicit:
             pass
