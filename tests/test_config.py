@@ -1499,6 +1499,13 @@ class CommandConfigTests(ConfigTestMixin, TestCase):
         [problem] = self.problems(self.command(command=["server", "{path}", "--port", "{port}"]))
         self.assertIn("models[0] ('c1').command[1]: {path} is used but the model has no path", problem)
 
+    def test_upstreamPathWithoutPath(self) -> None:
+        """
+        C{upstream_model: path} in a model without a path is refused.
+        """
+        [problem] = self.problems(self.command(upstream_model="path"))
+        self.assertIn("models[0] ('c1').upstream_model: 'path' sends the model's path", problem)
+
     def test_apiKeyInStopCommandRefused(self) -> None:
         """
         C{{api_key}} in C{stop.command} is refused: a stop command also runs

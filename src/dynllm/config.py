@@ -1130,6 +1130,8 @@ class _ModelChecks:
                     continue
                 if "path" in used and "path" not in model.explicit:
                     add(f"{place}.{key}[{index}]: {{path}} is used but the model has no path")
+        if ok("upstream_model") and model.upstream_model == "path" and "path" not in model.explicit:
+            add(f"{place}.upstream_model: 'path' sends the model's path, but the model has no path")
         launch = (model.command if ok("command") else ()) + (model.extra_args if ok("extra_args") else ())
         for index, why in addressProblems(launch):
             key = f"command[{index}]" if index < len(model.command) else f"extra_args[{index - len(model.command)}]"
