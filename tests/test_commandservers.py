@@ -287,6 +287,19 @@ class SmallServerTests(SynchronousTestCase):
         self.assertEqual(daemon.models()["boxed"]["status"], "unloaded")
         self.assertIn("stop: stopping boxed", daemon.log())
 
+    def test_upstreamPassesThrough(self):
+        """
+        C{/upstream/MODEL/PATH} reaches a command model's own server, as it
+        does llama-server's.
+        """
+        daemon = self.daemon({
+            "name": "plain", "backend": "command", "vram_mb": 100,
+            "command": [sys.executable, ANYSERVER, "serve", "--host", "{host}", "--port", "{port}"],
+        })
+        status, _, body = daemon.get("/upstream/plain/health")
+        self.assertEqual(status, 200, body)
+        self.assertEqual(json.loads(body), {"status": "ok"})
+
     def test_readyByLogOnly(self):
         """
         A server whose C{/health} never answers 200 is ready once its
