@@ -1315,9 +1315,10 @@ class ExampleTests(ConfigTestMixin, TestCase):
 
     def test_exampleValidates(self) -> None:
         """
-        The example declares models of the three backends (llama.cpp: llm,
+        The example declares models of the four backends (llama.cpp: llm,
         embedding, rerank; OpenVINO: llm, transcription, speech, image
-        generation, classification; transformers: llm, transcription)
+        generation, classification; transformers: llm, transcription;
+        command: llm)
         within the default budget, preloads the embedding model and listens
         on 127.0.0.1:8000.
         """
@@ -1335,6 +1336,7 @@ class ExampleTests(ConfigTestMixin, TestCase):
                 ("openvino", "classification"),
                 ("transformers", "llm"),
                 ("transformers", "transcription"),
+                ("command", "llm"),
             ],
         )
         self.assertEqual(config.server.host, "127.0.0.1")
@@ -1361,3 +1363,318 @@ class ExampleTests(ConfigTestMixin, TestCase):
                 if "check" in attribute.metadata:
                     self.assertRegex(text, rf"(?m)^[ #-]*{attribute.name}:", attribute.name)
 
+
+
+class CommandConfigTests(ConfigTestMixin, TestCase):
+    """
+    The keys of C{backend: command} (C{command}, C{ready}, C{endpoints},
+    C{upstream_model}, C{stop}): their defaults, and their problems, each
+    naming the model and the key, all at once like the rest.
+    """
+
+    def command(self, **overrides: object) -> dict:
+        """
+        @return: a valid command model named C{c1}, with C{overrides}
+            applied (C{None} removes a key).
+        """
+        raw = {
+            "name": "c1",
+            "backend": "command",
+            "vram_mb": 100,
+            "command": ["server", "--host", "{host}", "--port", "{port}"],
+        }
+        raw.update(overrides)
+        return {k: v for k, v in raw.items() if v is not None}
+
+    def parseCommand(self, *models: dict, which=found) -> Config:
+        """
+        Parse C{models} with C{command} enabled.
+        """
+        return self.parse({"enabled_backends": ["command", "llamacpp"], "models": list(models)}, which)
+
+    def problems(self, *models: dict, which=found) -> tuple[str, ...]:
+        """
+        @return: the problems of C{models} with C{command} enabled.
+        """
+        raw = {"enabled_backends": ["command", "llamacpp"], "models": list(models)}
+        return self.assertRaises(ConfigError, self.parse, raw, which).problems
+
+    def test_defaults(self) -> None:
+        """
+        A command model needs no path; its readiness is C{GET /health} ==
+        200, it serves the default routes of its type, sends its name as
+        C{model} and is stopped with TERM after the daemon's timeout.
+        """
+        [model] = self.parseCommand(self.command()).models
+        self.assertEqual(model.command, ("server", "--host", "{host}", "--port", "{port}"))
+        self.assertEqual((model.ready.http_path, model.ready.http_status, model.ready.log), ("/health", 200, None))
+        self.assertIsNone(model.endpoints)
+        self.assertEqual(model.upstream_model, "name")
+        self.assertEqual((model.stop.signal, model.stop.timeout, model.stop.command), ("TERM", None, ()))
+
+    def test_commandNotEnabled(self) -> None:
+        """
+        C{command} must be listed in C{enabled_backends} like the other
+        kinds.
+        """
+        self.assertConfigError({"models": [self.command()]}, "models[0] ('c1').backend", "not in enabled_backends")
+
+    def test_commandRequired(self) -> None:
+        """
+        A command model without C{command} is refused, naming the key.
+        """
+        [problem] = self.problems(self.command(command=None))
+        self.assertIn("models[0] ('c1').command is required", problem)
+
+    def test_pathStillRequiredElsewhere(self) -> None:
+        """
+        The other backends still need a C{path}.
+        """
+        self.assertConfigError({"models": [self.model(path=None)]}, "models[0] ('m1').path is required")
+
+    def test_pathNeedNotExist(self) -> None:
+        """
+        A command model's path may name what is not a file (a Hub id); one
+        that exists is made absolute.
+        """
+        models = self.parseCommand(self.command(path="Qwen/Qwen2.5-0.5B"), self.command(name="c2", path="model.gguf")).models
+        self.assertEqual(models[0].path, "Qwen/Qwen2.5-0.5B")
+        self.assertEqual(models[1].path, os.path.join(self.dir, "model.gguf"))
+
+    def test_unknownPlaceholder(self) -> None:
+        """
+        An unknown placeholder in C{command}, C{extra_args} or
+        C{stop.command} stops start-up, naming the key and the index.
+        """
+        problems = self.problems(
+            self.command(
+                command=["server", "--port", "{port}", "{prot}"],
+                extra_args=["{model}"],
+                stop={"command": ["kill", "{pid}"]},
+            )
+        )
+        self.assertEqual(len(problems), 3, problems)
+        for fragment in (
+            "models[0] ('c1').command[3]: unknown placeholder {prot}",
+            "models[0] ('c1').extra_args[0]: unknown placeholder {model}",
+            "models[0] ('c1').stop.command[1]: unknown placeholder {pid}",
+        ):
+            self.assertTrue(any(fragment in p for p in problems), (fragment, problems))
+
+    def test_envPlaceholders(self) -> None:
+        """
+        A command model's C{env} values take placeholders; an unknown one
+        is refused naming C{env.NAME}; another backend's values are
+        literal.
+        """
+        [problem] = self.problems(self.command(env={"VLLM_API_KEY": "{api_key}", "X": "{key}"}))
+        self.assertIn("models[0] ('c1').env.X: unknown placeholder {key}", problem)
+        [model] = self.parse({"models": [self.model(env={"X": "{key}"})]}).models
+        self.assertEqual(model.environment(1, "k"), {"X": "{key}"})
+        [model] = self.parseCommand(self.command(env={"K": "{api_key}", "P": "{port}"})).models
+        self.assertEqual(model.environment(9100, "k"), {"K": "k", "P": "9100"})
+
+    def test_readyPathPlaceholders(self) -> None:
+        """
+        C{ready.http.path} takes placeholders (C{{name}}); an unknown one is
+        refused naming the key.
+        """
+        [model] = self.parseCommand(self.command(ready={"http": {"path": "/v2/models/{name}/ready"}})).models
+        self.assertEqual(model.ready.http_path, "/v2/models/{name}/ready")
+        [problem] = self.problems(self.command(ready={"http": {"path": "/v2/models/{model}/ready"}}))
+        self.assertIn("models[0] ('c1').ready.http.path[0]: unknown placeholder {model}", problem)
+
+    def test_bracesInOtherBackendsArgs(self) -> None:
+        """
+        Braces in another backend's C{extra_args} are not placeholders:
+        they are passed as they are and not checked.
+        """
+        [model] = self.parse({"models": [self.model(extra_args=["--json", "{x}"])]}).models
+        self.assertEqual(model.extra_args, ("--json", "{x}"))
+
+    def test_pathPlaceholderWithoutPath(self) -> None:
+        """
+        C{{path}} in a model without a path is refused.
+        """
+        [problem] = self.problems(self.command(command=["server", "{path}", "--port", "{port}"]))
+        self.assertIn("models[0] ('c1').command[1]: {path} is used but the model has no path", problem)
+
+    def test_upstreamPathWithoutPath(self) -> None:
+        """
+        C{upstream_model: path} in a model without a path is refused.
+        """
+        [problem] = self.problems(self.command(upstream_model="path"))
+        self.assertIn("models[0] ('c1').upstream_model: 'path' sends the model's path", problem)
+
+    def test_apiKeyInStopCommandRefused(self) -> None:
+        """
+        C{{api_key}} in C{stop.command} is refused: a stop command also runs
+        after a crash, when the run's key is gone.
+        """
+        [problem] = self.problems(self.command(stop={"command": ["stop", "{api_key}"]}))
+        self.assertIn("models[0] ('c1').stop.command[1]: {api_key} cannot be used here", problem)
+
+    def test_literalAddressRefused(self) -> None:
+        """
+        A command, C{extra_args} or C{stop.command} that names a port or a
+        host literally is refused, each naming the model and the key.
+        """
+        problems = self.problems(
+            self.command(
+                command=["server", "--host", "0.0.0.0", "--port", "8080"],
+                extra_args=["-p", "9000"],
+                stop={"command": ["curl", "http://127.0.0.1:8080/shutdown"]},
+            )
+        )
+        self.assertEqual(len(problems), 4, problems)
+        self.assertIn("models[0] ('c1').command[2]: --host '0.0.0.0' sets the listen host", problems[0])
+        self.assertIn("models[0] ('c1').command[4]: --port '8080' sets the listen port", problems[1])
+        self.assertIn("models[0] ('c1').extra_args[1]: -p '9000'", problems[2])
+        self.assertIn("models[0] ('c1').stop.command[1]:", problems[3])
+        self.assertIn("'127.0.0.1:8080'", problems[3])
+
+    def test_listenAddressLiteral(self) -> None:
+        """
+        C{0.0.0.0:8000} as an argument of its own is refused.
+        """
+        [problem] = self.problems(self.command(command=["server", "--bind-all", "0.0.0.0:8000"]))
+        self.assertIn("models[0] ('c1').command[2]:", problem)
+        self.assertIn("{host}:{port}", problem)
+
+    def test_programNotFound(self) -> None:
+        """
+        A command whose program is not found is refused, naming
+        C{command[0]}.
+        """
+        [problem] = self.problems(self.command(), which=notFound)
+        self.assertIn("models[0] ('c1').command[0]: the command program 'server' was not found", problem)
+
+    def test_readyForms(self) -> None:
+        """
+        C{ready} takes C{http: {path, status}}, C{log} alone (no HTTP probe)
+        or both.
+        """
+        models = self.parseCommand(
+            self.command(name="a", ready={"http": {"path": "/v1/models", "status": 204}}),
+            self.command(name="b", ready={"log": "listening on"}),
+            self.command(name="c", ready={"http": True, "log": "up"}),
+        ).models
+        self.assertEqual((models[0].ready.http_path, models[0].ready.http_status), ("/v1/models", 204))
+        self.assertEqual((models[1].ready.http_path, models[1].ready.log), (None, "listening on"))
+        self.assertEqual((models[2].ready.http_path, models[2].ready.log), ("/health", "up"))
+
+    def test_readyProblems(self) -> None:
+        """
+        Every problem of C{ready} is reported at once: an unknown key, a
+        path without C{/}, a status that is not one, a bad regular
+        expression.
+        """
+        problems = self.problems(
+            self.command(ready={"http": {"path": "health", "status": 999}, "log": "(", "probe": 1})
+        )
+        self.assertIn("unknown key \"models[0] ('c1').ready.probe\"", problems[0])
+        problems = self.problems(self.command(ready={"http": {"path": "health", "status": 999}, "log": "("}))
+        self.assertEqual(len(problems), 3, problems)
+        self.assertIn("models[0] ('c1').ready.http.path must be a path", problems[0])
+        self.assertIn("models[0] ('c1').ready.http.status must be an HTTP status", problems[1])
+        self.assertIn("models[0] ('c1').ready.log is not a valid regular expression", problems[2])
+
+    def test_readyNeedsSomething(self) -> None:
+        """
+        C{ready} with C{http: false} and no C{log} is refused.
+        """
+        [problem] = self.problems(self.command(ready={"http": False}))
+        self.assertIn("models[0] ('c1').ready must give http, log or both", problem)
+
+    def test_endpoints(self) -> None:
+        """
+        C{endpoints} maps routes (any spelling) to upstream paths; a list
+        keeps each route at its own path.
+        """
+        models = self.parseCommand(
+            self.command(name="a", model_type="transcription", endpoints={"/audio/transcriptions": "/inference"}),
+            self.command(name="b", endpoints=["/v1/chat/completions", "/completion"]),
+        ).models
+        self.assertEqual(dict(models[0].endpoints or {}), {"/v1/audio/transcriptions": "/inference"})
+        self.assertEqual(
+            dict(models[1].endpoints or {}), {"/v1/chat/completions": "/v1/chat/completions", "/completion": "/completion"}
+        )
+
+    def test_endpointsProblems(self) -> None:
+        """
+        An unknown route, an upstream path without C{/}, and a route that
+        does not serve the model's type are each refused, naming the model
+        and the key.
+        """
+        problems = self.problems(
+            self.command(endpoints={"/v1/nothing": "/x", "/v1/chat/completions": "chat"}),
+            self.command(name="c2", endpoints={"/v1/embeddings": "/embed"}),
+        )
+        self.assertEqual(len(problems), 3, problems)
+        self.assertIn("models[0] ('c1').endpoints: '/v1/nothing' is not a route", problems[0])
+        self.assertIn("models[0] ('c1').endpoints./v1/chat/completions must be an upstream path", problems[1])
+        self.assertIn("models[1] ('c2').endpoints: /v1/embeddings serves model types embedding, not 'llm'", problems[2])
+
+    def test_stopForms(self) -> None:
+        """
+        C{stop} takes a signal (with or without C{SIG}) and a timeout, or a
+        command and a timeout.
+        """
+        models = self.parseCommand(
+            self.command(name="a", stop={"signal": "SIGINT", "timeout": 10}),
+            self.command(name="b", stop={"command": ["docker", "stop", "{name}"], "timeout": 30}),
+        ).models
+        self.assertEqual((models[0].stop.signal, models[0].stop.timeout), ("INT", 10.0))
+        self.assertEqual((models[1].stop.command, models[1].stop.timeout), (("docker", "stop", "{name}"), 30.0))
+
+    def test_stopProblems(self) -> None:
+        """
+        Every problem of C{stop} is reported at once: an unknown signal, a
+        timeout that is not positive, both a signal and a command.
+        """
+        problems = self.problems(self.command(stop={"signal": "STOP", "timeout": 0}))
+        self.assertEqual(len(problems), 2, problems)
+        self.assertIn("models[0] ('c1').stop.signal must be one of", problems[0])
+        self.assertIn("models[0] ('c1').stop.timeout must be a number greater than 0", problems[1])
+        [problem] = self.problems(self.command(stop={"signal": "TERM", "command": ["x"]}))
+        self.assertIn("models[0] ('c1').stop: give signal or command, not both", problem)
+
+    def test_literalAddressInAnyStopCommand(self) -> None:
+        """
+        A stop command that names an address literally is refused for
+        every backend kind.
+        """
+        raw = {"models": [self.model(stop={"command": ["curl", "http://localhost:9100/quit"]})]}
+        self.assertConfigError(raw, "models[0] ('m1').stop.command[1]:", "'localhost:9100'")
+
+    def test_stopForEveryBackend(self) -> None:
+        """
+        C{stop} applies to every backend kind: a llama.cpp model may take
+        another signal and timeout.
+        """
+        [model] = self.parse({"models": [self.model(stop={"signal": "INT", "timeout": 2})]}).models
+        self.assertEqual((model.stop.signal, model.stop.timeout), ("INT", 2.0))
+
+    def test_commandKeysOnlyForCommand(self) -> None:
+        """
+        C{command}, C{ready}, C{endpoints} and C{upstream_model} on another
+        backend are refused, each naming the model and the key.
+        """
+        raw = {"models": [self.model(command=["x"], ready={"log": "x"}, endpoints=["/v1/completions"], upstream_model="path")]}
+        problems = self.assertRaises(ConfigError, self.parse, raw).problems
+        self.assertEqual(len(problems), 4, problems)
+        for key, problem in zip(["command", "endpoints", "ready", "upstream_model"], problems):
+            self.assertIn(f"models[0] ('m1').{key} applies only to backend 'command'", problem)
+
+    def test_allProblemsAtOnce(self) -> None:
+        """
+        Problems of several command models and keys come in one error, in
+        the file's order.
+        """
+        problems = self.problems(
+            self.command(command=["s", "--port", "80"]),
+            self.command(name="c2", ready={"log": "["}, stop={"signal": "NOPE"}),
+        )
+        self.assertEqual(len(problems), 3, problems)
+        self.assertTrue(problems[0].startswith("models[0] ('c1')"))
+        self.assertTrue(all(p.startswith("models[1] ('c2')") for p in problems[1:]), problems)

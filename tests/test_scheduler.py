@@ -1335,6 +1335,26 @@ class StoreTests(ManagerTestsMixin, SynchronousTestCase):
         self.assertIsNone(self.store.saved["a"]["port"])
         self.assertNotIn("gone", self.store.saved)
 
+    def test_startRunsLeftoverStopCommand(self) -> None:
+        """
+        For a row a previous run recorded as running, start-up runs the
+        model's C{stop.command} of the configuration now, with the port
+        recorded (its server, as in a container, may outlive the process
+        dynllm started), and loads wait until it has exited.
+        """
+        manager = self.makeManager(
+            [{"name": "a", "vram_mb": 600, "stop": {"command": ["ctl", "stop", "{name}", "{port}"]}}], start=False
+        )
+        # A pid that no process has (pid_max is at most 2**22).
+        self.store.save({"name": "a", "status": "loaded", "pid": 2**23, "start_time": 1, "port": 40107})
+        manager.startService()
+        [stopper] = self.reactor.spawned
+        self.assertEqual(stopper.args, ["ctl", "stop", "a", "40107"])
+        self.assertFalse(manager.started)
+        stopper.exit()
+        self.assertTrue(manager.started)
+        self.assertEqual(self.store.saved["a"]["status"], "unloaded")
+
 
 class ProcessDoneTests(ManagerTestsMixin, SynchronousTestCase):
     """

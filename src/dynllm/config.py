@@ -20,8 +20,9 @@ from typing import Any, Callable, Mapping, cast
 import yaml
 from attrs import Attribute, evolve, field, fields, frozen
 
-from dynllm.endpoints import BACKEND_KINDS, KSERVE_TYPES, MODEL_TYPES, modelTypesOf
+from dynllm.endpoints import BACKEND_KINDS, KSERVE_TYPES, MODEL_TYPES, endpointOf, modelTypesOf
 from dynllm.owned import OWNED
+from dynllm.placeholders import PlaceholderError, addressProblems, expand, placeholdersIn
 
 #: Which backend kind serves which model types: read from the endpoint
 #: table, the one place that says which endpoint serves what.
@@ -42,7 +43,17 @@ BACKEND_ONLY_FIELDS = {
     "attn_implementation": "transformers",
     "model_timeout": "transformers",
     "revision": "transformers",
+    "command": "command",
+    "ready": "command",
+    "endpoints": "command",
+    "upstream_model": "command",
 }
+
+#: The backend kind whose server is any command the model gives.
+COMMAND = "command"
+
+#: The signals C{stop.signal} may name.
+STOP_SIGNALS = ("TERM", "INT", "QUIT", "HUP", "USR1", "USR2", "KILL")
 
 EVICTION_POLICIES = ("lifo", "lru")
 
@@ -260,6 +271,197 @@ def _envMapping(value: Any, where: str) -> Mapping[str, str]:
     return env
 
 
+@frozen
+class ReadyConfig:
+    """
+    How a command backend's readiness is seen (C{ready}); when both are
+    given, both must be seen.
+
+    @ivar http_path: The path polled with C{GET} until it answers
+        L{http_status}, or C{None} for no HTTP probe; it may hold
+        placeholders (C{/v2/models/{name}/ready}).
+    @ivar http_status: The status that means ready.
+    @ivar log: A regular expression (Python's C{re}) that a line of the
+        server's output must match, or C{None}.
+    """
+
+    http_path: str | None = "/health"
+    http_status: int = 200
+    log: str | None = None
+
+
+@frozen
+class StopConfig:
+    """
+    How a model's server is stopped (C{stop}).
+
+    @ivar signal: The signal sent to its process group (without C{SIG}).
+    @ivar timeout: Seconds from the signal (or the stop command) to KILL of
+        the process group; C{None} defers to the daemon's own (5 s).
+    @ivar command: A command to run instead of sending L{signal}, with
+        placeholders (L{dynllm.placeholders}), such as C{docker stop
+        {name}} for a server in a container; empty for none.
+    """
+
+    signal: str = "TERM"
+    timeout: float | None = None
+    command: tuple[str, ...] = ()
+
+
+def _placeholderProblems(args: tuple[str, ...], where: str, forbidden: tuple[str, ...] = ()) -> list[str]:
+    """
+    @return: a problem for each argument of C{args} with an unknown
+        placeholder, a lone brace, or a placeholder of C{forbidden}.
+    """
+    problems = []
+    for index, arg in enumerate(args):
+        try:
+            used = placeholdersIn(arg)
+        except PlaceholderError as e:
+            problems.append(f"{where}[{index}]: {e}")
+            continue
+        for name in used:
+            if name in forbidden:
+                problems.append(
+                    f"{where}[{index}]: {{{name}}} cannot be used here (a stop command also runs after a"
+                    " crash of the daemon, when the run's key is gone)"
+                )
+    return problems
+
+
+def _command(value: Any, where: str) -> tuple[str, ...]:
+    """
+    A command line with placeholders: a non-empty list of strings (numbers
+    are turned into text), each a valid template.
+    """
+    args = _argList(value, where)
+    if not args or not args[0]:
+        raise ConfigError(f"{where} must be a non-empty list of strings, the program first, not {value!r}")
+    problems = _placeholderProblems(args, where)
+    if problems:
+        raise ConfigError(*problems)
+    return args
+
+
+def _mappingOf(value: Any, where: str, keys: tuple[str, ...]) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where} must be a mapping (keys: {', '.join(keys)}), not {value!r}")
+    unknown = [_unknownKey(f"{where}.{k}", k, dict.fromkeys(keys)) for k in value if k not in keys]
+    if unknown:
+        raise ConfigError(*unknown)
+    return value
+
+
+def _ready(value: Any, where: str) -> ReadyConfig:
+    """
+    C{ready}: C{http: {path, status}} (C{http: true} for C{GET /health} ==
+    200), C{log: REGEX}, or both.
+    """
+    raw = _mappingOf(value, where, ("http", "log"))
+    problems: list[str] = []
+    path: str | None = None
+    status = 200
+    http = raw.get("http")
+    if http is True or (http is None and "log" not in raw):
+        path = "/health"
+    elif http is not None and http is not False:
+        try:
+            spec = _mappingOf(http, f"{where}.http", ("path", "status"))
+        except ConfigError as e:
+            problems.extend(e.problems)
+            spec = {}
+        path = spec.get("path", "/health")
+        if not isinstance(path, str) or not path.startswith("/"):
+            problems.append(f"{where}.http.path must be a path starting with '/', not {path!r}")
+        else:
+            problems.extend(_placeholderProblems((path,), f"{where}.http.path", ("api_key",)))
+        raw_status = spec.get("status", 200)
+        if isinstance(raw_status, bool) or not isinstance(raw_status, int) or not 100 <= raw_status <= 599:
+            problems.append(f"{where}.http.status must be an HTTP status (100 to 599), not {raw_status!r}")
+        else:
+            status = raw_status
+    log = raw.get("log")
+    if log is not None:
+        if not isinstance(log, str) or not log:
+            problems.append(f"{where}.log must be a regular expression, not {log!r}")
+            log = None
+        else:
+            try:
+                re.compile(log)
+            except re.error as e:
+                problems.append(f"{where}.log is not a valid regular expression: {e}")
+    if path is None and log is None and not problems:
+        problems.append(f"{where} must give http, log or both (http: false leaves only log)")
+    if problems:
+        raise ConfigError(*problems)
+    return ReadyConfig(http_path=path, http_status=status, log=log)
+
+
+def _stop(value: Any, where: str) -> StopConfig:
+    """
+    C{stop}: C{signal} (default TERM) and C{timeout} before KILL, or a
+    C{command} run instead of the signal (with its C{timeout}).
+    """
+    raw = _mappingOf(value, where, ("signal", "timeout", "command"))
+    problems: list[str] = []
+    signal = "TERM"
+    if "signal" in raw:
+        name = raw["signal"]
+        if isinstance(name, str) and name.upper().removeprefix("SIG") in STOP_SIGNALS:
+            signal = name.upper().removeprefix("SIG")
+        else:
+            problems.append(f"{where}.signal must be one of {', '.join(STOP_SIGNALS)}, not {name!r}")
+    timeout = None
+    if "timeout" in raw:
+        try:
+            timeout = _positiveNumber(raw["timeout"], f"{where}.timeout")
+        except ConfigError as e:
+            problems.extend(e.problems)
+    command: tuple[str, ...] = ()
+    if "command" in raw:
+        try:
+            command = _argList(raw["command"], f"{where}.command")
+            if not command or not command[0]:
+                raise ConfigError(f"{where}.command must be a non-empty list of strings, not {raw['command']!r}")
+            problems.extend(_placeholderProblems(command, f"{where}.command", ("api_key",)))
+        except ConfigError as e:
+            problems.extend(e.problems)
+        if "signal" in raw:
+            problems.append(f"{where}: give signal or command, not both (the command is run instead of the signal)")
+    if problems:
+        raise ConfigError(*problems)
+    return StopConfig(signal=signal, timeout=timeout, command=command)
+
+
+def _endpoints(value: Any, where: str) -> Mapping[str, str]:
+    """
+    C{endpoints}: public route -> the path that serves it on the server
+    (a list of routes: each at its own path). Each route must be one of the
+    endpoint table's (L{dynllm.endpoints}), under any of its spellings; it
+    is kept under its first.
+    """
+    if isinstance(value, list):
+        value = {route: None for route in value}
+    if not isinstance(value, dict) or not value:
+        raise ConfigError(f"{where} must be a mapping of dynllm routes to upstream paths, or a list of routes, not {value!r}")
+    problems = []
+    table: dict[str, str] = {}
+    for route, path in value.items():
+        endpoint = endpointOf(route) if isinstance(route, str) else None
+        if endpoint is None or "{name}" in endpoint.path:
+            problems.append(f"{where}: {route!r} is not a route dynllm serves by model (see the endpoint table)")
+            continue
+        if path is None:
+            path = endpoint.path
+        if not isinstance(path, str) or not path.startswith("/"):
+            problems.append(f"{where}.{route} must be an upstream path starting with '/', not {path!r}")
+            continue
+        table[endpoint.path] = path
+    if problems:
+        raise ConfigError(*problems)
+    return table
+
+
 def _oneOf(*choices: str) -> Callable[[Any, str], str]:
     def check(value: Any, where: str) -> str:
         if value not in choices:
@@ -468,9 +670,14 @@ class BackendSettings:
 
     def binaryFor(self, kind: str) -> str:
         """
-        @return: the configured program name or path for backend C{kind}.
+        @return: the configured program name or path for backend C{kind}
+            (C{""} for C{command}, whose models give their own).
         """
-        binary: str = getattr(self, self.BINARY_KEYS[kind])
+        key = self.BINARY_KEYS.get(kind)
+        if key is None:
+            # A command backend's program is the first of its model's command.
+            return ""
+        binary: str = getattr(self, key)
         return binary
 
 
@@ -500,12 +707,22 @@ class ModelConfig:
         its place when idle models are evicted (lowest first).
     @ivar extra_args: Appended to the backend's command line.
     @ivar env: Added to the backend's environment.
+    @ivar command: The command line of a C{command} backend, with
+        placeholders (L{dynllm.placeholders}); C{extra_args} follow it.
+    @ivar ready: How a C{command} backend's readiness is seen.
+    @ivar endpoints: Which routes a C{command} backend serves, and where
+        (route -> upstream path); C{None}: the OpenAI routes of its
+        C{model_type} at their own paths (L{dynllm.endpoints}).
+    @ivar upstream_model: What a C{command} backend gets as a request's
+        C{model}: C{name}, C{path}, C{keep} (the name the client sent) or
+        any other string, which is sent as it is.
+    @ivar stop: How its server is stopped.
     @ivar created: When the model file (or directory) was last modified, in
         seconds since the epoch: what C{/v1/models} gives as C{created}.
     """
 
     name: str = _setting(_REQUIRED, _str)
-    path: str = _setting(_REQUIRED, _str)
+    path: str = _setting("", _str)
     backend: str = _setting(_REQUIRED, _oneOf(*BACKEND_KINDS))
     vram_mb: int = _setting(_REQUIRED, _nonNegativeInt)
     model_type: str = _setting("llm", _oneOf(*MODEL_TYPES))
@@ -533,6 +750,13 @@ class ModelConfig:
     attn_implementation: str | None = _setting(None, _optionalStr)
     model_timeout: float | None = _setting(None, _timeout)
     revision: str | None = _setting(None, _optionalStr)
+    # any server (backend: command)
+    command: tuple[str, ...] = _setting((), _command)
+    ready: ReadyConfig = _setting(ReadyConfig(), _ready)
+    endpoints: Mapping[str, str] | None = _setting(None, _endpoints)
+    upstream_model: str = _setting("name", _str)
+    # every backend
+    stop: StopConfig = _setting(StopConfig(), _stop)
     #: Keys that the file set explicitly (for backend-specific checks).
     explicit: frozenset[str] = frozenset()
     created: int = 0
@@ -543,6 +767,28 @@ class ModelConfig:
         Every id the model answers to: its name, then its aliases.
         """
         return (self.name, *self.aliases)
+
+    def placeholders(self, port: int, apiKey: str | None = None) -> dict[str, str]:
+        """
+        @param port: The port of the run.
+        @param apiKey: The run's key, if it has one.
+        @return: the value of each placeholder (L{dynllm.placeholders}) for
+            a run of this model on C{port}: C{host} is always C{127.0.0.1}.
+        """
+        return {"port": str(port), "host": "127.0.0.1", "name": self.name, "path": self.path, "api_key": apiKey or ""}
+
+    def environment(self, port: int, apiKey: str | None = None) -> dict[str, str]:
+        """
+        @return: the model's C{env}, for a run on C{port}: a C{command}
+            model's values with their placeholders filled in (so that
+            C{{api_key}} can go to a variable, which other local users
+            cannot read, rather than to the command line, which they can);
+            the other backends' values as they are.
+        """
+        if self.backend != COMMAND:
+            return dict(self.env)
+        values = self.placeholders(port, apiKey)
+        return {name: expand(value, values) for name, value in self.env.items()}
 
 
 @frozen
@@ -822,12 +1068,25 @@ class _ModelChecks:
                 f"{place}.vram_mb: {model.vram_mb} MB is larger than total_vram_mb"
                 f" ({self.config.total_vram_mb} MB), so it could never be loaded"
             )
+        isCommand = backendKnown and model.backend == COMMAND
+        if isCommand:
+            self._checkCommand(model, place, ok)
+        elif "path" not in model.explicit and ok("path"):
+            add(f"{place}.path is required")
+        if ok("stop"):
+            # A stop command of any backend reaches its server by {host} and {port}.
+            for index, why in addressProblems(model.stop.command):
+                add(f"{place}.stop.command[{index}]: {why}")
         path = None
-        if ok("path") and self.built.ok("models_dir"):
+        if isCommand and "path" not in model.explicit:
+            pass
+        elif ok("path") and self.built.ok("models_dir"):
             self._checkModelsDir(model, place)
             path = os.path.join(self.modelsDir, os.path.expanduser(model.path))
             if not os.path.exists(path):
-                add(f"{place}.path: {path!r} does not exist{self._preloadNote(model)}")
+                if not isCommand:
+                    add(f"{place}.path: {path!r} does not exist{self._preloadNote(model)}")
+                # A command's path may name what is not a file (a Hub id, an image).
                 path = None
             elif backendKnown and model.backend == "openvino":
                 _checkOVMSGraph(model, place, path, ok, self.problems)
@@ -836,6 +1095,56 @@ class _ModelChecks:
         if path is None:
             return model
         return evolve(model, path=os.path.abspath(path), created=int(os.stat(path).st_mtime))
+
+    def _checkCommand(self, model: ModelConfig, place: str, ok: Callable[[str], bool]) -> None:
+        """
+        The keys of a C{command} backend: a command is given; its
+        placeholders, those of C{extra_args}, C{env} and C{stop.command} are
+        known (C{{path}} only with a C{path}); neither it nor C{extra_args}
+        names a listen port or host literally; its routes serve its
+        C{model_type}.
+        """
+        add = self.problems.add
+        if ok("command") and not model.command:
+            add(f"{place}.command is required for backend 'command' (the server's command line, with {{port}})")
+        if ok("extra_args"):
+            for problem in _placeholderProblems(model.extra_args, f"{place}.extra_args"):
+                add(problem)
+        if ok("env"):
+            for name, value in model.env.items():
+                try:
+                    used = placeholdersIn(value)
+                except PlaceholderError as e:
+                    add(f"{place}.env.{name}: {e}")
+                    continue
+                if "path" in used and "path" not in model.explicit:
+                    add(f"{place}.env.{name}: {{path}} is used but the model has no path")
+        keys = (("command", model.command), ("extra_args", model.extra_args), ("stop.command", model.stop.command))
+        for key, args in keys:
+            if not ok(key.partition(".")[0]):
+                continue
+            for index, arg in enumerate(args):
+                try:
+                    used = placeholdersIn(arg)
+                except PlaceholderError:
+                    continue
+                if "path" in used and "path" not in model.explicit:
+                    add(f"{place}.{key}[{index}]: {{path}} is used but the model has no path")
+        if ok("upstream_model") and model.upstream_model == "path" and "path" not in model.explicit:
+            add(f"{place}.upstream_model: 'path' sends the model's path, but the model has no path")
+        launch = (model.command if ok("command") else ()) + (model.extra_args if ok("extra_args") else ())
+        for index, why in addressProblems(launch):
+            key = f"command[{index}]" if index < len(model.command) else f"extra_args[{index - len(model.command)}]"
+            add(f"{place}.{key}: {why}")
+        if ok("endpoints") and ok("model_type") and model.endpoints is not None:
+            for route in model.endpoints:
+                endpoint = endpointOf(route)
+                assert endpoint is not None
+                if model.model_type not in endpoint.modelTypes:
+                    add(
+                        f"{place}.endpoints: {route} serves model types {', '.join(endpoint.modelTypes)},"
+                        f" not {model.model_type!r}"
+                    )
 
     def _checkAliases(self, model: ModelConfig, place: str, nameKnown: bool) -> None:
         """
@@ -891,18 +1200,22 @@ class _ModelChecks:
         The program of the model's backend can be found; a missing one is
         reported at the first model that needs it.
         """
-        key = BackendSettings.BINARY_KEYS[model.backend]
-        if not self.built.ok(f"backend.{key}"):
-            return
-        binary = self.config.backend.binaryFor(model.backend)
+        if model.backend == COMMAND:
+            if not model.command or not model.command[0] or "{" in model.command[0]:
+                return
+            binary, where = model.command[0], f"{place}.command[0]"
+            hint = "give its path"
+        else:
+            key = BackendSettings.BINARY_KEYS[model.backend]
+            if not self.built.ok(f"backend.{key}"):
+                return
+            binary = self.config.backend.binaryFor(model.backend)
+            where, hint = f"{place}.backend", f"set backend.{key} to its path"
         if binary in self.programs:
             return
         self.programs[binary] = self.which(binary) is not None
         if not self.programs[binary]:
-            self.problems.add(
-                f"{place}.backend: the {model.backend} program {binary!r} was not found"
-                f" (set backend.{key} to its path)"
-            )
+            self.problems.add(f"{where}: the {model.backend} program {binary!r} was not found ({hint})")
 
 
 def _checkOVMSGraph(model: ModelConfig, place: str, path: str, ok: Callable[[str], bool], problems: _Problems) -> None:

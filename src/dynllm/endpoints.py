@@ -34,8 +34,10 @@ MODEL_TYPES = (
     *KSERVE_TYPES,
 )
 
-#: The backend kinds this version can run.
-BACKEND_KINDS = ("llamacpp", "openvino", "transformers")
+#: The backend kinds this version can run. C{command} runs any server a
+#: model's C{command} gives; the table says where it serves each route by
+#: default (OpenAI's own paths), which a model's C{endpoints} may change.
+BACKEND_KINDS = ("llamacpp", "openvino", "transformers", "command")
 
 #: An upstream path meaning "the endpoint's own public path" (for an
 #: endpoint whose path names the model, such as KServe v2's: the request's
@@ -95,8 +97,14 @@ class Endpoint:
 
 def _everywhere(ovms: str) -> dict[str, str]:
     # llama-server and transformers serve OpenAI's paths as they are; OVMS
-    # serves them under /v3 (all versions; /v1 too from 2026.3 on).
-    return {"llamacpp": SAME_PATH, "openvino": ovms, "transformers": SAME_PATH}
+    # serves them under /v3 (all versions; /v1 too from 2026.3 on); any
+    # other OpenAI-compatible server (command) at OpenAI's paths.
+    return {"llamacpp": SAME_PATH, "openvino": ovms, "transformers": SAME_PATH, "command": SAME_PATH}
+
+
+def _openai(**paths: str) -> dict[str, str]:
+    # An OpenAI route: any OpenAI-compatible server serves it at its own path.
+    return {**paths, "command": SAME_PATH}
 
 
 _LLAMA_TYPES = ("llm", "embedding", "rerank")
@@ -109,18 +117,18 @@ ENDPOINTS: tuple[Endpoint, ...] = (
              streams=True),
     Endpoint("/v1/responses", OPENAI, JSON, ("llm",), _everywhere("/v3/responses"), ("/responses",),
              streams=True),
-    Endpoint("/v1/embeddings", OPENAI, JSON, ("embedding",), {"llamacpp": SAME_PATH, "openvino": "/v3/embeddings"},
+    Endpoint("/v1/embeddings", OPENAI, JSON, ("embedding",), _openai(llamacpp=SAME_PATH, openvino="/v3/embeddings"),
              ("/embeddings",)),
-    Endpoint("/v1/rerank", OPENAI, JSON, ("rerank",), {"llamacpp": SAME_PATH, "openvino": "/v3/rerank"},
+    Endpoint("/v1/rerank", OPENAI, JSON, ("rerank",), _openai(llamacpp=SAME_PATH, openvino="/v3/rerank"),
              ("/rerank", "/reranking", "/v1/reranking")),
     Endpoint("/v1/audio/transcriptions", OPENAI, MULTIPART, ("transcription",),
-             {"openvino": "/v3/audio/transcriptions", "transformers": SAME_PATH}, ("/audio/transcriptions",)),
+             _openai(openvino="/v3/audio/transcriptions", transformers=SAME_PATH), ("/audio/transcriptions",)),
     Endpoint("/v1/audio/translations", OPENAI, MULTIPART, ("transcription",),
-             {"openvino": "/v3/audio/translations"}),
-    Endpoint("/v1/audio/speech", OPENAI, JSON, ("speech",), {"openvino": "/v3/audio/speech"}),
+             _openai(openvino="/v3/audio/translations")),
+    Endpoint("/v1/audio/speech", OPENAI, JSON, ("speech",), _openai(openvino="/v3/audio/speech")),
     Endpoint("/v1/images/generations", OPENAI, JSON, ("image_generation",),
-             {"openvino": "/v3/images/generations"}),
-    Endpoint("/v1/images/edits", OPENAI, MULTIPART, ("image_generation",), {"openvino": "/v3/images/edits"}),
+             _openai(openvino="/v3/images/generations")),
+    Endpoint("/v1/images/edits", OPENAI, MULTIPART, ("image_generation",), _openai(openvino="/v3/images/edits")),
     Endpoint("/v1/tokenize", OPENAI, JSON, _LLAMA_TYPES, {"openvino": "/v3/tokenize"}),
     Endpoint("/v1/messages", ANTHROPIC, JSON, ("llm",), {"llamacpp": SAME_PATH}, streams=True),
     Endpoint("/v1/messages/count_tokens", ANTHROPIC, JSON, ("llm",), {"llamacpp": SAME_PATH}),
@@ -136,10 +144,11 @@ ENDPOINTS: tuple[Endpoint, ...] = (
 )
 
 #: The backends that C{ANY /upstream/MODEL/PATH} passes requests to as they
-#: are. Not C{transformers serve}: its own API loads any model a request
+#: are (a C{command} server too: what its own API does is the operator's
+#: choice). Not C{transformers serve}: its own API loads any model a request
 #: names (C{POST /load_model}, and transcriptions ignore the pinned model),
 #: which would bypass the configuration and the memory budget.
-PASSTHROUGH_BACKENDS = ("llamacpp", "openvino")
+PASSTHROUGH_BACKENDS = ("llamacpp", "openvino", "command")
 
 #: The endpoints of each public path.
 BY_PATH: Mapping[str, Endpoint] = {p: e for e in ENDPOINTS for p in e.paths}
@@ -197,7 +206,7 @@ def rstTable() -> str:
         per endpoint: its paths, the model types, and the path on each
         backend.
     """
-    header = ("route", "model types", "llamacpp", "openvino", "transformers")
+    header = ("route", "model types", *BACKEND_KINDS)
     rows = []
     for e in ENDPOINTS:
         route = " ".join(f"``{p}``" for p in e.paths)

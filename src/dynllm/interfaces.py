@@ -37,13 +37,22 @@ class IBackend(Interface):
         " C{Authorization: Bearer KEY}. C{None} for a backend without keys."
     )
 
-    def argv(model: ModelConfig, binary: str, port: int) -> list[str]:
+    def wantsKey(model: ModelConfig) -> bool:
+        """
+        @return: whether a run of C{model} gets a fresh random API key (in
+            L{keyVariable}, or where the model's command puts it), which
+            dynllm then sends as C{Authorization: Bearer KEY}.
+        """
+
+    def argv(model: ModelConfig, binary: str, port: int, apiKey: str | None = None) -> list[str]:
         """
         The command line that serves C{model} on 127.0.0.1:C{port}.
 
         @param model: The L{dynllm.config.ModelConfig}.
         @param binary: The program to run, as configured.
         @param port: The TCP port it must listen on.
+        @param apiKey: This run's key when L{wantsKey}, else C{None}; only a
+            backend whose command line carries it uses it here.
         @return: a C{list} of C{str}, program first, C{extra_args} last.
         """
 
@@ -79,11 +88,12 @@ class IBackend(Interface):
             or C{None} if this backend does not serve it.
         """
 
-    def upstreamModel(model: ModelConfig) -> str:
+    def upstreamModel(model: ModelConfig, requested: str | None = None) -> str:
         """
+        @param requested: The name (or alias) the request gave, if known.
         @return: the name the backend knows C{model} by, which requests must
-            carry in their C{model} field; when it is not C{model.name},
-            requests and responses are renamed on the way (see
+            carry in their C{model} field; when it is not the name the
+            client sent, requests and responses are renamed on the way (see
             L{dynllm.rewrite}).
         """
 

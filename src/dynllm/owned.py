@@ -162,9 +162,15 @@ TRANSFORMERS = OwnedSettings(
     )
 )
 
+#: Any server (C{backend: command}): its options are not known, so none is
+#: refused by name; its listen address is given by placeholders only
+#: (L{dynllm.placeholders.addressProblems} refuses any other spelling).
+COMMAND = OwnedSettings(())
+
 #: The owned settings of each backend kind of the configuration.
 OWNED = {
     "llamacpp": LLAMACPP,
     "openvino": OPENVINO,
     "transformers": TRANSFORMERS,
+    "command": COMMAND,
 }

@@ -410,17 +410,22 @@ class ManagedProcess:
             return False
         return True
 
-    def stop(self) -> defer.Deferred[Exception]:
+    def stop(self, signalName: str | None = "TERM") -> defer.Deferred[Exception]:
         """
-        Send TERM to the program's group, and KILL after L{killTime}. A stop
-        asked while one is pending joins it: no second TERM, no second KILL.
+        Send TERM (or C{signalName}) to the program's group, and KILL after
+        L{killTime}. A stop asked while one is pending joins it: no second
+        signal, no second KILL.
 
+        @param signalName: The signal, without C{SIG}; C{None} sends none,
+            for a program that something else is stopping (a stop command),
+            which only gets the KILL if it is still there after L{killTime}.
         @return: a Deferred firing with the exit reason after the real exit.
         """
         if not self.running:
             return self.whenExited()
         if self._murder is None:
-            self._signal("TERM")
+            if signalName is not None:
+                self._signal(signalName)
             clock = IReactorTime(self.reactor)
             self._murder = clock.callLater(self.killTime, self._kill)
 
@@ -435,7 +440,7 @@ class ManagedProcess:
     def _kill(self) -> None:
         if self.running:
             log.warn(
-                "[{model}] did not exit within {seconds}s of SIGTERM; sending SIGKILL",
+                "[{model}] did not exit within {seconds}s of being stopped; sending SIGKILL",
                 model=self.name,
                 seconds=self.killTime,
             )

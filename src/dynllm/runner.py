@@ -22,6 +22,7 @@ from dynllm.config import ModelConfig
 from dynllm.interfaces import IBackend
 from dynllm.logs import logger
 from dynllm.logs import LogRing
+from dynllm.placeholders import expandAll
 from dynllm.process import ManagedProcess
 
 log = logger(__name__)
@@ -96,6 +97,58 @@ def describeExit(reason: Exception) -> str:
     return f"exited with code {code}"
 
 
+def backendEnvironment(backend: IBackend, model: ModelConfig, port: int, apiKey: str | None = None) -> dict[str, str]:
+    """
+    @return: the environment a backend of C{model} runs in on C{port}:
+        ours, with what L{IBackend.environment} adds and removes, then the
+        model's C{env} (see L{ModelConfig.environment}).
+    """
+    env = dict(os.environ)
+    for name, value in backend.environment(model).items():
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = value
+    env.update(model.environment(port, apiKey))
+    return env
+
+
+def runCommand(
+    name: str,
+    argv: list[str],
+    reactor: Any,
+    env: dict[str, str],
+    timeout: float,
+    newSession: bool = True,
+    ring: LogRing | None = None,
+) -> defer.Deferred[Exception]:
+    """
+    Run a command to its end, such as a model's C{stop.command}: its output
+    goes to the model's log; after C{timeout} seconds it is stopped (TERM,
+    then KILL after C{timeout} more).
+
+    @param name: The model it is for (for logs).
+    @return: a Deferred firing with its exit reason once it has exited.
+    @raise OSError: if it could not be spawned.
+    """
+    process = ManagedProcess(
+        name=name, argv=argv, reactor=reactor, env=env, killTime=timeout, newSession=newSession,
+        ring=ring if ring is not None else LogRing(),
+    )
+    process.start()
+    log.info("[{model}] running {argv} as pid {pid}", model=name, argv=" ".join(argv), pid=process.pid)
+    timer = reactor.callLater(timeout, process.stop)
+
+    def done(reason: Exception) -> Exception:
+        if timer.active():
+            timer.cancel()
+        if getattr(reason, "exitCode", 0) or getattr(reason, "signal", None) is not None:
+            log.warn("[{model}] {argv} {how}", model=name, argv=" ".join(argv), how=describeExit(reason))
+        return reason
+
+    return process.whenExited().addCallback(done)
+
+
 @define
 class BackendRun:
     """
@@ -107,15 +160,17 @@ class BackendRun:
     @ivar reactor: Runs the process and the timers.
     @ivar http: Sends the readiness probes.
     @ivar binary: The program, as configured.
-    @ivar killTime: Seconds from TERM to KILL when stopping.
+    @ivar killTime: Seconds from TERM (or the stop command) to KILL when
+        stopping; the model's C{stop.timeout} when it gives one.
     @ivar newSession: See L{ManagedProcess.newSession}.
     @ivar ring: Keeps the backend's last lines of output.
     @ivar apiKey: This run's API key, fresh and random, which the backend
         reads from its L{IBackend.keyVariable} and requires on every
         request (so that other local users cannot use its port); C{None}
-        for a backend without keys. It is never on the command line
-        (C{/proc/PID/cmdline} is world-readable; C{/proc/PID/environ} is
-        not) and never reaches clients.
+        for a backend without keys. The named backends never have it on
+        their command line (C{/proc/PID/cmdline} is world-readable;
+        C{/proc/PID/environ} is not); a C{command} backend has it where
+        its command puts C{{api_key}}. It never reaches clients.
     """
 
     model: ModelConfig
@@ -135,21 +190,29 @@ class BackendRun:
     _readyWaiters: list[defer.Deferred[None]] = field(factory=list, init=False)
     _stopped: bool = field(default=False, init=False)
     apiKey: str | None = field(default=None, init=False, repr=False)
+    #: The line that tells of readiness (C{ready.log}), if any, and whether
+    #: it has been seen.
+    _readyLine: re.Pattern[str] | None = field(default=None, init=False)
+    _lineSeen: bool = field(default=False, init=False)
+    #: The environment of the stop command (without the run's key).
+    _stopEnv: dict[str, str] = field(factory=dict, init=False, repr=False)
+    #: The run of the model's stop command, once asked.
+    _stopping: defer.Deferred[Exception] | None = field(default=None, init=False)
 
     def __attrs_post_init__(self) -> None:
-        env = dict(os.environ)
-        for name, value in self.backend.environment(self.model).items():
-            if value is None:
-                env.pop(name, None)
-            else:
-                env[name] = value
-        env.update(self.model.env)
-        if self.backend.keyVariable is not None:
+        self._stopEnv = backendEnvironment(self.backend, self.model, self.port)
+        if self.backend.wantsKey(self.model):
             self.apiKey = secrets.token_urlsafe(32)
+        env = backendEnvironment(self.backend, self.model, self.port, self.apiKey)
+        if self.apiKey is not None and self.backend.keyVariable is not None:
             env[self.backend.keyVariable] = self.apiKey
+        if self.model.stop.timeout is not None:
+            self.killTime = self.model.stop.timeout
+        if self.model.ready.log is not None:
+            self._readyLine = re.compile(self.model.ready.log)
         self.process = ManagedProcess(
             name=self.model.name,
-            argv=self.backend.argv(self.model, self.binary, self.port),
+            argv=self.backend.argv(self.model, self.binary, self.port, self.apiKey),
             reactor=self.reactor,
             env=env,
             killTime=self.killTime,
@@ -181,7 +244,9 @@ class BackendRun:
             pid=self.process.pid,
         )
         self.process.whenExited().addCallback(lambda _: self._stopProbing())
-        self._scheduleProbe(FIRST_PROBE_DELAY)
+        if self._readyLine is None:
+            self._scheduleProbe(FIRST_PROBE_DELAY)
+        # Else probing starts when the line is seen.
 
     def whenReady(self) -> defer.Deferred[None]:
         """
@@ -205,7 +270,33 @@ class BackendRun:
         """
         self._stopped = True
         self._stopProbing()
-        return self.process.stop()
+        stop = self.model.stop
+        if stop.command and self.process.running:
+            if self._stopping is None:
+                self._stopping = self._runStopCommand()
+            if self._stopping is not None:
+                return self.process.stop(None)
+        return self.process.stop(stop.signal)
+
+    def _runStopCommand(self) -> defer.Deferred[Exception] | None:
+        """
+        Run the model's C{stop.command} (its server, as in a container, may
+        not be the process dynllm started); the process group gets KILL if
+        it is still there after C{killTime}, and so does the stop command.
+
+        @return: a Deferred firing when the stop command has exited, or
+            C{None} if it could not be spawned (then the signal is sent).
+        """
+        argv = expandAll(self.model.stop.command, self.model.placeholders(self.port))
+        try:
+            done = runCommand(
+                self.model.name, argv, self.reactor, self._stopEnv, self.killTime, self.newSession, self.ring
+            )
+        except OSError as e:
+            log.error("[{model}] cannot run its stop command {argv}: {error}; signalling it",
+                      model=self.model.name, argv=" ".join(argv), error=e)
+            return None
+        return done
 
     def whenExited(self) -> defer.Deferred[Exception]:
         """
@@ -230,7 +321,13 @@ class BackendRun:
     # Readiness.
 
     def _line(self, line: str) -> None:
-        if not self.ready and not self._stopped and self.backend.readyHint(line):
+        if self.ready or self._stopped:
+            return
+        if self._readyLine is not None and not self._lineSeen:
+            if self._readyLine.search(line):
+                self._lineSeen = True
+                self._probe(FIRST_PROBE_DELAY)
+        elif self.backend.readyHint(line):
             self._probeNow()
 
     def _scheduleProbe(self, delay: float) -> None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from attrs import define, field
 from twisted.application.service import Service
@@ -64,7 +64,8 @@ from dynllm.lifecycle import (
     makeLifecycle,
 )
 from dynllm.logs import logger
-from dynllm.runner import BackendRun, NoFreePort, findFreePort
+from dynllm.placeholders import expandAll
+from dynllm.runner import BackendRun, NoFreePort, backendEnvironment, findFreePort, runCommand
 from dynllm.store import MemoryStateStore, reconcile
 
 __all__ = ["Lease", "ModelManager"]
@@ -253,7 +254,7 @@ class ModelManager(Service):
 
     async def _start(self) -> None:
         try:
-            await reconcile(self.store, list(self._models), self.reactor)
+            await reconcile(self.store, list(self._models), self.reactor, stopCommand=self._leftoverStop)
         except Exception:
             log.failure("could not reconcile the state database; carrying on")
         for model in self._models.values():
@@ -267,6 +268,31 @@ class ModelManager(Service):
 
         for name in self.config.preload_models:
             self._preload(name)
+
+    def _leftoverStop(self, row: Mapping[str, Any]) -> defer.Deferred[Any] | None:
+        """
+        Run the stop command of the model of a row that a previous run
+        recorded as running, with the configuration of now and the port
+        recorded (see L{reconcile}).
+
+        @return: a Deferred firing once it has exited, or C{None} if the
+            model is not configured now, has no stop command, or it could
+            not be spawned.
+        """
+        model = self._models.get(row["name"])
+        port = row["port"]
+        if model is None or not model.core.config.stop.command or port is None:
+            return None
+        config = model.core.config
+        argv = expandAll(config.stop.command, config.placeholders(port))
+        timeout = self.killTime if config.stop.timeout is None else config.stop.timeout
+        env = backendEnvironment(model.core.backend, config, port)
+        try:
+            return runCommand(config.name, argv, self.reactor, env, timeout, self.newSession, model.core.log)
+        except OSError as e:
+            log.error("{name}: cannot run its stop command {argv}: {error}", name=config.name,
+                      argv=" ".join(argv), error=e)
+            return None
 
     def whenStarted(self) -> defer.Deferred[None]:
         """

@@ -534,6 +534,10 @@ class MemoryStateStore:
         return defer.succeed(None)
 
 
+def _noStopCommand(row: Mapping[str, Any]) -> defer.Deferred[Any] | None:
+    return None
+
+
 async def reconcile(
     store: IStateStore,
     names: list[str],
@@ -541,18 +545,26 @@ async def reconcile(
     startTimeOf: Callable[[int], int | None] = processStartTime,
     signal: Callable[[int, str], bool] = signalGroup,
     killTime: float = RECONCILE_KILL_TIME,
+    stopCommand: Callable[[Mapping[str, Any]], defer.Deferred[Any] | None] = _noStopCommand,
 ) -> list[str]:
     """
     Stop every backend that a previous run recorded and that is still
     running, then mark every row unloaded.
 
-    A recorded pid counts as ours only if the process with that pid started
-    at the recorded time: a pid the system has since given to another
-    program is left alone. Ours get TERM to their process group, then KILL
-    after C{killTime}, and this waits until they are gone.
+    For a row recorded with a process, C{stopCommand} runs first what else
+    stops its server: the model's C{stop.command} (a server in a container
+    outlives the process dynllm started), whether or not that process is
+    still there. Then a recorded pid counts as ours only if the process
+    with that pid started at the recorded time: a pid the system has since
+    given to another program is left alone. Ours get TERM to their process
+    group, then KILL after C{killTime}, and this waits until they are gone.
 
     @param store: Where the previous run recorded its models.
     @param names: The models configured now.
+    @param stopCommand: Given a row, runs the stop command of its model
+        (from the configuration now, with the row's port) and returns a
+        Deferred that fires when it is done, or returns C{None} when the
+        model has none.
     @return: the names of the models whose leftover backends were stopped.
     """
     stopped = []
@@ -560,6 +572,18 @@ async def reconcile(
         pid, pgid, started = row["pid"], row["pgid"], row["start_time"]
         if pid is None or started is None:
             continue
+        running = stopCommand(row)
+        if running is not None:
+            log.warn(
+                "{name}: running its stop command for the server a previous run left on port {port}",
+                name=row["name"],
+                port=row["port"],
+            )
+            try:
+                await running
+            except Exception:
+                log.failure("{name}: its stop command failed", name=row["name"])
+            stopped.append(row["name"])
         if startTimeOf(pid) != started:
             log.info("{name}: recorded pid {pid} is not running any more", name=row["name"], pid=pid)
             continue
@@ -582,6 +606,7 @@ async def reconcile(
             waited += 0.05
         # The leader is gone; make sure the rest of its group is too.
         signal(group, "KILL")
-        stopped.append(row["name"])
+        if row["name"] not in stopped:
+            stopped.append(row["name"])
     await store.reset(names)
     return stopped

@@ -281,7 +281,10 @@ class FakeBackend:
         self.pendingProbes: list[defer.Deferred[bool]] = []
         self.probes: list[tuple[str, float | None]] = []
 
-    def argv(self, model: ModelConfig, binary: str, port: int) -> list[str]:
+    def wantsKey(self, model: ModelConfig) -> bool:
+        return self.keyVariable is not None
+
+    def argv(self, model: ModelConfig, binary: str, port: int, apiKey: str | None = None) -> list[str]:
         return [binary, model.name, str(port)]
 
     def environment(self, model: ModelConfig) -> dict[str, str | None]:
@@ -308,7 +311,7 @@ class FakeBackend:
     def upstreamPath(self, route: str, model: ModelConfig) -> str:
         return route
 
-    def upstreamModel(self, model: ModelConfig) -> str:
+    def upstreamModel(self, model: ModelConfig, requested: str | None = None) -> str:
         return model.name
 
 

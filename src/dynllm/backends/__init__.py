@@ -5,6 +5,7 @@ The backend kinds, one module each, all providing L{dynllm.interfaces.IBackend}.
 
 from __future__ import annotations
 
+from dynllm.backends.command import CommandBackend
 from dynllm.backends.llamacpp import LlamaCppBackend
 from dynllm.backends.openvino import OpenVINOBackend
 from dynllm.backends.transformers import TransformersBackend
@@ -23,6 +24,7 @@ _BACKENDS: dict[str, IBackend] = {
     "llamacpp": LlamaCppBackend(),
     "openvino": OpenVINOBackend(),
     "transformers": TransformersBackend(),
+    "command": CommandBackend(),
 }
 
-__all__ = ["backendFor", "LlamaCppBackend", "OpenVINOBackend", "TransformersBackend"]
+__all__ = ["backendFor", "CommandBackend", "LlamaCppBackend", "OpenVINOBackend", "TransformersBackend"]

@@ -18,6 +18,14 @@ async def getIsOK(http: Any, url: str, method: str = "GET") -> bool:
     @return: whether C{url} answers 200 within L{PROBE_TIMEOUT}; a refused
         connection, a timeout or another status is C{False}.
     """
+    return await getIsStatus(http, url, 200, method)
+
+
+async def getIsStatus(http: Any, url: str, status: int, method: str = "GET") -> bool:
+    """
+    @return: whether C{url} answers C{status} within L{PROBE_TIMEOUT}; a
+        refused connection, a timeout or another status is C{False}.
+    """
     try:
         response = await http.request(method, url, timeout=PROBE_TIMEOUT)
         await response.content()
@@ -26,4 +34,4 @@ async def getIsOK(http: Any, url: str, method: str = "GET") -> bool:
     except Exception:
         return False
     code: int = response.code
-    return code == 200
+    return code == status

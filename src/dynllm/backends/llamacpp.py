@@ -35,7 +35,10 @@ class LlamaCppBackend:
     owned: OwnedSettings = LLAMACPP
     keyVariable: str | None = "LLAMA_API_KEY"
 
-    def argv(self, model: ModelConfig, binary: str, port: int) -> list[str]:
+    def wantsKey(self, model: ModelConfig) -> bool:
+        return self.keyVariable is not None
+
+    def argv(self, model: ModelConfig, binary: str, port: int, apiKey: str | None = None) -> list[str]:
         args = [
             binary,
             "--model", model.path,
@@ -63,5 +66,5 @@ class LlamaCppBackend:
     def upstreamPath(self, route: str, model: ModelConfig) -> str | None:
         return upstreamPath(self.kind, route)
 
-    def upstreamModel(self, model: ModelConfig) -> str:
+    def upstreamModel(self, model: ModelConfig, requested: str | None = None) -> str:
         return model.name

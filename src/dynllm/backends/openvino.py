@@ -62,7 +62,10 @@ class OpenVINOBackend:
     owned: OwnedSettings = OPENVINO
     keyVariable: str | None = "API_KEY"
 
-    def argv(self, model: ModelConfig, binary: str, port: int) -> list[str]:
+    def wantsKey(self, model: ModelConfig) -> bool:
+        return self.keyVariable is not None
+
+    def argv(self, model: ModelConfig, binary: str, port: int, apiKey: str | None = None) -> list[str]:
         args = [
             binary,
             "--rest_port", str(port),
@@ -104,5 +107,5 @@ class OpenVINOBackend:
             return None
         return upstreamPath(self.kind, route)
 
-    def upstreamModel(self, model: ModelConfig) -> str:
+    def upstreamModel(self, model: ModelConfig, requested: str | None = None) -> str:
         return model.name

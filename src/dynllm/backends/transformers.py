@@ -53,7 +53,10 @@ class TransformersBackend:
     owned: OwnedSettings = TRANSFORMERS
     keyVariable: str | None = None
 
-    def argv(self, model: ModelConfig, binary: str, port: int) -> list[str]:
+    def wantsKey(self, model: ModelConfig) -> bool:
+        return self.keyVariable is not None
+
+    def argv(self, model: ModelConfig, binary: str, port: int, apiKey: str | None = None) -> list[str]:
         args = [
             binary, "serve", self.upstreamModel(model),
             "--host", "127.0.0.1",
@@ -87,7 +90,7 @@ class TransformersBackend:
     def upstreamPath(self, route: str, model: ModelConfig) -> str | None:
         return upstreamPath(self.kind, route)
 
-    def upstreamModel(self, model: ModelConfig) -> str:
+    def upstreamModel(self, model: ModelConfig, requested: str | None = None) -> str:
         if model.revision is not None:
             return f"{model.path}@{model.revision}"
         return model.path

@@ -1,0 +1,145 @@
+# -*- test-case-name: tests.test_placeholders -*-
+"""
+The placeholders of a command backend's command lines (C{command},
+C{extra_args}, C{stop.command}): C{{port}}, C{{host}}, C{{name}}, C{{path}}
+and C{{api_key}}, with C{{{} and C{}}} for literal braces, as Python's
+C{str.format} reads them.
+
+dynllm owns the address a backend listens on: the placeholders are the only
+way to give it. L{addressProblems} finds the arguments that name a port or a
+host literally, which the configuration refuses.
+
+This module imports nothing of dynllm's, so that the configuration and the
+backends can both read it.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from typing import Mapping, Sequence
+
+#: Every placeholder, with what it stands for (for messages and the README).
+PLACEHOLDERS = {
+    "port": "the TCP port dynllm chose for this run",
+    "host": "the address to listen on (127.0.0.1)",
+    "name": "the model's name",
+    "path": "the model's path, made absolute when it exists",
+    "api_key": "this run's random API key, which dynllm sends as Bearer",
+}
+
+#: Options that set a listen port, in the spellings servers use (llama.cpp,
+#: vLLM, SGLang, whisper.cpp, uvicorn: C{--port}; stable-diffusion.cpp's
+#: server: C{--listen-port}; Docker: C{-p}/C{--publish}). Their value must
+#: hold C{{port}}.
+PORT_FLAGS = (
+    "--port", "-p", "--publish", "--listen-port", "--http-port", "--server-port",
+    "--rest-port", "--rest_port",
+)
+
+#: Options that set a listen host (C{--host}: llama.cpp, vLLM, SGLang,
+#: whisper.cpp; C{--listen-ip}: stable-diffusion.cpp's server; C{--listen},
+#: C{--bind}: many others). Their value must hold C{{host}}.
+HOST_FLAGS = (
+    "--host", "--listen", "--listen-ip", "--listen-host", "--bind", "--bind-address", "--address",
+    "--addr", "--rest_bind_address", "--ip",
+)
+
+#: A literal C{HOST:PORT} (an IPv4 address, C{localhost}, or an IPv6
+#: address in brackets, then digits), as in C{0.0.0.0:8000} or
+#: C{http://127.0.0.1:8080/}.
+LITERAL_ADDRESS = re.compile(
+    r"(?:(?<![\w.])(?:\d{1,3}(?:\.\d{1,3}){3}|localhost)|\[[0-9A-Fa-f:.]*\]):\d+", re.IGNORECASE
+)
+
+_FORMATTER = string.Formatter()
+
+
+class PlaceholderError(ValueError):
+    """
+    A template cannot be expanded: a placeholder that is not one of
+    L{PLACEHOLDERS}, or a lone brace.
+    """
+
+
+def placeholdersIn(template: str) -> list[str]:
+    """
+    @return: the placeholders C{template} uses, in order (C{{{} and C{}}}
+        are literal braces, not placeholders).
+    @raise PlaceholderError: for an unknown placeholder, a format
+        specification or conversion (C{{port:05}}, C{{port!r}}), or a lone
+        C{{} or C{}}.
+    """
+    try:
+        parsed = list(_FORMATTER.parse(template))
+    except ValueError as e:
+        raise PlaceholderError(f"{e} (write {{{{ and }}}} for literal braces)") from None
+    used = []
+    for _, field, spec, conversion in parsed:
+        if field is None:
+            continue
+        if field not in PLACEHOLDERS:
+            raise PlaceholderError(
+                f"unknown placeholder {{{field}}} (known: {', '.join('{' + p + '}' for p in PLACEHOLDERS)};"
+                " write {{ and }} for literal braces)"
+            )
+        if spec or conversion:
+            raise PlaceholderError(f"placeholder {{{field}}} takes no format or conversion")
+        used.append(field)
+    return used
+
+
+def expand(template: str, values: Mapping[str, str]) -> str:
+    """
+    @param values: Placeholder -> its value; every placeholder C{template}
+        uses must be there.
+    @return: C{template} with its placeholders replaced and C{{{}/C{}}}
+        made single braces.
+    @raise PlaceholderError: as L{placeholdersIn}.
+    """
+    placeholdersIn(template)
+    return template.format_map(values)
+
+
+def expandAll(templates: Sequence[str], values: Mapping[str, str]) -> list[str]:
+    """
+    @return: each of C{templates} expanded (L{expand}).
+    """
+    return [expand(t, values) for t in templates]
+
+
+def addressProblems(args: Sequence[str]) -> list[tuple[int, str]]:
+    """
+    Find the arguments that set a listen port or host other than through
+    C{{port}} and C{{host}}: a port option (L{PORT_FLAGS}) whose value
+    lacks C{{port}}, a host option (L{HOST_FLAGS}) whose value lacks
+    C{{host}}, in the C{--flag value} and C{--flag=value} forms, and any
+    literal C{HOST:PORT} (L{LITERAL_ADDRESS}).
+
+    @param args: A command line, as configured (not yet expanded).
+    @return: C{(index, why)} of each, in order.
+    """
+    found: list[tuple[int, str]] = []
+    index = 0
+    while index < len(args):
+        arg = args[index]
+        name, eq, inline = arg.partition("=") if arg.startswith("-") else (arg, "", "")
+        wanted = "port" if name in PORT_FLAGS else "host" if name in HOST_FLAGS else None
+        if wanted is not None:
+            if eq:
+                value, at = inline, index
+            elif index + 1 < len(args):
+                value, at = args[index + 1], index + 1
+                index += 1
+            else:
+                value, at = "", index
+            if "{" + wanted + "}" not in value:
+                found.append((at, f"{name} {value!r} sets the listen {wanted}; dynllm owns it: write {{{wanted}}}"))
+        else:
+            match = LITERAL_ADDRESS.search(arg)
+            if match is not None:
+                found.append(
+                    (index, f"{arg!r} names the address {match.group(0)!r}; dynllm owns it: write {{host}}:{{port}}")
+                )
+        index += 1
+    return found

@@ -1,0 +1,144 @@
+"""
+Tests for L{dynllm.placeholders}: the placeholders of a command backend's
+command lines, and the refusal of a listen address given other than by
+them.
+"""
+
+from __future__ import annotations
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from dynllm.placeholders import PlaceholderError, addressProblems, expand, expandAll, placeholdersIn
+
+VALUES = {"port": "9100", "host": "127.0.0.1", "name": "m", "path": "/models/m", "api_key": "k"}
+
+
+class PlaceholdersInTests(SynchronousTestCase):
+    """
+    Tests for L{placeholdersIn}.
+    """
+
+    def test_known(self) -> None:
+        """
+        Every placeholder a template uses is given, in order.
+        """
+        self.assertEqual(placeholdersIn("{host}:{port}/{name}{path}{api_key}"), ["host", "port", "name", "path", "api_key"])
+
+    def test_doubledBracesAreLiteral(self) -> None:
+        """
+        C{{{} and C{}}} are literal braces, not placeholders.
+        """
+        self.assertEqual(placeholdersIn('{{"port": 1}}'), [])
+
+    def test_unknownRefused(self) -> None:
+        """
+        An unknown placeholder is refused, naming it and the known ones.
+        """
+        e = self.assertRaises(PlaceholderError, placeholdersIn, "--port={prt}")
+        self.assertIn("unknown placeholder {prt}", str(e))
+        self.assertIn("{port}", str(e))
+
+    def test_loneBraceRefused(self) -> None:
+        """
+        A lone brace is refused, with the way to write a literal one.
+        """
+        e = self.assertRaises(PlaceholderError, placeholdersIn, "{port")
+        self.assertIn("{{ and }}", str(e))
+        self.assertRaises(PlaceholderError, placeholdersIn, "a}b")
+
+    def test_formatSpecRefused(self) -> None:
+        """
+        A placeholder with a format specification or a conversion is
+        refused: a value is put in as it is.
+        """
+        self.assertRaises(PlaceholderError, placeholdersIn, "{port:05}")
+        self.assertRaises(PlaceholderError, placeholdersIn, "{name!r}")
+
+    def test_attributeRefused(self) -> None:
+        """
+        A placeholder with an attribute or an index is not a known one.
+        """
+        self.assertRaises(PlaceholderError, placeholdersIn, "{name.upper}")
+        self.assertRaises(PlaceholderError, placeholdersIn, "{name[0]}")
+
+
+class ExpandTests(SynchronousTestCase):
+    """
+    Tests for L{expand} and L{expandAll}.
+    """
+
+    def test_expand(self) -> None:
+        """
+        Placeholders are replaced by their values and doubled braces made
+        single.
+        """
+        self.assertEqual(expand('{host}:{port} {{"n": "{name}"}}', VALUES), '127.0.0.1:9100 {"n": "m"}')
+
+    def test_expandAll(self) -> None:
+        """
+        Each argument is expanded on its own.
+        """
+        self.assertEqual(expandAll(["serve", "{path}", "--port", "{port}"], VALUES), ["serve", "/models/m", "--port", "9100"])
+
+    def test_valueNotExpandedAgain(self) -> None:
+        """
+        A value holding braces is put in as it is, not read as a template.
+        """
+        self.assertEqual(expand("{name}", {**VALUES, "name": "{port}"}), "{port}")
+
+
+class AddressProblemsTests(SynchronousTestCase):
+    """
+    Tests for L{addressProblems}: dynllm owns the listen address.
+    """
+
+    def test_placeholdersAccepted(self) -> None:
+        """
+        Port and host options whose values hold C{{port}} and C{{host}}, in
+        both forms, are accepted, as is a C{{host}:{port}} argument.
+        """
+        args = ["--host", "{host}", "--port={port}", "--listen", "{host}:{port}", "-p", "{host}:{port}:8000"]
+        self.assertEqual(addressProblems(args), [])
+
+    def test_literalPortRefused(self) -> None:
+        """
+        A port option with a literal value is refused, at the value's index.
+        """
+        [(index, why)] = addressProblems(["serve", "--port", "8080"])
+        self.assertEqual(index, 2)
+        self.assertIn("--port '8080' sets the listen port", why)
+        self.assertIn("{port}", why)
+
+    def test_literalPortInlineRefused(self) -> None:
+        """
+        C{--port=8080} is refused at its own index.
+        """
+        [(index, why)] = addressProblems(["serve", "--port=8080"])
+        self.assertEqual(index, 1)
+
+    def test_shortPortRefused(self) -> None:
+        """
+        C{-p 8000} (Docker's publish, many servers' port) is refused.
+        """
+        self.assertEqual(len(addressProblems(["-p", "8000"])), 1)
+
+    def test_literalHostRefused(self) -> None:
+        """
+        A host option with a literal value is refused: C{--host 0.0.0.0},
+        C{--listen 0.0.0.0}.
+        """
+        self.assertEqual([i for i, _ in addressProblems(["--host", "0.0.0.0", "--listen", "0.0.0.0"])], [1, 3])
+
+    def test_optionWithoutValueRefused(self) -> None:
+        """
+        A port option at the end of the line, with no value, is refused.
+        """
+        self.assertEqual(len(addressProblems(["serve", "--port"])), 1)
+
+    def test_literalAddressRefused(self) -> None:
+        """
+        A literal C{HOST:PORT} anywhere is refused: C{0.0.0.0:8000}, a URL
+        on C{localhost}, an IPv6 address.
+        """
+        args = ["0.0.0.0:8000", "http://localhost:8080/x", "[::1]:9000", "{host}:{port}", "model:v1", "1.5:2"]
+        self.assertEqual([i for i, _ in addressProblems(args)], [0, 1, 2])
