@@ -1135,3 +1135,51 @@ class LargeBodyTests(TestCase):
         status, answer = yield self.call("/v1/chat/completions", b'{"model": "llama", "x": "' + b"a" * INLINE_BYTES)
         self.assertEqual((status, json.loads(answer)["error"]["code"]), (400, "invalid_json"))
         self.assertEqual(self.case.backend.requests, [])
+
+
+class CommandModelRoutesTests(RoutesTestCase):
+    """
+    What reaches a C{backend: command} server's C{model} field, by its
+    C{upstream_model}.
+    """
+
+    def setUp(self):
+        common = {"backend": "command", "command": ["server", "--port", "{port}"], "vram_mb": 1}
+        self.serve(
+            parseConfig(
+                {
+                    "enabled_backends": ["command"],
+                    "models": [
+                        dict(common, name="kept", aliases=["kept-alias"], upstream_model="keep"),
+                        dict(common, name="fixed", aliases=["fixed-alias"], upstream_model="served/name"),
+                    ],
+                },
+                os.path.abspath(self.mktemp()),
+                which=lambda name: "/bin/true",
+            )
+        )
+
+    def sent(self, model):
+        self.backend.body = json.dumps({"model": "whatever", "choices": []}).encode()
+        status, _, answer = self.call("POST", "/v1/chat/completions", {"model": model, "messages": []})
+        self.assertEqual(status, 200, answer)
+        return json.loads(self.backend.requests[-1][3])["model"], json.loads(answer)["model"]
+
+    def test_keep(self):
+        """
+        C{upstream_model: keep} sends the name the request gave, an alias
+        included, as it was given.
+        """
+        self.assertEqual(self.sent("kept-alias")[0], "kept-alias")
+        self.assertEqual(self.sent("kept")[0], "kept")
+
+    def test_fixed(self):
+        """
+        A fixed C{upstream_model} is sent whatever name the request gave,
+        and the answer names the model as the request did.
+        """
+        self.backend.body = json.dumps({"model": "served/name", "choices": []}).encode()
+        status, _, answer = self.call("POST", "/v1/chat/completions", {"model": "fixed-alias", "messages": []})
+        self.assertEqual(status, 200)
+        self.assertEqual(json.loads(self.backend.requests[-1][3])["model"], "served/name")
+        self.assertEqual(json.loads(answer)["model"], "fixed-alias")

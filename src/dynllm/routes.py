@@ -408,7 +408,7 @@ class DynLLMRoutes:
             fields = examined.fields
             name = requestedModel(fields)
             model, backend, upstream = self._resolve(name, endpoint.path, endpoint)
-            upstreamName = backend.upstreamModel(model)
+            upstreamName = backend.upstreamModel(model, name)
             body = requestBody(request, self.clock)
             if upstreamName != name:
                 # The body as sent, with the model's value replaced.
@@ -430,7 +430,7 @@ class DynLLMRoutes:
                 raise errors.badRequest("the request must name a model in its 'model' field", param="model")
             name = found.value
             model, backend, upstream = self._resolve(name, endpoint.path, endpoint)
-            upstreamName = backend.upstreamModel(model)
+            upstreamName = backend.upstreamModel(model, name)
             if upstreamName == name:
                 body = requestBody(request, self.clock)
             else:
@@ -443,7 +443,7 @@ class DynLLMRoutes:
                 raise errors.badRequest(f"the request must name a model {problem}", param="model")
             name = values[0].decode("utf-8", "replace")
             model, backend, upstream = self._resolve(name, endpoint.path, endpoint)
-            upstreamName = backend.upstreamModel(model)  # for the answer: a query has no body to rename
+            upstreamName = backend.upstreamModel(model, name)  # for the answer: a query has no body to rename
             body = requestBody(request, self.clock) if request.method != b"GET" else None
         rewriter = nameRewriter(upstreamName, name) if upstreamName != name else None
         streamed = None
