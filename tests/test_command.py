@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet import defer
-from twisted.internet.error import ProcessDone
+from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
@@ -301,6 +301,38 @@ class CommandRunTests(SynchronousTestCase):
         self.assertEqual(stopper.signals, ["TERM", "KILL"])
         server.exit()
         self.successResultOf(stopped)
+
+    def test_exitOnItsOwnRunsStopCommand(self) -> None:
+        """
+        A server process that exits without being stopped (a C{docker run}
+        client that died, whose container may live on) has its stop command
+        run, and its exit is told only once that command has ended: its
+        memory and port are not free before.
+        """
+        run = self.makeRun(commandModel(stop=StopConfig(command=("ctl", "stop", "{port}"), timeout=3)))
+        run.start()
+        exited = run.whenExited()
+        [server] = self.reactor.spawned
+        server.exit(ProcessTerminated(exitCode=125))
+        self.assertNoResult(exited)
+        [_, stopper] = self.reactor.spawned
+        self.assertEqual(stopper.args, ["ctl", "stop", "40123"])
+        stopper.exit()
+        self.assertEqual(self.successResultOf(exited).exitCode, 125)
+        self.assertEqual(self.successResultOf(run.whenExited()).exitCode, 125)
+        run.stop()
+        self.assertEqual(len(self.reactor.spawned), 2)
+
+    def test_exitOnItsOwnWithoutStopCommand(self) -> None:
+        """
+        Without a stop command, a server's exit is told at once.
+        """
+        run = self.makeRun(commandModel())
+        run.start()
+        exited = run.whenExited()
+        self.reactor.spawned[0].exit(ProcessTerminated(exitCode=1))
+        self.assertEqual(self.successResultOf(exited).exitCode, 1)
+        self.assertEqual(len(self.reactor.spawned), 1)
 
     def test_secondStopRunsNoSecondCommand(self) -> None:
         """

@@ -198,6 +198,11 @@ class BackendRun:
     _stopEnv: dict[str, str] = field(factory=dict, init=False, repr=False)
     #: The run of the model's stop command, once asked.
     _stopping: defer.Deferred[Exception] | None = field(default=None, init=False)
+    #: Why the run ended, once it has (and its stop command has run, if
+    #: it exited on its own); who waits for that.
+    _started: bool = field(default=False, init=False)
+    _exitReason: Exception | None = field(default=None, init=False)
+    _exitWaiters: list[defer.Deferred[Exception]] = field(factory=list, init=False)
 
     def __attrs_post_init__(self) -> None:
         self._stopEnv = backendEnvironment(self.backend, self.model, self.port)
@@ -243,7 +248,8 @@ class BackendRun:
             argv=" ".join(self.process.argv),
             pid=self.process.pid,
         )
-        self.process.whenExited().addCallback(lambda _: self._stopProbing())
+        self._started = True
+        self.process.whenExited().addCallback(self._processExited)
         if self._readyLine is None:
             self._scheduleProbe(FIRST_PROBE_DELAY)
         # Else probing starts when the line is seen.
@@ -300,9 +306,44 @@ class BackendRun:
 
     def whenExited(self) -> defer.Deferred[Exception]:
         """
-        @return: a fresh Deferred that fires with the exit reason on exit.
+        @return: a fresh Deferred that fires with the exit reason on exit
+            (at once if the run never started). When the process exited
+            on its own and the model has a C{stop.command}, it fires once
+            that command has run too: a server in a container outlives a
+            C{docker run} client that died, and holds its memory and port
+            until it is stopped.
         """
-        return self.process.whenExited()
+        if self._exitReason is not None:
+            return defer.succeed(self._exitReason)
+        if not self._started:
+            return self.process.whenExited()
+        d: defer.Deferred[Exception] = defer.Deferred()
+        self._exitWaiters.append(d)
+        return d
+
+    def _processExited(self, reason: Exception) -> None:
+        self._stopProbing()
+        if self._stopped or not self.model.stop.command:
+            self._tellExit(reason)
+            return
+        # Not asked to stop: whatever it started may still be running.
+        self._stopped = True
+        log.warn(
+            "[{model}] {how} on its own; running its stop command, in case its server outlives it",
+            model=self.model.name,
+            how=describeExit(reason),
+        )
+        self._stopping = self._runStopCommand()
+        if self._stopping is None:
+            self._tellExit(reason)
+        else:
+            self._stopping.addBoth(lambda _: self._tellExit(reason))
+
+    def _tellExit(self, reason: Exception) -> None:
+        self._exitReason = reason
+        waiters, self._exitWaiters = self._exitWaiters, []
+        for d in waiters:
+            d.callback(reason)
 
     def portTaken(self) -> bool:
         """
