@@ -394,7 +394,7 @@ class StubManagerTests(SynchronousTestCase):
             manager.models()[0],
             {"name": "a", "status": "loaded", "backend": "llamacpp", "model_type": "llm", "vram_mb": 300,
              "pid": None, "port": None, "loaded_at": 7, "last_used_at": None, "active_requests": 0,
-             "waiting_requests": 0, "last_error": None},
+             "waiting_requests": 0, "last_error": None, "load_seconds": None, "loading_seconds": None},
         )
         self.assertEqual([m["name"] for m in manager.models()], ["a", "b"])
 

@@ -5,7 +5,7 @@ The interfaces of dynllm's public surface.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
@@ -236,6 +236,24 @@ class IModelManager(Interface):
         """
         @return: megabytes of C{vram_mb} held by models loading, loaded or
             still stopping.
+        """
+
+    def watch(onChange: Callable[[], None]) -> Callable[[], None]:
+        """
+        Call C{onChange()} (cheap, not calling back into the manager) after
+        anything L{describe} or L{memoryInUse} shows may have changed; it
+        may be called more often than something changed. See
+        L{dynllm.events.ModelEvents}, which turns the calls into events.
+
+        @return: a function that stops the calls.
+        """
+
+    def followLog(name: str, onLines: Callable[[list[str]], None]) -> Callable[[], None]:
+        """
+        Call C{onLines(lines)} with each batch of lines the model's backends
+        print from now on (across restarts), oldest first.
+
+        @return: a function that stops the calls.
         """
 
     def logTail(name: str, count: int) -> list[str]:

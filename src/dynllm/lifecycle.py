@@ -59,7 +59,7 @@ from dynllm.config import ModelConfig
 from dynllm.exceptions import LoadFailed, LoadTimedOut, SchedulerError
 from dynllm.interfaces import IBackend
 from dynllm.logs import logger
-from dynllm.process import LogRing
+from dynllm.logs import LogRing
 from dynllm.runner import FAILURE_LOG_LINES, BackendRun, describeExit
 
 log = logger(__name__)
@@ -294,6 +294,8 @@ class ModelCore:
     loads: int = 0
     loadFailures: int = 0
     loadSeconds: float = 0.0
+    #: How long the last load that finished took, in seconds.
+    lastLoadSeconds: float | None = None
     unloads: dict[str, int] = field(factory=dict)
     crashes: int = 0
 
@@ -438,7 +440,8 @@ def _makeMachine() -> Callable[[ModelCore], ModelLifecycle]:
         now = s.clock.seconds()
         s.loads += 1
         if s.loadStartedAt is not None:
-            s.loadSeconds += now - s.loadStartedAt
+            s.lastLoadSeconds = now - s.loadStartedAt
+            s.loadSeconds += s.lastLoadSeconds
         s.portConflicts = 0
         s.loadedAt = s.lastUsedAt = now
         log.info("{name} is ready on port {port}", name=s.name, port=s.run.port)

@@ -19,10 +19,11 @@ from __future__ import annotations
 import json
 import os
 import signal
+from collections import deque
 from datetime import datetime, timezone
-from typing import IO, Any, Callable
+from typing import IO, Any, Callable, Iterable
 
-from attrs import define
+from attrs import define, field
 from twisted.logger import (
     FileLogObserver,
     FilteringLogObserver,
@@ -30,10 +31,12 @@ from twisted.logger import (
     Logger,
     LogLevel,
     LogLevelFilterPredicate,
+    PredicateResult,
     formatEvent,
     formatEventAsClassicLogText,
     formatTime,
 )
+from twisted.python.threadable import isInIOThread
 from zope.interface import implementer
 
 #: Configuration names of the levels, as C{log_level} spells them.
@@ -195,6 +198,117 @@ class ReopenableFile:
         Close the file.
         """
         self._file.close()
+
+
+@define
+class LogRing:
+    """
+    The last lines a backend printed, and who follows new ones. Lines may
+    be kept as bytes, as read, and are decoded (UTF-8, bad bytes replaced)
+    only when read back or followed: most lines of a chatty backend are
+    pushed out unread.
+
+    @ivar size: How many lines are kept.
+    """
+
+    size: int = 200
+    _lines: deque[str | bytes] = field(init=False)
+    _followers: list[Callable[[list[str]], object]] = field(factory=list, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._lines = deque(maxlen=self.size)
+
+    def append(self, line: str | bytes) -> None:
+        """
+        Keep C{line}, dropping the oldest one when full.
+        """
+        self.extend((line,))
+
+    def extend(self, lines: Iterable[str | bytes]) -> None:
+        """
+        Keep C{lines}, in order, dropping the oldest ones when full, and
+        pass them on to the followers.
+        """
+        if not self._followers:
+            self._lines.extend(lines)
+            return
+        batch = list(lines)
+        self._lines.extend(batch)
+        decoded = [_decode(line) for line in batch]
+        for follower in list(self._followers):
+            follower(decoded)
+
+    def follow(self, onLines: Callable[[list[str]], object]) -> Callable[[], None]:
+        """
+        Call C{onLines(lines)} with every batch of lines kept from now on,
+        decoded, oldest first, as they come.
+
+        @return: a function that stops the calls.
+        """
+        self._followers.append(onLines)
+
+        def stop() -> None:
+            if onLines in self._followers:
+                self._followers.remove(onLines)
+
+        return stop
+
+    def tail(self, count: int) -> list[str]:
+        """
+        @return: the last C{count} lines, oldest first.
+        """
+        if count <= 0:
+            return []
+        return [_decode(line) for line in list(self._lines)[-count:]]
+
+
+def _decode(line: str | bytes) -> str:
+    return line.decode("utf-8", "replace") if isinstance(line, bytes) else line
+
+
+@implementer(ILogObserver)
+@define(eq=False)
+class RecentLog:
+    """
+    The daemon's own last messages, as the text log writes them, for
+    C{GET /admin/logs}; its followers get new lines as they come (see
+    L{LogRing.follow}). Add it to the global log publisher
+    (L{dynllm.service.DynLLMService} does, while it runs).
+
+    A message logged in another thread (the database's) is kept in the
+    reactor's thread, so that followers write to their clients there.
+
+    @ivar ring: The last lines (a message with a traceback is several).
+    @ivar predicate: The least level kept; L{setLevel} changes it.
+    """
+
+    ring: LogRing = field(factory=lambda: LogRing(size=1000))
+    predicate: LogLevelFilterPredicate = field(factory=lambda: LogLevelFilterPredicate(LogLevel.info))
+    reactor: Any = None
+
+    def setLevel(self, name: str) -> None:
+        """
+        Keep messages at level C{name} (as C{log_level} spells it) and above.
+
+        @raise KeyError: for another name.
+        """
+        self.predicate.setLogLevelForNamespace("", LEVELS[name])
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        if self.predicate(event) == PredicateResult.no:
+            return
+        if not isInIOThread():
+            reactor = self.reactor
+            if reactor is None:
+                from twisted.internet import reactor
+            reactor.callFromThread(self._keep, event)
+            return
+        self._keep(event)
+
+    def _keep(self, event: dict[str, Any]) -> None:
+        text = formatEventAsText(event)
+        if text:
+            self.ring.extend(text.rstrip("\n").split("\n"))
 
 
 @implementer(ILogObserver)

@@ -24,7 +24,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorProcess, IReactorT
 from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
 
-from dynllm.logs import logger
+from dynllm.logs import LogRing, logger
 
 log = logger(__name__)
 
@@ -37,46 +37,6 @@ STREAMS = {1: "stdout", 2: "stderr"}
 #: group: see L{dynllm._launch}. Followed by the daemon's pid, then the
 #: program's command line.
 _LAUNCH_ARGV = [sys.executable, "-I", "-S", os.path.join(os.path.dirname(os.path.abspath(__file__)), "_launch.py")]
-
-
-@define
-class LogRing:
-    """
-    The last lines a backend printed. Lines may be kept as bytes, as read,
-    and are decoded (UTF-8, bad bytes replaced) only when read back: most
-    lines of a chatty backend are pushed out unread.
-
-    @ivar size: How many lines are kept.
-    """
-
-    size: int = 200
-    _lines: deque[str | bytes] = field(init=False)
-
-    def __attrs_post_init__(self) -> None:
-        self._lines = deque(maxlen=self.size)
-
-    def append(self, line: str | bytes) -> None:
-        """
-        Keep C{line}, dropping the oldest one when full.
-        """
-        self._lines.append(line)
-
-    def extend(self, lines: Iterable[str | bytes]) -> None:
-        """
-        Keep C{lines}, in order, dropping the oldest ones when full.
-        """
-        self._lines.extend(lines)
-
-    def tail(self, count: int) -> list[str]:
-        """
-        @return: the last C{count} lines, oldest first.
-        """
-        if count <= 0:
-            return []
-        return [
-            line.decode("utf-8", "replace") if isinstance(line, bytes) else line
-            for line in list(self._lines)[-count:]
-        ]
 
 
 @define

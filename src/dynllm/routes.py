@@ -42,6 +42,9 @@ from dynllm.proxy import RelayGuard, fileProducer, forward, requestBody
 from dynllm.reload import ConfigChanges, RestartRequired, refusalLines
 from dynllm.rewrite import NameRewriter, jsonString
 from dynllm.lifecycle import FAILED
+from dynllm.events import ModelEvents
+from dynllm.logs import RecentLog
+from dynllm.sse import EventStream
 
 _log = Logger()
 
@@ -57,6 +60,12 @@ PATH_SAFE = "/:@!$&'()*+,;=-._~"
 
 
 log = logger(__name__)
+
+#: The values of a yes-or-no query parameter (C{follow}).
+FLAGS = {b"1": True, b"true": True, b"yes": True, b"0": False, b"false": False, b"no": False}
+
+#: The kind of the events of a followed log.
+LOG_EVENT = "log"
 
 class NamePath(PathConverter):
     """
@@ -130,6 +139,10 @@ class DynLLMRoutes:
         C{None} when there is nothing to reload.
     @ivar examiner: Examines JSON bodies (L{dynllm.bodies}); one on
         C{clock} by default.
+    @ivar events: The model and memory events of C{/admin/events}; made
+        from C{manager} by default.
+    @ivar daemonLog: The daemon's own last messages, for C{/admin/logs}
+        (L{dynllm.service.DynLLMService} has it observe the log).
     """
 
     config: Config
@@ -139,6 +152,9 @@ class DynLLMRoutes:
     metrics: Metrics = field(default=None)
     reload: Callable[[], ConfigChanges] | None = None
     examiner: BodyExaminer = field(default=None)
+    events: ModelEvents = field(default=None)
+    daemonLog: RecentLog = field(factory=RecentLog)
+    _streams: set[EventStream] = field(factory=set, init=False)
 
     def __attrs_post_init__(self) -> None:
         if self.clock is None:
@@ -149,8 +165,28 @@ class DynLLMRoutes:
             self.metrics = Metrics(self.manager, self.config.total_vram_mb)
         if self.examiner is None:
             self.examiner = BodyExaminer(self.clock)
+        if self.events is None:
+            self.events = ModelEvents(self.manager, self.clock)
     app = Klein()
     app.url_map.converters["name"] = NamePath
+
+    def closeStreams(self) -> None:
+        """
+        End every event stream of C{/admin/events} and the followed logs
+        (their responses finish): the daemon is stopping.
+        """
+        for stream in list(self._streams):
+            stream.close()
+
+    def _stream(self, request: Request, label: str) -> EventStream:
+        """
+        Start an event stream on C{request}, closed by L{closeStreams}.
+        """
+        stream = EventStream(request, self.clock, label=label)
+        stream.start()
+        self._streams.add(stream)
+        stream.whenDone().addCallback(lambda _: self._streams.discard(stream))
+        return stream
 
     def resource(self) -> Any:
         """
@@ -698,23 +734,80 @@ class DynLLMRoutes:
             },
         )
 
+    @app.route("/admin/events", methods=["GET"])
+    async def adminEvents(self, request: Request) -> None:
+        """
+        C{GET /admin/events}: every change of the models' states and of the
+        memory they hold, as Server-Sent Events (C{event: model},
+        C{event: memory}; see L{dynllm.events}), the current state first.
+        """
+        self._checkAdminKey(request)
+        stream = self._stream(request, "/admin/events")
+        stop = self.events.listen(lambda kind, data: stream.send(data, kind))
+        try:
+            await stream.whenDone()
+        finally:
+            stop()
+
+    @app.route("/admin/logs", methods=["GET"])
+    async def adminDaemonLog(self, request: Request) -> bytes | None:
+        """
+        C{GET /admin/logs?lines=N[&follow=1]}: the daemon's own last log
+        lines, as the text log writes them (see L{adminLogs}).
+        """
+        self._checkAdminKey(request)
+        ring = self.daemonLog.ring
+        return await self._logs(request, "/admin/logs", ring.tail, ring.follow)
+
     @app.route("/admin/models/<name:rest>", methods=["GET"], **NAMED)
-    def adminLogs(self, request: IRequest, rest: str) -> bytes:
+    async def adminLogs(self, request: Request, rest: str) -> bytes | None:
         """
         C{GET /admin/models/NAME/logs?lines=N}: the model's last lines of
-        output, as text.
+        output (100 by default), as text. With C{&follow=1}: Server-Sent
+        Events, one C{event: log} per line, the last N lines first, then
+        each line as its backends print it, across restarts.
         """
         self._checkAdminKey(request)
         name, tail = self._splitModelPath(rest)
         if tail != "/logs":
             raise errors.APIError(404, f"GET {request.path.decode('latin-1')}: Not Found", "not_found_error")
+        name = self._model(name).name
+        return await self._logs(
+            request,
+            f"/admin/models/{name}/logs",
+            lambda count: self.manager.logTail(name, count),
+            lambda onLines: self.manager.followLog(name, onLines),
+        )
+
+    async def _logs(
+        self,
+        request: Request,
+        label: str,
+        tail: Callable[[int], list[str]],
+        follow: Callable[[Callable[[list[str]], None]], Callable[[], None]],
+    ) -> bytes | None:
+        """
+        Answer a logs route: the last C{lines} lines as text, or with
+        C{follow} an event stream of them and of the new ones.
+        """
         try:
             count = int(request.args.get(b"lines", [b"100"])[0])
         except ValueError:
             raise errors.badRequest("lines must be a number", param="lines") from None
-        lines = self.manager.logTail(self._model(name).name, count)
-        request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
-        return "".join(line + "\n" for line in lines).encode("utf-8")
+        following = request.args.get(b"follow", [b"0"])[0].lower()
+        if following not in FLAGS:
+            raise errors.badRequest("follow must be 1 or 0 (true or false)", param="follow")
+        if not FLAGS[following]:
+            request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+            return "".join(line + "\n" for line in tail(count)).encode("utf-8")
+        stream = self._stream(request, label)
+        stream.sendLines(tail(count), LOG_EVENT)
+        stop = follow(lambda lines: stream.sendLines(lines, LOG_EVENT))
+        try:
+            await stream.whenDone()
+        finally:
+            stop()
+        return None
 
     @app.route("/admin/models/unload", methods=["POST"])
     async def adminUnload(self, request: IRequest) -> bytes:

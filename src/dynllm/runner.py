@@ -21,7 +21,8 @@ from twisted.internet.interfaces import IDelayedCall
 from dynllm.config import ModelConfig
 from dynllm.interfaces import IBackend
 from dynllm.logs import logger
-from dynllm.process import LogRing, ManagedProcess
+from dynllm.logs import LogRing
+from dynllm.process import ManagedProcess
 
 log = logger(__name__)
 

@@ -124,6 +124,8 @@ class ModelManager(Service):
     #: Models stopped by a reload that are loaded again with their new
     #: configuration.
     _restart: set[str] = field(factory=set, init=False)
+    #: Called after anything L{describe} shows may have changed (L{watch}).
+    _watchers: list[Callable[[], None]] = field(factory=list, init=False)
 
     def __attrs_post_init__(self) -> None:
         self._models = {}
@@ -298,6 +300,7 @@ class ModelManager(Service):
         self._stopping = True
         for model in self._models.values():
             model.core.failWaiters(ShuttingDown())
+        self._notify()
         return defer.ensureDeferred(self._shutdown())
 
     async def _shutdown(self) -> None:
@@ -488,6 +491,10 @@ class ModelManager(Service):
             "active_requests": core.active,
             "waiting_requests": sum(1 for w in core.waiters if not w.internal),
             "last_error": core.lastError,
+            "load_seconds": core.lastLoadSeconds,
+            "loading_seconds": self.reactor.seconds() - core.loadStartedAt
+            if core.status == LOADING and core.loadStartedAt is not None
+            else None,
         }
 
     def models(self) -> list[dict[str, Any]]:
@@ -516,6 +523,39 @@ class ModelManager(Service):
         @raise UnknownModel: for an unknown model.
         """
         return self._core(name).backend
+
+    def watch(self, onChange: Callable[[], None]) -> Callable[[], None]:
+        """
+        Call C{onChange()} after anything L{describe} or L{memoryInUse}
+        shows may have changed: a transition, a request taking or leaving a
+        model, a request starting or ending its wait, a reload. It may be
+        called more often than something changed, and several times in a
+        row; it must be cheap and must not call back into the manager
+        (see L{dynllm.events.ModelEvents}, which coalesces the calls).
+
+        @return: a function that stops the calls.
+        """
+        self._watchers.append(onChange)
+
+        def stop() -> None:
+            if onChange in self._watchers:
+                self._watchers.remove(onChange)
+
+        return stop
+
+    def _notify(self) -> None:
+        for onChange in list(self._watchers):
+            onChange()
+
+    def followLog(self, name: str, onLines: Callable[[list[str]], None]) -> Callable[[], None]:
+        """
+        Call C{onLines(lines)} with each batch of lines model C{name}'s
+        backends print from now on (across restarts), as they are read.
+
+        @return: a function that stops the calls.
+        @raise UnknownModel: for an unknown model.
+        """
+        return self._core(name).log.follow(onLines)
 
     def logTail(self, name: str, count: int) -> list[str]:
         """
@@ -583,12 +623,14 @@ class ModelManager(Service):
             apiKey=run.apiKey,
         )
         tenancy.leases.add(lease)
+        self._notify()
         return lease
 
     def _release(self, core: ModelCore, tenancy: Tenancy, lease: Lease, use: bool) -> None:
         # A lease leaves the tenancy it was given on: one on a run that has
         # since stopped changes nothing that is read.
         tenancy.leases.discard(lease)
+        self._notify()
         if use:
             core.lastUsedAt = self.reactor.seconds()
             core.dirty = True
@@ -693,6 +735,7 @@ class ModelManager(Service):
         the requests it was loaded for when the planner looks for idle
         models to evict: a load is never wasted.
         """
+        self._notify()
         if self._stopping or not self._started:
             return
         if self._planning:
@@ -840,6 +883,7 @@ class ModelManager(Service):
 
     def _record(self, core: ModelCore) -> None:
         core.dirty = False
+        self._notify()
         process = core.run.process if core.run is not None else None
         self.store.save(
             {

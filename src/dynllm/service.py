@@ -21,6 +21,7 @@ from twisted.internet.endpoints import (
     TCP6ServerEndpoint,
 )
 from twisted.internet.error import CannotListenError
+from twisted.logger import globalLogPublisher
 from twisted.web.client import Agent
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
@@ -101,6 +102,7 @@ class DynLLMService(MultiService):
         self.manager.reconfigure(config)
         self.routes.config = config
         logs.setLevel(config.log_level)
+        self.routes.daemonLog.setLevel(config.log_level)
         logs.setFormat(config.log_format)
         if self.site is not None:
             for name, value in siteSettings(config).items():
@@ -142,6 +144,8 @@ class DynLLMService(MultiService):
         """
         if not self._privileged:
             self.privilegedStartService()
+        self.routes.daemonLog.setLevel(self.config.log_level)
+        globalLogPublisher.addObserver(self.routes.daemonLog)
         with self._startErrors():
             super().startService()
         self.torchProbe = torchinfo.startLogging(self.reactor, self.config)
@@ -165,6 +169,7 @@ class DynLLMService(MultiService):
             raise
 
     def stopService(self) -> defer.Deferred[None]:
+        self.routes.closeStreams()
         probe = getattr(self, "torchProbe", None)
         if probe is not None and not probe.called:
             probe.cancel()
@@ -173,7 +178,12 @@ class DynLLMService(MultiService):
             # Wait for the probe's child to be gone too.
             d.addBoth(lambda r: probe.addBoth(lambda _: r))
         d.addBoth(lambda r: self._pool.closeCachedConnections().addCallback(lambda _: r))
-        return d
+
+        def unobserve(result: object) -> object:
+            globalLogPublisher.removeObserver(self.routes.daemonLog)
+            return result
+
+        return d.addBoth(unobserve)
 
 
 def _oneLine(hook: Callable[..., object]) -> Callable[..., object]:

@@ -346,7 +346,8 @@ class StubManager:
     @ivar states: Each model's state, by name (C{unloaded} if absent); set
         it to put a model in any state.
     @ivar lastErrors: Each model's C{last_error}, by name.
-    @ivar logs: Each model's output lines, by name, for L{logTail}.
+    @ivar logs: Each model's output lines, by name, for L{logTail}; add
+        lines with L{printLines} so that followers get them.
     @ivar failure: If set, every L{acquire} and L{load} fails with it.
     @ivar failures: Exceptions that L{acquire} and L{load} of a model fail
         with, by name (after L{failure}).
@@ -388,6 +389,8 @@ class StubManager:
     _lastUsedAt: dict[str, float] = field(factory=dict, init=False)
     _counters: dict[str, ModelCounters] = field(factory=dict, init=False)
     _startWaiters: list[defer.Deferred[None]] = field(factory=list, init=False)
+    _watchers: list[Callable[[], None]] = field(factory=list, init=False)
+    _followers: dict[str, list[Callable[[list[str]], None]]] = field(factory=dict, init=False)
 
     # Start-up.
 
@@ -445,14 +448,21 @@ class StubManager:
             return defer.succeed(None)
         self.states[name] = "loading"
         waiters = self._waiting.setdefault(name, [])
-        d: defer.Deferred[None] = defer.Deferred(lambda d: waiters.remove(d))
+
+        def withdraw(d: defer.Deferred[None]) -> None:
+            waiters.remove(d)
+            self.changed()
+
+        d: defer.Deferred[None] = defer.Deferred(withdraw)
         waiters.append(d)
+        self.changed()
         return d
 
     def _finish(self, name: str) -> None:
         self.states[name] = "loaded"
         self._loadedAt[name] = self.clock.seconds()
         self._count(name, loads=1)
+        self.changed()
 
     def _count(self, name: str, loads: int = 0, loadFailures: int = 0, unload: str | None = None) -> None:
         counters = self.counters(name)
@@ -481,6 +491,7 @@ class StubManager:
         self.states[name] = "failed"
         self.lastErrors[name] = str(error)
         self._count(name, loadFailures=1)
+        self.changed()
         for d in self._waiting.pop(name, []):
             d.errback(error)
 
@@ -489,12 +500,14 @@ class StubManager:
         self._active[name] = self._active.get(name, 0) + 1
         if use:
             self._lastUsedAt[name] = self.clock.seconds()
+        self.changed()
 
         def release(lease: Lease) -> None:
             self.released += 1
             self._active[name] -= 1
             if use:
                 self._lastUsedAt[name] = self.clock.seconds()
+            self.changed()
 
         return Lease(model, self.backendFor(model.backend), self.baseURL, release, apiKey=self.apiKey)
 
@@ -533,6 +546,7 @@ class StubManager:
         """
         self.config = config
         self.reconfigured.append(config)
+        self.changed()
 
     def unload(self, name: str, force: bool = False) -> defer.Deferred[None]:
         """
@@ -561,6 +575,7 @@ class StubManager:
             self._loadedAt.pop(name, None)
             self.unloaded.append(name)
             self._count(name, unload="forced" if force else "request")
+            self.changed()
         if force:
             error = ModelUnloaded(name, "forced")
             for lease in [lease for lease in self.leases if lease.model.name == name and not lease.released]:
@@ -586,6 +601,8 @@ class StubManager:
             "active_requests": self._active.get(name, 0),
             "waiting_requests": len(self._waiting.get(name, [])),
             "last_error": self.lastErrors.get(name),
+            "load_seconds": None,
+            "loading_seconds": None,
         }
 
     def models(self) -> list[dict[str, Any]]:
@@ -601,6 +618,39 @@ class StubManager:
 
     def memoryInUse(self) -> int:
         return sum(model.vram_mb for model in self.config.models if self._state(model.name) in _HOLDS_MEMORY)
+
+    def watch(self, onChange: Callable[[], None]) -> Callable[[], None]:
+        """
+        Call C{onChange()} after each change the stub makes itself, and on
+        L{changed} (call it after setting L{states} by hand).
+        """
+        self._watchers.append(onChange)
+        return lambda: self._watchers.remove(onChange) if onChange in self._watchers else None
+
+    def changed(self) -> None:
+        """
+        Tell the watchers (L{watch}) that something changed.
+        """
+        for onChange in list(self._watchers):
+            onChange()
+
+    def followLog(self, name: str, onLines: Callable[[list[str]], None]) -> Callable[[], None]:
+        """
+        Call C{onLines} with the lines L{printLines} adds for model C{name}.
+        """
+        self._model(name)
+        followers = self._followers.setdefault(name, [])
+        followers.append(onLines)
+        return lambda: followers.remove(onLines) if onLines in followers else None
+
+    def printLines(self, name: str, *lines: str) -> None:
+        """
+        Add C{lines} to model C{name}'s output, as its backend would print
+        them: L{logTail} and the followers (L{followLog}) get them.
+        """
+        self.logs.setdefault(name, []).extend(lines)
+        for onLines in list(self._followers.get(name, [])):
+            onLines(list(lines))
 
     def logTail(self, name: str, count: int) -> list[str]:
         """
