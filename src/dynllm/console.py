@@ -172,6 +172,7 @@ class Console:
             request.setResponseCode(304)
             return b""
         request.setHeader(b"Content-Type", found.contentType)
+        request.setHeader(b"Content-Length", b"%d" % len(found.body))
         return found.body
 
 
