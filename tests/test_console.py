@@ -25,7 +25,7 @@ from dynllm.config import parseConfig
 from dynllm.guard import Guard
 from dynllm.routes import DynLLMRoutes
 from dynllm.testing import StubManager
-from tests.support import ROOT, Daemon, checkEnvelope, llamaServer, tinyModels
+from tests.support import FAKE_BACKEND, ROOT, Daemon, checkEnvelope, fakeModel, llamaServer, tinyModels
 
 #: The console's files in the checkout.
 FOLDER = os.path.join(ROOT, "src", "dynllm", "static", "console")
@@ -348,13 +348,11 @@ class BrowserTests(SynchronousTestCase):
         Run the browser script against C{daemon}, stopping and starting the
         daemon again when the script asks (C{--restart}).
 
+        @param options: The script's options besides C{--url} and where the
+            screenshots go.
         @return: the script's report.
         """
-        command = [
-            "node", SCRIPT, "--url", daemon.url, "--llm", "tiny-chat", "--embedding", "tiny-embed",
-            "--rerank", "tiny-rerank", "--failing", "broken", "--screenshots", SCREENSHOTS, "--prefix", prefix,
-            "--restart", *options,
-        ]
+        command = ["node", SCRIPT, "--url", daemon.url, "--screenshots", SCREENSHOTS, "--prefix", prefix, *options]
         process = subprocess.Popen(
             command, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )
@@ -393,7 +391,11 @@ class BrowserTests(SynchronousTestCase):
         names = [c["name"] for c in report["checks"]]
         self.assertEqual([e for e in expected if e not in names], [], names)
 
-    #: The checks every run makes.
+    #: The options of the script's tour of the page.
+    TOUR = ("--llm", "tiny-chat", "--embedding", "tiny-embed", "--rerank", "tiny-rerank", "--failing", "broken",
+            "--restart")
+
+    #: The checks every tour makes.
     CHECKS = [
         "a browser at / is sent to /ui/",
         "the page lists the models",
@@ -422,7 +424,7 @@ class BrowserTests(SynchronousTestCase):
         message, and shows "disconnected" while the daemon is down.
         """
         daemon = self.startDaemon()
-        report = self.runBrowser(daemon, "keys-off")
+        report = self.runBrowser(daemon, "keys-off", *self.TOUR)
         self.assertChecked(report, self.CHECKS)
 
     def test_keysOn(self) -> None:
@@ -433,11 +435,34 @@ class BrowserTests(SynchronousTestCase):
         """
         daemon = self.startDaemon(api_keys=["client-key"], admin_api_keys=["admin-key"])
         report = self.runBrowser(
-            daemon, "keys-on", "--api-key", "client-key", "--admin-key", "admin-key", "--wrong-key", "not-a-key"
+            daemon, "keys-on", *self.TOUR, "--api-key", "client-key", "--admin-key", "admin-key",
+            "--wrong-key", "not-a-key",
         )
         self.assertChecked(
             report,
             self.CHECKS
             + ["the page asks for the keys", "a wrong key gives a message", "the keys given are used",
                "the keys can be forgotten"],
+        )
+
+    def test_busyUnload(self) -> None:
+        """
+        Unloading a model while the playground streams from it is refused
+        (409): the page says why and offers to force it, and forcing it
+        unloads the model and ends the chat with a message. (The model is
+        the fake backend's, whose streams are as slow as the test needs.)
+        """
+        config = {
+            "total_vram_mb": 1000,
+            "enabled_backends": ["llamacpp"],
+            "backend": {"llamacpp_binary": FAKE_BACKEND},
+            "models": [fakeModel("slow-chat", fake_frames=600, fake_frame_delay=0.05)],
+        }
+        daemon = Daemon(config).start()
+        self.addCleanup(daemon.stop)
+        report = self.runBrowser(daemon, "busy", "--llm", "slow-chat", "--busy")
+        self.assertChecked(
+            report,
+            ["the page lists the models", "unloading slow-chat while it streams is refused, then forced",
+             "no script error and no blocked resource"],
         )

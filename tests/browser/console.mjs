@@ -5,7 +5,12 @@
 //   node tests/browser/console.mjs --url http://127.0.0.1:PORT \
 //       [--api-key KEY --admin-key KEY [--wrong-key KEY]] \
 //       --llm NAME [--embedding NAME] [--rerank NAME] [--failing NAME] \
-//       [--screenshots DIR] [--prefix NAME] [--restart]
+//       [--screenshots DIR] [--prefix NAME] [--restart] [--busy]
+//
+// With --busy, instead of the tour of the page, the script starts a chat with
+// the llm model (one that streams slowly) and unloads it meanwhile: the 409
+// must show as a warning that offers to force the unload, and forcing it
+// must unload the model and end the chat with a message.
 //
 // With --restart, the script checks that the page shows "disconnected" while
 // the daemon is down and reconnects once it is back: it prints "WAIT stop"
@@ -31,7 +36,7 @@ export const CHROMIUM = '/usr/bin/chromium';
 // gives it a fresh profile of its own).
 export const CHROMIUM_ARGS = [
   '--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking',
-  '--disable-component-update', '--disable-sync', '--no-first-run',
+  '--disable-component-update', '--disable-sync', '--disable-quic', '--no-first-run',
 ];
 
 const { values: options } = parseArgs({
@@ -48,6 +53,7 @@ const { values: options } = parseArgs({
     prefix: { type: 'string', default: 'console' },
     timeout: { type: 'string', default: '60000' },
     restart: { type: 'boolean', default: false },
+    busy: { type: 'boolean', default: false },
   },
 });
 
@@ -195,119 +201,140 @@ try {
     return await page.textContent('#connection');
   });
 
-  await check('the memory budget is shown', async () => {
-    const text = await page.textContent('#memory-text');
-    expect(/held/.test(text), `legend: ${text}`);
-    return text.trim();
-  });
-  await screenshot('models');
+  if (options.busy) {
+    await check(`unloading ${options.llm} while it streams is refused, then forced`, async () => {
+      await page.selectOption('#pg-model', options.llm);
+      await page.fill('#chat-input', 'Take your time.');
+      await page.click('#chat-send');
+      await page.locator('.turn.assistant.streaming').first().waitFor();
+      await page.waitForFunction(() => (document.querySelector('.turn.assistant')?.textContent || '').length > 0);
+      await row(options.llm).locator('button.unload').click();
+      const refused = page.locator('#messages .message.warning', { hasText: options.llm });
+      await refused.waitFor();
+      const said = (await refused.locator('.text').textContent()).trim();
+      await screenshot('busy');
+      await refused.locator('button.force').click();
+      await waitState(options.llm, 'unloaded');
+      const failed = page.locator('#messages .message.error', { hasText: `Chat with ${options.llm} failed` });
+      await failed.waitFor();
+      return `${said}; forced: ${(await failed.locator('.text').textContent()).trim()}`;
+    });
+  } else {
+    await check('the memory budget is shown', async () => {
+      const text = await page.textContent('#memory-text');
+      expect(/held/.test(text), `legend: ${text}`);
+      return text.trim();
+    });
+    await screenshot('models');
 
-  await check(`load makes ${options.llm} go loading then loaded without a reload`, async () => {
-    await watchStates(options.llm);
-    await row(options.llm).locator('button.load').click();
-    await waitState(options.llm, 'loaded');
-    const seen = await states();
-    expect(seen && seen.marker === 'same document', 'the page was reloaded');
-    const loading = seen.states.indexOf('loading');
-    expect(loading >= 0 && seen.states.indexOf('loaded') > loading, `states seen: ${seen.states.join(' -> ')}`);
-    return `${seen.states.join(' -> ')}; load time ${(await row(options.llm).locator('.load-time').textContent()).trim()}`;
-  });
+    await check(`load makes ${options.llm} go loading then loaded without a reload`, async () => {
+      await watchStates(options.llm);
+      await row(options.llm).locator('button.load').click();
+      await waitState(options.llm, 'loaded');
+      const seen = await states();
+      expect(seen && seen.marker === 'same document', 'the page was reloaded');
+      const loading = seen.states.indexOf('loading');
+      expect(loading >= 0 && seen.states.indexOf('loaded') > loading, `states seen: ${seen.states.join(' -> ')}`);
+      return `${seen.states.join(' -> ')}; load time ${(await row(options.llm).locator('.load-time').textContent()).trim()}`;
+    });
 
-  await check('the memory bar holds the loaded model', async () => {
-    await page.waitForFunction(() => Number(document.querySelector('#memory-bar').dataset.used) > 0);
-    return (await page.textContent('#memory-text')).trim();
-  });
+    await check('the memory bar holds the loaded model', async () => {
+      await page.waitForFunction(() => Number(document.querySelector('#memory-bar').dataset.used) > 0);
+      return (await page.textContent('#memory-text')).trim();
+    });
 
-  let logLines = 0;
-  await check(`the live log of ${options.llm} shows lines`, async () => {
-    await row(options.llm).locator('button.show-log').click();
-    await page.locator('#log-status[data-state="connected"]').waitFor();
-    await page.locator('#log .line').first().waitFor();
-    logLines = await page.locator('#log .line').count();
-    return `${logLines} lines`;
-  });
+    let logLines = 0;
+    await check(`the live log of ${options.llm} shows lines`, async () => {
+      await row(options.llm).locator('button.show-log').click();
+      await page.locator('#log-status[data-state="connected"]').waitFor();
+      await page.locator('#log .line').first().waitFor();
+      logLines = await page.locator('#log .line').count();
+      return `${logLines} lines`;
+    });
 
-  await check(`a playground chat with ${options.llm} streams text`, async () => {
-    await page.selectOption('#pg-model', options.llm);
-    await page.locator('#pg-chat').waitFor();
-    await page.fill('#chat-max', '48');
-    await page.evaluate(() => {
-      window.consoleTest.pieces = 0;
-      new MutationObserver((records) => {
-        for (const r of records) {
-          for (const n of r.addedNodes) {
-            if (n.nodeType === Node.TEXT_NODE && n.parentElement?.classList.contains('assistant')) window.consoleTest.pieces++;
+    await check(`a playground chat with ${options.llm} streams text`, async () => {
+      await page.selectOption('#pg-model', options.llm);
+      await page.locator('#pg-chat').waitFor();
+      await page.fill('#chat-max', '48');
+      await page.evaluate(() => {
+        window.consoleTest.pieces = 0;
+        new MutationObserver((records) => {
+          for (const r of records) {
+            for (const n of r.addedNodes) {
+              if (n.nodeType === Node.TEXT_NODE && n.parentElement?.classList.contains('assistant')) window.consoleTest.pieces++;
+            }
           }
-        }
-      }).observe(document.querySelector('#chat-log'), { subtree: true, childList: true });
+        }).observe(document.querySelector('#chat-log'), { subtree: true, childList: true });
+      });
+      await page.fill('#chat-input', 'Hello! Tell me about foxes.');
+      await page.click('#chat-send');
+      await page.locator('#chat-stats[data-tps]').waitFor();
+      const reply = (await page.locator('.turn.assistant').last().textContent()) || '';
+      const { pieces } = await states();
+      const stats = await page.textContent('#chat-stats');
+      const tps = Number(await page.getAttribute('#chat-stats', 'data-tps'));
+      expect(reply.length > 0, 'no text arrived');
+      expect(pieces >= 2, `the reply came in ${pieces} piece(s), not streamed`);
+      expect(tps > 0, `tokens/s: ${stats}`);
+      report.figures.chat_tokens_per_second = tps;
+      return `${pieces} pieces, ${reply.length} characters; ${stats}`;
     });
-    await page.fill('#chat-input', 'Hello! Tell me about foxes.');
-    await page.click('#chat-send');
-    await page.locator('#chat-stats[data-tps]').waitFor();
-    const reply = (await page.locator('.turn.assistant').last().textContent()) || '';
-    const { pieces } = await states();
-    const stats = await page.textContent('#chat-stats');
-    const tps = Number(await page.getAttribute('#chat-stats', 'data-tps'));
-    expect(reply.length > 0, 'no text arrived');
-    expect(pieces >= 2, `the reply came in ${pieces} piece(s), not streamed`);
-    expect(tps > 0, `tokens/s: ${stats}`);
-    report.figures.chat_tokens_per_second = tps;
-    return `${pieces} pieces, ${reply.length} characters; ${stats}`;
-  });
 
-  await check(`the live log of ${options.llm} grows as it serves`, async () => {
-    await page.waitForFunction((before) => document.querySelectorAll('#log .line').length > before, logLines);
-    return `${logLines} -> ${await page.locator('#log .line').count()} lines`;
-  });
-  await screenshot('chat');
-
-  if (options.embedding) {
-    await check(`the playground embeds a text with ${options.embedding}`, async () => {
-      await page.selectOption('#pg-model', options.embedding);
-      await page.click('#embed-send');
-      await page.locator('#embed-result[data-dimensions]').waitFor();
-      const dimensions = Number(await page.getAttribute('#embed-result', 'data-dimensions'));
-      expect(dimensions > 0, 'no dimensions');
-      return (await page.textContent('#embed-result')).replace(/\n/g, ' ');
+    await check(`the live log of ${options.llm} grows as it serves`, async () => {
+      await page.waitForFunction((before) => document.querySelectorAll('#log .line').length > before, logLines);
+      return `${logLines} -> ${await page.locator('#log .line').count()} lines`;
     });
-  }
+    await screenshot('chat');
 
-  if (options.rerank) {
-    await check(`the playground ranks documents with ${options.rerank}`, async () => {
-      await page.selectOption('#pg-model', options.rerank);
-      await page.click('#rerank-send');
-      await page.locator('#rerank-result li .score').first().waitFor();
-      const ranked = await page.$$eval('#rerank-result li', (items) => items.map((li) => li.textContent.trim()));
-      expect(ranked.length === 3, `ranked: ${ranked.join(' | ')}`);
-      return ranked.join(' | ');
+    if (options.embedding) {
+      await check(`the playground embeds a text with ${options.embedding}`, async () => {
+        await page.selectOption('#pg-model', options.embedding);
+        await page.click('#embed-send');
+        await page.locator('#embed-result[data-dimensions]').waitFor();
+        const dimensions = Number(await page.getAttribute('#embed-result', 'data-dimensions'));
+        expect(dimensions > 0, 'no dimensions');
+        return (await page.textContent('#embed-result')).replace(/\n/g, ' ');
+      });
+    }
+
+    if (options.rerank) {
+      await check(`the playground ranks documents with ${options.rerank}`, async () => {
+        await page.selectOption('#pg-model', options.rerank);
+        await page.click('#rerank-send');
+        await page.locator('#rerank-result li .score').first().waitFor();
+        const ranked = await page.$$eval('#rerank-result li', (items) => items.map((li) => li.textContent.trim()));
+        expect(ranked.length === 3, `ranked: ${ranked.join(' | ')}`);
+        return ranked.join(' | ');
+      });
+    }
+
+    await check("the daemon's live log shows lines", async () => {
+      await page.selectOption('#log-source', '');
+      await page.locator('#log[data-source="daemon"] .line').first().waitFor();
+      await page.locator('#log-status[data-state="connected"]').waitFor();
+      return `${await page.locator('#log .line').count()} lines`;
     });
-  }
+    await screenshot('playground');
 
-  await check("the daemon's live log shows lines", async () => {
-    await page.selectOption('#log-source', '');
-    await page.locator('#log[data-source="daemon"] .line').first().waitFor();
-    await page.locator('#log-status[data-state="connected"]').waitFor();
-    return `${await page.locator('#log .line').count()} lines`;
-  });
-  await screenshot('playground');
-
-  await check(`unload makes ${options.llm} unloaded`, async () => {
-    await row(options.llm).locator('button.unload').click();
-    await waitState(options.llm, 'unloaded');
-    return (await page.locator('#messages .message .text').last().textContent()).trim();
-  });
-
-  if (options.failing) {
-    await check(`a failed load of ${options.failing} shows as a message`, async () => {
-      await row(options.failing).locator('button.load').click();
-      const shown = page.locator('#messages .message.error', { hasText: options.failing });
-      await shown.waitFor();
-      await waitState(options.failing, 'failed');
-      const lastError = (await row(options.failing).locator('.error').textContent()).trim();
-      expect(lastError.length > 0, 'the row shows no last error');
-      return (await shown.locator('.text').textContent()).trim();
+    await check(`unload makes ${options.llm} unloaded`, async () => {
+      await row(options.llm).locator('button.unload').click();
+      await waitState(options.llm, 'unloaded');
+      return (await page.locator('#messages .message .text').last().textContent()).trim();
     });
-    await screenshot('error');
+
+    if (options.failing) {
+      await check(`a failed load of ${options.failing} shows as a message`, async () => {
+        await row(options.failing).locator('button.load').click();
+        const shown = page.locator('#messages .message.error', { hasText: options.failing });
+        await shown.waitFor();
+        await waitState(options.failing, 'failed');
+        const lastError = (await row(options.failing).locator('.error').textContent()).trim();
+        expect(lastError.length > 0, 'the row shows no last error');
+        return (await shown.locator('.text').textContent()).trim();
+      });
+      await screenshot('error');
+    }
+
   }
 
   if (options.restart) {
@@ -339,9 +366,10 @@ try {
     // A 401 answered to a request without keys is logged by Chromium as a
     // failed resource: expected while keys are on.
     // While the daemon was down (--restart), the page's tries to reconnect
-    // were refused.
+    // were refused; a forced unload (--busy) cuts its stream short.
     const unexpected = consoleErrors.filter((text) => !(keysOn && /status of 401/.test(text))
-      && !(options.restart && /ERR_CONNECTION_REFUSED/.test(text)));
+      && !(options.restart && /ERR_CONNECTION_REFUSED/.test(text))
+      && !(options.busy && /ERR_INCOMPLETE_CHUNKED_ENCODING/.test(text)));
     expect(pageErrors.length === 0, `page errors: ${pageErrors.join(' | ')}`);
     expect(!unexpected.some((t) => /Content Security Policy|Refused to/.test(t)), `blocked: ${unexpected.join(' | ')}`);
     const failedLoads = unexpected.filter((t) => /Failed to load resource/.test(t) && !/status of (409|503|500|502)/.test(t));

@@ -127,7 +127,12 @@ export class Playground {
       else {
         stats.textContent = '';
         reply.classList.add('failed');
-        message(`Chat with ${model} failed: ${e.message}`, 'error', { key: 'playground' });
+        // A stream that breaks off (its model unloaded by force, dynllm
+        // stopped) fails the read with a TypeError.
+        const why = e instanceof TypeError && first !== null
+          ? `the answer broke off after ${chunks} tokens (${e.message}): its model was unloaded or dynllm stopped`
+          : e.message;
+        message(`Chat with ${model} failed: ${why}`, 'error', { key: 'playground' });
       }
     } finally {
       reply.classList.remove('streaming');
