@@ -346,12 +346,17 @@ class BrowserTests(SynchronousTestCase):
     def runBrowser(self, daemon: Daemon, prefix: str, *options: str) -> dict[str, Any]:
         """
         Run the browser script against C{daemon}, stopping and starting the
-        daemon again when the script asks (C{--restart}).
+        daemon again when the script asks (C{--restart}). The screenshots of
+        an earlier run of the same C{prefix} are removed first.
 
         @param options: The script's options besides C{--url} and where the
             screenshots go.
         @return: the script's report.
         """
+        if os.path.isdir(SCREENSHOTS):
+            for name in os.listdir(SCREENSHOTS):
+                if name.startswith(prefix + "-"):
+                    os.remove(os.path.join(SCREENSHOTS, name))
         command = ["node", SCRIPT, "--url", daemon.url, "--screenshots", SCREENSHOTS, "--prefix", prefix, *options]
         process = subprocess.Popen(
             command, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
