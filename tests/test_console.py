@@ -426,11 +426,12 @@ class BrowserTests(SynchronousTestCase):
         their states live (a load goes C{loading} then C{loaded} on the page
         without a reload), chats streamed with tokens per second, embeds,
         ranks, shows the live logs, unloads, shows a failed load as a
-        message, and shows "disconnected" while the daemon is down.
+        message, and shows "disconnected" while the daemon is down; it works
+        at C{http://localhost:PORT} as at C{http://127.0.0.1:PORT}.
         """
         daemon = self.startDaemon()
-        report = self.runBrowser(daemon, "keys-off", *self.TOUR)
-        self.assertChecked(report, self.CHECKS)
+        report = self.runBrowser(daemon, "keys-off", *self.TOUR, "--localhost")
+        self.assertChecked(report, self.CHECKS + ["the page works at http://localhost:PORT too"])
 
     def test_keysOn(self) -> None:
         """

@@ -7,6 +7,10 @@
 //       --llm NAME [--embedding NAME] [--rerank NAME] [--failing NAME] \
 //       [--screenshots DIR] [--prefix NAME] [--restart] [--busy]
 //
+// With --localhost, the page is also opened at http://localhost:PORT (the
+// --url must be http://127.0.0.1:PORT), where it must load the llm model
+// again (its POST carries that Origin).
+//
 // With --busy, instead of the tour of the page, the script starts a chat with
 // the llm model (one that streams slowly) and unloads it meanwhile: the 409
 // must show as a warning that offers to force the unload, and forcing it
@@ -54,6 +58,7 @@ const { values: options } = parseArgs({
     timeout: { type: 'string', default: '60000' },
     restart: { type: 'boolean', default: false },
     busy: { type: 'boolean', default: false },
+    localhost: { type: 'boolean', default: false },
   },
 });
 
@@ -335,6 +340,22 @@ try {
       await screenshot('error');
     }
 
+  }
+
+  if (options.localhost) {
+    await check('the page works at http://localhost:PORT too', async () => {
+      const other = await context.newPage();
+      other.setDefaultTimeout(TIMEOUT);
+      const url = new URL(options.url);
+      url.hostname = 'localhost';
+      await other.goto(`${url.origin}/ui/`);
+      await other.locator('#connection[data-connection="connected"]').waitFor();
+      await other.locator(`#models tr[data-model="${options.llm}"][data-state="unloaded"] button.load`).click();
+      await other.locator(`#models tr[data-model="${options.llm}"][data-state="loaded"]`).waitFor();
+      await waitState(options.llm, 'loaded');
+      await other.close();
+      return `${url.origin}/ui/ loaded ${options.llm}, and the first page saw it`;
+    });
   }
 
   if (options.restart) {
