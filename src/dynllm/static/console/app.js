@@ -53,6 +53,7 @@ const connection = $('#connection');
 
 function connectionState(state, detail = {}) {
   connection.dataset.connection = state;
+  document.body.dataset.connection = state;
   if (state === 'connected') connection.textContent = 'live';
   else if (state === 'connecting') connection.textContent = 'connecting…';
   else {
