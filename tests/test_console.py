@@ -286,19 +286,69 @@ class ConsoleGuardTests(SynchronousTestCase):
         self.assertEqual(self.check(b"GET", b"/ui/", {b"host": b"evil.example:8000"}).status, 421)
 
 
-def browserTools() -> str | None:
+def browserTools(chromium: str = CHROMIUM, playwright: str = PLAYWRIGHT, node: str = "node") -> str | None:
     """
+    @param chromium: Where Chromium must be.
+    @param playwright: A file that playwright-core's installation holds.
+    @param node: The name of Node.js's program.
     @return: what is missing to run the browser tests and how to install
         it, or C{None}.
     """
     missing = []
-    if not os.access(CHROMIUM, os.X_OK):
-        missing.append(f"{CHROMIUM} (Debian's Chromium): apt-get install -y chromium")
-    if shutil.which("node") is None:
-        missing.append("node: apt-get install -y nodejs npm")
-    if not os.path.exists(PLAYWRIGHT):
+    if not os.access(chromium, os.X_OK):
+        missing.append(f"{chromium} (Debian's Chromium): apt-get install -y chromium")
+    if shutil.which(node) is None:
+        missing.append(f"{node} (Node.js): apt-get install -y nodejs npm")
+    if not os.path.exists(playwright):
         missing.append(f"playwright-core (package-lock.json): run npm ci in {ROOT}")
     return "; ".join(missing) or None
+
+
+class BrowserToolsTests(SynchronousTestCase):
+    """
+    What the browser tests say when they cannot run.
+    """
+
+    def test_missing(self) -> None:
+        """
+        Each missing tool is named with the command that installs it (the
+        browser tests then fail with that message: they never skip).
+        """
+        missing = browserTools(chromium="/nonexistent/chromium", playwright="/nonexistent/package.json",
+                               node="no-such-node-program")
+        assert missing is not None
+        self.assertIn("apt-get install -y chromium", missing)
+        self.assertIn("apt-get install -y nodejs npm", missing)
+        self.assertIn("npm ci", missing)
+
+    def test_present(self) -> None:
+        """
+        Nothing is missing on a machine set up as C{.ci/run} does.
+        """
+        self.assertIsNone(browserTools())
+
+
+class ScriptUnitTests(SynchronousTestCase):
+    """
+    The unit tests of the page's own modules, run by Node.js's test runner.
+    """
+
+    def test_api(self) -> None:
+        """
+        C{tests/browser/api.test.mjs} passes: the page's event-stream reader
+        (events split across reads, CRLF, comments, multi-line data) and its
+        error messages.
+        """
+        missing = browserTools()
+        if missing:
+            self.fail(f"the script tests need {missing} (.ci/run installs them)")
+        result = subprocess.run(
+            ["node", "--test", os.path.join(ROOT, "tests", "browser", "api.test.mjs")],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120,
+        )
+        self.assertEqual(result.returncode, 0, result.stdout)
+        self.assertIn("# fail 0", result.stdout)
+        self.assertNotIn("# pass 0", result.stdout)
 
 
 class BrowserTests(SynchronousTestCase):
