@@ -19,6 +19,15 @@ export class LogView {
     this.select.addEventListener('change', () => this.start());
     this.pauseButton.addEventListener('click', () => this.pause(!this.paused));
     $('#log-clear').addEventListener('click', () => { this.pre.replaceChildren(); });
+    // A browser opens at most six connections to one server (HTTP/1.1): a
+    // hidden page gives its log's back, and follows it again when shown.
+    document.addEventListener('visibilitychange', () => {
+      if (!document.hidden) { if (!this.stream) this.start(); return; }
+      this.stream?.stop();
+      this.stream = null;
+      this.status.dataset.state = 'hidden';
+      this.status.textContent = 'paused while the page is hidden';
+    });
     this.start();
   }
 
