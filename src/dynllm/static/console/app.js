@@ -132,6 +132,7 @@ function loadTime(model) {
 
 const busy = new Set();
 const rows = new Map();
+const ERROR_SHOWN = 240;
 let renderTimer = null;
 
 // Many events come at once (the whole state, first): the table is drawn
@@ -168,8 +169,11 @@ function fill(tr, m) {
   set('.memory', m.vram_mb != null ? megabytes(m.vram_mb) : '');
   set('.requests', `${m.active_requests ?? 0} / ${m.waiting_requests ?? 0}`);
   set('.load-time', loadTime(m));
-  set('.error', m.last_error || '');
-  $('.error', tr).title = m.last_error || '';
+  // A last error may be long (it ends with the backend's last output): the
+  // cell shows its start, its title all of it.
+  const error = m.last_error || '';
+  set('.error', error.length > ERROR_SHOWN ? `${error.slice(0, ERROR_SHOWN)}…` : error);
+  $('.error', tr).title = error;
   const loadButton = $('.load', tr);
   loadButton.disabled = busy.has(`load:${m.name}`) || m.status === 'loaded' || m.status === 'loading';
   loadButton.textContent = busy.has(`load:${m.name}`) ? 'Loading…' : 'Load';
