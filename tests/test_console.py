@@ -8,6 +8,7 @@ daemon with real llama-server models.
 from __future__ import annotations
 
 import configparser
+import io
 import json
 import os
 import shutil
@@ -45,11 +46,19 @@ class ConsoleFilesTests(SynchronousTestCase):
     """
 
     def setUp(self) -> None:
+        self.serve()
+
+    def serve(self, **server: Any) -> None:
+        """
+        Serve the routes of a configuration with one model and the server
+        settings C{server}.
+        """
         directory = self.mktemp()
         os.makedirs(directory)
         open(os.path.join(directory, "chat.gguf"), "w").close()
         raw = {
             "enabled_backends": ["llamacpp"],
+            "server": server,
             "models": [{"name": "chat", "path": "chat.gguf", "backend": "llamacpp", "vram_mb": 1}],
         }
         config = parseConfig(raw, directory, which=lambda name: "/bin/true")
@@ -75,6 +84,17 @@ class ConsoleFilesTests(SynchronousTestCase):
         self.assertEqual(headers.getRawHeaders(b"content-type"), [b"text/html; charset=utf-8"])
         with open(os.path.join(FOLDER, "index.html"), "rb") as f:
             self.assertEqual(body, f.read())
+
+    def test_noKey(self) -> None:
+        """
+        The console's files need no key when keys are set (the page asks
+        for them); the routes it reads still do.
+        """
+        self.serve(api_keys=["client"], admin_api_keys=["admin"])
+        for path in ("/ui/", "/ui/app.js", "/ui/console.css"):
+            self.assertEqual(self.get(path)[0], 200, path)
+        status, _, body = self.get("/admin/models")
+        checkEnvelope(self, status, body, 401, "invalid_api_key")
 
     def test_contentTypes(self) -> None:
         """
@@ -253,8 +273,6 @@ class ConsoleGuardTests(SynchronousTestCase):
         """
         @return: the guard's verdict on a request.
         """
-        import io
-
         return self.guard.check(method, path, Headers({k: [v] for k, v in headers.items()}), io.BytesIO(body))
 
     def test_pageAndItsRequests(self) -> None:
