@@ -193,10 +193,14 @@ try {
     report.figures.model_list_ms = Date.now() - opened;
     const timing = await page.evaluate(() => ({
       fcp: performance.getEntriesByName('first-contentful-paint')[0]?.startTime ?? null,
-      bytes: performance.getEntriesByType('resource').reduce((n, r) => n + (r.transferSize || 0), 0)
+      bytes: performance.getEntriesByType('resource').filter((r) => new URL(r.name).pathname.startsWith('/ui/'))
+        .reduce((n, r) => n + (r.transferSize || 0), 0)
         + (performance.getEntriesByType('navigation')[0]?.transferSize || 0),
     }));
     report.figures.first_contentful_paint_ms = timing.fcp && Math.round(timing.fcp);
+    // The page and its files as transferred (headers included), before any
+    // answer of the API that has finished.
+    report.figures.transferred_bytes = timing.bytes;
     const listed = await page.$$eval('#models tr[data-model]', (rows) => rows.map((r) => `${r.dataset.model}=${r.dataset.state}`));
     return `${listed.join(', ')} after ${report.figures.model_list_ms} ms (first paint ${report.figures.first_contentful_paint_ms} ms)`;
   });
