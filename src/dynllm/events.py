@@ -29,8 +29,11 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
 
 from dynllm.interfaces import IModelManager
+from dynllm.logs import logger
 
 __all__ = ["MEMORY", "MODEL", "REMOVED", "Event", "Listener", "ModelEvents", "memoryOf"]
+
+log = logger(__name__)
 
 #: The event kinds.
 MODEL = "model"
@@ -165,7 +168,11 @@ class ModelEvents:
             return
         for kind, data in self._snapshot():
             for listener in list(self._listeners):
-                listener(kind, data)
+                try:
+                    listener(kind, data)
+                except Exception:
+                    self._listeners.remove(listener)
+                    log.failure("a listener of the model events failed; it is told no more")
         self._watchProgress()
 
     def _watchProgress(self) -> None:

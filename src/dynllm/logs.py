@@ -236,7 +236,13 @@ class LogRing:
         self._lines.extend(batch)
         decoded = [_decode(line) for line in batch]
         for follower in list(self._followers):
-            follower(decoded)
+            try:
+                follower(decoded)
+            except Exception:
+                # A follower's fault must not stop the program's output
+                # being read: it is told no more.
+                self._followers.remove(follower)
+                log.failure("a follower of a log failed; it is told no more")
 
     def follow(self, onLines: Callable[[list[str]], object]) -> Callable[[], None]:
         """

@@ -15,8 +15,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from collections import deque
-from typing import Callable, Iterable, cast
+from typing import Callable, cast
 
 from attrs import define, field
 from twisted.internet import defer, error
@@ -196,7 +195,7 @@ class BackendProcessProtocol(ProcessProtocol):
             return
         self.lineCount += len(raw)
         admitted = len(raw) if self.budget is None else self.budget.admit(raw)
-        self.ring.extend(raw[-self.ring.size :])
+        self.ring.extend(raw)
         cutFrom = len(raw) - pieces
         for i in range(admitted):
             line = raw[i].decode("utf-8", "replace")

@@ -78,6 +78,9 @@ class DynLLMService(MultiService):
         self._pool = pool
         self.site: DynLLMSite | None = None
         self._privileged = False
+        # From now, so that /admin/logs has the start-up lines too.
+        routes.daemonLog.setLevel(config.log_level)
+        globalLogPublisher.addObserver(routes.daemonLog)
 
     def reload(self, config: Config | None = None) -> ConfigChanges:
         """
@@ -144,8 +147,6 @@ class DynLLMService(MultiService):
         """
         if not self._privileged:
             self.privilegedStartService()
-        self.routes.daemonLog.setLevel(self.config.log_level)
-        globalLogPublisher.addObserver(self.routes.daemonLog)
         with self._startErrors():
             super().startService()
         self.torchProbe = torchinfo.startLogging(self.reactor, self.config)

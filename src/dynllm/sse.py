@@ -23,7 +23,7 @@ from typing import Any
 
 from attrs import define, field
 from twisted.internet import defer
-from twisted.internet.interfaces import IPushProducer, IReactorTime, ITCPTransport
+from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.web.server import Request
 from zope.interface import implementer
@@ -87,6 +87,7 @@ class EventStream:
     keepAlive: float = KEEP_ALIVE
     label: str = "event stream"
     _paused: bool = field(default=False, init=False)
+    _registered: bool = field(default=False, init=False)
     _pending: list[bytes] = field(factory=list, init=False)
     _pendingBytes: int = field(default=0, init=False)
     _done: bool = field(default=False, init=False)
@@ -101,6 +102,7 @@ class EventStream:
         for name, value in HEADERS:
             self.request.setHeader(name, value)
         self.request.registerProducer(self, True)
+        self._registered = True
         self.request.notifyFinish().addBoth(lambda _: self._end())
         # A comment makes the head go out now, so curl -N shows the stream began.
         self._write(b": dynllm\n\n")
@@ -145,7 +147,7 @@ class EventStream:
         if self._done:
             return
         self._flushPending()
-        self.request.unregisterProducer()
+        self._unregister()
         self.request.finish()
         self._end()
 
@@ -158,10 +160,12 @@ class EventStream:
         self._pending.append(data)
         self._pendingBytes += len(data)
         if self._pendingBytes > self.limit:
+            # What it has not read is dropped with it (TCP's abort); the
+            # stream ends after, since its end may finish the request.
+            transport = self.request.transport
+            if transport is not None:
+                getattr(transport, "abortConnection", transport.loseConnection)()
             self._end()
-            transport = self.request.channel.transport if self.request.channel is not None else None
-            if ITCPTransport.providedBy(transport):
-                transport.abortConnection()
             log.warn(
                 "dropped a client of {label} that left more than {limit} bytes unread",
                 label=self.label,
@@ -173,9 +177,17 @@ class EventStream:
         if pending:
             self.request.write(b"".join(pending))
 
+    def _unregister(self) -> None:
+        if self._registered:
+            self._registered = False
+            self.request.unregisterProducer()
+
     def _end(self) -> None:
         if self._done:
             return
+        # Before whoever waits finishes the request, which wants no
+        # producer left.
+        self._unregister()
         self._done = True
         self._pending, self._pendingBytes = [], 0
         if self._timer is not None and self._timer.running:
