@@ -454,11 +454,14 @@ class BrowserTests(SynchronousTestCase):
         print(f"  figures: {json.dumps(report['figures'])}")
         return report
 
-    def assertChecked(self, report: dict[str, Any], expected: list[str]) -> None:
+    def assertChecked(self, report: dict[str, Any], expected: list[str], daemon: Daemon) -> None:
         """
-        Assert that every check of C{report} passed, and that it holds one
-        of each name in C{expected}.
+        Assert that every check of C{report} passed, that it holds one of
+        each name in C{expected}, and that nothing the page did made
+        C{daemon} log a critical error (an unhandled failure).
         """
+        critical = [line for line in daemon.log().splitlines() if "#critical]" in line]
+        self.assertEqual(critical, [], "the daemon logged critical errors")
         failed = [f"{c['name']}: {c['detail']}" for c in report["checks"] if not c["ok"]]
         self.assertEqual(failed, [], "checks failed in the browser")
         names = [c["name"] for c in report["checks"]]
@@ -499,7 +502,7 @@ class BrowserTests(SynchronousTestCase):
         """
         daemon = self.startDaemon()
         report = self.runBrowser(daemon, "keys-off", *self.TOUR, "--localhost")
-        self.assertChecked(report, self.CHECKS + ["the page works at http://localhost:PORT too"])
+        self.assertChecked(report, self.CHECKS + ["the page works at http://localhost:PORT too"], daemon)
 
     def test_keysOn(self) -> None:
         """
@@ -517,6 +520,7 @@ class BrowserTests(SynchronousTestCase):
             self.CHECKS
             + ["the page asks for the keys", "a wrong key gives a message", "the keys given are used",
                "the keys can be forgotten"],
+            daemon,
         )
 
     def test_busyUnload(self) -> None:
@@ -539,4 +543,5 @@ class BrowserTests(SynchronousTestCase):
             report,
             ["the page lists the models", "unloading slow-chat while it streams is refused, then forced",
              "no script error and no blocked resource"],
+            daemon,
         )
