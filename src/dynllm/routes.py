@@ -27,7 +27,7 @@ from twisted.web.server import Request
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 from werkzeug.routing import PathConverter, RequestRedirect
 
-from dynllm import endpoints, errors, multipart
+from dynllm import console, endpoints, errors, multipart
 from dynllm.bodies import BodyExaminer
 from dynllm.config import Config, ConfigError, ModelConfig
 from dynllm.controls import requestOptions
@@ -696,6 +696,17 @@ class DynLLMRoutes:
             stream.fail(e)
         finally:
             stream.stopComments()
+
+    # The web console (dynllm.console).
+
+    @app.route("/", methods=["GET"])
+    def home(self, request: IRequest) -> bytes:
+        return console.home(request)
+
+    @app.route("/ui/", methods=["GET"])
+    @app.route("/ui/<path:name>", methods=["GET"])
+    def ui(self, request: IRequest, name: str = "") -> bytes:
+        return console.packaged().serve(request, name)
 
     # Health and administration.
 
