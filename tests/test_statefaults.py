@@ -478,13 +478,17 @@ class DaemonTests(SynchronousTestCase):
         )
         self.assertEqual(result.returncode, 1)
         self.assertIn(b"db_path", result.stderr)
+
+        def lines() -> list[str]:
+            with open(logPath) as f:
+                return [line.split("] ", 1)[1] for line in f.read().splitlines() if "db_path" in line]
+
+        # The parent exits once the daemon has reported, which may be before
+        # the daemon's own log line is written.
+        waitFor(lambda: bool(lines()), timeout=10)
         with open(logPath) as f:
-            log = f.read()
-        self.assertNotIn("Traceback", log)
-        self.assertEqual(
-            [line.split("] ", 1)[1] for line in log.splitlines() if "db_path" in line],
-            [f"dynllm: cannot use db_path {dbPath}: no space left on device"],
-        )
+            self.assertNotIn("Traceback", f.read())
+        self.assertEqual(lines(), [f"dynllm: cannot use db_path {dbPath}: no space left on device"])
 
 
 class EmbeddedStartTests(TestCase):
