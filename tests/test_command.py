@@ -300,6 +300,8 @@ class CommandRunTests(SynchronousTestCase):
         self.reactor.advance(3)
         self.assertEqual(stopper.signals, ["TERM", "KILL"])
         server.exit()
+        self.assertNoResult(stopped)
+        stopper.exit()
         self.successResultOf(stopped)
 
     def test_exitOnItsOwnRunsStopCommand(self) -> None:
@@ -333,6 +335,38 @@ class CommandRunTests(SynchronousTestCase):
         self.reactor.spawned[0].exit(ProcessTerminated(exitCode=1))
         self.assertEqual(self.successResultOf(exited).exitCode, 1)
         self.assertEqual(len(self.reactor.spawned), 1)
+
+    def test_stopWaitsForStopCommand(self) -> None:
+        """
+        A stop is done once the stop command has ended too, not only the
+        server's process: a C{docker stop X && docker rm X} still cleaning
+        up is waited for (so that the model's memory counts until then, and
+        the daemon does not exit before it).
+        """
+        run = self.makeRun(commandModel(stop=StopConfig(command=("ctl", "stop"), timeout=3)))
+        run.start()
+        stopped = run.stop()
+        server, stopper = self.reactor.spawned
+        server.exit()
+        self.assertNoResult(stopped)
+        stopper.exit()
+        self.assertIsInstance(self.successResultOf(stopped), ProcessDone)
+
+    def test_exitOnItsOwnKeepsItsOwnLines(self) -> None:
+        """
+        The last lines of a run that exited on its own are its own, not its
+        stop command's (which the model's log has after them).
+        """
+        run = self.makeRun(commandModel(stop=StopConfig(command=("ctl", "stop"), timeout=3)))
+        run.start()
+        [server] = self.reactor.spawned
+        server.output(b"server: detached, bye\n")
+        server.exit()
+        stopper = self.reactor.spawned[1]
+        stopper.output(b"ctl: stopped c\n")
+        stopper.exit()
+        self.assertEqual(run.logTail(), ["server: detached, bye"])
+        self.assertEqual(run.ring.tail(2), ["server: detached, bye", "ctl: stopped c"])
 
     def test_secondStopRunsNoSecondCommand(self) -> None:
         """

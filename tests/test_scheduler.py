@@ -644,6 +644,19 @@ class LoadFailureTests(ManagerTestsMixin, SynchronousTestCase):
         error = self.failureResultOf(d, LoadFailed).value
         self.assertIn("Address already in use", str(error))
 
+    def test_exitZeroWhileLoading(self) -> None:
+        """
+        A backend that exits with status 0 while loading (it put its server
+        in the background, as C{docker run -d} does) fails with a message
+        that says so.
+        """
+        manager = self.makeManager([{"name": "a", "vram_mb": 600}])
+        d = manager.acquire("a")
+        self.process("a").exit(ProcessDone(0))
+        error = str(self.failureResultOf(d, LoadFailed).value)
+        self.assertIn("exited with code 0 while loading (a command that starts its server in the background", error)
+        self.assertIn("run the server in the foreground", error)
+
     def test_exitWhileLoadingFreesMemoryForOthers(self) -> None:
         """
         The memory of a backend that died while loading goes to the load

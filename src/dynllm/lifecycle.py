@@ -453,7 +453,13 @@ def _makeMachine() -> Callable[[ModelCore], ModelLifecycle]:
         assert s.run is not None
         tail = tuple(s.run.logTail(FAILURE_LOG_LINES))
         s.run = None
-        s.loadFailed(LoadFailed(s.name, f"backend for model {s.name!r} {describeExit(reason)} while loading", tail))
+        message = f"backend for model {s.name!r} {describeExit(reason)} while loading"
+        if getattr(reason, "exitCode", None) == 0:
+            message += (
+                " (a command that starts its server in the background and exits, as docker run -d does,"
+                " cannot be run: dynllm watches the process it starts, so run the server in the foreground)"
+            )
+        s.loadFailed(LoadFailed(s.name, message, tail))
         s.enter(FAILED)
 
     @Loading.upon(ModelLifecycle._portTaken).to(Unloaded)

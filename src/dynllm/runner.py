@@ -201,6 +201,8 @@ class BackendRun:
     #: Why the run ended, once it has (and its stop command has run, if
     #: it exited on its own); who waits for that.
     _started: bool = field(default=False, init=False)
+    #: The run's last lines of output, kept when it exited.
+    _lastLines: list[str] | None = field(default=None, init=False)
     _exitReason: Exception | None = field(default=None, init=False)
     _exitWaiters: list[defer.Deferred[Exception]] = field(factory=list, init=False)
 
@@ -281,8 +283,26 @@ class BackendRun:
             if self._stopping is None:
                 self._stopping = self._runStopCommand()
             if self._stopping is not None:
-                return self.process.stop(None)
+                return self._bothEnded(self.process.stop(None), self._stopping)
         return self.process.stop(stop.signal)
+
+    @staticmethod
+    def _bothEnded(exited: defer.Deferred[Exception], stopCommand: defer.Deferred[Exception]) -> defer.Deferred[Exception]:
+        """
+        @return: a Deferred firing with C{exited}'s result once the process
+            has exited and the stop command has ended too (it may still be
+            cleaning up, as C{docker stop X && docker rm X} does, after the
+            process dynllm started is gone); each is bounded by C{killTime}.
+        """
+        async def both() -> Exception:
+            reason = await exited
+            try:
+                await stopCommand
+            except Exception:
+                pass  # runCommand has said how it ended
+            return reason
+
+        return defer.ensureDeferred(both())
 
     def _runStopCommand(self) -> defer.Deferred[Exception] | None:
         """
@@ -323,6 +343,8 @@ class BackendRun:
 
     def _processExited(self, reason: Exception) -> None:
         self._stopProbing()
+        # Its last lines, before a stop command adds its own to the ring.
+        self._lastLines = self.process.tail(self.ring.size)
         if self._stopped or not self.model.stop.command:
             self._tellExit(reason)
             return
@@ -357,6 +379,8 @@ class BackendRun:
         @return: the backend's last C{count} lines of output in this run
             (not an earlier run's, which the model's ring may still hold).
         """
+        if self._lastLines is not None:
+            return self._lastLines[-count:] if count > 0 else []
         return self.process.tail(count)
 
     # Readiness.
