@@ -461,3 +461,45 @@ class DaemonProcessTests(SynchronousTestCase):
         self.assertTrue(waitFor(lambda: "nothing to reopen" in daemon.log()))
         time.sleep(0.2)
         self.assertEqual(daemon.get("/health")[0], 200)
+
+
+class RecentLogTests(SynchronousTestCase):
+    """
+    L{dynllm.logs.RecentLog} keeps the daemon's last messages as text lines.
+    """
+
+    def event(self, text: str, level: Any = None) -> dict[str, Any]:
+        from twisted.logger import LogLevel
+
+        return {"log_format": text, "log_level": level or LogLevel.info, "log_namespace": "t", "log_time": 0.0}
+
+    def test_keepsLinesOnce(self) -> None:
+        """
+        Each message is kept as its text lines; the same event given again
+        (Twisted's log beginner replays what was logged before logging
+        began) is not kept twice, but an equal new event is.
+        """
+        from dynllm.logs import RecentLog
+
+        recent = RecentLog()
+        first = self.event("one\ntwo")
+        recent(first)
+        recent(first)
+        recent(self.event("one\ntwo"))
+        self.assertEqual([line.split("] ", 1)[1] for line in recent.ring.tail(10) if "] " in line], ["one", "one"])
+        self.assertEqual(len(recent.ring.tail(10)), 4)
+
+    def test_level(self) -> None:
+        """
+        Messages below the level set are not kept.
+        """
+        from twisted.logger import LogLevel
+
+        from dynllm.logs import RecentLog
+
+        recent = RecentLog()
+        recent.setLevel("warning")
+        recent(self.event("quiet"))
+        recent(self.event("loud", LogLevel.error))
+        self.assertEqual(len(recent.ring.tail(10)), 1)
+        self.assertIn("loud", recent.ring.tail(1)[0])

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 from collections import deque
 from datetime import datetime, timezone
 from typing import IO, Any, Callable, Iterable
@@ -36,7 +37,6 @@ from twisted.logger import (
     formatEventAsClassicLogText,
     formatTime,
 )
-from twisted.python.threadable import isInIOThread
 from zope.interface import implementer
 
 #: Configuration names of the levels, as C{log_level} spells them.
@@ -272,6 +272,11 @@ def _decode(line: str | bytes) -> str:
     return line.decode("utf-8", "replace") if isinstance(line, bytes) else line
 
 
+#: How many of its last events L{RecentLog} knows again when they are
+#: replayed.
+REPLAYED = 256
+
+
 @implementer(ILogObserver)
 @define(eq=False)
 class RecentLog:
@@ -281,8 +286,9 @@ class RecentLog:
     L{LogRing.follow}). Add it to the global log publisher
     (L{dynllm.service.DynLLMService} does, while it runs).
 
-    A message logged in another thread (the database's) is kept in the
-    reactor's thread, so that followers write to their clients there.
+    A message logged in another thread than the main one, where the reactor
+    runs (the database's threads), is kept in the reactor's thread, so that
+    followers write to their clients there.
 
     @ivar ring: The last lines (a message with a traceback is several).
     @ivar predicate: The least level kept; L{setLevel} changes it.
@@ -291,6 +297,10 @@ class RecentLog:
     ring: LogRing = field(factory=lambda: LogRing(size=1000))
     predicate: LogLevelFilterPredicate = field(factory=lambda: LogLevelFilterPredicate(LogLevel.info))
     reactor: Any = None
+    #: The last events kept, by identity: Twisted's log beginner replays the
+    #: events logged before logging began to every observer, this one
+    #: included, which saw them as they were logged.
+    _kept: dict[int, dict[str, Any]] = field(factory=dict, init=False)
 
     def setLevel(self, name: str) -> None:
         """
@@ -303,7 +313,7 @@ class RecentLog:
     def __call__(self, event: dict[str, Any]) -> None:
         if self.predicate(event) == PredicateResult.no:
             return
-        if not isInIOThread():
+        if threading.current_thread() is not threading.main_thread():
             reactor = self.reactor
             if reactor is None:
                 from twisted.internet import reactor
@@ -312,6 +322,11 @@ class RecentLog:
         self._keep(event)
 
     def _keep(self, event: dict[str, Any]) -> None:
+        if self._kept.get(id(event)) is event:
+            return
+        self._kept[id(event)] = event
+        if len(self._kept) > REPLAYED:
+            del self._kept[next(iter(self._kept))]
         text = formatEventAsText(event)
         if text:
             self.ring.extend(text.rstrip("\n").split("\n"))

@@ -614,7 +614,7 @@ async def forward(
             raise
         # Ended early (a stall, a revoked lease): cut the response as for a
         # backend that went away.
-        log.warn("ended the relay of {url}: {reason}", url=url, reason=str(guard.reason))
+        log.warn("ended the relay of {url}: {reason}", url=url.decode("ascii", "replace"), reason=str(guard.reason))
         await _cut(request)
         raise defer.CancelledError() from None
     except Exception:

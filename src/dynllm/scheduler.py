@@ -517,8 +517,8 @@ class ModelManager(Service):
             "active_requests": core.active,
             "waiting_requests": sum(1 for w in core.waiters if not w.internal),
             "last_error": core.lastError,
-            "load_seconds": core.lastLoadSeconds,
-            "loading_seconds": self.reactor.seconds() - core.loadStartedAt
+            "load_seconds": round(core.lastLoadSeconds, 3) if core.lastLoadSeconds is not None else None,
+            "loading_seconds": round(self.reactor.seconds() - core.loadStartedAt, 3)
             if core.status == LOADING and core.loadStartedAt is not None
             else None,
         }
