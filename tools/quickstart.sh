@@ -36,9 +36,12 @@ server="${DYNLLM_LLAMA_SERVER:-$(bash tools/build-llama-server.sh | tail -n 1)}"
 demo="$cache/demo"
 mkdir -p "$demo"
 [ -f "$demo/tiny-chat.gguf" ] || .venv/bin/python tools/make_tiny_gguf.py "$demo/tiny-chat.gguf" >/dev/null
+[ -f "$demo/tiny-embed.gguf" ] || .venv/bin/python tools/make_tiny_gguf.py --pooling mean "$demo/tiny-embed.gguf" >/dev/null
+[ -f "$demo/tiny-rerank.gguf" ] || .venv/bin/python tools/make_tiny_gguf.py --arch qwen3 --rerank "$demo/tiny-rerank.gguf" >/dev/null
 cat > "$demo/dynllm.yaml" <<YAML
-# A demo configuration written by tools/quickstart.sh: one tiny random-weight
-# model (it answers gibberish, quickly). Copy etc/dynllm.example.yaml for real use.
+# A demo configuration written by tools/quickstart.sh: tiny random-weight
+# models for chat, embeddings and ranking (they answer gibberish, quickly).
+# Copy etc/dynllm.example.yaml for real use.
 server:
   host: 127.0.0.1
   port: $port
@@ -54,14 +57,26 @@ models:
     backend: llamacpp
     vram_mb: 100
     context_size: 512
+  - name: tiny-embed
+    path: $demo/tiny-embed.gguf
+    backend: llamacpp
+    model_type: embedding
+    vram_mb: 100
+    context_size: 512
+  - name: tiny-rerank
+    path: $demo/tiny-rerank.gguf
+    backend: llamacpp
+    model_type: rerank
+    vram_mb: 100
+    context_size: 512
 YAML
 
 cat <<MSG
 dynllm is installed. Run it with:
 
-    .venv/bin/twistd -n dynllm --config $demo/dynllm.yaml
+    .venv/bin/twistd -n --pidfile= dynllm --config $demo/dynllm.yaml
 
-then, in another terminal:
+then open the console at http://127.0.0.1:$port/ui/ or, in another terminal:
 
     curl http://127.0.0.1:$port/v1/chat/completions -H 'Content-Type: application/json' \\
       -d '{"model": "tiny-chat", "messages": [{"role": "user", "content": "Hello!"}]}'
