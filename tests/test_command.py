@@ -13,6 +13,8 @@ from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.error import ProcessDone, ProcessTerminated
+from twisted.internet.testing import EventLoggingObserver
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
@@ -196,6 +198,35 @@ class CommandRunTests(SynchronousTestCase):
         self.assertEqual(transport.args[-2:], ["--api-key", run.apiKey])
         other = self.makeRun(commandModel())
         self.assertIsNone(other.apiKey)
+
+    def test_keyNotInDaemonLog(self) -> None:
+        """
+        The run's key is not in the daemon's log: the line that tells of the
+        start shows C{<api_key>} where the command line has it.
+        """
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        run = self.makeRun(commandModel(extra_args=("--api-key", "{api_key}")))
+        run.start()
+        assert run.apiKey is not None
+        text = "\n".join(formatEvent(e) for e in events)
+        self.assertIn("--api-key <api_key>", text)
+        self.assertNotIn(run.apiKey, text)
+
+    def test_keyNotInOutput(self) -> None:
+        """
+        A server that prints its own key (vLLM logs its arguments) has it
+        replaced by C{<api_key>} in the daemon's log and in the model's
+        last lines.
+        """
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        run = self.makeRun(commandModel(env={"KEY": "{api_key}"}))
+        run.start()
+        assert run.apiKey is not None
+        self.reactor.spawned[0].output(f"args: api_key={run.apiKey!r}\n".encode())
+        text = "\n".join(formatEvent(e) for e in events)
+        self.assertIn("args: api_key='<api_key>'", text)
+        self.assertNotIn(run.apiKey, text)
+        self.assertEqual(run.logTail(), ["args: api_key='<api_key>'"])
 
     def test_keyInEnvironment(self) -> None:
         """

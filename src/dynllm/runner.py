@@ -23,7 +23,7 @@ from dynllm.interfaces import IBackend
 from dynllm.logs import logger
 from dynllm.logs import LogRing
 from dynllm.placeholders import expandAll
-from dynllm.process import ManagedProcess
+from dynllm.process import REDACTED, ManagedProcess
 
 log = logger(__name__)
 
@@ -224,6 +224,7 @@ class BackendRun:
             newSession=self.newSession,
             onLine=self._line,
             ring=self.ring,
+            secret=self.apiKey,
         )
 
     @property
@@ -242,12 +243,11 @@ class BackendRun:
         @raise OSError: if the program could not be spawned.
         """
         self.process.start()
-        log.info(
-            "[{model}] started {argv} as pid {pid}",
-            model=self.model.name,
-            argv=" ".join(self.process.argv),
-            pid=self.process.pid,
-        )
+        argv = " ".join(self.process.argv)
+        if self.apiKey is not None:
+            # The key is this run's secret: the log is no place for it.
+            argv = argv.replace(self.apiKey, REDACTED)
+        log.info("[{model}] started {argv} as pid {pid}", model=self.model.name, argv=argv, pid=self.process.pid)
         self._started = True
         self.process.whenExited().addCallback(self._processExited)
         if self._readyLine is None:
