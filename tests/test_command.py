@@ -333,6 +333,35 @@ class CommandRunTests(SynchronousTestCase):
         server.exit()
         self.successResultOf(stopped)
 
+    def test_stopCommandFailsThenSignal(self) -> None:
+        """
+        A stop command that fails (exits non-zero: a program not found, a
+        container already gone) leaves the server to the signal at once,
+        rather than to KILL after C{stop.timeout}.
+        """
+        run = self.makeRun(commandModel(stop=StopConfig(command=("ctl", "stop"), timeout=30)))
+        run.start()
+        stopped = run.stop()
+        server, stopper = self.reactor.spawned
+        stopper.exit(ProcessTerminated(exitCode=127))
+        self.assertEqual(server.signals, ["TERM"])
+        server.exit()
+        self.successResultOf(stopped)
+        self.flushLoggedErrors()
+
+    def test_stopCommandSucceedsNoSignal(self) -> None:
+        """
+        A stop command that succeeds is trusted: the server gets no signal
+        before C{stop.timeout}.
+        """
+        run = self.makeRun(commandModel(stop=StopConfig(command=("ctl", "stop"), timeout=30)))
+        run.start()
+        run.stop()
+        server, stopper = self.reactor.spawned
+        stopper.exit()
+        self.reactor.advance(29)
+        self.assertEqual(server.signals, [])
+
     def test_exitOnItsOwnRunsStopCommand(self) -> None:
         """
         A server process that exits without being stopped (a C{docker run}

@@ -453,6 +453,15 @@ class ManagedProcess:
             self.whenExited().addCallback(cancelMurder)
         return self.whenExited()
 
+    def signal(self, signalName: str) -> None:
+        """
+        Send C{signalName} (without C{SIG}) to the running program's group
+        now, during a stop that sent none (L{stop} with C{None}), whose
+        KILL stays scheduled.
+        """
+        if self.running:
+            self._signal(signalName)
+
     def _kill(self) -> None:
         if self.running:
             log.warn(

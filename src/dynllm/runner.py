@@ -280,9 +280,24 @@ class BackendRun:
         if stop.command and self.process.running:
             if self._stopping is None:
                 self._stopping = self._runStopCommand()
+                if self._stopping is not None:
+                    self._stopping.addCallback(self._stopCommandEnded)
             if self._stopping is not None:
                 return self.process.stop(None)
         return self.process.stop(stop.signal)
+
+    def _stopCommandEnded(self, reason: Exception) -> Exception:
+        """
+        A stop command that failed (exited non-zero or was killed: its
+        program missing, its container gone) has not stopped the server:
+        it gets the model's signal now rather than KILL after the timeout.
+        """
+        if getattr(reason, "exitCode", 0) or getattr(reason, "signal", None) is not None:
+            if self.process.running:
+                log.warn("[{model}] its stop command failed; sending SIG{signal}", model=self.model.name,
+                         signal=self.model.stop.signal)
+                self.process.signal(self.model.stop.signal)
+        return reason
 
     def _runStopCommand(self) -> defer.Deferred[Exception] | None:
         """
