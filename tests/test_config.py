@@ -1549,6 +1549,53 @@ class CommandConfigTests(ConfigTestMixin, TestCase):
         [problem] = self.problems(self.command(), which=notFound)
         self.assertIn("models[0] ('c1').command[0]: the command program 'server' was not found", problem)
 
+    def test_portPlaceholderRequired(self) -> None:
+        """
+        A command model whose command, C{extra_args} and C{env} never use
+        C{{port}} is refused: its server would listen where dynllm does not
+        look, and never be found ready. C{{port}} in C{env} alone is
+        enough.
+        """
+        [problem] = self.problems(self.command(command=["server", "--host", "{host}"]))
+        self.assertIn("models[0] ('c1').command:", problem)
+        self.assertIn("{port}", problem)
+        self.parseCommand(self.command(command=["server"], env={"PORT": "{port}"}))
+
+    def test_stopProgramNotFound(self) -> None:
+        """
+        A stop command whose program is not found is refused, naming
+        C{stop.command[0]}, as the server's own program is; one given by a
+        placeholder is not looked up.
+        """
+        def which(name: str) -> str | None:
+            return None if name == "ctl" else found(name)
+
+        [problem] = self.problems(self.command(stop={"command": ["ctl", "stop", "{name}"]}), which=which)
+        self.assertIn("models[0] ('c1').stop.command[0]: the program 'ctl' was not found", problem)
+        self.parseCommand(self.command(path="/bin/ctl", stop={"command": ["{path}", "stop"]}), which=which)
+
+    def test_endpointPathPlaceholderRefused(self) -> None:
+        """
+        An upstream path of C{endpoints} takes no placeholders (they would
+        be sent as they are): a brace in one is refused, naming the route.
+        """
+        [problem] = self.problems(self.command(endpoints={"/v1/chat/completions": "/{name}/chat"}))
+        self.assertIn("models[0] ('c1').endpoints./v1/chat/completions", problem)
+        self.assertIn("placeholders", problem)
+
+    def test_literalAddressInEnvRefused(self) -> None:
+        """
+        A value of C{env} that names a listen address literally
+        (C{0.0.0.0:8000}, C{0.0.0.0}) or a C{PORT} or C{HOST} variable
+        without its placeholder is refused, naming the variable.
+        """
+        problems = self.problems(
+            self.command(env={"ADDR": "0.0.0.0:8000", "PORT": "8080", "HOST": "{host}", "OTHER": "x y"})
+        )
+        self.assertEqual(len(problems), 2, problems)
+        self.assertIn("models[0] ('c1').env.ADDR:", problems[0])
+        self.assertIn("models[0] ('c1').env.PORT:", problems[1])
+
     def test_readyForms(self) -> None:
         """
         C{ready} takes C{http: {path, status}}, C{log} alone (no HTTP probe)

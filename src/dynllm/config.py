@@ -329,6 +329,17 @@ def _placeholderProblems(args: tuple[str, ...], where: str, forbidden: tuple[str
     return problems
 
 
+def _uses(template: str, placeholder: str) -> bool:
+    """
+    @return: whether C{template} uses C{placeholder} (C{False} for a
+        template that is not valid, which is reported on its own).
+    """
+    try:
+        return placeholder in placeholdersIn(template)
+    except PlaceholderError:
+        return False
+
+
 def _command(value: Any, where: str) -> tuple[str, ...]:
     """
     A command line with placeholders: a non-empty list of strings (numbers
@@ -455,6 +466,9 @@ def _endpoints(value: Any, where: str) -> Mapping[str, str]:
             path = endpoint.path
         if not isinstance(path, str) or not path.startswith("/"):
             problems.append(f"{where}.{route} must be an upstream path starting with '/', not {path!r}")
+            continue
+        if "{" in path or "}" in path:
+            problems.append(f"{where}.{route}: an upstream path takes no placeholders, not {path!r}")
             continue
         table[endpoint.path] = path
     if problems:
@@ -1092,6 +1106,8 @@ class _ModelChecks:
                 _checkOVMSGraph(model, place, path, ok, self.problems)
         if needsProgram:
             self._checkProgram(model, place)
+        if ok("stop") and model.stop.command and "{" not in model.stop.command[0]:
+            self._checkStopProgram(model.stop.command[0], f"{place}.stop.command[0]")
         if path is None:
             return model
         return evolve(model, path=os.path.abspath(path), created=int(os.stat(path).st_mtime))
@@ -1119,6 +1135,12 @@ class _ModelChecks:
                     continue
                 if "path" in used and "path" not in model.explicit:
                     add(f"{place}.env.{name}: {{path}} is used but the model has no path")
+                wanted = name.lower() if name.upper() in ("PORT", "HOST") else None
+                if wanted is not None and wanted not in used:
+                    add(f"{place}.env.{name}: {value!r} sets the listen {wanted}; dynllm owns it: write {{{wanted}}}")
+                elif wanted is None:
+                    for _, why in addressProblems([value]):
+                        add(f"{place}.env.{name}: {why}")
         keys = (("command", model.command), ("extra_args", model.extra_args), ("stop.command", model.stop.command))
         for key, args in keys:
             if not ok(key.partition(".")[0]):
@@ -1133,9 +1155,16 @@ class _ModelChecks:
         if ok("upstream_model") and model.upstream_model == "path" and "path" not in model.explicit:
             add(f"{place}.upstream_model: 'path' sends the model's path, but the model has no path")
         launch = (model.command if ok("command") else ()) + (model.extra_args if ok("extra_args") else ())
-        for index, why in addressProblems(launch):
+        literal = addressProblems(launch)
+        for index, why in literal:
             key = f"command[{index}]" if index < len(model.command) else f"extra_args[{index - len(model.command)}]"
             add(f"{place}.{key}: {why}")
+        if not literal and ok("command") and model.command and ok("extra_args") and ok("env"):
+            if not any(_uses(t, "port") for t in (*launch, *model.env.values())):
+                add(
+                    f"{place}.command: {{port}} is in none of command, extra_args and env; dynllm chooses"
+                    " the port and looks for the server there, so the server must be told it"
+                )
         if ok("endpoints") and ok("model_type") and model.endpoints is not None:
             for route in model.endpoints:
                 endpoint = endpointOf(route)
@@ -1194,6 +1223,17 @@ class _ModelChecks:
                     f"models_dir: {self.modelsDir!r} is not a directory, and relative model"
                     f" paths are taken from it (first {place}.path: {model.path!r})"
                 )
+
+    def _checkStopProgram(self, binary: str, where: str) -> None:
+        """
+        The program of a model's C{stop.command} can be found (one that
+        cannot would leave the server to KILL after the timeout, and a
+        container behind it running).
+        """
+        if binary not in self.programs:
+            self.programs[binary] = self.which(binary) is not None
+        if not self.programs[binary]:
+            self.problems.add(f"{where}: the program {binary!r} was not found (give its path)")
 
     def _checkProgram(self, model: ModelConfig, place: str) -> None:
         """
