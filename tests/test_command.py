@@ -228,6 +228,21 @@ class CommandRunTests(SynchronousTestCase):
         self.assertNotIn(run.apiKey, text)
         self.assertEqual(run.logTail(), ["args: api_key='<api_key>'"])
 
+    def test_probeSendsKey(self) -> None:
+        """
+        A run with a key sends it as Bearer on its readiness probes too (a
+        C{ready.http.path} such as C{/v1/models} is behind the key on vLLM);
+        a run without one sends no header.
+        """
+        run = self.makeRun(commandModel(env={"KEY": "{api_key}"}))
+        run.start()
+        self.reactor.advance(FIRST_PROBE_DELAY)
+        self.assertEqual(self.http.headers, [{b"Authorization": [b"Bearer " + (run.apiKey or "").encode()]}])
+        self.http.headers.clear()
+        self.makeRun(commandModel()).start()
+        self.reactor.advance(FIRST_PROBE_DELAY)
+        self.assertEqual(self.http.headers, [None])
+
     def test_keyInEnvironment(self) -> None:
         """
         A key in a variable (C{env: {VLLM_API_KEY: "{api_key}"}}) is the

@@ -331,6 +331,42 @@ class SmallServerTests(SynchronousTestCase):
         self.assertIn("request for model 'upstream-name'", daemon.log())
 
 
+    def test_readyPathBehindKey(self) -> None:
+        """
+        A server whose C{ready.http.path} is behind its key (C{/v1/models},
+        as on vLLM) is probed with the key, and so becomes ready.
+        """
+        daemon = self.daemon({
+            "name": "guarded", "backend": "command", "vram_mb": 100,
+            "command": [sys.executable, ANYSERVER, "serve", "--host", "{host}", "--port", "{port}",
+                        "--api-key", "{api_key}"],
+            "ready": {"http": {"path": "/v1/models"}},
+        })
+        self.assertEqual(self.chat(daemon, "guarded").choices[0].message.content, "hello from anyserver")
+        self.assertIn('"GET /v1/models HTTP/1.1" 200', daemon.log())
+
+    def test_keyNeverShown(self) -> None:
+        """
+        The run's key, on the server's command line, is in neither the
+        daemon's log nor C{/admin/models} nor the client's answer.
+        """
+        daemon = self.daemon({
+            "name": "secret", "backend": "command", "vram_mb": 100,
+            "command": [sys.executable, ANYSERVER, "serve", "--host", "{host}", "--port", "{port}",
+                        "--api-key", "{api_key}"],
+        })
+        status, _, body = daemon.post("/v1/chat/completions", {"model": "secret", "messages": []})
+        self.assertEqual(status, 200, body)
+        pid = daemon.models()["secret"]["pid"]
+        argv = commandLine(pid)
+        key = argv[argv.index("--api-key") + 1]
+        self.assertNotIn(key, daemon.log())
+        self.assertIn("--api-key <api_key>", daemon.log())
+        self.assertNotIn(key.encode(), body)
+        self.assertNotIn(key.encode(), daemon.get("/admin/models")[2])
+        self.assertNotIn(key.encode(), daemon.get("/admin/models/secret/logs")[2])
+
+
 class CrashRecoveryByCommandTests(SynchronousTestCase):
     """
     C{kill -9} of the daemon with command models loaded, then a restart:

@@ -150,6 +150,22 @@ def runCommand(
 
 
 @define
+class _WithKey:
+    """
+    The probes' HTTP client, sending a run's key as Bearer: a readiness path
+    may be behind the key (vLLM's C{/v1/models}), as every request is.
+    """
+
+    http: Any
+    apiKey: str = field(repr=False)
+
+    def request(self, method: str, url: str, **kw: Any) -> Any:
+        headers = dict(kw.pop("headers", None) or {})
+        headers[b"Authorization"] = [b"Bearer " + self.apiKey.encode("ascii")]
+        return self.http.request(method, url, headers=headers, **kw)
+
+
+@define
 class BackendRun:
     """
     One process serving one model.
@@ -404,7 +420,8 @@ class BackendRun:
     def _probe(self, delay: float) -> None:
         self._probeCall = None
         self._probing = True
-        d = self.backend.probe(self.http, self.baseURL, self.model)
+        http = self.http if self.apiKey is None else _WithKey(self.http, self.apiKey)
+        d = self.backend.probe(http, self.baseURL, self.model)
         d.addErrback(self._probeFailed)
         d.addCallback(self._probed, delay)
 
