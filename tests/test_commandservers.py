@@ -412,3 +412,30 @@ class CrashRecoveryByCommandTests(SynchronousTestCase):
         self.assertTrue(all(m["status"] == "unloaded" and m["pid"] is None for m in models_.values()))
         for _, port in loaded.values():
             self.assertTrue(portIsFree(port), f"port {port} is still taken")
+
+    def test_kill9ThenRestartWithoutTheModel(self):
+        """
+        After SIGKILL of the daemon, a next daemon whose configuration no
+        longer has the container-style model (or has changed its stop
+        command) still runs the stop command recorded for the run, so that
+        its server is not left behind.
+        """
+        state = tempfile.mkdtemp(prefix="dynllm-anyserver-")
+        first = Daemon({
+            "total_vram_mb": 1000, "enabled_backends": ["command"], "models": [containerModel("boxed", state)],
+        }).start()
+        self.addCleanup(first.stop)
+        self.assertEqual(first.post("/admin/models/load", {"model": "boxed"})[0], 200)
+        server = serverPid(state, "boxed")
+        self.assertIsNotNone(server)
+        self.addCleanup(lambda: pidAlive(server) and os.kill(server, 9))
+        first.kill9()
+        self.assertTrue(pidAlive(server))
+        other = {"name": "other", "backend": "command", "vram_mb": 100,
+                 "command": [sys.executable, ANYSERVER, "serve", "--host", "{host}", "--port", "{port}"]}
+        second = Daemon(dict(first.config, models=[other]), directory=first.directory)
+        second.port, second.url = first.port, first.url
+        second.start()
+        self.addCleanup(second.stop)
+        self.assertFalse(pidAlive(server), "the recorded stop command did not end the leftover server")
+        self.assertIn("stop: stopping boxed", second.log())

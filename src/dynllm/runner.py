@@ -315,6 +315,17 @@ class BackendRun:
                 self.process.signal(self.model.stop.signal)
         return reason
 
+    @property
+    def stopArgv(self) -> list[str] | None:
+        """
+        The model's C{stop.command} as this run expands it (what the state
+        database records, so that a later start stops this run's server
+        even if the configuration has changed), or C{None} for none.
+        """
+        if not self.model.stop.command:
+            return None
+        return expandAll(self.model.stop.command, self.model.placeholders(self.port))
+
     def _runStopCommand(self) -> defer.Deferred[Exception] | None:
         """
         Run the model's C{stop.command} (its server, as in a container, may
@@ -324,7 +335,7 @@ class BackendRun:
         @return: a Deferred firing when the stop command has exited, or
             C{None} if it could not be spawned (then the signal is sent).
         """
-        argv = expandAll(self.model.stop.command, self.model.placeholders(self.port))
+        argv = self.stopArgv or []
         try:
             done = runCommand(
                 self.model.name, argv, self.reactor, self._stopEnv, self.killTime, self.newSession, self.ring
