@@ -186,3 +186,12 @@ class AddressProblemsTests(SynchronousTestCase):
         self.assertIn("--port '8080'", why)
         self.assertEqual(addressProblems(["sh", "-c", "exec server --port {port} --host {host}"]), [])
         self.assertEqual(len(addressProblems(["sh", "-c", "server --port=8080 'unclosed"])), 1)
+
+    def test_shellVariableAccepted(self) -> None:
+        """
+        In a shell command, a port or host option whose value is a shell
+        variable (C{sh -c 'exec server --port "$1"' sh {port}}) is
+        accepted; outside one, C{$1} is no port.
+        """
+        self.assertEqual(addressProblems(["sh", "-c", 'exec server --port "$1" --host $2', "sh", "{port}", "{host}"]), [])
+        self.assertEqual(len(addressProblems(["server", "--port", "$1"])), 1)

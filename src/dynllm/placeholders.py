@@ -149,7 +149,7 @@ def _words(arg: str) -> list[str] | None:
         return arg.split()
 
 
-def addressProblems(args: Sequence[str]) -> list[tuple[int, str]]:
+def addressProblems(args: Sequence[str], shell: bool = False) -> list[tuple[int, str]]:
     """
     Find the arguments that set a listen port or host other than through
     C{{port}} and C{{host}}: a port option (L{PORT_FLAGS}) whose value
@@ -158,9 +158,11 @@ def addressProblems(args: Sequence[str]) -> list[tuple[int, str]]:
     forms (long options in any case, with C{_} for C{-}), any literal
     C{HOST:PORT} (L{LITERAL_ADDRESS}), and any of L{LISTEN_ALL}. An
     argument that is a command line of its own (C{sh -c "..."}) has its
-    words checked the same way.
+    words checked the same way, where a value that is a shell variable
+    (C{--port "$1"}, given C{{port}} as an argument) is accepted.
 
     @param args: A command line, as configured (not yet expanded).
+    @param shell: Whether C{args} are the words of a shell command.
     @return: C{(index, why)} of each, in order.
     """
     found: list[tuple[int, str]] = []
@@ -169,7 +171,7 @@ def addressProblems(args: Sequence[str]) -> list[tuple[int, str]]:
         arg = args[index]
         words = _words(arg)
         if words is not None:
-            found.extend((index, why) for _, why in addressProblems(words))
+            found.extend((index, why) for _, why in addressProblems(words, shell=True))
             index += 1
             continue
         name, eq, inline = _optionName(arg)
@@ -182,7 +184,7 @@ def addressProblems(args: Sequence[str]) -> list[tuple[int, str]]:
                 index += 1
             else:
                 value, at = "", index
-            if "{" + wanted + "}" not in value:
+            if "{" + wanted + "}" not in value and not (shell and value.startswith("$")):
                 shown = arg.partition("=")[0] if arg.startswith("--") else name
                 found.append((at, f"{shown} {value!r} sets the listen {wanted}; dynllm owns it: write {{{wanted}}}"))
         elif (inline if eq else arg) in LISTEN_ALL:
