@@ -1585,16 +1585,22 @@ class CommandConfigTests(ConfigTestMixin, TestCase):
 
     def test_literalAddressInEnvRefused(self) -> None:
         """
-        A value of C{env} that names a listen address literally
-        (C{0.0.0.0:8000}, C{0.0.0.0}) or a C{PORT} or C{HOST} variable
-        without its placeholder is refused, naming the variable.
+        A value of C{env} that names every interface (C{0.0.0.0:8000},
+        C{[::]}, as C{OLLAMA_HOST} would take) or a C{PORT} or C{HOST}
+        variable without its placeholder is refused, naming the variable.
+        Other addresses are what a server connects to (C{HTTP_PROXY}, a
+        tracing endpoint), and are accepted.
         """
         problems = self.problems(
-            self.command(env={"ADDR": "0.0.0.0:8000", "PORT": "8080", "HOST": "{host}", "OTHER": "x y"})
+            self.command(env={
+                "ADDR": "0.0.0.0:8000", "V6": "[::]", "PORT": "8080", "HOST": "{host}",
+                "HTTP_PROXY": "http://10.0.0.1:3128", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://localhost:4317",
+            })
         )
-        self.assertEqual(len(problems), 2, problems)
+        self.assertEqual(len(problems), 3, problems)
         self.assertIn("models[0] ('c1').env.ADDR:", problems[0])
-        self.assertIn("models[0] ('c1').env.PORT:", problems[1])
+        self.assertIn("models[0] ('c1').env.V6:", problems[1])
+        self.assertIn("models[0] ('c1').env.PORT:", problems[2])
 
     def test_readyForms(self) -> None:
         """

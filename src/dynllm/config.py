@@ -22,7 +22,7 @@ from attrs import Attribute, evolve, field, fields, frozen
 
 from dynllm.endpoints import BACKEND_KINDS, KSERVE_TYPES, MODEL_TYPES, endpointOf, modelTypesOf
 from dynllm.owned import OWNED
-from dynllm.placeholders import PlaceholderError, addressProblems, expand, placeholdersIn
+from dynllm.placeholders import LISTEN_ALL_IN, PlaceholderError, addressProblems, expand, placeholdersIn
 
 #: Which backend kind serves which model types: read from the endpoint
 #: table, the one place that says which endpoint serves what.
@@ -1138,9 +1138,11 @@ class _ModelChecks:
                 wanted = name.lower() if name.upper() in ("PORT", "HOST") else None
                 if wanted is not None and wanted not in used:
                     add(f"{place}.env.{name}: {value!r} sets the listen {wanted}; dynllm owns it: write {{{wanted}}}")
-                elif wanted is None:
-                    for _, why in addressProblems([value]):
-                        add(f"{place}.env.{name}: {why}")
+                elif wanted is None and LISTEN_ALL_IN.search(value):
+                    add(
+                        f"{place}.env.{name}: {value!r} names every interface, which would open the server"
+                        " to the network; dynllm owns the address: write {host}"
+                    )
         keys = (("command", model.command), ("extra_args", model.extra_args), ("stop.command", model.stop.command))
         for key, args in keys:
             if not ok(key.partition(".")[0]):

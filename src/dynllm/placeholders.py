@@ -113,6 +113,9 @@ def expandAll(templates: Sequence[str], values: Mapping[str, str]) -> list[str]:
 #: open to the network, whatever else its line says.
 LISTEN_ALL = ("0.0.0.0", "::", "[::]")
 
+#: One of L{LISTEN_ALL} within a text (C{0.0.0.0:8000}, C{http://[::]:80}).
+LISTEN_ALL_IN = re.compile(r"(?<![\w.:])(?:0\.0\.0\.0(?![\w.])|\[::\]|::(?![\w:]))")
+
 #: Short options that take their value attached (C{-p8080}, as getopt
 #: reads them).
 _SHORT_PORT_FLAGS = tuple(f for f in PORT_FLAGS if not f.startswith("--"))
