@@ -110,6 +110,15 @@ class CommandBackendTests(SynchronousTestCase):
         model = commandModel(ready=ReadyConfig(http_path="/v2/models/{name}/ready"))
         self.assertTrue(self.successResultOf(self.backend.probe(http, "http://127.0.0.1:9", model)))
 
+    def test_probePathPlaceholdersQuoted(self) -> None:
+        """
+        A name with spaces or non-ASCII letters is percent-encoded (as
+        UTF-8) where it fills the probe's path, which is a URL.
+        """
+        http = FakeHTTP({"http://127.0.0.1:9/v2/models/my%20mod%C3%A8le%3F/ready": 200})
+        model = commandModel(name="my modèle?", ready=ReadyConfig(http_path="/v2/models/{name}/ready"))
+        self.assertTrue(self.successResultOf(self.backend.probe(http, "http://127.0.0.1:9", model)))
+
     def test_probeLogOnly(self) -> None:
         """
         With readiness by log line only, the probe asks nothing and says
