@@ -340,6 +340,24 @@ class CommandRunTests(SynchronousTestCase):
         self.reactor.advance(10)
         self.assertEqual(server.signals, [])
 
+    def test_exitToldAfterStopCommand(self) -> None:
+        """
+        When the process dynllm started exits before the stop command has
+        ended (a C{docker run} client that goes while C{docker stop} waits
+        for the container), the exit is told only once the stop command
+        has ended: until then the server may still hold its memory and
+        port.
+        """
+        run = self.makeRun(commandModel(stop=StopConfig(command=("ctl", "stop"), timeout=3)))
+        run.start()
+        exited = run.whenExited()
+        run.stop()
+        server, stopper = self.reactor.spawned
+        server.exit()
+        self.assertNoResult(exited)
+        stopper.exit()
+        self.assertIsInstance(self.successResultOf(exited), ProcessDone)
+
     def test_stopCommandThenKill(self) -> None:
         """
         A server still there C{stop.timeout} seconds after its stop command

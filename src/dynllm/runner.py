@@ -349,9 +349,9 @@ class BackendRun:
     def whenExited(self) -> defer.Deferred[Exception]:
         """
         @return: a fresh Deferred that fires with the exit reason on exit
-            (at once if the run never started). When the process exited
-            on its own and the model has a C{stop.command}, it fires once
-            that command has run too: a server in a container outlives a
+            (at once if the run never started). When the model has a
+            C{stop.command} that ran (to stop it, or because the process
+            exited on its own), it fires once that command has ended too: a server in a container outlives a
             C{docker run} client that died, and holds its memory and port
             until it is stopped.
         """
@@ -365,6 +365,12 @@ class BackendRun:
 
     def _processExited(self, reason: Exception) -> None:
         self._stopProbing()
+        if self._stopping is not None:
+            # Asked to stop by its stop command: the server is gone once
+            # that command has ended, not when the process dynllm started
+            # (a container's client) has.
+            self._stopping.addBoth(lambda _: self._tellExit(reason))
+            return
         if self._stopped or not self.model.stop.command:
             self._tellExit(reason)
             return
