@@ -1668,6 +1668,18 @@ class CommandConfigTests(ConfigTestMixin, TestCase):
         self.assertIn("models[0] ('c1').endpoints./v1/chat/completions must be an upstream path", problems[1])
         self.assertIn("models[1] ('c2').endpoints: /v1/embeddings serves model types embedding, not 'llm'", problems[2])
 
+    def test_endpointGivenTwice(self) -> None:
+        """
+        A route given twice under two of its spellings
+        (C{/v1/chat/completions} and C{/chat/completions}) is refused
+        rather than one of them silently dropped; an empty list is refused
+        as it was written.
+        """
+        [problem] = self.problems(self.command(endpoints={"/v1/chat/completions": "/a", "/chat/completions": "/b"}))
+        self.assertIn("models[0] ('c1').endpoints: '/chat/completions' is /v1/chat/completions again", problem)
+        [problem] = self.problems(self.command(endpoints=[]))
+        self.assertIn("not []", problem)
+
     def test_stopForms(self) -> None:
         """
         C{stop} takes a signal (with or without C{SIG}) and a timeout, or a

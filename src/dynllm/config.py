@@ -451,16 +451,20 @@ def _endpoints(value: Any, where: str) -> Mapping[str, str]:
     endpoint table's (L{dynllm.endpoints}), under any of its spellings; it
     is kept under its first.
     """
+    given = value
     if isinstance(value, list):
         value = {route: None for route in value}
     if not isinstance(value, dict) or not value:
-        raise ConfigError(f"{where} must be a mapping of dynllm routes to upstream paths, or a list of routes, not {value!r}")
+        raise ConfigError(f"{where} must be a mapping of dynllm routes to upstream paths, or a list of routes, not {given!r}")
     problems = []
     table: dict[str, str] = {}
     for route, path in value.items():
         endpoint = endpointOf(route) if isinstance(route, str) else None
         if endpoint is None or "{name}" in endpoint.path:
             problems.append(f"{where}: {route!r} is not a route dynllm serves by model (see the endpoint table)")
+            continue
+        if endpoint.path in table:
+            problems.append(f"{where}: {route!r} is {endpoint.path} again (each route once, under one spelling)")
             continue
         if path is None:
             path = endpoint.path
