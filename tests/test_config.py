@@ -1574,6 +1574,18 @@ class CommandConfigTests(ConfigTestMixin, TestCase):
         self.assertIn("models[0] ('c1').stop.command[0]: the program 'ctl' was not found", problem)
         self.parseCommand(self.command(path="/bin/ctl", stop={"command": ["{path}", "stop"]}), which=which)
 
+    def test_sharedFixedStopCommandRefused(self) -> None:
+        """
+        Two models with the same stop command that names neither C{{name}}
+        nor C{{port}} are refused at the second (unloading one would stop
+        the other's server); the same command with C{{name}} is fine.
+        """
+        stop = {"command": ["docker", "stop", "vllm"]}
+        [problem] = self.problems(self.command(stop=stop), self.command(name="c2", stop=stop))
+        self.assertIn("models[1] ('c2').stop.command: models[0] ('c1') has the same one", problem)
+        named = {"command": ["docker", "stop", "dynllm-{name}"]}
+        self.parseCommand(self.command(stop=named), self.command(name="c2", stop=named))
+
     def test_endpointPathPlaceholderRefused(self) -> None:
         """
         An upstream path of C{endpoints} takes no placeholders (they would

@@ -1024,6 +1024,9 @@ class _ModelChecks:
         #: Whether C{models_dir} is a directory, once a relative model path
         #: needed it.
         self.modelsDirFound: bool | None = None
+        #: The stop commands that name no run ({name}, {port}), by the
+        #: first model that has each.
+        self.fixedStops: dict[tuple[str, ...], str] = {}
 
     def check(self, built: _Built, place: str) -> ModelConfig:
         """
@@ -1112,6 +1115,8 @@ class _ModelChecks:
             self._checkProgram(model, place)
         if ok("stop") and model.stop.command and "{" not in model.stop.command[0]:
             self._checkStopProgram(model.stop.command[0], f"{place}.stop.command[0]")
+        if ok("stop") and model.stop.command:
+            self._checkSharedStop(model.stop.command, place)
         if path is None:
             return model
         return evolve(model, path=os.path.abspath(path), created=int(os.stat(path).st_mtime))
@@ -1229,6 +1234,21 @@ class _ModelChecks:
                     f"models_dir: {self.modelsDir!r} is not a directory, and relative model"
                     f" paths are taken from it (first {place}.path: {model.path!r})"
                 )
+
+    def _checkSharedStop(self, command: tuple[str, ...], place: str) -> None:
+        """
+        Two models may not have the same stop command naming neither
+        C{{name}} nor C{{port}} (C{docker stop vllm} twice): stopping one
+        would stop the other's server.
+        """
+        if any(_uses(arg, "name") or _uses(arg, "port") for arg in command):
+            return
+        first = self.fixedStops.setdefault(command, place)
+        if first != place:
+            self.problems.add(
+                f"{place}.stop.command: {first} has the same one, and it names neither {{name}} nor {{port}}:"
+                " stopping one model would stop the other's server"
+            )
 
     def _checkStopProgram(self, binary: str, where: str) -> None:
         """
