@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import tempfile
 
@@ -365,6 +366,29 @@ class SmallServerTests(SynchronousTestCase):
         self.assertNotIn(key.encode(), body)
         self.assertNotIn(key.encode(), daemon.get("/admin/models")[2])
         self.assertNotIn(key.encode(), daemon.get("/admin/models/secret/logs")[2])
+
+
+    def test_hupRestartsWithNewCommand(self) -> None:
+        """
+        After SIGHUP with a changed command, a loaded container-style model
+        is stopped by its stop command (its old server is gone) and loaded
+        again with the new command.
+        """
+        daemon = self.daemon(containerModel("boxed", self.state))
+        self.assertEqual(self.chat(daemon, "boxed").choices[0].message.content, "hello from boxed")
+        old = serverPid(self.state, "boxed")
+        model = containerModel("boxed", self.state)
+        model["command"] = [*model["command"][:-1], "{name}-v2"]
+        daemon.config = dict(daemon.config, models=[model])
+        with open(daemon.configPath, "w") as f:
+            yaml.safe_dump(daemon.config, f)
+        assert daemon.process is not None
+        daemon.process.send_signal(signal.SIGHUP)
+        self.assertTrue(waitFor(lambda: "configuration reloaded" in daemon.log(), timeout=10), daemon.log())
+        self.assertTrue(waitFor(lambda: old is not None and not pidAlive(old), timeout=15))
+        self.assertTrue(waitFor(lambda: daemon.models()["boxed"]["status"] == "loaded", timeout=15))
+        self.assertEqual(self.chat(daemon, "boxed").choices[0].message.content, "hello from boxed-v2")
+        self.assertNotEqual(serverPid(self.state, "boxed"), old)
 
 
 class CrashRecoveryByCommandTests(SynchronousTestCase):
