@@ -7,7 +7,8 @@ a container-like way to run it.
     anyserver.py stop STATE_DIR NAME                    (like `docker stop NAME`)
 
 C{serve} answers C{POST /v1/chat/completions} with the request's C{model}
-echoed back and C{GET /health}. With C{--log-ready}, C{/health} always
+echoed back, C{GET /v1/models} (behind the key, as vLLM's) and C{GET
+/health} (open). With C{--log-ready}, C{/health} always
 answers 404 and the only sign of readiness is the line C{ANYSERVER READY}
 on standard error: a server whose readiness is a log line only.
 
@@ -57,6 +58,11 @@ def serve(argv):
         def do_GET(self):
             if self.path == "/health" and not logReady:
                 self.answer(200, {"status": "ok"})
+            elif self.path == "/v1/models":
+                if key and self.headers.get("Authorization") != "Bearer " + key:
+                    self.answer(401, {"error": {"message": "bad key"}})
+                else:
+                    self.answer(200, {"object": "list", "data": [{"id": options["--name"], "object": "model"}]})
             else:
                 self.answer(404, {"error": "not found"})
 

@@ -50,9 +50,13 @@ class FakeHTTP:
     def __init__(self, codes: dict[str, int]) -> None:
         self.codes = codes
         self.asked: list[str] = []
+        self.headers: list[dict[bytes, list[bytes]] | None] = []
 
-    def request(self, method: str, url: str, timeout: float) -> defer.Deferred[FakeResponse]:
+    def request(
+        self, method: str, url: str, timeout: float, headers: dict[bytes, list[bytes]] | None = None
+    ) -> defer.Deferred[FakeResponse]:
         self.asked.append(url)
+        self.headers.append(headers)
         return defer.succeed(FakeResponse(self.codes.get(url, 404)))
 
 

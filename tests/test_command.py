@@ -13,6 +13,8 @@ from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.error import ProcessDone, ProcessTerminated
+from twisted.internet.testing import EventLoggingObserver
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
@@ -108,6 +110,15 @@ class CommandBackendTests(SynchronousTestCase):
         model = commandModel(ready=ReadyConfig(http_path="/v2/models/{name}/ready"))
         self.assertTrue(self.successResultOf(self.backend.probe(http, "http://127.0.0.1:9", model)))
 
+    def test_probePathPlaceholdersQuoted(self) -> None:
+        """
+        A name with spaces or non-ASCII letters is percent-encoded (as
+        UTF-8) where it fills the probe's path, which is a URL.
+        """
+        http = FakeHTTP({"http://127.0.0.1:9/v2/models/my%20mod%C3%A8le%3F/ready": 200})
+        model = commandModel(name="my modèle?", ready=ReadyConfig(http_path="/v2/models/{name}/ready"))
+        self.assertTrue(self.successResultOf(self.backend.probe(http, "http://127.0.0.1:9", model)))
+
     def test_probeLogOnly(self) -> None:
         """
         With readiness by log line only, the probe asks nothing and says
@@ -197,6 +208,50 @@ class CommandRunTests(SynchronousTestCase):
         other = self.makeRun(commandModel())
         self.assertIsNone(other.apiKey)
 
+    def test_keyNotInDaemonLog(self) -> None:
+        """
+        The run's key is not in the daemon's log: the line that tells of the
+        start shows C{<api_key>} where the command line has it.
+        """
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        run = self.makeRun(commandModel(extra_args=("--api-key", "{api_key}")))
+        run.start()
+        assert run.apiKey is not None
+        text = "\n".join(formatEvent(e) for e in events)
+        self.assertIn("--api-key <api_key>", text)
+        self.assertNotIn(run.apiKey, text)
+
+    def test_keyNotInOutput(self) -> None:
+        """
+        A server that prints its own key (vLLM logs its arguments) has it
+        replaced by C{<api_key>} in the daemon's log and in the model's
+        last lines.
+        """
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        run = self.makeRun(commandModel(env={"KEY": "{api_key}"}))
+        run.start()
+        assert run.apiKey is not None
+        self.reactor.spawned[0].output(f"args: api_key={run.apiKey!r}\n".encode())
+        text = "\n".join(formatEvent(e) for e in events)
+        self.assertIn("args: api_key='<api_key>'", text)
+        self.assertNotIn(run.apiKey, text)
+        self.assertEqual(run.logTail(), ["args: api_key='<api_key>'"])
+
+    def test_probeSendsKey(self) -> None:
+        """
+        A run with a key sends it as Bearer on its readiness probes too (a
+        C{ready.http.path} such as C{/v1/models} is behind the key on vLLM);
+        a run without one sends no header.
+        """
+        run = self.makeRun(commandModel(env={"KEY": "{api_key}"}))
+        run.start()
+        self.reactor.advance(FIRST_PROBE_DELAY)
+        self.assertEqual(self.http.headers, [{b"Authorization": [b"Bearer " + (run.apiKey or "").encode()]}])
+        self.http.headers.clear()
+        self.makeRun(commandModel()).start()
+        self.reactor.advance(FIRST_PROBE_DELAY)
+        self.assertEqual(self.http.headers, [None])
+
     def test_keyInEnvironment(self) -> None:
         """
         A key in a variable (C{env: {VLLM_API_KEY: "{api_key}"}}) is the
@@ -285,6 +340,24 @@ class CommandRunTests(SynchronousTestCase):
         self.reactor.advance(10)
         self.assertEqual(server.signals, [])
 
+    def test_exitToldAfterStopCommand(self) -> None:
+        """
+        When the process dynllm started exits before the stop command has
+        ended (a C{docker run} client that goes while C{docker stop} waits
+        for the container), the exit is told only once the stop command
+        has ended: until then the server may still hold its memory and
+        port.
+        """
+        run = self.makeRun(commandModel(stop=StopConfig(command=("ctl", "stop"), timeout=3)))
+        run.start()
+        exited = run.whenExited()
+        run.stop()
+        server, stopper = self.reactor.spawned
+        server.exit()
+        self.assertNoResult(exited)
+        stopper.exit()
+        self.assertIsInstance(self.successResultOf(exited), ProcessDone)
+
     def test_stopCommandThenKill(self) -> None:
         """
         A server still there C{stop.timeout} seconds after its stop command
@@ -303,6 +376,35 @@ class CommandRunTests(SynchronousTestCase):
         self.assertNoResult(stopped)
         stopper.exit()
         self.successResultOf(stopped)
+
+    def test_stopCommandFailsThenSignal(self) -> None:
+        """
+        A stop command that fails (exits non-zero: a program not found, a
+        container already gone) leaves the server to the signal at once,
+        rather than to KILL after C{stop.timeout}.
+        """
+        run = self.makeRun(commandModel(stop=StopConfig(command=("ctl", "stop"), timeout=30)))
+        run.start()
+        stopped = run.stop()
+        server, stopper = self.reactor.spawned
+        stopper.exit(ProcessTerminated(exitCode=127))
+        self.assertEqual(server.signals, ["TERM"])
+        server.exit()
+        self.successResultOf(stopped)
+        self.flushLoggedErrors()
+
+    def test_stopCommandSucceedsNoSignal(self) -> None:
+        """
+        A stop command that succeeds is trusted: the server gets no signal
+        before C{stop.timeout}.
+        """
+        run = self.makeRun(commandModel(stop=StopConfig(command=("ctl", "stop"), timeout=30)))
+        run.start()
+        run.stop()
+        server, stopper = self.reactor.spawned
+        stopper.exit()
+        self.reactor.advance(29)
+        self.assertEqual(server.signals, [])
 
     def test_exitOnItsOwnRunsStopCommand(self) -> None:
         """

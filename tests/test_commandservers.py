@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import tempfile
 
@@ -331,6 +332,65 @@ class SmallServerTests(SynchronousTestCase):
         self.assertIn("request for model 'upstream-name'", daemon.log())
 
 
+    def test_readyPathBehindKey(self) -> None:
+        """
+        A server whose C{ready.http.path} is behind its key (C{/v1/models},
+        as on vLLM) is probed with the key, and so becomes ready.
+        """
+        daemon = self.daemon({
+            "name": "guarded", "backend": "command", "vram_mb": 100,
+            "command": [sys.executable, ANYSERVER, "serve", "--host", "{host}", "--port", "{port}",
+                        "--api-key", "{api_key}"],
+            "ready": {"http": {"path": "/v1/models"}},
+        })
+        self.assertEqual(self.chat(daemon, "guarded").choices[0].message.content, "hello from anyserver")
+        self.assertIn('"GET /v1/models HTTP/1.1" 200', daemon.log())
+
+    def test_keyNeverShown(self) -> None:
+        """
+        The run's key, on the server's command line, is in neither the
+        daemon's log nor C{/admin/models} nor the client's answer.
+        """
+        daemon = self.daemon({
+            "name": "secret", "backend": "command", "vram_mb": 100,
+            "command": [sys.executable, ANYSERVER, "serve", "--host", "{host}", "--port", "{port}",
+                        "--api-key", "{api_key}"],
+        })
+        status, _, body = daemon.post("/v1/chat/completions", {"model": "secret", "messages": []})
+        self.assertEqual(status, 200, body)
+        pid = daemon.models()["secret"]["pid"]
+        argv = commandLine(pid)
+        key = argv[argv.index("--api-key") + 1]
+        self.assertNotIn(key, daemon.log())
+        self.assertIn("--api-key <api_key>", daemon.log())
+        self.assertNotIn(key.encode(), body)
+        self.assertNotIn(key.encode(), daemon.get("/admin/models")[2])
+        self.assertNotIn(key.encode(), daemon.get("/admin/models/secret/logs")[2])
+
+
+    def test_hupRestartsWithNewCommand(self) -> None:
+        """
+        After SIGHUP with a changed command, a loaded container-style model
+        is stopped by its stop command (its old server is gone) and loaded
+        again with the new command.
+        """
+        daemon = self.daemon(containerModel("boxed", self.state))
+        self.assertEqual(self.chat(daemon, "boxed").choices[0].message.content, "hello from boxed")
+        old = serverPid(self.state, "boxed")
+        model = containerModel("boxed", self.state)
+        model["command"] = [*model["command"][:-1], "{name}-v2"]
+        daemon.config = dict(daemon.config, models=[model])
+        with open(daemon.configPath, "w") as f:
+            yaml.safe_dump(daemon.config, f)
+        assert daemon.process is not None
+        daemon.process.send_signal(signal.SIGHUP)
+        self.assertTrue(waitFor(lambda: "configuration reloaded" in daemon.log(), timeout=10), daemon.log())
+        self.assertTrue(waitFor(lambda: old is not None and not pidAlive(old), timeout=15))
+        self.assertTrue(waitFor(lambda: daemon.models()["boxed"]["status"] == "loaded", timeout=15))
+        self.assertEqual(self.chat(daemon, "boxed").choices[0].message.content, "hello from boxed-v2")
+        self.assertNotEqual(serverPid(self.state, "boxed"), old)
+
+
 class CrashRecoveryByCommandTests(SynchronousTestCase):
     """
     C{kill -9} of the daemon with command models loaded, then a restart:
@@ -376,3 +436,30 @@ class CrashRecoveryByCommandTests(SynchronousTestCase):
         self.assertTrue(all(m["status"] == "unloaded" and m["pid"] is None for m in models_.values()))
         for _, port in loaded.values():
             self.assertTrue(portIsFree(port), f"port {port} is still taken")
+
+    def test_kill9ThenRestartWithoutTheModel(self):
+        """
+        After SIGKILL of the daemon, a next daemon whose configuration no
+        longer has the container-style model (or has changed its stop
+        command) still runs the stop command recorded for the run, so that
+        its server is not left behind.
+        """
+        state = tempfile.mkdtemp(prefix="dynllm-anyserver-")
+        first = Daemon({
+            "total_vram_mb": 1000, "enabled_backends": ["command"], "models": [containerModel("boxed", state)],
+        }).start()
+        self.addCleanup(first.stop)
+        self.assertEqual(first.post("/admin/models/load", {"model": "boxed"})[0], 200)
+        server = serverPid(state, "boxed")
+        self.assertIsNotNone(server)
+        self.addCleanup(lambda: pidAlive(server) and os.kill(server, 9))
+        first.kill9()
+        self.assertTrue(pidAlive(server))
+        other = {"name": "other", "backend": "command", "vram_mb": 100,
+                 "command": [sys.executable, ANYSERVER, "serve", "--host", "{host}", "--port", "{port}"]}
+        second = Daemon(dict(first.config, models=[other]), directory=first.directory)
+        second.port, second.url = first.port, first.url
+        second.start()
+        self.addCleanup(second.stop)
+        self.assertFalse(pidAlive(server), "the recorded stop command did not end the leftover server")
+        self.assertIn("stop: stopping boxed", second.log())

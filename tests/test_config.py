@@ -1549,6 +1549,71 @@ class CommandConfigTests(ConfigTestMixin, TestCase):
         [problem] = self.problems(self.command(), which=notFound)
         self.assertIn("models[0] ('c1').command[0]: the command program 'server' was not found", problem)
 
+    def test_portPlaceholderRequired(self) -> None:
+        """
+        A command model whose command, C{extra_args} and C{env} never use
+        C{{port}} is refused: its server would listen where dynllm does not
+        look, and never be found ready. C{{port}} in C{env} alone is
+        enough.
+        """
+        [problem] = self.problems(self.command(command=["server", "--host", "{host}"]))
+        self.assertIn("models[0] ('c1').command:", problem)
+        self.assertIn("{port}", problem)
+        self.parseCommand(self.command(command=["server"], env={"PORT": "{port}"}))
+
+    def test_stopProgramNotFound(self) -> None:
+        """
+        A stop command whose program is not found is refused, naming
+        C{stop.command[0]}, as the server's own program is; one given by a
+        placeholder is not looked up.
+        """
+        def which(name: str) -> str | None:
+            return None if name == "ctl" else found(name)
+
+        [problem] = self.problems(self.command(stop={"command": ["ctl", "stop", "{name}"]}), which=which)
+        self.assertIn("models[0] ('c1').stop.command[0]: the program 'ctl' was not found", problem)
+        self.parseCommand(self.command(path="/bin/ctl", stop={"command": ["{path}", "stop"]}), which=which)
+
+    def test_sharedFixedStopCommandRefused(self) -> None:
+        """
+        Two models with the same stop command that names neither C{{name}}
+        nor C{{port}} are refused at the second (unloading one would stop
+        the other's server); the same command with C{{name}} is fine.
+        """
+        stop = {"command": ["docker", "stop", "vllm"]}
+        [problem] = self.problems(self.command(stop=stop), self.command(name="c2", stop=stop))
+        self.assertIn("models[1] ('c2').stop.command: models[0] ('c1') has the same one", problem)
+        named = {"command": ["docker", "stop", "dynllm-{name}"]}
+        self.parseCommand(self.command(stop=named), self.command(name="c2", stop=named))
+
+    def test_endpointPathPlaceholderRefused(self) -> None:
+        """
+        An upstream path of C{endpoints} takes no placeholders (they would
+        be sent as they are): a brace in one is refused, naming the route.
+        """
+        [problem] = self.problems(self.command(endpoints={"/v1/chat/completions": "/{name}/chat"}))
+        self.assertIn("models[0] ('c1').endpoints./v1/chat/completions", problem)
+        self.assertIn("placeholders", problem)
+
+    def test_literalAddressInEnvRefused(self) -> None:
+        """
+        A value of C{env} that names every interface (C{0.0.0.0:8000},
+        C{[::]}, as C{OLLAMA_HOST} would take) or a C{PORT} or C{HOST}
+        variable without its placeholder is refused, naming the variable.
+        Other addresses are what a server connects to (C{HTTP_PROXY}, a
+        tracing endpoint), and are accepted.
+        """
+        problems = self.problems(
+            self.command(env={
+                "ADDR": "0.0.0.0:8000", "V6": "[::]", "PORT": "8080", "HOST": "{host}",
+                "HTTP_PROXY": "http://10.0.0.1:3128", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://localhost:4317",
+            })
+        )
+        self.assertEqual(len(problems), 3, problems)
+        self.assertIn("models[0] ('c1').env.ADDR:", problems[0])
+        self.assertIn("models[0] ('c1').env.V6:", problems[1])
+        self.assertIn("models[0] ('c1').env.PORT:", problems[2])
+
     def test_readyForms(self) -> None:
         """
         C{ready} takes C{http: {path, status}}, C{log} alone (no HTTP probe)
@@ -1614,6 +1679,18 @@ class CommandConfigTests(ConfigTestMixin, TestCase):
         self.assertIn("models[0] ('c1').endpoints: '/v1/nothing' is not a route", problems[0])
         self.assertIn("models[0] ('c1').endpoints./v1/chat/completions must be an upstream path", problems[1])
         self.assertIn("models[1] ('c2').endpoints: /v1/embeddings serves model types embedding, not 'llm'", problems[2])
+
+    def test_endpointGivenTwice(self) -> None:
+        """
+        A route given twice under two of its spellings
+        (C{/v1/chat/completions} and C{/chat/completions}) is refused
+        rather than one of them silently dropped; an empty list is refused
+        as it was written.
+        """
+        [problem] = self.problems(self.command(endpoints={"/v1/chat/completions": "/a", "/chat/completions": "/b"}))
+        self.assertIn("models[0] ('c1').endpoints: '/chat/completions' is /v1/chat/completions again", problem)
+        [problem] = self.problems(self.command(endpoints=[]))
+        self.assertIn("not []", problem)
 
     def test_stopForms(self) -> None:
         """

@@ -142,3 +142,56 @@ class AddressProblemsTests(SynchronousTestCase):
         """
         args = ["0.0.0.0:8000", "http://localhost:8080/x", "[::1]:9000", "{host}:{port}", "model:v1", "1.5:2"]
         self.assertEqual([i for i, _ in addressProblems(args)], [0, 1, 2])
+
+    def test_shortPortAttachedRefused(self) -> None:
+        """
+        C{-p8080} (a short option with its value attached, as getopt reads
+        it) is refused like C{-p 8080}; C{-p{port}} is accepted, and so is
+        a one-dash long option that merely starts with C{-p}.
+        """
+        [(index, why)] = addressProblems(["serve", "-p8080"])
+        self.assertEqual(index, 1)
+        self.assertIn("-p '8080' sets the listen port", why)
+        self.assertEqual(addressProblems(["-p{port}", "-preload"]), [])
+
+    def test_longOptionSpellings(self) -> None:
+        """
+        Long options are matched whatever their case and with C{_} for
+        C{-} (C{--listen_port}, C{--PORT}, C{--Host}), as argparse-based
+        servers often accept; short options keep their case (Docker's
+        C{-P} takes no value).
+        """
+        args = ["--listen_port", "8080", "--PORT=1", "--Host", "0.0.0.0"]
+        problems = addressProblems(args)
+        self.assertEqual([i for i, _ in problems], [1, 2, 4])
+        self.assertIn("--listen_port '8080'", problems[0][1])
+        self.assertEqual(addressProblems(["run", "-P", "image"]), [])
+
+    def test_listenAllRefused(self) -> None:
+        """
+        An argument that is an address meaning "every interface"
+        (C{0.0.0.0}, C{::}, C{[::]}) is refused wherever it is (after
+        C{-H}, alone): it would open the server to the network.
+        """
+        args = ["-H", "0.0.0.0", "::", "[::]", "--other", "10.0.0.1"]
+        self.assertEqual([i for i, _ in addressProblems(args)], [1, 2, 3])
+
+    def test_shellStringChecked(self) -> None:
+        """
+        An argument that is a command line of its own (C{sh -c "server
+        --port 8080"}) has its words checked, and is refused at its index.
+        """
+        [(index, why)] = addressProblems(["sh", "-c", "exec server --port 8080 --host {host}"])
+        self.assertEqual(index, 2)
+        self.assertIn("--port '8080'", why)
+        self.assertEqual(addressProblems(["sh", "-c", "exec server --port {port} --host {host}"]), [])
+        self.assertEqual(len(addressProblems(["sh", "-c", "server --port=8080 'unclosed"])), 1)
+
+    def test_shellVariableAccepted(self) -> None:
+        """
+        In a shell command, a port or host option whose value is a shell
+        variable (C{sh -c 'exec server --port "$1"' sh {port}}) is
+        accepted; outside one, C{$1} is no port.
+        """
+        self.assertEqual(addressProblems(["sh", "-c", 'exec server --port "$1" --host $2', "sh", "{port}", "{host}"]), [])
+        self.assertEqual(len(addressProblems(["server", "--port", "$1"])), 1)

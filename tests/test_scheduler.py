@@ -9,6 +9,7 @@ probes as the tests say.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from typing import Any
@@ -1367,6 +1368,48 @@ class StoreTests(ManagerTestsMixin, SynchronousTestCase):
         stopper.exit()
         self.assertTrue(manager.started)
         self.assertEqual(self.store.saved["a"]["status"], "unloaded")
+
+
+    def test_stopCommandRecorded(self) -> None:
+        """
+        A loaded model's row holds its stop command as it was expanded for
+        the run (what stops its server, whatever the configuration says by
+        the next start); a model without one records none.
+        """
+        self.makeManager([
+            {"name": "a", "vram_mb": 300, "stop": {"command": ["ctl", "stop", "{name}", "{port}"]}},
+            {"name": "b", "vram_mb": 300},
+        ])
+        self.loadIdle("a")
+        self.loadIdle("b")
+        port = self.store.saved["a"]["port"]
+        self.assertEqual(json.loads(self.store.saved["a"]["stop_command"]), ["ctl", "stop", "a", str(port)])
+        self.assertIsNone(self.store.saved["b"]["stop_command"])
+
+    def test_startRunsRecordedStopCommand(self) -> None:
+        """
+        After a crash, the stop command recorded for a run is the one run,
+        even when the model has since been removed from the configuration
+        or its stop command changed: its server (in a container) is not
+        left behind.
+        """
+        manager = self.makeManager(
+            [{"name": "a", "vram_mb": 600, "stop": {"command": ["new-ctl", "{name}"]}}], start=False
+        )
+        for name in ("a", "removed"):
+            self.store.save({
+                "name": name, "status": "loaded", "pid": 2**23, "start_time": 1, "port": 40107,
+                "stop_command": json.dumps(["old-ctl", "stop", name]),
+            })
+        manager.startService()
+        [first] = self.reactor.spawned
+        self.assertEqual(first.args, ["old-ctl", "stop", "a"])
+        first.exit()
+        [_, second] = self.reactor.spawned
+        self.assertEqual(second.args, ["old-ctl", "stop", "removed"])
+        second.exit()
+        self.assertTrue(manager.started)
+        self.assertNotIn("removed", self.store.saved)
 
 
 class ProcessDoneTests(ManagerTestsMixin, SynchronousTestCase):

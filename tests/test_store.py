@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import subprocess
 import time
 from typing import Any
@@ -46,6 +47,7 @@ def makeRow(name: str, **values: Any) -> dict[str, Any]:
         "load_seq": 3,
         "last_error": None,
         "updated_at": 30.0,
+        "stop_command": None,
     }
     row.update(values)
     return row
@@ -125,6 +127,25 @@ class SQLiteStateStoreTests(TestCase):
         await self.store.save({"name": "a", "status": "unloaded"})
         [row] = await self.store.rows()
         self.assertEqual(row, dict.fromkeys(COLUMNS) | {"name": "a", "status": "unloaded"})
+
+    async def test_olderDatabaseGainsStopCommand(self) -> None:
+        """
+        A database written before rows had C{stop_command} is opened, its
+        rows read with C{stop_command} C{None}, and new rows keep theirs.
+        """
+        self.store.close()
+        os.unlink(self.path)
+        conn = sqlite3.connect(self.path)
+        columns = ", ".join(c for c in COLUMNS if c != "stop_command")
+        conn.execute(f"CREATE TABLE models ({columns}, PRIMARY KEY (name))")
+        conn.execute("INSERT INTO models (name, status) VALUES ('old', 'loaded')")
+        conn.commit()
+        conn.close()
+        store = self.openStore()
+        await store.save(makeRow("new", stop_command='["ctl", "stop"]'))
+        rows = {r["name"]: r for r in await store.rows()}
+        self.assertIsNone(rows["old"]["stop_command"])
+        self.assertEqual(rows["new"]["stop_command"], '["ctl", "stop"]')
 
     async def test_upsertOverwrites(self) -> None:
         """

@@ -22,7 +22,7 @@ from attrs import Attribute, evolve, field, fields, frozen
 
 from dynllm.endpoints import BACKEND_KINDS, KSERVE_TYPES, MODEL_TYPES, endpointOf, modelTypesOf
 from dynllm.owned import OWNED
-from dynllm.placeholders import PlaceholderError, addressProblems, expand, placeholdersIn
+from dynllm.placeholders import LISTEN_ALL_IN, PlaceholderError, addressProblems, expand, placeholdersIn
 
 #: Which backend kind serves which model types: read from the endpoint
 #: table, the one place that says which endpoint serves what.
@@ -329,6 +329,17 @@ def _placeholderProblems(args: tuple[str, ...], where: str, forbidden: tuple[str
     return problems
 
 
+def _uses(template: str, placeholder: str) -> bool:
+    """
+    @return: whether C{template} uses C{placeholder} (C{False} for a
+        template that is not valid, which is reported on its own).
+    """
+    try:
+        return placeholder in placeholdersIn(template)
+    except PlaceholderError:
+        return False
+
+
 def _command(value: Any, where: str) -> tuple[str, ...]:
     """
     A command line with placeholders: a non-empty list of strings (numbers
@@ -440,10 +451,11 @@ def _endpoints(value: Any, where: str) -> Mapping[str, str]:
     endpoint table's (L{dynllm.endpoints}), under any of its spellings; it
     is kept under its first.
     """
+    given = value
     if isinstance(value, list):
         value = {route: None for route in value}
     if not isinstance(value, dict) or not value:
-        raise ConfigError(f"{where} must be a mapping of dynllm routes to upstream paths, or a list of routes, not {value!r}")
+        raise ConfigError(f"{where} must be a mapping of dynllm routes to upstream paths, or a list of routes, not {given!r}")
     problems = []
     table: dict[str, str] = {}
     for route, path in value.items():
@@ -451,10 +463,16 @@ def _endpoints(value: Any, where: str) -> Mapping[str, str]:
         if endpoint is None or "{name}" in endpoint.path:
             problems.append(f"{where}: {route!r} is not a route dynllm serves by model (see the endpoint table)")
             continue
+        if endpoint.path in table:
+            problems.append(f"{where}: {route!r} is {endpoint.path} again (each route once, under one spelling)")
+            continue
         if path is None:
             path = endpoint.path
         if not isinstance(path, str) or not path.startswith("/"):
             problems.append(f"{where}.{route} must be an upstream path starting with '/', not {path!r}")
+            continue
+        if "{" in path or "}" in path:
+            problems.append(f"{where}.{route}: an upstream path takes no placeholders, not {path!r}")
             continue
         table[endpoint.path] = path
     if problems:
@@ -1006,6 +1024,9 @@ class _ModelChecks:
         #: Whether C{models_dir} is a directory, once a relative model path
         #: needed it.
         self.modelsDirFound: bool | None = None
+        #: The stop commands that name no run ({name}, {port}), by the
+        #: first model that has each.
+        self.fixedStops: dict[tuple[str, ...], str] = {}
 
     def check(self, built: _Built, place: str) -> ModelConfig:
         """
@@ -1092,6 +1113,10 @@ class _ModelChecks:
                 _checkOVMSGraph(model, place, path, ok, self.problems)
         if needsProgram:
             self._checkProgram(model, place)
+        if ok("stop") and model.stop.command and "{" not in model.stop.command[0]:
+            self._checkStopProgram(model.stop.command[0], f"{place}.stop.command[0]")
+        if ok("stop") and model.stop.command:
+            self._checkSharedStop(model.stop.command, place)
         if path is None:
             return model
         return evolve(model, path=os.path.abspath(path), created=int(os.stat(path).st_mtime))
@@ -1119,6 +1144,14 @@ class _ModelChecks:
                     continue
                 if "path" in used and "path" not in model.explicit:
                     add(f"{place}.env.{name}: {{path}} is used but the model has no path")
+                wanted = name.lower() if name.upper() in ("PORT", "HOST") else None
+                if wanted is not None and wanted not in used:
+                    add(f"{place}.env.{name}: {value!r} sets the listen {wanted}; dynllm owns it: write {{{wanted}}}")
+                elif wanted is None and LISTEN_ALL_IN.search(value):
+                    add(
+                        f"{place}.env.{name}: {value!r} names every interface, which would open the server"
+                        " to the network; dynllm owns the address: write {host}"
+                    )
         keys = (("command", model.command), ("extra_args", model.extra_args), ("stop.command", model.stop.command))
         for key, args in keys:
             if not ok(key.partition(".")[0]):
@@ -1133,9 +1166,16 @@ class _ModelChecks:
         if ok("upstream_model") and model.upstream_model == "path" and "path" not in model.explicit:
             add(f"{place}.upstream_model: 'path' sends the model's path, but the model has no path")
         launch = (model.command if ok("command") else ()) + (model.extra_args if ok("extra_args") else ())
-        for index, why in addressProblems(launch):
+        literal = addressProblems(launch)
+        for index, why in literal:
             key = f"command[{index}]" if index < len(model.command) else f"extra_args[{index - len(model.command)}]"
             add(f"{place}.{key}: {why}")
+        if not literal and ok("command") and model.command and ok("extra_args") and ok("env"):
+            if not any(_uses(t, "port") for t in (*launch, *model.env.values())):
+                add(
+                    f"{place}.command: {{port}} is in none of command, extra_args and env; dynllm chooses"
+                    " the port and looks for the server there, so the server must be told it"
+                )
         if ok("endpoints") and ok("model_type") and model.endpoints is not None:
             for route in model.endpoints:
                 endpoint = endpointOf(route)
@@ -1194,6 +1234,32 @@ class _ModelChecks:
                     f"models_dir: {self.modelsDir!r} is not a directory, and relative model"
                     f" paths are taken from it (first {place}.path: {model.path!r})"
                 )
+
+    def _checkSharedStop(self, command: tuple[str, ...], place: str) -> None:
+        """
+        Two models may not have the same stop command naming neither
+        C{{name}} nor C{{port}} (C{docker stop vllm} twice): stopping one
+        would stop the other's server.
+        """
+        if any(_uses(arg, "name") or _uses(arg, "port") for arg in command):
+            return
+        first = self.fixedStops.setdefault(command, place)
+        if first != place:
+            self.problems.add(
+                f"{place}.stop.command: {first} has the same one, and it names neither {{name}} nor {{port}}:"
+                " stopping one model would stop the other's server"
+            )
+
+    def _checkStopProgram(self, binary: str, where: str) -> None:
+        """
+        The program of a model's C{stop.command} can be found (one that
+        cannot would leave the server to KILL after the timeout, and a
+        container behind it running).
+        """
+        if binary not in self.programs:
+            self.programs[binary] = self.which(binary) is not None
+        if not self.programs[binary]:
+            self.problems.add(f"{where}: the program {binary!r} was not found (give its path)")
 
     def _checkProgram(self, model: ModelConfig, place: str) -> None:
         """

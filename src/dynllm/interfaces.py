@@ -107,7 +107,8 @@ class IStateStore(Interface):
     Rows are C{dict}s keyed by L{dynllm.store.COLUMNS}: C{name}, C{status},
     C{backend}, C{pid}, C{pgid}, C{start_time}, C{port}, C{vram_mb},
     C{loaded_at}, C{last_used_at}, C{load_seq}, C{last_error},
-    C{updated_at}. Implementations: L{dynllm.store.SQLiteStateStore} and
+    C{updated_at}, C{stop_command} (the run's C{stop.command} as expanded,
+    a JSON list, or C{None}). Implementations: L{dynllm.store.SQLiteStateStore} and
     L{dynllm.store.MemoryStateStore}.
     """
 

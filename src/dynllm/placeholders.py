@@ -16,6 +16,7 @@ backends can both read it.
 from __future__ import annotations
 
 import re
+import shlex
 import string
 from typing import Mapping, Sequence
 
@@ -108,22 +109,75 @@ def expandAll(templates: Sequence[str], values: Mapping[str, str]) -> list[str]:
     return [expand(t, values) for t in templates]
 
 
-def addressProblems(args: Sequence[str]) -> list[tuple[int, str]]:
+#: Addresses that mean "every interface": a server told one of them is
+#: open to the network, whatever else its line says.
+LISTEN_ALL = ("0.0.0.0", "::", "[::]")
+
+#: One of L{LISTEN_ALL} within a text (C{0.0.0.0:8000}, C{http://[::]:80}).
+LISTEN_ALL_IN = re.compile(r"(?<![\w.:])(?:0\.0\.0\.0(?![\w.])|\[::\]|::(?![\w:]))")
+
+#: Short options that take their value attached (C{-p8080}, as getopt
+#: reads them).
+_SHORT_PORT_FLAGS = tuple(f for f in PORT_FLAGS if not f.startswith("--"))
+
+
+def _optionName(arg: str) -> tuple[str, str, str]:
+    """
+    @return: C{(name, "=", value)} of an option (C{name} of a long option
+        lower-cased with C{_} read as C{-}, as argparse-based servers often
+        accept; a short option's case kept: Docker's C{-P} is not C{-p}),
+        or C{(arg, "", "")} for what is not an option.
+    """
+    if not arg.startswith("-"):
+        return arg, "", ""
+    name, eq, inline = arg.partition("=")
+    if name.startswith("--"):
+        name = name.lower().replace("_", "-")
+    elif not eq and name[:2] in _SHORT_PORT_FLAGS and name[2:3].isdigit():
+        # -p8080: the value attached.
+        return name[:2], "=", arg[2:]
+    return name, eq, inline
+
+
+def _words(arg: str) -> list[str] | None:
+    """
+    @return: the words of an argument that is a command line of its own
+        (C{sh -c "exec server --port 8080"}), or C{None} for one word.
+    """
+    if not any(c.isspace() for c in arg.strip()):
+        return None
+    try:
+        return shlex.split(arg)
+    except ValueError:
+        return arg.split()
+
+
+def addressProblems(args: Sequence[str], shell: bool = False) -> list[tuple[int, str]]:
     """
     Find the arguments that set a listen port or host other than through
     C{{port}} and C{{host}}: a port option (L{PORT_FLAGS}) whose value
     lacks C{{port}}, a host option (L{HOST_FLAGS}) whose value lacks
-    C{{host}}, in the C{--flag value} and C{--flag=value} forms, and any
-    literal C{HOST:PORT} (L{LITERAL_ADDRESS}).
+    C{{host}}, in the C{--flag value}, C{--flag=value} and C{-p8080}
+    forms (long options in any case, with C{_} for C{-}), any literal
+    C{HOST:PORT} (L{LITERAL_ADDRESS}), and any of L{LISTEN_ALL}. An
+    argument that is a command line of its own (C{sh -c "..."}) has its
+    words checked the same way, where a value that is a shell variable
+    (C{--port "$1"}, given C{{port}} as an argument) is accepted.
 
     @param args: A command line, as configured (not yet expanded).
+    @param shell: Whether C{args} are the words of a shell command.
     @return: C{(index, why)} of each, in order.
     """
     found: list[tuple[int, str]] = []
     index = 0
     while index < len(args):
         arg = args[index]
-        name, eq, inline = arg.partition("=") if arg.startswith("-") else (arg, "", "")
+        words = _words(arg)
+        if words is not None:
+            found.extend((index, why) for _, why in addressProblems(words, shell=True))
+            index += 1
+            continue
+        name, eq, inline = _optionName(arg)
         wanted = "port" if name in PORT_FLAGS else "host" if name in HOST_FLAGS else None
         if wanted is not None:
             if eq:
@@ -133,8 +187,14 @@ def addressProblems(args: Sequence[str]) -> list[tuple[int, str]]:
                 index += 1
             else:
                 value, at = "", index
-            if "{" + wanted + "}" not in value:
-                found.append((at, f"{name} {value!r} sets the listen {wanted}; dynllm owns it: write {{{wanted}}}"))
+            if "{" + wanted + "}" not in value and not (shell and value.startswith("$")):
+                shown = arg.partition("=")[0] if arg.startswith("--") else name
+                found.append((at, f"{shown} {value!r} sets the listen {wanted}; dynllm owns it: write {{{wanted}}}"))
+        elif (inline if eq else arg) in LISTEN_ALL:
+            found.append(
+                (index, f"{arg!r} names every interface, which would open the server to the network;"
+                        " dynllm owns the address: write {host}")
+            )
         else:
             match = LITERAL_ADDRESS.search(arg)
             if match is not None:

@@ -30,6 +30,11 @@ log = logger(__name__)
 #: The name of each output stream, for the C{stream} field of a line's event.
 STREAMS = {1: "stdout", 2: "stderr"}
 
+#: What a secret (a run's API key) becomes in a program's output and in the
+#: daemon's log.
+REDACTED = "<api_key>"
+REDACTED_BYTES = REDACTED.encode("ascii")
+
 #: Prefix that starts a program in a session of its own (so in its own
 #: process group), under the pid we spawn (it execs in place), killed by the
 #: kernel when the daemon ends, even by SIGKILL, with every process of its
@@ -151,12 +156,17 @@ class BackendProcessProtocol(ProcessProtocol):
         ring: LogRing,
         onLine: Callable[[str], object] | None = None,
         clock: IReactorTime | None = None,
+        secret: str | None = None,
     ) -> None:
         """
         @param clock: Times the log's budget (L{LogBudget}); without one,
             every line is logged.
+        @param secret: A text that the program may print (its run's API
+            key, as vLLM prints its arguments) and that is replaced by
+            L{REDACTED} before a line is kept, logged or reported.
         """
         self.name = name
+        self.secret = secret.encode("utf-8") if secret else None
         self.ring = ring
         self.onLine = onLine
         self.budget = LogBudget(name, clock) if clock is not None else None
@@ -193,6 +203,9 @@ class BackendProcessProtocol(ProcessProtocol):
             raw = [r for r in raw if r]
         if not raw:
             return
+        secret = self.secret
+        if secret is not None:
+            raw = [r.replace(secret, REDACTED_BYTES) if secret in r else r for r in raw]
         self.lineCount += len(raw)
         admitted = len(raw) if self.budget is None else self.budget.admit(raw)
         self.ring.extend(raw)
@@ -321,6 +334,8 @@ class ManagedProcess:
     @ivar onLine: Called with each line the program prints, from now on
         (set it to C{None} when no more lines are wanted).
     @ivar ring: The program's last output lines.
+    @ivar secret: Replaced by L{REDACTED} in the program's output (see
+        L{BackendProcessProtocol}).
     """
 
     name: str
@@ -331,6 +346,7 @@ class ManagedProcess:
     newSession: bool = True
     onLine: Callable[[str], object] | None = field(default=None, on_setattr=_passOnLine)
     ring: LogRing = field(factory=LogRing)
+    secret: str | None = field(default=None, repr=False)
     pid: int | None = field(default=None, init=False)
     startTime: int | None = field(default=None, init=False)
     _proto: BackendProcessProtocol | None = field(default=None, init=False)
@@ -344,7 +360,7 @@ class ManagedProcess:
         @return: its pid, which is also its process group id.
         @raise OSError: if it could not be spawned.
         """
-        proto = BackendProcessProtocol(self.name, self.ring, self.onLine, IReactorTime(self.reactor))
+        proto = BackendProcessProtocol(self.name, self.ring, self.onLine, IReactorTime(self.reactor), self.secret)
         argv = [*_LAUNCH_ARGV, str(os.getpid()), *self.argv] if self.newSession else list(self.argv)
         self._transport = self.reactor.spawnProcess(
             proto, argv[0], argv, env=self.env, childFDs={0: "w", 1: "r", 2: "r"}
@@ -436,6 +452,15 @@ class ManagedProcess:
 
             self.whenExited().addCallback(cancelMurder)
         return self.whenExited()
+
+    def signal(self, signalName: str) -> None:
+        """
+        Send C{signalName} (without C{SIG}) to the running program's group
+        now, during a stop that sent none (L{stop} with C{None}), whose
+        KILL stays scheduled.
+        """
+        if self.running:
+            self._signal(signalName)
 
     def _kill(self) -> None:
         if self.running:

@@ -23,7 +23,7 @@ from dynllm.interfaces import IBackend
 from dynllm.logs import logger
 from dynllm.logs import LogRing
 from dynllm.placeholders import expandAll
-from dynllm.process import ManagedProcess
+from dynllm.process import REDACTED, ManagedProcess
 
 log = logger(__name__)
 
@@ -150,6 +150,22 @@ def runCommand(
 
 
 @define
+class _WithKey:
+    """
+    The probes' HTTP client, sending a run's key as Bearer: a readiness path
+    may be behind the key (vLLM's C{/v1/models}), as every request is.
+    """
+
+    http: Any
+    apiKey: str = field(repr=False)
+
+    def request(self, method: str, url: str, **kw: Any) -> Any:
+        headers = dict(kw.pop("headers", None) or {})
+        headers[b"Authorization"] = [b"Bearer " + self.apiKey.encode("ascii")]
+        return self.http.request(method, url, headers=headers, **kw)
+
+
+@define
 class BackendRun:
     """
     One process serving one model.
@@ -226,6 +242,7 @@ class BackendRun:
             newSession=self.newSession,
             onLine=self._line,
             ring=self.ring,
+            secret=self.apiKey,
         )
 
     @property
@@ -244,12 +261,11 @@ class BackendRun:
         @raise OSError: if the program could not be spawned.
         """
         self.process.start()
-        log.info(
-            "[{model}] started {argv} as pid {pid}",
-            model=self.model.name,
-            argv=" ".join(self.process.argv),
-            pid=self.process.pid,
-        )
+        argv = " ".join(self.process.argv)
+        if self.apiKey is not None:
+            # The key is this run's secret: the log is no place for it.
+            argv = argv.replace(self.apiKey, REDACTED)
+        log.info("[{model}] started {argv} as pid {pid}", model=self.model.name, argv=argv, pid=self.process.pid)
         self._started = True
         self.process.whenExited().addCallback(self._processExited)
         if self._readyLine is None:
@@ -282,6 +298,8 @@ class BackendRun:
         if stop.command and self.process.running:
             if self._stopping is None:
                 self._stopping = self._runStopCommand()
+                if self._stopping is not None:
+                    self._stopping.addCallback(self._stopCommandEnded)
             if self._stopping is not None:
                 return self._bothEnded(self.process.stop(None), self._stopping)
         return self.process.stop(stop.signal)
@@ -294,15 +312,45 @@ class BackendRun:
             cleaning up, as C{docker stop X && docker rm X} does, after the
             process dynllm started is gone); each is bounded by C{killTime}.
         """
+        ended: defer.Deferred[None] = defer.Deferred()
+
+        def passOn(result: object) -> object:
+            # The stop command's Deferred is shared: its result goes on.
+            ended.callback(None)
+            return result
+
+        stopCommand.addBoth(passOn)
+
         async def both() -> Exception:
             reason = await exited
-            try:
-                await stopCommand
-            except Exception:
-                pass  # runCommand has said how it ended
+            await ended
             return reason
 
         return defer.ensureDeferred(both())
+
+    def _stopCommandEnded(self, reason: Exception) -> Exception:
+        """
+        A stop command that failed (exited non-zero or was killed: its
+        program missing, its container gone) has not stopped the server:
+        it gets the model's signal now rather than KILL after the timeout.
+        """
+        if getattr(reason, "exitCode", 0) or getattr(reason, "signal", None) is not None:
+            if self.process.running:
+                log.warn("[{model}] its stop command failed; sending SIG{signal}", model=self.model.name,
+                         signal=self.model.stop.signal)
+                self.process.signal(self.model.stop.signal)
+        return reason
+
+    @property
+    def stopArgv(self) -> list[str] | None:
+        """
+        The model's C{stop.command} as this run expands it (what the state
+        database records, so that a later start stops this run's server
+        even if the configuration has changed), or C{None} for none.
+        """
+        if not self.model.stop.command:
+            return None
+        return expandAll(self.model.stop.command, self.model.placeholders(self.port))
 
     def _runStopCommand(self) -> defer.Deferred[Exception] | None:
         """
@@ -313,7 +361,7 @@ class BackendRun:
         @return: a Deferred firing when the stop command has exited, or
             C{None} if it could not be spawned (then the signal is sent).
         """
-        argv = expandAll(self.model.stop.command, self.model.placeholders(self.port))
+        argv = self.stopArgv or []
         try:
             done = runCommand(
                 self.model.name, argv, self.reactor, self._stopEnv, self.killTime, self.newSession, self.ring
@@ -327,9 +375,9 @@ class BackendRun:
     def whenExited(self) -> defer.Deferred[Exception]:
         """
         @return: a fresh Deferred that fires with the exit reason on exit
-            (at once if the run never started). When the process exited
-            on its own and the model has a C{stop.command}, it fires once
-            that command has run too: a server in a container outlives a
+            (at once if the run never started). When the model has a
+            C{stop.command} that ran (to stop it, or because the process
+            exited on its own), it fires once that command has ended too: a server in a container outlives a
             C{docker run} client that died, and holds its memory and port
             until it is stopped.
         """
@@ -345,6 +393,12 @@ class BackendRun:
         self._stopProbing()
         # Its last lines, before a stop command adds its own to the ring.
         self._lastLines = self.process.tail(self.ring.size)
+        if self._stopping is not None:
+            # Asked to stop by its stop command: the server is gone once
+            # that command has ended, not when the process dynllm started
+            # (a container's client) has.
+            self._stopping.addBoth(self._tellExitAfter, reason)
+            return
         if self._stopped or not self.model.stop.command:
             self._tellExit(reason)
             return
@@ -359,7 +413,15 @@ class BackendRun:
         if self._stopping is None:
             self._tellExit(reason)
         else:
-            self._stopping.addBoth(lambda _: self._tellExit(reason))
+            self._stopping.addBoth(self._tellExitAfter, reason)
+
+    def _tellExitAfter(self, result: object, reason: Exception) -> object:
+        """
+        Tell of the exit (C{reason}) once the stop command has ended, and
+        pass its C{result} on.
+        """
+        self._tellExit(reason)
+        return result
 
     def _tellExit(self, reason: Exception) -> None:
         self._exitReason = reason
@@ -413,7 +475,8 @@ class BackendRun:
     def _probe(self, delay: float) -> None:
         self._probeCall = None
         self._probing = True
-        d = self.backend.probe(self.http, self.baseURL, self.model)
+        http = self.http if self.apiKey is None else _WithKey(self.http, self.apiKey)
+        d = self.backend.probe(http, self.baseURL, self.model)
         d.addErrback(self._probeFailed)
         d.addCallback(self._probed, delay)
 

@@ -19,7 +19,9 @@ L{NoCapacity}.
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from functools import partial
 from typing import Any, Callable, Mapping
 
@@ -63,7 +65,7 @@ from dynllm.lifecycle import (
     Waiter,
     makeLifecycle,
 )
-from dynllm.logs import logger
+from dynllm.logs import LogRing, logger
 from dynllm.placeholders import expandAll
 from dynllm.runner import BackendRun, NoFreePort, backendEnvironment, findFreePort, runCommand
 from dynllm.store import MemoryStateStore, reconcile
@@ -71,6 +73,24 @@ from dynllm.store import MemoryStateStore, reconcile
 __all__ = ["Lease", "ModelManager"]
 
 log = logger(__name__)
+
+
+def _recordedArgv(recorded: Any) -> list[str] | None:
+    """
+    @param recorded: A row's C{stop_command}: a JSON list of strings, or
+        C{None}.
+    @return: the list, or C{None} for none or one that is not such a list
+        (a damaged row is left to the signal).
+    """
+    if not isinstance(recorded, str):
+        return None
+    try:
+        argv = json.loads(recorded)
+    except ValueError:
+        return None
+    if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
+        return None
+    return argv
 
 
 @define(eq=False)
@@ -271,26 +291,35 @@ class ModelManager(Service):
 
     def _leftoverStop(self, row: Mapping[str, Any]) -> defer.Deferred[Any] | None:
         """
-        Run the stop command of the model of a row that a previous run
-        recorded as running, with the configuration of now and the port
-        recorded (see L{reconcile}).
+        Run the stop command that a previous run recorded for a row it left
+        as running (see L{reconcile}): the command as that run expanded
+        it, which stops that run's server even if the model has since been
+        removed or its stop command changed; for a row recorded without
+        one (by an older dynllm), the model's stop command of now with the
+        port recorded.
 
-        @return: a Deferred firing once it has exited, or C{None} if the
-            model is not configured now, has no stop command, or it could
-            not be spawned.
+        @return: a Deferred firing once it has exited, or C{None} if there
+            is no stop command for the row, or it could not be spawned.
         """
-        model = self._models.get(row["name"])
-        port = row["port"]
-        if model is None or not model.core.config.stop.command or port is None:
-            return None
-        config = model.core.config
-        argv = expandAll(config.stop.command, config.placeholders(port))
-        timeout = self.killTime if config.stop.timeout is None else config.stop.timeout
-        env = backendEnvironment(model.core.backend, config, port)
+        name = row["name"]
+        model = self._models.get(name)
+        config = model.core.config if model is not None else None
+        argv = _recordedArgv(row.get("stop_command"))
+        if argv is None:
+            port = row["port"]
+            if config is None or not config.stop.command or port is None:
+                return None
+            argv = expandAll(config.stop.command, config.placeholders(port))
+        if config is not None and model is not None:
+            timeout = self.killTime if config.stop.timeout is None else config.stop.timeout
+            env = backendEnvironment(model.core.backend, config, row["port"] or 0)
+            ring = model.core.log
+        else:
+            timeout, env, ring = self.killTime, dict(os.environ), LogRing()
         try:
-            return runCommand(config.name, argv, self.reactor, env, timeout, self.newSession, model.core.log)
+            return runCommand(name, argv, self.reactor, env, timeout, self.newSession, ring)
         except OSError as e:
-            log.error("{name}: cannot run its stop command {argv}: {error}", name=config.name,
+            log.error("{name}: cannot run its stop command {argv}: {error}", name=name,
                       argv=" ".join(argv), error=e)
             return None
 
@@ -911,6 +940,7 @@ class ModelManager(Service):
         core.dirty = False
         self._notify()
         process = core.run.process if core.run is not None else None
+        stopArgv = core.run.stopArgv if core.run is not None and process is not None else None
         self.store.save(
             {
                 "name": core.name,
@@ -926,5 +956,6 @@ class ModelManager(Service):
                 "load_seq": core.loadSeq,
                 "last_error": core.lastError,
                 "updated_at": self.reactor.seconds(),
+                "stop_command": json.dumps(stopArgv) if stopArgv is not None else None,
             }
         )

@@ -39,6 +39,7 @@ COLUMNS = (
     "load_seq",
     "last_error",
     "updated_at",
+    "stop_command",
 )
 
 _SCHEMA = """
@@ -55,9 +56,14 @@ CREATE TABLE IF NOT EXISTS models (
     last_used_at REAL,
     load_seq INTEGER,
     last_error TEXT,
-    updated_at REAL
+    updated_at REAL,
+    stop_command TEXT
 )
 """
+
+#: Columns added since the first schema, with their types: a database
+#: written by an older dynllm gains them when opened (NULL in its rows).
+_ADDED_COLUMNS = {"stop_command": "TEXT"}
 
 _UPSERT = (
     f"INSERT INTO models ({', '.join(COLUMNS)}) VALUES ({', '.join('?' for _ in COLUMNS)})"
@@ -89,6 +95,10 @@ def _setUp(conn: sqlite3.Connection) -> None:
     conn.execute("PRAGMA synchronous=NORMAL")
     conn.execute("PRAGMA busy_timeout=5000")
     conn.execute(_SCHEMA)
+    present = {row[1] for row in conn.execute("PRAGMA table_info(models)")}
+    for column, kind in _ADDED_COLUMNS.items():
+        if column not in present:
+            conn.execute(f"ALTER TABLE models ADD COLUMN {column} {kind}")
     conn.commit()
 
 
@@ -493,7 +503,7 @@ class SQLiteStateStore:
             txn.execute(f"DELETE FROM models WHERE name NOT IN ({marks})", names)
             txn.execute(
                 "UPDATE models SET status = 'unloaded', pid = NULL, pgid = NULL,"
-                " start_time = NULL, port = NULL"
+                " start_time = NULL, port = NULL, stop_command = NULL"
             )
 
         d: defer.Deferred[None] = self._pool.runInteraction(interaction)
@@ -530,7 +540,9 @@ class MemoryStateStore:
             if name not in names:
                 del self.saved[name]
             else:
-                self.saved[name].update(status="unloaded", pid=None, pgid=None, start_time=None, port=None)
+                self.saved[name].update(
+                    status="unloaded", pid=None, pgid=None, start_time=None, port=None, stop_command=None
+                )
         return defer.succeed(None)
 
 
@@ -561,10 +573,10 @@ async def reconcile(
 
     @param store: Where the previous run recorded its models.
     @param names: The models configured now.
-    @param stopCommand: Given a row, runs the stop command of its model
-        (from the configuration now, with the row's port) and returns a
-        Deferred that fires when it is done, or returns C{None} when the
-        model has none.
+    @param stopCommand: Given a row, runs the stop command recorded in
+        it (C{stop_command}; for an older row, that of its model in the
+        configuration now, with the row's port) and returns a Deferred
+        that fires when it is done, or returns C{None} when there is none.
     @return: the names of the models whose leftover backends were stopped.
     """
     stopped = []

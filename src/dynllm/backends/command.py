@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from attrs import frozen
 from twisted.internet import defer
@@ -74,7 +74,9 @@ class CommandBackend:
         if ready.http_path is None:
             # Readiness is the log line only, which the run has seen.
             return defer.succeed(True)
-        path = expand(ready.http_path, model.placeholders(urlsplit(baseURL).port or 0))
+        # The values fill a URL's path: percent-encoded, "/" kept (a {path}).
+        values = model.placeholders(urlsplit(baseURL).port or 0)
+        path = expand(ready.http_path, {k: quote(v, safe="/") for k, v in values.items()})
         return defer.ensureDeferred(getIsStatus(http, baseURL + path, ready.http_status))
 
     def readyHint(self, line: str) -> bool:
