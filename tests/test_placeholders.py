@@ -195,3 +195,36 @@ class AddressProblemsTests(SynchronousTestCase):
         """
         self.assertEqual(addressProblems(["sh", "-c", 'exec server --port "$1" --host $2', "sh", "{port}", "{host}"]), [])
         self.assertEqual(len(addressProblems(["server", "--port", "$1"])), 1)
+
+
+class PublishTests(SynchronousTestCase):
+    """
+    A container's published port must be dynllm's address: C{-p} without
+    an address publishes on every interface.
+    """
+
+    def test_containerPublish(self) -> None:
+        """
+        For C{docker}, C{podman} and C{nerdctl}, C{-p}/C{--publish} must begin
+        C{{host}:{port}:}; C{-P} (every port, every interface) is refused.
+        """
+        for args in (
+            ["docker", "run", "-p", "{port}:8000", "img"],
+            ["docker", "run", "--publish={port}:8000", "img"],
+            ["/usr/bin/podman", "run", "-p", "{port}", "img"],
+            ["nerdctl", "run", "-p", "8000:8000", "img"],
+            ["docker", "run", "-P", "img"],
+            ["docker", "run", "--publish-all", "img"],
+        ):
+            [(_, why)] = addressProblems(args)
+            self.assertIn("{host}:{port}:CONTAINER_PORT", why, args)
+        self.assertEqual(addressProblems(["docker", "run", "-p", "{host}:{port}:8000", "img"]), [])
+
+    def test_otherServers(self) -> None:
+        """
+        Another server's C{-p} may be the port alone, or C{{host}:{port}};
+        a mapping that does not begin with dynllm's address is refused.
+        """
+        self.assertEqual(addressProblems(["srv", "-p", "{port}"]), [])
+        self.assertEqual(addressProblems(["srv", "-p", "{host}:{port}"]), [])
+        self.assertEqual(len(addressProblems(["srv", "-p", "{port}:80"])), 1)

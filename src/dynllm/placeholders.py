@@ -15,6 +15,7 @@ backends can both read it.
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import string
@@ -113,6 +114,18 @@ def expandAll(templates: Sequence[str], values: Mapping[str, str]) -> list[str]:
 #: open to the network, whatever else its line says.
 LISTEN_ALL = ("0.0.0.0", "::", "[::]")
 
+#: Programs that run a server in a container, whose C{-p}/C{--publish}
+#: (L{PUBLISH_FLAGS}) maps a port of the host to one of the container's.
+CONTAINER_PROGRAMS = ("docker", "podman", "nerdctl")
+
+#: Docker's and Podman's options that publish a port (C{[IP:]HOST_PORT:CONTAINER_PORT});
+#: their value must begin C{{host}:{port}:}.
+PUBLISH_FLAGS = ("-p", "--publish")
+
+#: Docker's and Podman's options that publish every port of the container
+#: on every interface.
+PUBLISH_ALL = ("-P", "--publish-all")
+
 #: One of L{LISTEN_ALL} within a text (C{0.0.0.0:8000}, C{http://[::]:80}).
 LISTEN_ALL_IN = re.compile(r"(?<![\w.:])(?:0\.0\.0\.0(?![\w.])|\[::\]|::(?![\w:]))")
 
@@ -169,9 +182,15 @@ def addressProblems(args: Sequence[str], shell: bool = False) -> list[tuple[int,
     @return: C{(index, why)} of each, in order.
     """
     found: list[tuple[int, str]] = []
+    container = bool(args) and os.path.basename(args[0]) in CONTAINER_PROGRAMS
     index = 0
     while index < len(args):
         arg = args[index]
+        if container and arg in PUBLISH_ALL:
+            found.append((index, f"{arg!r} publishes the container's ports on every interface; dynllm owns"
+                                 " the address: write -p {host}:{port}:CONTAINER_PORT"))
+            index += 1
+            continue
         words = _words(arg)
         if words is not None:
             found.extend((index, why) for _, why in addressProblems(words, shell=True))
@@ -187,8 +206,14 @@ def addressProblems(args: Sequence[str], shell: bool = False) -> list[tuple[int,
                 index += 1
             else:
                 value, at = "", index
-            if "{" + wanted + "}" not in value and not (shell and value.startswith("$")):
-                shown = arg.partition("=")[0] if arg.startswith("--") else name
+            shown = arg.partition("=")[0] if arg.startswith("--") else name
+            publishes = name in PUBLISH_FLAGS and (container or ":" in value)
+            if publishes and not value.startswith("{host}:{port}" + (":" if container else "")):
+                # Docker's -p [IP:]HOST_PORT:CONTAINER_PORT: without the IP
+                # it publishes on every interface.
+                found.append((at, f"{shown} {value!r} must publish on dynllm's address, which it owns: write"
+                                  " {host}:{port}:CONTAINER_PORT (without an address it publishes on every interface)"))
+            elif "{" + wanted + "}" not in value and not (shell and value.startswith("$")):
                 found.append((at, f"{shown} {value!r} sets the listen {wanted}; dynllm owns it: write {{{wanted}}}"))
         elif (inline if eq else arg) in LISTEN_ALL:
             found.append(
