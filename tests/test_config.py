@@ -1230,6 +1230,16 @@ class AllProblemsTests(ConfigTestMixin, TestCase):
         [problem] = self.problems({"server": {"zzz": 5}})
         self.assertIn("known keys here: admin_api_keys, allowed_hosts, api_keys,", problem)
 
+    def test_misspeltRequiredKeySaidOnce(self) -> None:
+        """
+        A misspelt required key is one problem (the unknown key, naming the
+        right one), not also a missing key.
+        """
+        model = self.model()
+        model["pth"] = model.pop("path")
+        [problem] = self.problems({"models": [model]})
+        self.assertIn("did you mean 'path'?", problem)
+
 
 class PathTests(ConfigTestMixin, TestCase):
     """

@@ -608,6 +608,10 @@ def _build(cls: type, raw: Any, where: str, problems: _Problems, **extra: Any) -
         place = f"{where}.{key}" if where else str(key)
         if key not in known:
             problems.add(_unknownKey(place, key, known))
+            guess = difflib.get_close_matches(str(key), list(known), n=1)
+            if guess and guess[0] not in raw:
+                # A mistake is said once: the misspelt key is not also missing.
+                refused.add(guess[0])
             continue
         section = known[key].metadata.get("section")
         if section is not None:
