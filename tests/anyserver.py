@@ -2,7 +2,7 @@
 A small OpenAI-compatible server for the tests of C{backend: command}, and
 a container-like way to run it.
 
-    anyserver.py serve --port P [--host H] [--api-key K] [--log-ready] [--name N]
+    anyserver.py serve --port P [--host H | --every-interface] [--api-key K] [--log-ready] [--name N]
     anyserver.py run STATE_DIR NAME -- serve ARGS...   (like `docker run NAME`)
     anyserver.py stop STATE_DIR NAME                    (like `docker stop NAME`)
 
@@ -39,6 +39,9 @@ def serve(argv):
         arg = args.pop(0)
         if arg == "--log-ready":
             logReady = True
+        elif arg == "--every-interface":
+            # As vLLM and SGLang do when not given a host.
+            options["--host"] = "0.0.0.0"
         else:
             options[arg] = args.pop(0)
     key = options["--api-key"]

@@ -313,6 +313,28 @@ class SmallServerTests(SynchronousTestCase):
         })
         self.assertEqual(self.chat(daemon, "logged").choices[0].message.content, "hello from anyserver")
 
+    def test_serverOpenToTheNetworkStopped(self):
+        """
+        A server that does not take C{{host}} and listens on every interface
+        (as vLLM does when not told otherwise) is stopped once it answers,
+        instead of being served: its load fails saying why, and nothing
+        listens on its port after.
+        """
+        daemon = self.daemon({
+            "name": "open", "backend": "command", "vram_mb": 100,
+            "command": [sys.executable, ANYSERVER, "serve", "--every-interface", "--port", "{port}"],
+        })
+        status, _, body = daemon.post("/v1/chat/completions", {"model": "open", "messages": [{"role": "user", "content": "hi"}]})
+        self.assertEqual(status, 502, body)
+        message = json.loads(body)["error"]["message"]
+        self.assertIn("exited", message)
+        self.assertIn("its server listens on 0.0.0.0 port", daemon.log())
+        logs = daemon.get("/admin/models/open/logs")[2].decode()
+        self.assertIn("open to the network; it must listen on 127.0.0.1 only: give its command {host}", logs)
+        model = daemon.models()["open"]
+        self.assertEqual(model["status"], "failed")
+        self.assertIn("open to the network", model["last_error"])
+
     def test_keyAndFixedUpstreamName(self):
         """
         A command that takes C{{api_key}} gets a key that dynllm sends as

@@ -21,6 +21,7 @@ from twisted.internet.interfaces import IDelayedCall
 from dynllm.config import ModelConfig
 from dynllm.interfaces import IBackend
 from dynllm.logs import logger
+from dynllm.listeners import exposed
 from dynllm.logs import LogRing
 from dynllm.placeholders import expandAll
 from dynllm.process import REDACTED, ManagedProcess
@@ -480,6 +481,21 @@ class BackendRun:
         d.addErrback(self._probeFailed)
         d.addCallback(self._probed, delay)
 
+    def _refuseExposed(self, addresses: list[str]) -> None:
+        """
+        The server answers, but listens on more than loopback: open to the
+        network, outside dynllm's keys. Stop it; its load fails with the
+        reason as its last line.
+        """
+        reason = (
+            f"dynllm: stopped {self.model.name}: its server listens on {', '.join(addresses)} port {self.port},"
+            " open to the network; it must listen on 127.0.0.1 only: give its command {host}"
+            " (as --host {host})"
+        )
+        log.error("{reason}", reason=reason)
+        self.ring.append(reason)
+        self.stop()
+
     def _probeFailed(self, failure: Any) -> bool:
         log.failure("[{model}] readiness probe failed", failure, model=self.model.name)
         return False
@@ -489,6 +505,10 @@ class BackendRun:
         if self.ready or self._stopped or not self.process.running:
             return
         if isReady:
+            addresses = exposed(self.port)
+            if addresses:
+                self._refuseExposed(addresses)
+                return
             self.ready = True
             # Its lines are no longer hints of readiness.
             self.process.onLine = None
