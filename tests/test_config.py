@@ -1726,6 +1726,14 @@ class CommandConfigTests(ConfigTestMixin, TestCase):
         [problem] = self.problems(self.command(stop={"signal": "TERM", "command": ["x"]}))
         self.assertIn("models[0] ('c1').stop: give signal or command, not both", problem)
 
+    def test_stopTimeoutFinite(self) -> None:
+        """
+        An infinite C{stop.timeout} is refused: the KILL after it is what
+        makes a stop certain.
+        """
+        [problem] = self.problems(self.command(stop={"timeout": float("inf")}))
+        self.assertIn("models[0] ('c1').stop.timeout must be a finite number of seconds", problem)
+
     def test_literalAddressInAnyStopCommand(self) -> None:
         """
         A stop command that names an address literally is refused for

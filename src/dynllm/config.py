@@ -426,6 +426,9 @@ def _stop(value: Any, where: str) -> StopConfig:
     if "timeout" in raw:
         try:
             timeout = _positiveNumber(raw["timeout"], f"{where}.timeout")
+            if math.isinf(timeout):
+                # The KILL after it is what makes a stop certain.
+                raise ConfigError(f"{where}.timeout must be a finite number of seconds, not {raw['timeout']!r}")
         except ConfigError as e:
             problems.extend(e.problems)
     command: tuple[str, ...] = ()
