@@ -506,9 +506,10 @@ class BrowserTests(SynchronousTestCase):
 
     def test_keysOn(self) -> None:
         """
-        With keys, the page asks for them, a wrong key gives a message, the
-        right ones are used for everything the page does, and can be
-        forgotten.
+        With keys, the page asks for them, a key that no HTTP header can
+        carry is refused by the dialog (not sent, which would fail as if
+        dynllm were down), a wrong key gives a message, the right ones are
+        used for everything the page does, and can be forgotten.
         """
         daemon = self.startDaemon(api_keys=["client-key"], admin_api_keys=["admin-key"])
         report = self.runBrowser(
@@ -518,7 +519,8 @@ class BrowserTests(SynchronousTestCase):
         self.assertChecked(
             report,
             self.CHECKS
-            + ["the page asks for the keys", "a wrong key gives a message", "the keys given are used",
+            + ["the page asks for the keys", "a key that cannot be sent in a header is refused by the dialog",
+               "a wrong key gives a message", "the keys given are used",
                "the keys can be forgotten"],
             daemon,
         )

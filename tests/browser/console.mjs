@@ -169,6 +169,16 @@ try {
       await page.locator('#keys-dialog[open]').waitFor();
       return (await page.textContent('#keys-reason')).trim();
     });
+    await check('a key that cannot be sent in a header is refused by the dialog', async () => {
+      await page.fill('#api-key', '\u043a\u043b\u044e\u0447');
+      await page.fill('#admin-key', '');
+      await page.click('#keys-save');
+      const reason = page.locator('#keys-dialog[open] #keys-reason', { hasText: 'cannot be sent in an HTTP header' });
+      await reason.waitFor();
+      const stored = await page.evaluate(() => localStorage.getItem('dynllm.apiKey'));
+      expect(stored === null, `kept: ${stored}`);
+      return (await reason.textContent()).trim();
+    });
     if (options['wrong-key']) {
       await check('a wrong key gives a message', async () => {
         await giveKeys(options['wrong-key'], options['wrong-key']);
