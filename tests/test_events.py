@@ -221,6 +221,25 @@ class StubEventTests(SynchronousTestCase):
         self.assertEqual(self.manager._watchers, [])
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
+    def test_failedLastListener(self) -> None:
+        """
+        When the only listener fails, it is told no more (logged) and the
+        manager is no longer watched, as when it stops: a new listener then
+        makes one watch, not a second.
+        """
+
+        def failing(kind: str, data: dict[str, Any]) -> None:
+            if kind == MODEL and data["status"] == "loaded":
+                raise RuntimeError("listener broke")
+
+        self.events.listen(failing)
+        self.manager.load("a")
+        self.clock.advance(0)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual(len(self.manager._watchers), 0)
+        self.listen()
+        self.assertEqual(len(self.manager._watchers), 1)
+
     def test_removed(self) -> None:
         """
         A model a reload removed is told once as C{removed}.
