@@ -14,7 +14,8 @@ import os
 import shutil
 import subprocess
 import sys
-from typing import Any
+import threading
+from typing import Any, Callable
 
 from treq.testing import StubTreq
 from twisted.internet.task import Clock
@@ -411,7 +412,9 @@ class BrowserTests(SynchronousTestCase):
         self.addCleanup(lambda: daemon.stop())
         return daemon
 
-    def runBrowser(self, daemon: Daemon, prefix: str, *options: str) -> dict[str, Any]:
+    def runBrowser(
+        self, daemon: Daemon, prefix: str, *options: str, waits: dict[str, Callable[[], object]] | None = None
+    ) -> dict[str, Any]:
         """
         Run the browser script against C{daemon}, stopping and starting the
         daemon again when the script asks (C{--restart}). The screenshots of
@@ -419,6 +422,8 @@ class BrowserTests(SynchronousTestCase):
 
         @param options: The script's options besides C{--url} and where the
             screenshots go.
+        @param waits: What to do, by name, when the script prints
+            C{WAIT NAME} (besides C{stop} and C{start}).
         @return: the script's report.
         """
         if os.path.isdir(SCREENSHOTS):
@@ -443,6 +448,8 @@ class BrowserTests(SynchronousTestCase):
                 daemon.stop()
             elif line.strip() == "WAIT start":
                 daemon.start()
+            elif line.startswith("WAIT ") and line.split()[1] in (waits or {}):
+                (waits or {})[line.split()[1]]()
             else:
                 continue
             process.stdin.write("go\n")
@@ -506,9 +513,10 @@ class BrowserTests(SynchronousTestCase):
 
     def test_keysOn(self) -> None:
         """
-        With keys, the page asks for them, a wrong key gives a message, the
-        right ones are used for everything the page does, and can be
-        forgotten.
+        With keys, the page asks for them, a key that no HTTP header can
+        carry is refused by the dialog (not sent, which would fail as if
+        dynllm were down), a wrong key gives a message, the right ones are
+        used for everything the page does, and can be forgotten.
         """
         daemon = self.startDaemon(api_keys=["client-key"], admin_api_keys=["admin-key"])
         report = self.runBrowser(
@@ -518,7 +526,8 @@ class BrowserTests(SynchronousTestCase):
         self.assertChecked(
             report,
             self.CHECKS
-            + ["the page asks for the keys", "a wrong key gives a message", "the keys given are used",
+            + ["the page asks for the keys", "a key that cannot be sent in a header is refused by the dialog",
+               "a wrong key gives a message", "the keys given are used",
                "the keys can be forgotten"],
             daemon,
         )
@@ -542,6 +551,35 @@ class BrowserTests(SynchronousTestCase):
         self.assertChecked(
             report,
             ["the page lists the models", "unloading slow-chat while it streams is refused, then forced",
+             "no script error and no blocked resource"],
+            daemon,
+        )
+
+    def test_floodedLog(self) -> None:
+        """
+        The page goes on answering while the log it shows floods (a backend
+        printing half a million lines at once, each its own event): it draws
+        them in batches, not line by line (which froze the page).
+        """
+        config = {
+            "total_vram_mb": 1000,
+            "enabled_backends": ["llamacpp"],
+            "backend": {"llamacpp_binary": FAKE_BACKEND},
+            "models": [fakeModel("loud", fake_chatty=500_000)],
+        }
+        daemon = Daemon(config).start()
+        self.addCleanup(daemon.stop)
+
+        def flood() -> None:
+            chat = {"model": "loud", "messages": [{"role": "user", "content": "hi"}]}
+            thread = threading.Thread(target=lambda: daemon.post("/v1/chat/completions", chat, timeout=120))
+            thread.start()
+            self.addCleanup(thread.join)
+
+        report = self.runBrowser(daemon, "flood", "--llm", "loud", "--chatty", "loud", waits={"chatty": flood})
+        self.assertChecked(
+            report,
+            ["the page lists the models", "the page goes on answering while the log of loud floods",
              "no script error and no blocked resource"],
             daemon,
         )

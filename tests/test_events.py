@@ -8,6 +8,7 @@ L{tests.test_eventstream}.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from twisted.internet.task import Clock
@@ -15,7 +16,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.test.requesthelper import DummyRequest
 
 from dynllm.events import MEMORY, MODEL, REMOVED, ModelEvents, memoryOf
-from dynllm.sse import EventStream, frame
+from dynllm.sse import Backlog, EventStream, SharedFrames, frame, frames
 from dynllm.testing import StubManager
 from tests.test_scheduler import ManagerTestsMixin
 from tests.test_testing import makeConfig
@@ -56,6 +57,60 @@ class FrameTests(SynchronousTestCase):
         Without a kind there is no C{event:} line; text is UTF-8.
         """
         self.assertEqual(frame("caf\u00e9"), "data: caf\u00e9\n\n".encode())
+
+    def test_loneSurrogate(self) -> None:
+        """
+        Text that cannot be UTF-8 (a lone surrogate, as a file name decoded
+        with C{surrogateescape} has) is sent with C{?} in its place: the
+        stream goes on.
+        """
+        self.assertEqual(frame("a\udcffb", "log"), b"event: log\ndata: a?b\n\n")
+        self.assertEqual(frames(["a\udcffb"], "log"), b"event: log\ndata: a?b\n\n")
+
+
+class FramesTests(SynchronousTestCase):
+    """
+    L{frames} and L{SharedFrames} frame a log's lines, as many as a backend
+    printing tens of megabytes a second gives.
+    """
+
+    def test_sameAsFrame(self) -> None:
+        """
+        The frames of lines are those of L{frame} for each line, joined,
+        lines holding CR or LF included.
+        """
+        for lines in (["one", "", "caf\u00e9"], ["a\rdata: forged", "b"], ["x\r\ny\nz"], ["only"]):
+            for event in ("log", None):
+                self.assertEqual(frames(lines, event), b"".join(frame(line, event) for line in lines), lines)
+        self.assertEqual(frames([], "log"), b"")
+
+    def test_fast(self) -> None:
+        """
+        A hundred thousand lines of 100 characters (10 MB of output, what a
+        backend printing 50 MB/s prints in a fifth of a second) are framed
+        in well under a tenth of a second, not one by one (which took half
+        a second and made a followed chatty backend take a whole core).
+        """
+        lines = ["flood " + "z" * 94] * 100_000
+        started = time.perf_counter()
+        framed = frames(lines, "log")
+        elapsed = time.perf_counter() - started
+        self.assertEqual(len(framed), 100_000 * len("event: log\ndata: " + lines[0] + "\n\n"))
+        self.assertLess(elapsed, 0.1)
+
+    def test_sharedOnce(self) -> None:
+        """
+        L{SharedFrames} frames a batch of lines once for all its followers
+        (a log gives them all the same list): the same bytes come back;
+        another batch, or another kind, is framed anew.
+        """
+        shared = SharedFrames()
+        batch = ["one", "two"]
+        first = shared(batch, "log")
+        self.assertEqual(first, frames(batch, "log"))
+        self.assertIs(shared(batch, "log"), first)
+        self.assertEqual(shared(["three"], "log"), frames(["three"], "log"))
+        self.assertEqual(shared(["three"], None), frames(["three"]))
 
 
 class MemoryOfTests(SynchronousTestCase):
@@ -165,6 +220,25 @@ class StubEventTests(SynchronousTestCase):
         stop()
         self.assertEqual(self.manager._watchers, [])
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_failedLastListener(self) -> None:
+        """
+        When the only listener fails, it is told no more (logged) and the
+        manager is no longer watched, as when it stops: a new listener then
+        makes one watch, not a second.
+        """
+
+        def failing(kind: str, data: dict[str, Any]) -> None:
+            if kind == MODEL and data["status"] == "loaded":
+                raise RuntimeError("listener broke")
+
+        self.events.listen(failing)
+        self.manager.load("a")
+        self.clock.advance(0)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual(len(self.manager._watchers), 0)
+        self.listen()
+        self.assertEqual(len(self.manager._watchers), 1)
 
     def test_removed(self) -> None:
         """
@@ -371,6 +445,23 @@ class EventStreamTests(SynchronousTestCase):
         self.successResultOf(done)
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
+    def test_headRequest(self) -> None:
+        """
+        A C{HEAD} request gets the stream's head alone and is finished at
+        once: no body, no keep-alive, nothing that holds its connection.
+        """
+        request = StreamRequest()
+        request.method = b"HEAD"
+        clock = Clock()
+        stream = EventStream(request, clock, keepAlive=15)  # type: ignore[arg-type]
+        stream.start()
+        self.assertEqual(request.responseHeaders.getRawHeaders(b"content-type"), [b"text/event-stream; charset=utf-8"])
+        self.assertEqual(request.finished, 1)
+        self.assertTrue(stream.done)
+        self.successResultOf(stream.whenDone())
+        self.assertIsNone(request.producer)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
     def test_close(self) -> None:
         """
         L{EventStream.close} writes what was kept and finishes the response.
@@ -381,3 +472,53 @@ class EventStreamTests(SynchronousTestCase):
         self.assertEqual(self.written(), b": dynllm\n\ndata: last\n\n")
         self.assertEqual(self.request.finished, 1)
         self.successResultOf(self.stream.whenDone())
+
+
+class BacklogTests(SynchronousTestCase):
+    """
+    The streams of one L{Backlog} keep at most its limit together for
+    their slow readers: past it, the one that keeps the most is dropped.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.backlog = Backlog(limit=150)
+        self.requests = [StreamRequest() for _ in range(3)]
+        self.streams = [
+            EventStream(r, self.clock, limit=100, backlog=self.backlog)  # type: ignore[arg-type]
+            for r in self.requests
+        ]
+        for stream, request in zip(self.streams, self.requests):
+            stream.start()
+            request.producer.pauseProducing()
+
+    def test_heaviestDropped(self) -> None:
+        """
+        Each stream under its own limit, but all over the shared one: the
+        stream that keeps the most is dropped (and logged), the others go
+        on, and what is kept together is back under the limit.
+        """
+        first, second, third = self.streams
+        first.send("x" * 60)
+        second.send("y" * 40)
+        self.assertEqual(self.backlog.total, len(frame("x" * 60)) + len(frame("y" * 40)))
+        third.send("z" * 30)
+        self.assertTrue(first.done)
+        self.assertTrue(self.requests[0].channel.transport.disconnecting)
+        self.assertFalse(second.done or third.done)
+        self.assertEqual(self.backlog.total, len(frame("y" * 40)) + len(frame("z" * 30)))
+        self.assertLessEqual(self.backlog.total, self.backlog.limit)
+
+    def test_released(self) -> None:
+        """
+        What a stream wrote once its reader read again, or what it kept
+        when it ended, no longer counts.
+        """
+        first, second, _ = self.streams
+        first.send("x" * 60)
+        second.send("y" * 40)
+        self.requests[0].producer.resumeProducing()
+        self.assertEqual(self.backlog.total, len(frame("y" * 40)))
+        self.requests[1].processingFailed(Exception("gone"))
+        self.assertEqual(self.backlog.total, 0)
+        self.assertIn(b"data: " + b"x" * 60, b"".join(self.requests[0].written))

@@ -15,6 +15,7 @@ import socket
 import time
 from typing import Any, Iterator
 
+import yaml
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.support import FAKE_BACKEND, Daemon, fakeModel
@@ -275,3 +276,78 @@ class FollowLogTests(SynchronousTestCase):
         except ConnectionResetError:
             pass
         self.assertEqual(self.daemon.get("/health")[0], 200)
+
+    def reload(self, models: list[dict[str, Any]]) -> None:
+        """
+        Give the daemon C{models} instead of its models, by a reload.
+        """
+        config = dict(self.daemon.config, models=models)
+        with open(self.daemon.configPath, "w") as f:
+            yaml.safe_dump(config, f)
+        status, _, body = self.daemon.post("/admin/reload")
+        self.assertEqual(status, 200, body)
+
+    def test_removedModelEnds(self) -> None:
+        """
+        The followed log of a model that a reload removes ends (its
+        response is finished): it would never get another line, since a
+        model added later under the same name has a log of its own.
+        """
+        self.chat("m")
+        reader = SSEReader(self.daemon, "/admin/models/m/logs?follow=1&lines=1")
+        self.addCleanup(reader.close)
+        events = reader.events()
+        self.assertEqual(next(events)[0], "log")
+        self.reload([fakeModel("loud", fake_chatty=4000)])
+        reader.socket.settimeout(10)
+        self.assertEqual(list(events), [])
+
+    def test_head(self) -> None:
+        """
+        C{HEAD} of an event stream or of a followed log answers its head
+        alone and ends: the connection serves its next request.
+        """
+        connection = socket.create_connection(("127.0.0.1", self.daemon.port), timeout=10)
+        self.addCleanup(connection.close)
+        for path in ("/admin/events", "/admin/logs?follow=1", "/admin/models/m/logs?follow=1"):
+            connection.sendall(f"HEAD {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+        connection.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        received = b""
+        while b'{"status": "ok"}' not in received:
+            chunk = connection.recv(65536)
+            self.assertTrue(chunk, received)
+            received += chunk
+        self.assertEqual(received.count(b"HTTP/1.1 200 OK"), 4, received)
+        self.assertEqual(received.count(b"Content-Type: text/event-stream; charset=utf-8"), 3, received)
+        self.assertNotIn(b"keep-alive", received)
+
+    def test_stalledReadersBounded(self) -> None:
+        """
+        Two hundred followers that never read a chatty log are all dropped,
+        and what the daemon holds for them together stays bounded: its
+        memory (RSS) grows by less than 100 MB, where a mebibyte each (each
+        under its own limit) would be 200 MB.
+        """
+        def rss() -> int:
+            assert self.daemon.process is not None
+            with open(f"/proc/{self.daemon.process.pid}/status") as f:
+                return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+        self.chat("loud")
+        before = rss()
+        readers = []
+        for _ in range(200):
+            slow = socket.create_connection(("127.0.0.1", self.daemon.port))
+            self.addCleanup(slow.close)
+            slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            slow.sendall(b"GET /admin/models/loud/logs?follow=1&lines=0 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            readers.append(slow)
+        self.assertEqual(self.daemon.get("/health")[0], 200)
+        peak = before
+        for _ in range(60):
+            self.chat("loud")
+            peak = max(peak, rss())
+            if self.daemon.log().count("dropped a client of /admin/models/loud/logs") >= 200:
+                break
+        self.assertEqual(self.daemon.log().count("dropped a client of /admin/models/loud/logs"), 200)
+        self.assertLess(peak - before, 100 << 20)

@@ -171,8 +171,15 @@ class ModelEvents:
                 try:
                     listener(kind, data)
                 except Exception:
-                    self._listeners.remove(listener)
+                    if listener in self._listeners:
+                        self._listeners.remove(listener)
                     log.failure("a listener of the model events failed; it is told no more")
+            if not self._listeners:
+                # The last listener failed or stopped: stop watching, as
+                # when it stops itself (else the next listen() would watch
+                # the manager a second time).
+                self._quiet()
+                return
         self._watchProgress()
 
     def _watchProgress(self) -> None:

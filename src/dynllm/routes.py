@@ -42,9 +42,9 @@ from dynllm.proxy import RelayGuard, fileProducer, forward, requestBody
 from dynllm.reload import ConfigChanges, RestartRequired, refusalLines
 from dynllm.rewrite import NameRewriter, jsonString
 from dynllm.lifecycle import FAILED
-from dynllm.events import ModelEvents
+from dynllm.events import MODEL, REMOVED, ModelEvents
 from dynllm.logs import RecentLog
-from dynllm.sse import EventStream
+from dynllm.sse import Backlog, EventStream, SharedFrames
 
 _log = Logger()
 
@@ -155,6 +155,10 @@ class DynLLMRoutes:
     events: ModelEvents = field(default=None)
     daemonLog: RecentLog = field(factory=RecentLog)
     _streams: set[EventStream] = field(factory=set, init=False)
+    #: What the streams keep for slow readers, together.
+    _backlog: Backlog = field(factory=Backlog, init=False)
+    #: The frames of the last lines a log's followers were sent.
+    _logFrames: SharedFrames = field(factory=SharedFrames, init=False)
 
     def __attrs_post_init__(self) -> None:
         if self.clock is None:
@@ -182,7 +186,7 @@ class DynLLMRoutes:
         """
         Start an event stream on C{request}, closed by L{closeStreams}.
         """
-        stream = EventStream(request, self.clock, label=label)
+        stream = EventStream(request, self.clock, label=label, backlog=self._backlog)
         stream.start()
         self._streams.add(stream)
         stream.whenDone().addCallback(lambda _: self._streams.discard(stream))
@@ -765,7 +769,8 @@ class DynLLMRoutes:
         C{GET /admin/models/NAME/logs?lines=N}: the model's last lines of
         output (100 by default), as text. With C{&follow=1}: Server-Sent
         Events, one C{event: log} per line, the last N lines first, then
-        each line as its backends print it, across restarts.
+        each line as its backends print it, across restarts, until a
+        reload removes the model (then the response ends).
         """
         self._checkAdminKey(request)
         name, tail = self._splitModelPath(rest)
@@ -777,6 +782,7 @@ class DynLLMRoutes:
             f"/admin/models/{name}/logs",
             lambda count: self.manager.logTail(name, count),
             lambda onLines: self.manager.followLog(name, onLines),
+            model=name,
         )
 
     async def _logs(
@@ -785,10 +791,14 @@ class DynLLMRoutes:
         label: str,
         tail: Callable[[int], list[str]],
         follow: Callable[[Callable[[list[str]], None]], Callable[[], None]],
+        model: str | None = None,
     ) -> bytes | None:
         """
         Answer a logs route: the last C{lines} lines as text, or with
         C{follow} an event stream of them and of the new ones.
+
+        @param model: The model whose log it is: its stream ends when a
+            reload removes it (its log is then no one's).
         """
         try:
             count = int(request.args.get(b"lines", [b"100"])[0])
@@ -802,11 +812,21 @@ class DynLLMRoutes:
             return "".join(line + "\n" for line in tail(count)).encode("utf-8")
         stream = self._stream(request, label)
         stream.sendLines(tail(count), LOG_EVENT)
-        stop = follow(lambda lines: stream.sendLines(lines, LOG_EVENT))
+        stop = follow(lambda lines: stream.sendFramed(self._logFrames(lines, LOG_EVENT)))
+        stopEvents = None
+        if model is not None:
+
+            def removed(kind: str, data: dict[str, Any]) -> None:
+                if kind == MODEL and data == {"name": model, "status": REMOVED}:
+                    stream.close()
+
+            stopEvents = self.events.listen(removed)
         try:
             await stream.whenDone()
         finally:
             stop()
+            if stopEvents is not None:
+                stopEvents()
         return None
 
     @app.route("/admin/models/unload", methods=["POST"])

@@ -16,6 +16,11 @@
 // must show as a warning that offers to force the unload, and forcing it
 // must unload the model and end the chat with a message.
 //
+// With --chatty NAME, the script loads NAME, shows its log, prints "WAIT
+// chatty" and waits for a line on its standard input (the caller makes the
+// model print a flood of lines, and answers at once); the page must go on
+// answering meanwhile, and show lines (the tour of the page is left out).
+//
 // With --restart, the script checks that the page shows "disconnected" while
 // the daemon is down and reconnects once it is back: it prints "WAIT stop"
 // and waits for a line on its standard input (the caller stops the daemon,
@@ -58,6 +63,7 @@ const { values: options } = parseArgs({
     timeout: { type: 'string', default: '60000' },
     restart: { type: 'boolean', default: false },
     busy: { type: 'boolean', default: false },
+    chatty: { type: 'string', default: '' },
     localhost: { type: 'boolean', default: false },
   },
 });
@@ -78,6 +84,14 @@ function record(name, ok, detail, ms) {
 }
 
 let page;
+
+let input = null;
+/** Print "WAIT what" and wait for the caller's line on the standard input. */
+async function ask(what) {
+  input ??= createInterface({ input: process.stdin })[Symbol.asyncIterator]();
+  console.log(`WAIT ${what}`);
+  await input.next();
+}
 
 async function screenshot(name) {
   const path = join(shots, `${options.prefix}-${name}.png`);
@@ -169,6 +183,16 @@ try {
       await page.locator('#keys-dialog[open]').waitFor();
       return (await page.textContent('#keys-reason')).trim();
     });
+    await check('a key that cannot be sent in a header is refused by the dialog', async () => {
+      await page.fill('#api-key', '\u043a\u043b\u044e\u0447');
+      await page.fill('#admin-key', '');
+      await page.click('#keys-save');
+      const reason = page.locator('#keys-dialog[open] #keys-reason', { hasText: 'cannot be sent in an HTTP header' });
+      await reason.waitFor();
+      const stored = await page.evaluate(() => localStorage.getItem('dynllm.apiKey'));
+      expect(stored === null, `kept: ${stored}`);
+      return (await reason.textContent()).trim();
+    });
     if (options['wrong-key']) {
       await check('a wrong key gives a message', async () => {
         await giveKeys(options['wrong-key'], options['wrong-key']);
@@ -228,7 +252,7 @@ try {
       await failed.waitFor();
       return `${said}; forced: ${(await failed.locator('.text').textContent()).trim()}`;
     });
-  } else {
+  } else if (!options.chatty) {
     await check('the memory budget is shown', async () => {
       const text = await page.textContent('#memory-text');
       expect(/held/.test(text), `legend: ${text}`);
@@ -362,9 +386,29 @@ try {
     });
   }
 
+  if (options.chatty) {
+    await check(`the page goes on answering while the log of ${options.chatty} floods`, async () => {
+      await row(options.chatty).locator('button.load').click();
+      await waitState(options.chatty, 'loaded');
+      await row(options.chatty).locator('button.show-log').click();
+      await page.locator('#log-status[data-state="connected"]').waitFor();
+      await ask('chatty');
+      let worst = 0;
+      let lines = 0;
+      for (let i = 0; i < 25; i++) {
+        const started = Date.now();
+        lines = Math.max(lines, await page.evaluate(() => document.querySelectorAll('#log .line').length));
+        worst = Math.max(worst, Date.now() - started);
+        await page.waitForTimeout(200);
+      }
+      report.figures.flooded_log_worst_answer_ms = worst;
+      expect(worst < 1000, `the page took ${worst} ms to answer`);
+      expect(lines > 0, 'no line shown');
+      return `answered within ${worst} ms; up to ${lines} lines shown`;
+    });
+  }
+
   if (options.restart) {
-    const input = createInterface({ input: process.stdin })[Symbol.asyncIterator]();
-    const ask = async (what) => { console.log(`WAIT ${what}`); await input.next(); };
     await check('the page shows "disconnected" while the daemon is down, then reconnects', async () => {
       await ask('stop');
       await page.locator('#connection[data-connection="disconnected"]').waitFor();
@@ -391,10 +435,13 @@ try {
     // A 401 answered to a request without keys is logged by Chromium as a
     // failed resource: expected while keys are on.
     // While the daemon was down (--restart), the page's tries to reconnect
-    // were refused; a forced unload (--busy) cuts its stream short.
+    // were refused; a forced unload (--busy) cuts its stream short; a log
+    // that floods faster than the page reads it (--chatty) is dropped by
+    // dynllm (and followed again).
     const unexpected = consoleErrors.filter((text) => !(keysOn && /status of 401/.test(text))
       && !(options.restart && /ERR_CONNECTION_REFUSED/.test(text))
-      && !(options.busy && /ERR_INCOMPLETE_CHUNKED_ENCODING/.test(text)));
+      && !(options.busy && /ERR_INCOMPLETE_CHUNKED_ENCODING/.test(text))
+      && !(options.chatty && /ERR_CONNECTION_RESET|ERR_INCOMPLETE_CHUNKED_ENCODING/.test(text)));
     expect(pageErrors.length === 0, `page errors: ${pageErrors.join(' | ')}`);
     expect(!unexpected.some((t) => /Content Security Policy|Refused to/.test(t)), `blocked: ${unexpected.join(' | ')}`);
     const failedLoads = unexpected.filter((t) => /Failed to load resource/.test(t) && !/status of (409|503|500|502)/.test(t));

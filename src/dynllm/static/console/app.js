@@ -37,6 +37,23 @@ function askKeys(reason) {
   return asking;
 }
 
+// fetch() sends a header only if it is ISO-8859-1 text without control
+// characters: a key with any other character would make every request fail
+// before it is sent, as if dynllm could not be reached.
+const UNSENDABLE = /[^\x20-\x7e\xa0-\xff]/;
+
+$('#keys-form').addEventListener('submit', (e) => {
+  if (e.submitter?.value !== 'save') return;
+  const bad = [['API key', $('#api-key')], ['admin key', $('#admin-key')]].find(([, input]) => UNSENDABLE.test(input.value.trim()));
+  if (!bad) return;
+  e.preventDefault();
+  const shown = $('#keys-reason');
+  shown.textContent = `The ${bad[0]} holds a character that cannot be sent in an HTTP header`
+    + ' (only printable ASCII and ISO-8859-1 letters can): check what was pasted.';
+  shown.hidden = false;
+  bad[1].focus();
+});
+
 whenKeysNeeded(askKeys);
 $('#keys-button').addEventListener('click', () => askKeys(''));
 $('#forget-keys').addEventListener('click', () => {

@@ -7,6 +7,9 @@ import { $, h } from './ui.js';
 /** Lines kept on the page; older ones are dropped. */
 const KEPT = 2000;
 
+/** Milliseconds between two drawings of new lines. */
+const DRAW_MS = 50;
+
 export class LogView {
   constructor() {
     this.pre = $('#log');
@@ -16,9 +19,11 @@ export class LogView {
     this.stream = null;
     this.paused = false;
     this.pending = [];
+    this.queued = [];
+    this.drawTimer = null;
     this.select.addEventListener('change', () => this.start());
     this.pauseButton.addEventListener('click', () => this.pause(!this.paused));
-    $('#log-clear').addEventListener('click', () => { this.pre.replaceChildren(); });
+    $('#log-clear').addEventListener('click', () => { this.queued = []; this.pre.replaceChildren(); });
     // A browser opens at most six connections to one server (HTTP/1.1): a
     // hidden page gives its log's back, and follows it again when shown.
     document.addEventListener('visibilitychange', () => {
@@ -54,12 +59,13 @@ export class LogView {
     this.stream?.stop();
     this.pre.replaceChildren();
     this.pending = [];
+    this.queued = [];
     const name = this.select.value;
     this.pre.dataset.source = name || 'daemon';
     const path = name ? `/admin/models/${encodeURIComponent(name)}/logs?follow=1&lines=200` : '/admin/logs?follow=1&lines=200';
     this.stream = follow(path, {
       kind: 'admin',
-      onOpen: () => this.pre.replaceChildren(),
+      onOpen: () => { this.queued = []; this.pre.replaceChildren(); },
       onStatus: (state, detail) => {
         this.status.dataset.state = state;
         this.status.textContent = state === 'connected' ? 'following'
@@ -83,11 +89,30 @@ export class LogView {
   add(lines) {
     if (!lines.length) return;
     if (this.paused) { this.pending.push(...lines); this.pending.splice(0, this.pending.length - KEPT); return; }
+    // A backend may print thousands of lines a second, each its own event:
+    // they are drawn together, at most every DRAW_MS, and only the last
+    // KEPT of them (drawing and measuring the log for each line froze the
+    // page).
+    this.queued.push(...lines);
+    if (this.queued.length > 2 * KEPT) this.queued.splice(0, this.queued.length - KEPT);
+    if (this.drawTimer === null) this.drawTimer = setTimeout(() => this.draw(), DRAW_MS);
+  }
+
+  draw() {
+    this.drawTimer = null;
+    const lines = this.queued.slice(-KEPT);
+    this.queued = [];
+    if (!lines.length) return;
     const pre = this.pre;
     const atEnd = pre.scrollTop + pre.clientHeight >= pre.scrollHeight - 4;
-    pre.append(...lines.map((line) => h('div', { class: 'line' }, line)));
-    const extra = pre.childElementCount - KEPT;
-    for (let i = 0; i < extra; i++) pre.firstElementChild.remove();
+    const fragment = document.createDocumentFragment();
+    fragment.append(...lines.map((line) => h('div', { class: 'line' }, line)));
+    if (lines.length >= KEPT) pre.replaceChildren(fragment);
+    else {
+      pre.append(fragment);
+      const extra = pre.childElementCount - KEPT;
+      for (let i = 0; i < extra; i++) pre.firstElementChild.remove();
+    }
     if (atEnd) pre.scrollTop = pre.scrollHeight;
   }
 }
