@@ -1402,11 +1402,12 @@ class StoreTests(ManagerTestsMixin, SynchronousTestCase):
                 "stop_command": json.dumps(["old-ctl", "stop", name]),
             })
         manager.startService()
-        [first] = self.reactor.spawned
+        # Both at once: leftovers are stopped together, not one after another.
+        first, second = self.reactor.spawned
         self.assertEqual(first.args, ["old-ctl", "stop", "a"])
-        first.exit()
-        [_, second] = self.reactor.spawned
         self.assertEqual(second.args, ["old-ctl", "stop", "removed"])
+        first.exit()
+        self.assertFalse(manager.started)
         second.exit()
         self.assertTrue(manager.started)
         self.assertNotIn("removed", self.store.saved)
