@@ -528,7 +528,9 @@ class BrowserTests(SynchronousTestCase):
             self.CHECKS
             + ["the page asks for the keys", "a key that cannot be sent in a header is refused by the dialog",
                "a wrong key gives a message", "the keys given are used",
-               "the keys can be forgotten"],
+               "the dialog's Cancel is a secondary button, unlike Save",
+               "a chat refused for its key says why in its bubble",
+               "forgetting the keys closes every stream and asks for keys"],
             daemon,
         )
 
@@ -551,6 +553,29 @@ class BrowserTests(SynchronousTestCase):
         self.assertChecked(
             report,
             ["the page lists the models", "unloading slow-chat while it streams is refused, then forced",
+             "no script error and no blocked resource"],
+            daemon,
+        )
+
+    def test_crashMidStream(self) -> None:
+        """
+        A chat whose backend dies in the middle of its stream says, in its
+        bubble and its message, what the stream ended with (its error
+        event's message, or that it ended before its end), not a guess
+        that the model was unloaded.
+        """
+        config = {
+            "total_vram_mb": 1000,
+            "enabled_backends": ["llamacpp"],
+            "backend": {"llamacpp_binary": FAKE_BACKEND},
+            "models": [fakeModel("crashy", fake_mode="die-mid-stream", fake_frames=20, fake_frame_delay=0.05)],
+        }
+        daemon = Daemon(config).start()
+        self.addCleanup(daemon.stop)
+        report = self.runBrowser(daemon, "crash", "--llm", "crashy", "--crash")
+        self.assertChecked(
+            report,
+            ["the page lists the models", "a chat whose backend dies mid-stream says what its stream ended with",
              "no script error and no blocked resource"],
             daemon,
         )

@@ -16,6 +16,10 @@
 // must show as a warning that offers to force the unload, and forcing it
 // must unload the model and end the chat with a message.
 //
+// With --crash, instead of the tour, the script chats with the llm model
+// (whose backend dies in the middle of its stream): the reply's bubble and
+// the message must say what the stream ended with, not guess why.
+//
 // With --chatty NAME, the script loads NAME, shows its log, prints "WAIT
 // chatty" and waits for a line on its standard input (the caller makes the
 // model print a flood of lines, and answers at once); the page must go on
@@ -65,6 +69,7 @@ const { values: options } = parseArgs({
     busy: { type: 'boolean', default: false },
     chatty: { type: 'string', default: '' },
     localhost: { type: 'boolean', default: false },
+    crash: { type: 'boolean', default: false },
   },
 });
 
@@ -183,6 +188,13 @@ try {
       await page.locator('#keys-dialog[open]').waitFor();
       return (await page.textContent('#keys-reason')).trim();
     });
+    await check('the dialog\'s Cancel is a secondary button, unlike Save', async () => {
+      const look = (selector) => page.$eval(selector, (e) => getComputedStyle(e).backgroundColor);
+      const [save, cancel, plain] = [await look('#keys-save'), await look('#keys-cancel'), await look('#keys-button')];
+      expect(cancel !== save, `Cancel looks like Save (${cancel})`);
+      expect(cancel === plain, `Cancel (${cancel}) does not look like a plain button (${plain})`);
+      return `Save ${save}, Cancel ${cancel}`;
+    });
     await check('a key that cannot be sent in a header is refused by the dialog', async () => {
       await page.fill('#api-key', '\u043a\u043b\u044e\u0447');
       await page.fill('#admin-key', '');
@@ -234,7 +246,21 @@ try {
     return await page.textContent('#connection');
   });
 
-  if (options.busy) {
+  if (options.crash) {
+    await check(`a chat whose backend dies mid-stream says what its stream ended with`, async () => {
+      await page.selectOption('#pg-model', options.llm);
+      await page.fill('#chat-input', 'Hello');
+      await page.click('#chat-send');
+      const failed = page.locator('#messages .message.error', { hasText: `Chat with ${options.llm} failed` });
+      await failed.waitFor();
+      const said = (await failed.locator('.text').textContent()).trim();
+      const bubble = (await page.locator('.turn.assistant.failed .why').textContent()).trim();
+      expect(!/unloaded|dynllm stopped/.test(said), `it guesses: ${said}`);
+      expect(said.includes(bubble), `the bubble says ${bubble}, the message ${said}`);
+      await screenshot('crash');
+      return said;
+    });
+  } else if (options.busy) {
     await check(`unloading ${options.llm} while it streams is refused, then forced`, async () => {
       await page.selectOption('#pg-model', options.llm);
       await page.fill('#chat-input', 'Take your time.');
@@ -262,8 +288,12 @@ try {
 
     await check(`load makes ${options.llm} go loading then loaded without a reload`, async () => {
       await watchStates(options.llm);
+      const stateWidth = () => row(options.llm).locator('td.state-cell').evaluate((e) => e.getBoundingClientRect().width);
+      const before = await stateWidth();
       await row(options.llm).locator('button.load').click();
       await waitState(options.llm, 'loaded');
+      const after = await stateWidth();
+      expect(Math.abs(after - before) < 0.5, `the state column went from ${before} to ${after} px wide`);
       const seen = await states();
       expect(seen && seen.marker === 'same document', 'the page was reloaded');
       const loading = seen.states.indexOf('loading');
@@ -352,15 +382,22 @@ try {
     await check(`unload makes ${options.llm} unloaded`, async () => {
       await row(options.llm).locator('button.unload').click();
       await waitState(options.llm, 'unloaded');
-      return (await page.locator('#messages .message .text').last().textContent()).trim();
+      const notice = page.locator('#messages .message', { hasText: `${options.llm} is unloaded.` });
+      await notice.waitFor();
+      return (await notice.locator('.text').textContent()).trim();
     });
 
     if (options.failing) {
       await check(`a failed load of ${options.failing} shows as a message`, async () => {
+        const stale = page.locator('#messages .message', { hasText: `${options.llm} is unloaded.` });
+        const staleBefore = await stale.count();
         await row(options.failing).locator('button.load').click();
+        // The last action's notice is replaced by this one's at once.
+        expect(await stale.count() === 0, `${staleBefore} stale notice(s) stay up during the next load`);
         const shown = page.locator('#messages .message.error', { hasText: options.failing });
         await shown.waitFor();
         await waitState(options.failing, 'failed');
+        expect(await row(options.failing).locator('button.unload').isDisabled(), 'Unload is enabled on a failed model');
         const lastError = (await row(options.failing).locator('.error').textContent()).trim();
         expect(lastError.length > 0, 'the row shows no last error');
         return (await shown.locator('.text').textContent()).trim();
@@ -421,13 +458,52 @@ try {
     });
   }
 
+  if (keysOn && !options.busy && !options.chatty && !options.crash) {
+    await check('a chat refused for its key says why in its bubble', async () => {
+      await page.evaluate(() => localStorage.setItem('dynllm.apiKey', 'not-the-key'));
+      await page.selectOption('#pg-model', options.llm);
+      await page.locator('#pg-chat').waitFor();
+      await page.fill('#chat-input', 'Hello?');
+      await page.click('#chat-send');
+      await page.locator('#keys-dialog[open]').waitFor();
+      await page.click('#keys-cancel');
+      const bubble = page.locator('.turn.assistant.failed').last();
+      await bubble.locator('.why').waitFor();
+      const said = (await bubble.textContent()).trim();
+      expect(/invalid api key/i.test(said), `the bubble says: ${said}`);
+      await page.evaluate((key) => localStorage.setItem('dynllm.apiKey', key), options['api-key']);
+      return said;
+    });
+  }
+
   if (keysOn) {
-    await check('the keys can be forgotten', async () => {
+    await check('forgetting the keys closes every stream and asks for keys', async () => {
+      const sent = [];
+      const old = [options['api-key'], options['admin-key']].map((k) => `Bearer ${k}`);
+      page.on('request', (r) => { if (old.includes(r.headers().authorization)) sent.push(r.url()); });
       await page.click('#forget-keys');
       const stored = await page.evaluate(() => [localStorage.getItem('dynllm.apiKey'), localStorage.getItem('dynllm.adminKey')]);
       expect(stored[0] === null && stored[1] === null, `still stored: ${stored}`);
       await page.locator('#forget-keys').waitFor({ state: 'hidden' });
-      return 'localStorage holds no key';
+      await page.locator('#keys-dialog[open]').waitFor();
+      await page.locator('#connection[data-connection="disconnected"]', { hasText: 'keys needed' }).waitFor();
+      // A change made elsewhere no longer shows: the streams are closed.
+      const before = await row(options.llm).getAttribute('data-state');
+      const answer = await fetch(`${options.url}/admin/models/load`, {
+        method: 'POST',
+        headers: { Authorization: `Bearer ${options['admin-key']}`, 'Content-Type': 'application/json' },
+        body: JSON.stringify({ model: options.llm }),
+      });
+      expect(answer.ok, `the load elsewhere failed: ${answer.status}`);
+      await page.waitForTimeout(2000);
+      const after = await row(options.llm).getAttribute('data-state');
+      expect(after === before, `the page still follows: ${before} -> ${after}`);
+      expect(sent.length === 0, `sent with the old key: ${sent.join(' ')}`);
+      const log = (await page.textContent('#log-status')).trim();
+      expect(/stopped/.test(log), `the log: ${log}`);
+      await screenshot('forgotten');
+      await page.click('#keys-cancel');
+      return `dialog shown; ${options.llm} stays ${after} on the page; log ${log}`;
     });
   }
 
@@ -440,7 +516,7 @@ try {
     // dynllm (and followed again).
     const unexpected = consoleErrors.filter((text) => !(keysOn && /status of 401/.test(text))
       && !(options.restart && /ERR_CONNECTION_REFUSED/.test(text))
-      && !(options.busy && /ERR_INCOMPLETE_CHUNKED_ENCODING/.test(text))
+      && !((options.busy || options.crash) && /ERR_INCOMPLETE_CHUNKED_ENCODING/.test(text))
       && !(options.chatty && /ERR_CONNECTION_RESET|ERR_INCOMPLETE_CHUNKED_ENCODING/.test(text)));
     expect(pageErrors.length === 0, `page errors: ${pageErrors.join(' | ')}`);
     expect(!unexpected.some((t) => /Content Security Policy|Refused to/.test(t)), `blocked: ${unexpected.join(' | ')}`);

@@ -56,10 +56,7 @@ $('#keys-form').addEventListener('submit', (e) => {
 
 whenKeysNeeded(askKeys);
 $('#keys-button').addEventListener('click', () => askKeys(''));
-$('#forget-keys').addEventListener('click', () => {
-  keys.forget();
-  message('The keys are forgotten: this browser holds none now.', 'info');
-});
+$('#forget-keys').addEventListener('click', forgetKeys);
 const showKeys = () => { $('#forget-keys').hidden = !keys.any; };
 keys.onChange(showKeys);
 showKeys();
@@ -81,7 +78,35 @@ function connectionState(state, detail = {}) {
   if (state !== 'disconnected') connection.title = '';
 }
 
-follow('/admin/events', {
+// Forgetting the keys closes every stream the page follows (each would go
+// on with the key it was opened with) and shows that keys are needed, as a
+// 401 would; keys saved in the dialog open them again.
+let events = null;
+
+const KEYS_NEEDED = 'The keys are forgotten: this browser holds none now. Give keys to follow dynllm again.';
+
+async function forgetKeys() {
+  keys.forget();
+  events?.stop();
+  events = null;
+  logs.stop();
+  connectionState('disconnected', { keys: true, reason: KEYS_NEEDED });
+  message(KEYS_NEEDED, 'warning', {
+    key: 'events', actions: [{ label: 'Give keys', class: 'give-keys', run: () => askKeys(KEYS_NEEDED) }],
+  });
+  await askKeys(KEYS_NEEDED);
+}
+
+// Keys saved while the streams are closed open them again.
+keys.onChange(() => {
+  if (events) return;
+  message(null, null, { key: 'events' });
+  followEvents();
+  logs.start();
+});
+
+function followEvents() {
+  events = follow('/admin/events', {
   kind: 'admin',
   onStatus(state, detail) {
     connectionState(state, detail);
@@ -103,7 +128,9 @@ follow('/admin/events', {
       scheduleRender();
     }
   },
-});
+  });
+}
+followEvents();
 
 // Memory.
 
@@ -194,7 +221,7 @@ function fill(tr, m) {
   const loadButton = $('.load', tr);
   loadButton.disabled = busy.has(`load:${m.name}`) || m.status === 'loaded' || m.status === 'loading';
   loadButton.textContent = busy.has(`load:${m.name}`) ? 'Loading…' : 'Load';
-  $('.unload', tr).disabled = busy.has(`unload:${m.name}`) || m.status === 'unloaded';
+  $('.unload', tr).disabled = busy.has(`unload:${m.name}`) || m.status === 'unloaded' || m.status === 'failed';
 }
 
 function renderModels() {
@@ -226,20 +253,36 @@ async function admin(action, name, body) {
   }
 }
 
+// The notice of an action ("tiny-chat is unloaded.") is replaced by the
+// next action's, and fades after a few seconds; a model's own error or
+// warning stays until its next action.
+const NOTICE_MS = 5000;
+
+function starting(what, name) {
+  message(null, null, { key: `model:${name}` });
+  message(`${what} ${name}…`, 'info', { key: 'action' });
+}
+
+function done(answer) {
+  message(`${answer.model} is ${answer.status}.`, 'info', { key: 'action', timeout: NOTICE_MS });
+}
+
 async function load(name) {
+  starting('Loading', name);
   try {
-    const answer = await admin('load', name, { model: name });
-    message(`${answer.model} is ${answer.status}.`, 'info', { key: `model:${name}`, timeout: 5000 });
+    done(await admin('load', name, { model: name }));
   } catch (e) {
+    message(null, null, { key: 'action' });
     message(`Loading ${name} failed: ${e.message}`, 'error', { key: `model:${name}` });
   }
 }
 
 async function unload(name, force) {
+  starting('Unloading', name);
   try {
-    const answer = await admin('unload', name, { model: name, force });
-    message(`${answer.model} is ${answer.status}.`, 'info', { key: `model:${name}`, timeout: 5000 });
+    done(await admin('unload', name, { model: name, force }));
   } catch (e) {
+    message(null, null, { key: 'action' });
     if (e instanceof ApiError && e.status === 409 && !force) {
       message(`${name} was not unloaded: ${e.message}`, 'warning', {
         key: `model:${name}`,

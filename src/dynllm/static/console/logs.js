@@ -55,6 +55,14 @@ export class LogView {
     this.pre.scrollIntoView({ behavior: 'smooth', block: 'nearest' });
   }
 
+  /** Stop following (until start() is called). */
+  stop() {
+    this.stream?.stop();
+    this.stream = null;
+    this.status.dataset.state = 'stopped';
+    this.status.textContent = 'stopped: keys needed';
+  }
+
   start() {
     this.stream?.stop();
     this.pre.replaceChildren();

@@ -5,6 +5,12 @@
 import { call, failure, post, readEvents } from './api.js';
 import { $, h, message } from './ui.js';
 
+/** What a chat says when its stream ends without its end, or breaks off. */
+const STREAM_CUT = 'the stream ended before its end';
+
+/** An error a stream ended with (its error event). */
+class StreamError extends Error {}
+
 const FORMS = { llm: '#pg-chat', embedding: '#pg-embed', rerank: '#pg-rerank' };
 
 export class Playground {
@@ -78,6 +84,7 @@ export class Playground {
     let usage = null;
     let timings = null;
     let chunks = 0;
+    let ended = false;
     try {
       const response = await call('/v1/chat/completions', {
         method: 'POST',
@@ -92,9 +99,10 @@ export class Playground {
       await readEvents(response, {
         onComment: (comment) => { if (comment.startsWith('dynllm:')) stats.textContent = comment.slice(7).trim(); },
         onEvent: ({ data }) => {
-          if (data === '[DONE]') return;
+          if (data === '[DONE]') { ended = true; return; }
           const chunk = JSON.parse(data);
-          if (chunk.error) throw new Error(chunk.error.message || JSON.stringify(chunk.error));
+          if (chunk.error) throw new StreamError(chunk.error.message || JSON.stringify(chunk.error));
+          if (chunk.choices?.[0]?.finish_reason) ended = true;
           const delta = chunk.choices?.[0]?.delta;
           const piece = (delta?.content || '') + (delta?.reasoning_content || '');
           if (piece) {
@@ -110,6 +118,8 @@ export class Playground {
           if (chunk.timings) timings = chunk.timings;
         },
       });
+      // A stream that stops without [DONE] or a finish reason broke off.
+      if (!ended) throw new StreamError(STREAM_CUT);
       this.history.push({ role: 'assistant', content });
       const tokens = usage?.completion_tokens ?? chunks;
       const seconds = first !== null && last > first ? (last - first) / 1000 : null;
@@ -127,12 +137,16 @@ export class Playground {
       else {
         stats.textContent = '';
         reply.classList.add('failed');
-        // A stream that breaks off (its model unloaded by force, dynllm
-        // stopped) fails the read with a TypeError.
-        const why = e instanceof TypeError && first !== null
-          ? `the answer broke off after ${chunks} tokens (${e.message}): its model was unloaded or dynllm stopped`
-          : e.message;
-        message(`Chat with ${model} failed: ${why}`, 'error', { key: 'playground' });
+        // A stream that breaks off (its backend crashed, its model was
+        // unloaded by force, dynllm stopped) fails the read with a
+        // TypeError, or ends without its end: the page says what it ended
+        // with (an error event's message, if one came), not a guess.
+        const cut = e instanceof TypeError || e.message === STREAM_CUT;
+        const why = cut ? STREAM_CUT : e.message;
+        const said = first !== null ? `${why} (after ${chunks} tokens)` : why;
+        // The reply's bubble says it too (not only the banner).
+        reply.append(h('span', { class: 'why' }, said));
+        message(`Chat with ${model} failed: ${said}`, 'error', { key: 'playground' });
       }
     } finally {
       reply.classList.remove('streaming');
