@@ -211,20 +211,23 @@ class BackendRun:
     #: it has been seen.
     _readyLine: re.Pattern[str] | None = field(default=None, init=False)
     _lineSeen: bool = field(default=False, init=False)
-    #: The environment of the stop command (without the run's key).
-    _stopEnv: dict[str, str] = field(factory=dict, init=False, repr=False)
+    #: The model's C{stop.command} as this run expands it (what the state
+    #: database records, so that a later start stops this run's server even
+    #: if the configuration has changed), or C{None} for none.
+    stopArgv: list[str] | None = field(default=None, init=False)
     #: The run of the model's stop command, once asked.
     _stopping: defer.Deferred[Exception] | None = field(default=None, init=False)
-    #: Why the run ended, once it has (and its stop command has run, if
-    #: it exited on its own); who waits for that.
     _started: bool = field(default=False, init=False)
     #: The run's last lines of output, kept when it exited.
     _lastLines: list[str] | None = field(default=None, init=False)
+    #: Why the run ended, once it has (and its stop command has run, if
+    #: one ran); who waits for that.
     _exitReason: Exception | None = field(default=None, init=False)
     _exitWaiters: list[defer.Deferred[Exception]] = field(factory=list, init=False)
 
     def __attrs_post_init__(self) -> None:
-        self._stopEnv = backendEnvironment(self.backend, self.model, self.port)
+        if self.model.stop.command:
+            self.stopArgv = expandAll(self.model.stop.command, self.model.placeholders(self.port))
         if self.backend.wantsKey(self.model):
             self.apiKey = secrets.token_urlsafe(32)
         env = backendEnvironment(self.backend, self.model, self.port, self.apiKey)
@@ -302,32 +305,11 @@ class BackendRun:
                 if self._stopping is not None:
                     self._stopping.addCallback(self._stopCommandEnded)
             if self._stopping is not None:
-                return self._bothEnded(self.process.stop(None), self._stopping)
+                # KILL after killTime if it is still there; the stop is done
+                # once the stop command has ended too (L{whenExited}).
+                self.process.stop(None)
+                return self.whenExited()
         return self.process.stop(stop.signal)
-
-    @staticmethod
-    def _bothEnded(exited: defer.Deferred[Exception], stopCommand: defer.Deferred[Exception]) -> defer.Deferred[Exception]:
-        """
-        @return: a Deferred firing with C{exited}'s result once the process
-            has exited and the stop command has ended too (it may still be
-            cleaning up, as C{docker stop X && docker rm X} does, after the
-            process dynllm started is gone); each is bounded by C{killTime}.
-        """
-        ended: defer.Deferred[None] = defer.Deferred()
-
-        def passOn(result: object) -> object:
-            # The stop command's Deferred is shared: its result goes on.
-            ended.callback(None)
-            return result
-
-        stopCommand.addBoth(passOn)
-
-        async def both() -> Exception:
-            reason = await exited
-            await ended
-            return reason
-
-        return defer.ensureDeferred(both())
 
     def _stopCommandEnded(self, reason: Exception) -> Exception:
         """
@@ -342,17 +324,6 @@ class BackendRun:
                 self.process.signal(self.model.stop.signal)
         return reason
 
-    @property
-    def stopArgv(self) -> list[str] | None:
-        """
-        The model's C{stop.command} as this run expands it (what the state
-        database records, so that a later start stops this run's server
-        even if the configuration has changed), or C{None} for none.
-        """
-        if not self.model.stop.command:
-            return None
-        return expandAll(self.model.stop.command, self.model.placeholders(self.port))
-
     def _runStopCommand(self) -> defer.Deferred[Exception] | None:
         """
         Run the model's C{stop.command} (its server, as in a container, may
@@ -363,10 +334,10 @@ class BackendRun:
             C{None} if it could not be spawned (then the signal is sent).
         """
         argv = self.stopArgv or []
+        # The server's environment, without the run's key.
+        env = backendEnvironment(self.backend, self.model, self.port)
         try:
-            done = runCommand(
-                self.model.name, argv, self.reactor, self._stopEnv, self.killTime, self.newSession, self.ring
-            )
+            done = runCommand(self.model.name, argv, self.reactor, env, self.killTime, self.newSession, self.ring)
         except OSError as e:
             log.error("[{model}] cannot run its stop command {argv}: {error}; signalling it",
                       model=self.model.name, argv=" ".join(argv), error=e)
@@ -376,11 +347,11 @@ class BackendRun:
     def whenExited(self) -> defer.Deferred[Exception]:
         """
         @return: a fresh Deferred that fires with the exit reason on exit
-            (at once if the run never started). When the model has a
-            C{stop.command} that ran (to stop it, or because the process
-            exited on its own), it fires once that command has ended too: a server in a container outlives a
-            C{docker run} client that died, and holds its memory and port
-            until it is stopped.
+            (at once if the run never started). When the model's
+            C{stop.command} ran (to stop it, or because the process exited
+            on its own), it fires once that command has ended too: a server
+            in a container outlives a C{docker run} client that died, and
+            holds its memory and port until it is stopped.
         """
         if self._exitReason is not None:
             return defer.succeed(self._exitReason)
