@@ -599,6 +599,9 @@ class ModelManager(Service):
         return stop
 
     def _notify(self) -> None:
+        if not self._watchers:
+            # The common case, on every lease and release: nobody watches.
+            return
         for onChange in list(self._watchers):
             onChange()
 
