@@ -189,7 +189,8 @@ class ModelEvents:
         """
         loading = any(data["status"] == "loading" for data in self._models.values())
         if loading and self._progress is None:
-            self._progress = LoopingCall(self._send)
+            # Through the same coalescing call as any change.
+            self._progress = LoopingCall(self._changed)
             self._progress.clock = self.clock
             self._progress.start(PROGRESS_INTERVAL, now=False)
         elif not loading and self._progress is not None:
