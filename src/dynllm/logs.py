@@ -284,7 +284,8 @@ class RecentLog:
     The daemon's own last messages, as the text log writes them, for
     C{GET /admin/logs}; its followers get new lines as they come (see
     L{LogRing.follow}). Add it to the global log publisher
-    (L{dynllm.service.DynLLMService} does, while it runs).
+    (L{dynllm.service.DynLLMService} does from its making, so that the
+    start-up lines are kept too, until it stops).
 
     A message logged in another thread than the main one, where the reactor
     runs (the database's threads), is kept in the reactor's thread, so that
